@@ -1,0 +1,217 @@
+"""Frozen, validated configuration: the one place flags, env and files are read.
+
+Every component takes one of these objects; none reads the environment itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Literal
+
+DType = Literal["float32", "bfloat16"]
+ModelMode = Literal["prefill", "autoregressive"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message names the value and the limit."""
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class RopeScaling:
+    """Llama 3 style RoPE frequency scaling (`rope_type: llama3` in HF configs)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.factor < 1.0:
+            raise ConfigError(f"rope_scaling.factor={self.factor} must be >= 1.0")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ConfigError(
+                f"rope_scaling needs 0 < low_freq_factor ({self.low_freq_factor}) "
+                f"< high_freq_factor ({self.high_freq_factor})"
+            )
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class ModelConfig:
+    """Shape of a Llama-family decoder. Hashable, so jitted code can close over it."""
+
+    name: str
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    max_position_embeddings: int = 2048
+    # Seeded random init: the std of the embedding and the gain on 1/sqrt(fan_in) kernels.
+    # The `tiny` preset uses a large scale so that greedy choices are decisive.
+    init_embed_std: float = 0.02
+    init_kernel_gain: float = 1.0
+    bos_id: int | None = 256
+    eos_id: int | None = 257
+
+    def __post_init__(self) -> None:
+        for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads"):
+            if getattr(self, field) <= 0:
+                raise ConfigError(f"{field}={getattr(self, field)} must be > 0")
+        if self.head_dim <= 0 or self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be a positive even number (RoPE)")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads="
+                f"{self.num_kv_heads} (grouped-query attention)"
+            )
+        for field in ("bos_id", "eos_id"):
+            value = getattr(self, field)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ConfigError(
+                    f"{field}={value} is outside the vocabulary [0, {self.vocab_size})"
+                )
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    def param_count(self) -> int:
+        d, h, kv, hd, f, v = (
+            self.d_model,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.ffn_dim,
+            self.vocab_size,
+        )
+        attn = d * h * hd * 2 + d * kv * hd * 2
+        if self.qkv_bias:
+            attn += h * hd + 2 * kv * hd
+        per_layer = attn + 3 * d * f + 2 * d
+        head = 0 if self.tie_embeddings else v * d
+        return v * d + self.num_layers * per_layer + d + head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        data = dict(data)
+        scaling = data.pop("rope_scaling", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**data, rope_scaling=RopeScaling(**scaling) if scaling else None)
+
+    def fingerprint(self) -> str:
+        """Stable hash of the architecture; part of the KV wire format's model fingerprint."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    # Named presets -------------------------------------------------------------------
+
+    @classmethod
+    def tiny(cls) -> ModelConfig:
+        """~3M parameters, byte-level vocabulary: the embedded default and the test model."""
+        return cls(
+            name="tiny",
+            vocab_size=320,
+            d_model=256,
+            num_layers=4,
+            num_heads=8,
+            num_kv_heads=2,
+            head_dim=32,
+            ffn_dim=768,
+            rope_theta=10000.0,
+            max_position_embeddings=1024,
+            init_embed_std=1.0,
+            init_kernel_gain=2.0,
+        )
+
+    @classmethod
+    def small(cls) -> ModelConfig:
+        """~110M parameters, Llama-2-like shapes: the benchmark model."""
+        return cls(
+            name="small",
+            vocab_size=32000,
+            d_model=768,
+            num_layers=12,
+            num_heads=12,
+            num_kv_heads=12,
+            head_dim=64,
+            ffn_dim=2048,
+            rope_theta=10000.0,
+            max_position_embeddings=2048,
+            bos_id=1,
+            eos_id=2,
+        )
+
+
+MODEL_PRESETS = {"tiny": ModelConfig.tiny, "small": ModelConfig.small}
+
+
+def model_preset(name: str) -> ModelConfig:
+    try:
+        return MODEL_PRESETS[name]()
+    except KeyError:
+        raise ConfigError(
+            f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}"
+        ) from None
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class EngineConfig:
+    """How an engine is laid out: slots, prefill buckets, cache length and dtype."""
+
+    max_slots: int = 8
+    prefill_buckets: tuple[int, ...] = (16, 32, 64, 128)
+    max_seq_len: int = 256
+    dtype: DType = "float32"
+
+    def __post_init__(self) -> None:
+        if self.max_slots <= 0:
+            raise ConfigError(f"max_slots={self.max_slots} must be > 0")
+        if not self.prefill_buckets:
+            raise ConfigError("prefill_buckets must name at least one length")
+        if list(self.prefill_buckets) != sorted(set(self.prefill_buckets)):
+            raise ConfigError(f"prefill_buckets={self.prefill_buckets} must be strictly increasing")
+        if self.prefill_buckets[0] <= 0:
+            raise ConfigError(f"prefill_buckets={self.prefill_buckets} must be positive")
+        if self.prefill_buckets[-1] >= self.max_seq_len:
+            raise ConfigError(
+                f"the largest prefill bucket ({self.prefill_buckets[-1]}) must be smaller than "
+                f"max_seq_len ({self.max_seq_len}) so at least one token can be generated; "
+                "raise max_seq_len or drop the bucket"
+            )
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+
+    @property
+    def max_prompt_len(self) -> int:
+        return self.prefill_buckets[-1]
+
+    def bucket_for(self, length: int) -> int:
+        """The smallest bucket that holds `length` tokens."""
+        for bucket in self.prefill_buckets:
+            if length <= bucket:
+                return bucket
+        raise ConfigError(
+            f"prompt of {length} tokens is longer than the largest prefill bucket "
+            f"({self.prefill_buckets[-1]})"
+        )
+
+    @classmethod
+    def default_dtype_for_platform(cls, platform: str) -> DType:
+        """float32 on CPU (bfloat16 is several times slower there), bfloat16 on TPU/GPU."""
+        return "float32" if platform == "cpu" else "bfloat16"

@@ -1,0 +1,382 @@
+"""Engine: the model in its two modes behind a small, jitted API.
+
+Who calls what:
+* A prefill worker calls `prefill` once per request (engine thread only). Prompts are padded
+  to the smallest bucket that holds them, so `prefill` compiles once per bucket.
+* A decode worker calls `init_decode_state` once at start; then, on its engine thread,
+  between two steps, `bulk_insert` for every prefix that arrived, `generate` once per step
+  and `release` for every slot that finished. `generate` compiles once and serves any mix
+  of live and empty slots; the decode state passed to `generate`, `bulk_insert`, `insert`
+  and `release` is donated: the caller must use the returned state and drop the old one.
+* The colocated worker does both, handing `Prefix` objects over in memory.
+
+Params (an `nnx.State` of `nnx.Param`s) are passed in explicitly, never captured, so that
+one compiled function serves any weights of the same shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from shared.config import EngineConfig, ModelConfig
+from shared.model.llama import Transformer
+from shared.sampling import SamplingParams, sample
+
+Params = nnx.State
+CacheDict = dict[str, Any]  # nested pure dict; leaves [rows, length, head_dim]
+
+
+class EngineError(ValueError):
+    """Bad input to the engine; the message names the value and the limit."""
+
+
+class PromptTooLongError(EngineError):
+    pass
+
+
+class TokenOutOfVocabularyError(EngineError):
+    pass
+
+
+class SlotError(EngineError):
+    pass
+
+
+@dataclasses.dataclass(slots=True)
+class Prefix:
+    """What prefill hands to decode: the prompt's KV and how to continue it.
+
+    `cache` leaves are [num_kv_heads, L, head_dim] with L >= true_length (the prefill bucket,
+    or exactly true_length after `trimmed()`/a wire transfer). Positions >= true_length hold
+    padding and are never read.
+    """
+
+    cache: CacheDict
+    true_length: int
+    first_token: int
+    sampling: SamplingParams
+
+    def trimmed(self) -> Prefix:
+        """This prefix with only the true length of every leaf, as host numpy arrays."""
+        cache = jax.tree.map(lambda a: np.asarray(a)[:, : self.true_length], self.cache)
+        return dataclasses.replace(self, cache=cache)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """Everything the decode step reads and writes; one row per slot. [B] = max_slots."""
+
+    cache: CacheDict  # leaves [B * KV, max_seq_len, H]
+    lengths: jax.Array  # [B] int32: tokens in the cache = position of `tokens`
+    tokens: jax.Array  # [B] int32: the last sampled token, fed to the next step
+    active: jax.Array  # [B] bool
+    temperature: jax.Array  # [B] float32
+    top_k: jax.Array  # [B] int32
+    top_p: jax.Array  # [B] float32
+    seeds: jax.Array  # [B, 2] uint32
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
+
+
+class Engine:
+    """One model config, two model modes, jitted prefill / insert / generate / release."""
+
+    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig) -> None:
+        self.model_config = model_config
+        self.config = engine_config
+        self.dtype = _dtype(engine_config.dtype)
+        # How often each jitted function was traced (= compiled); tests assert on it.
+        self.compile_counts: Counter[str] = Counter()
+
+        self._prefill_graph, self._abstract_params, _ = self._abstract("prefill", 1, 1)
+        self._decode_graph, _, self._abstract_decode_cache = self._abstract(
+            "autoregressive", engine_config.max_slots, engine_config.max_seq_len
+        )
+        self._prefill_jit = jax.jit(self._prefill_impl)
+        self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,))
+        self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,))
+        self._release_jit = jax.jit(self._release_impl, donate_argnums=(0,))
+
+    def _abstract(self, mode: str, batch: int, cache_len: int) -> tuple[Any, Params, nnx.State]:
+        model = nnx.eval_shape(
+            lambda: Transformer(
+                self.model_config,
+                mode,
+                batch=batch,
+                cache_len=cache_len,
+                dtype=self.dtype,
+                rngs=nnx.Rngs(0),
+            )
+        )
+        return nnx.split(model, nnx.Param, nnx.Cache)
+
+    # Parameters -------------------------------------------------------------------------
+
+    @property
+    def abstract_params(self) -> Params:
+        """ShapeDtypeStruct targets for checkpoint restores."""
+        return self._abstract_params
+
+    def init_params(self, seed: int = 0) -> Params:
+        """Seeded random weights (the embedded presets)."""
+        model = Transformer(
+            self.model_config,
+            "prefill",
+            batch=1,
+            cache_len=1,
+            dtype=self.dtype,
+            rngs=nnx.Rngs(seed),
+        )
+        return nnx.state(model, nnx.Param)
+
+    # Prefill ----------------------------------------------------------------------------
+
+    def prefill(
+        self,
+        params: Params,
+        tokens: Sequence[int] | np.ndarray,
+        true_length: int | None = None,
+        sampling: SamplingParams | None = None,
+    ) -> Prefix:
+        """Run the prompt, sample its first token at position `true_length`.
+
+        `tokens` may be unpadded or already padded; only `tokens[:true_length]` are read.
+        """
+        sampling = sampling or SamplingParams()
+        prompt = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        true_length = len(prompt) if true_length is None else int(true_length)
+        if not 0 < true_length <= len(prompt):
+            raise EngineError(
+                f"true_length={true_length} must be in [1, {len(prompt)}] (the tokens given)"
+            )
+        prompt = prompt[:true_length]
+        self.validate_tokens(prompt)
+        bucket = self.config.bucket_for(true_length) if true_length <= self.config.max_prompt_len \
+            else self._raise_too_long(true_length)  # fmt: skip
+        padded = np.zeros((1, bucket), np.int32)
+        padded[0, :true_length] = prompt
+        cache, first = self._prefill_jit(
+            params, padded, np.int32(true_length), *self._sampling_rows([sampling])
+        )
+        return Prefix(cache=cache, true_length=true_length, first_token=int(first[0]),
+                      sampling=sampling)  # fmt: skip
+
+    def _raise_too_long(self, length: int) -> int:
+        raise PromptTooLongError(
+            f"prompt of {length} tokens is longer than the largest prefill bucket "
+            f"({self.config.max_prompt_len}); raise --prefill-buckets or shorten the prompt"
+        )
+
+    def validate_tokens(self, tokens: np.ndarray) -> None:
+        vocab = self.model_config.vocab_size
+        bad = tokens[(tokens < 0) | (tokens >= vocab)]
+        if bad.size:
+            raise TokenOutOfVocabularyError(
+                f"token id {int(bad[0])} is outside the vocabulary [0, {vocab})"
+            )
+
+    def _prefill_impl(
+        self,
+        params: Params,
+        tokens: jax.Array,  # [1, T]
+        true_length: jax.Array,  # []
+        temperature: jax.Array,
+        top_k: jax.Array,
+        top_p: jax.Array,
+        seeds: jax.Array,
+    ) -> tuple[CacheDict, jax.Array]:
+        self.compile_counts[f"prefill[{tokens.shape[1]}]"] += 1
+        abstract = self._abstract("prefill", 1, tokens.shape[1])[2]
+        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
+        model = nnx.merge(self._prefill_graph, params, cache)
+        positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+        logits = model(tokens, positions, logits_at=(true_length - 1)[None])  # [1, V]
+        position = true_length[None]  # the first token goes right after the prompt
+        first = sample(logits, temperature, top_k, top_p, seeds, position)
+        return nnx.to_pure_dict(nnx.state(model, nnx.Cache)), first
+
+    # Decode state -------------------------------------------------------------------------
+
+    def init_decode_state(self) -> DecodeState:
+        b = self.config.max_slots
+        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._abstract_decode_cache)
+        return DecodeState(
+            cache=nnx.to_pure_dict(cache),
+            lengths=jnp.zeros((b,), jnp.int32),
+            tokens=jnp.zeros((b,), jnp.int32),
+            active=jnp.zeros((b,), bool),
+            temperature=jnp.zeros((b,), jnp.float32),
+            top_k=jnp.zeros((b,), jnp.int32),
+            top_p=jnp.ones((b,), jnp.float32),
+            seeds=jnp.zeros((b, 2), jnp.uint32),
+        )
+
+    def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
+        """Write one prefix into `slot`; the slot becomes live. Donates `state`."""
+        return self.bulk_insert([prefix], state, np.asarray([slot], np.int32))
+
+    def bulk_insert(
+        self, prefixes: Sequence[Prefix], state: DecodeState, slots: Sequence[int] | np.ndarray
+    ) -> DecodeState:
+        """Write every prefix into its slot in one call. Donates `state`.
+
+        The batch is padded to a power of two (padding rows target slot `max_slots`, which the
+        scatter drops) and every cache to the largest bucket among them, so this compiles once
+        per (power of two, bucket), never per slot set.
+        """
+        slots = np.asarray(slots, np.int32).reshape(-1)
+        self._check_slots(slots, len(prefixes))
+        if not prefixes:
+            return state
+        length = max(self._insert_length(p) for p in prefixes)
+        count = 1 << (len(prefixes) - 1).bit_length()
+        padded_slots = np.full((count,), self.config.max_slots, np.int32)
+        padded_slots[: len(slots)] = slots
+        pad = [None] * (count - len(prefixes))
+        caches = [self._padded_cache(p.cache, length) for p in prefixes]
+        caches += [jax.tree.map(jnp.zeros_like, caches[0])] * len(pad)
+        stacked = jax.tree.map(lambda *leaves: jnp.concatenate(leaves, axis=0), *caches)
+        filler = SamplingParams()
+        rows = [p.sampling for p in prefixes] + [filler] * len(pad)
+        lengths = np.array([p.true_length for p in prefixes] + [0] * len(pad), np.int32)
+        firsts = np.array([p.first_token for p in prefixes] + [0] * len(pad), np.int32)
+        return self._insert_jit(
+            state, stacked, padded_slots, lengths, firsts, *self._sampling_rows(rows)
+        )
+
+    def _check_slots(self, slots: np.ndarray, count: int) -> None:
+        if len(slots) != count:
+            raise SlotError(f"{count} prefixes but {len(slots)} slots")
+        bad = slots[(slots < 0) | (slots >= self.config.max_slots)]
+        if bad.size:
+            raise SlotError(f"slot {int(bad[0])} is out of range [0, {self.config.max_slots})")
+        if len(set(slots.tolist())) != len(slots):
+            raise SlotError(f"slots {slots.tolist()} name the same slot twice")
+
+    def _insert_length(self, prefix: Prefix) -> int:
+        """Cache columns an insert writes: the bucket holding the prefix (or max_seq_len)."""
+        if prefix.true_length >= self.config.max_seq_len:
+            raise PromptTooLongError(
+                f"prefix of {prefix.true_length} tokens does not fit max_seq_len "
+                f"({self.config.max_seq_len}) with room for one more token"
+            )
+        for bucket in (*self.config.prefill_buckets, self.config.max_seq_len):
+            if prefix.true_length <= bucket:
+                return bucket
+        raise AssertionError("unreachable: max_seq_len bounds every prefix")
+
+    def _padded_cache(self, cache: CacheDict, length: int) -> CacheDict:
+        def pad(leaf: Any) -> jax.Array:
+            leaf = jnp.asarray(leaf, self.dtype)[:, :length]
+            return jnp.pad(leaf, ((0, 0), (0, length - leaf.shape[1]), (0, 0)))
+
+        return jax.tree.map(pad, cache)
+
+    def _insert_impl(
+        self,
+        state: DecodeState,
+        stacked: CacheDict,  # leaves [N * KV, L, H]
+        slots: jax.Array,  # [N]; == max_slots for padding rows
+        lengths: jax.Array,
+        firsts: jax.Array,
+        temperature: jax.Array,
+        top_k: jax.Array,
+        top_p: jax.Array,
+        seeds: jax.Array,
+    ) -> DecodeState:
+        kv = self.model_config.num_kv_heads
+        self.compile_counts[f"insert[{len(slots)}x{jax.tree.leaves(stacked)[0].shape[1]}]"] += 1
+        rows = (slots[:, None] * kv + jnp.arange(kv)[None, :]).reshape(-1)  # [N * KV]
+
+        def write(cache: jax.Array, new: jax.Array) -> jax.Array:
+            return cache.at[rows, : new.shape[1]].set(new, mode="drop")
+
+        def put(old: jax.Array, new: jax.Array) -> jax.Array:
+            return old.at[slots].set(new, mode="drop")
+
+        return DecodeState(
+            cache=jax.tree.map(write, state.cache, stacked),
+            lengths=put(state.lengths, lengths),
+            tokens=put(state.tokens, firsts),
+            active=put(state.active, jnp.ones_like(slots, bool)),
+            temperature=put(state.temperature, temperature),
+            top_k=put(state.top_k, top_k),
+            top_p=put(state.top_p, top_p),
+            seeds=put(state.seeds, seeds),
+        )
+
+    def release(self, state: DecodeState, slot: int) -> DecodeState:
+        """Mark `slot` empty. Its cache rows stay as they are and are overwritten by the next
+        insert; an empty slot is still computed by `generate` (fixed shapes) but never
+        advances. Donates `state`."""
+        self._check_slots(np.asarray([slot], np.int32), 1)
+        return self._release_jit(state, np.int32(slot))
+
+    def _release_impl(self, state: DecodeState, slot: jax.Array) -> DecodeState:
+        self.compile_counts["release"] += 1
+        # Zero its temperature too, so an all-greedy batch skips the sampling sort.
+        return dataclasses.replace(
+            state,
+            active=state.active.at[slot].set(False),
+            temperature=state.temperature.at[slot].set(0.0),
+        )
+
+    # Generate -----------------------------------------------------------------------------
+
+    def generate(self, params: Params, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+        """One decode step for every slot -> (new state, [max_slots] int32 next tokens).
+
+        Tokens of empty slots are meaningless. Donates `state`. A live slot must have
+        lengths < max_seq_len; the caller finishes slots before they reach it.
+        """
+        return self._generate_jit(params, state)
+
+    def _generate_impl(self, params: Params, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+        self.compile_counts["generate"] += 1
+        cache = jax.tree.map(lambda x: x, self._abstract_decode_cache)
+        nnx.replace_by_pure_dict(cache, state.cache)
+        model = nnx.merge(self._decode_graph, params, cache)
+        logits = model(state.tokens[:, None], state.lengths[:, None])[:, 0]  # [B, V]
+        # The new token lands right after the one fed in.
+        next_tokens = sample(
+            logits, state.temperature, state.top_k, state.top_p, state.seeds, state.lengths + 1
+        )
+        next_tokens = jnp.where(state.active, next_tokens, state.tokens)
+        new_state = dataclasses.replace(
+            state,
+            cache=nnx.to_pure_dict(nnx.state(model, nnx.Cache)),
+            lengths=state.lengths + state.active.astype(jnp.int32),
+            tokens=next_tokens,
+        )
+        return new_state, next_tokens
+
+    # Helpers ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _sampling_rows(rows: Sequence[SamplingParams]) -> tuple[np.ndarray, ...]:
+        return (
+            np.array([r.temperature for r in rows], np.float32),
+            np.array([r.top_k for r in rows], np.int32),
+            np.array([r.top_p for r in rows], np.float32),
+            np.array([r.seed_words() for r in rows], np.uint32).reshape(len(rows), 2),
+        )
+
+    @functools.cached_property
+    def decode_cache_bytes(self) -> int:
+        """Bytes of the whole decode KV cache (every slot, every position)."""
+        return sum(
+            int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
+            for s in jax.tree.leaves(self._abstract_decode_cache)
+        )

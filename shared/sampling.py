@@ -1,0 +1,93 @@
+"""Per-request sampling: greedy, temperature, top-k, top-p, with a per-request seed.
+
+The randomness of a sampled token depends only on (seed, absolute position of that token),
+never on the slot, the batch neighbours or the worker: a request resumed elsewhere after a
+failure continues the very same sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MAX_SEED = 2**64 - 1
+
+
+class SamplingError(ValueError):
+    """A sampling parameter is out of range; the message names the value and the limit."""
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class SamplingParams:
+    """temperature 0 means greedy; top_k 0 means no top-k cut; top_p 1 means no nucleus cut."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise SamplingError(f"temperature={self.temperature} must be a finite number >= 0")
+        if self.top_k < 0:
+            raise SamplingError(f"top_k={self.top_k} must be >= 0 (0 disables top-k)")
+        if not 0 < self.top_p <= 1:
+            raise SamplingError(f"top_p={self.top_p} must be in (0, 1]")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise SamplingError(f"seed={self.seed} must be in [0, 2**64)")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def seed_words(self) -> tuple[int, int]:
+        """The 64-bit seed as (low, high) uint32 words; jax runs without x64."""
+        return self.seed & 0xFFFFFFFF, self.seed >> 32
+
+
+def token_keys(seeds: jax.Array, positions: jax.Array) -> jax.Array:
+    """seeds [B, 2] uint32 (low, high), positions [B] -> [B] typed PRNG keys."""
+
+    def one(seed: jax.Array, position: jax.Array) -> jax.Array:
+        key = jax.random.fold_in(jax.random.key(seed[0]), seed[1])
+        return jax.random.fold_in(key, position)
+
+    return jax.vmap(one)(seeds, positions)
+
+
+def sample(
+    logits: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    seeds: jax.Array,
+    positions: jax.Array,
+) -> jax.Array:
+    """logits [B, V] float32; per-row parameters [B] (seeds [B, 2]) -> tokens [B] int32.
+
+    `positions` [B] is the absolute position the sampled token will occupy.
+    """
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def stochastic() -> jax.Array:
+        vocab = logits.shape[-1]
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        ranked = -jnp.sort(-scaled, axis=-1)  # [B, V] descending
+        rank = jnp.arange(vocab)[None, :]
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]
+        in_top_k = rank < k
+        probs = jax.nn.softmax(jnp.where(in_top_k, ranked, -jnp.inf), axis=-1)
+        # Nucleus: keep a token while the mass ranked above it is still below top_p.
+        mass_above = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.sum(in_top_k & (mass_above < top_p[:, None]), axis=-1)
+        threshold = jnp.take_along_axis(ranked, jnp.maximum(kept, 1)[:, None] - 1, axis=-1)
+        candidates = jnp.where(scaled >= threshold, scaled, -jnp.inf)
+        keys = token_keys(seeds, positions)
+        drawn = jax.vmap(jax.random.categorical)(keys, candidates).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy)
+
+    # Sorting the vocabulary is the costly part: skip it when every live row is greedy.
+    return jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: greedy)
