@@ -1,0 +1,26 @@
+# The two set-up commands from a fresh clone: `make run` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint install
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job: generate from the embedded default model.
+run: $(STAMP)
+	JAX_PLATFORMS=cpu $(BIN)/pdserve generate-local --model tiny --max-tokens 32 "Hello, pdserve"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	JAX_PLATFORMS=cpu $(BIN)/pytest -q
