@@ -108,6 +108,8 @@ class Engine:
         self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,))
         self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,))
         self._release_jit = jax.jit(self._release_impl, donate_argnums=(0,))
+        self._decode_logits_jit = jax.jit(lambda params, state: self._step(params, state)[1])
+        self._reference_jit = jax.jit(self._reference_impl)
 
     def _abstract(self, mode: str, batch: int, cache_len: int) -> tuple[Any, Params, nnx.State]:
         model = nnx.eval_shape(
@@ -198,10 +200,7 @@ class Engine:
         seeds: jax.Array,
     ) -> tuple[CacheDict, jax.Array]:
         self.compile_counts[f"prefill[{tokens.shape[1]}]"] += 1
-        abstract = self._abstract("prefill", 1, tokens.shape[1])[2]
-        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
-        model = nnx.merge(self._prefill_graph, params, cache)
-        positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
+        model, positions = self._prefill_model(params, tokens.shape[1])
         logits = model(tokens, positions, logits_at=(true_length - 1)[None])  # [1, V]
         position = true_length[None]  # the first token goes right after the prompt
         first = sample(logits, temperature, top_k, top_p, seeds, position)
@@ -345,10 +344,7 @@ class Engine:
 
     def _generate_impl(self, params: Params, state: DecodeState) -> tuple[DecodeState, jax.Array]:
         self.compile_counts["generate"] += 1
-        cache = jax.tree.map(lambda x: x, self._abstract_decode_cache)
-        nnx.replace_by_pure_dict(cache, state.cache)
-        model = nnx.merge(self._decode_graph, params, cache)
-        logits = model(state.tokens[:, None], state.lengths[:, None])[:, 0]  # [B, V]
+        cache, logits = self._step(params, state)
         # The new token lands right after the one fed in.
         next_tokens = sample(
             logits, state.temperature, state.top_k, state.top_p, state.seeds, state.lengths + 1
@@ -356,11 +352,53 @@ class Engine:
         next_tokens = jnp.where(state.active, next_tokens, state.tokens)
         new_state = dataclasses.replace(
             state,
-            cache=nnx.to_pure_dict(nnx.state(model, nnx.Cache)),
+            cache=cache,
             lengths=state.lengths + state.active.astype(jnp.int32),
             tokens=next_tokens,
         )
         return new_state, next_tokens
+
+    def _step(self, params: Params, state: DecodeState) -> tuple[CacheDict, jax.Array]:
+        """The model on every slot's last token -> (updated cache, logits [B, V])."""
+        cache = jax.tree.map(lambda x: x, self._abstract_decode_cache)
+        nnx.replace_by_pure_dict(cache, state.cache)
+        model = nnx.merge(self._decode_graph, params, cache)
+        logits = model(state.tokens[:, None], state.lengths[:, None])[:, 0]  # [B, V]
+        return nnx.to_pure_dict(nnx.state(model, nnx.Cache)), logits
+
+    # References for tests and debugging (not on the serving path) ------------------------
+
+    def decode_logits(self, params: Params, state: DecodeState) -> np.ndarray:
+        """The logits `generate` would sample from, [max_slots, V]; `state` is not donated."""
+        return np.asarray(self._decode_logits_jit(params, state))
+
+    def reference_logits(self, params: Params, tokens: Sequence[int]) -> np.ndarray:
+        """Uncached full-sequence forward: logits [len(tokens), V] at every position.
+
+        Padded to max_seq_len (causal attention makes the padding invisible), so it compiles
+        once whatever the length.
+        """
+        tokens = np.asarray(tokens, np.int32).reshape(-1)
+        self.validate_tokens(tokens)
+        if len(tokens) > self.config.max_seq_len:
+            raise PromptTooLongError(
+                f"{len(tokens)} tokens exceed max_seq_len ({self.config.max_seq_len})"
+            )
+        padded = np.zeros((1, self.config.max_seq_len), np.int32)
+        padded[0, : len(tokens)] = tokens
+        return np.asarray(self._reference_jit(params, padded))[0, : len(tokens)]
+
+    def _reference_impl(self, params: Params, tokens: jax.Array) -> jax.Array:
+        self.compile_counts["reference"] += 1
+        model, positions = self._prefill_model(params, tokens.shape[1])
+        return model(tokens, positions)
+
+    def _prefill_model(self, params: Params, length: int) -> tuple[Transformer, jax.Array]:
+        """Inside a trace: the prefill-mode model with an empty cache of `length` positions."""
+        abstract = self._abstract("prefill", 1, length)[2]
+        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
+        positions = jnp.arange(length, dtype=jnp.int32)[None, :]  # [1, T]
+        return nnx.merge(self._prefill_graph, params, cache), positions
 
     # Helpers ------------------------------------------------------------------------------
 

@@ -6,10 +6,10 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pytest  # noqa: E402
+import pytest
 
-from shared.config import EngineConfig, ModelConfig  # noqa: E402
-from shared.engine import Engine, Params  # noqa: E402
+from shared.config import EngineConfig, ModelConfig
+from shared.engine import Engine, Params
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,111 @@
+"""Compile counts and bad input to the engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shared.config import ConfigError, EngineConfig, ModelConfig
+from shared.engine import (
+    Engine,
+    EngineError,
+    Params,
+    PromptTooLongError,
+    SlotError,
+    TokenOutOfVocabularyError,
+)
+
+
+def test_generate_compiles_once_while_slots_fill_and_empty(engine: Engine, params: Params):
+    """100 steps with requests arriving and leaving: one trace of `generate`; prefill once per
+    bucket used."""
+    before = engine.compile_counts.copy()
+    rng = np.random.default_rng(0)
+    state = engine.init_decode_state()
+    remaining = {}
+    buckets_used = set()
+    for _ in range(100):
+        free = [s for s in range(engine.config.max_slots) if s not in remaining]
+        if free and rng.random() < 0.4:
+            n = int(rng.integers(1, engine.config.max_prompt_len + 1))
+            buckets_used.add(engine.config.bucket_for(n))
+            prefix = engine.prefill(params, rng.integers(0, 256, n))
+            state = engine.insert(prefix, state, free[0])
+            remaining[free[0]] = int(rng.integers(1, 12))
+        state, _ = engine.generate(params, state)
+        for slot in [s for s, left in remaining.items() if left <= 1]:
+            state = engine.release(state, slot)
+            del remaining[slot]
+        remaining = {s: left - 1 for s, left in remaining.items()}
+    traced = engine.compile_counts - before
+    assert engine.compile_counts["generate"] == 1
+    assert engine.compile_counts["release"] == 1
+    for bucket in buckets_used:
+        assert engine.compile_counts[f"prefill[{bucket}]"] == 1
+    assert not {k for k in traced if k.startswith("prefill")} - {
+        f"prefill[{b}]" for b in buckets_used
+    }
+
+
+def test_bulk_insert_compiles_per_power_of_two_not_per_slot_set(engine: Engine, params: Params):
+    prefix = engine.prefill(params, [1, 2, 3])
+    engine.bulk_insert([prefix, prefix], engine.init_decode_state(), [0, 1])
+    key = "insert[2x8]"
+    count = engine.compile_counts[key]
+    for slots in ([2, 3], [3, 0], [1, 2]):
+        engine.bulk_insert([prefix, prefix], engine.init_decode_state(), slots)
+    assert engine.compile_counts[key] == count
+
+
+def test_prompt_longer_than_largest_bucket(engine: Engine, params: Params):
+    with pytest.raises(PromptTooLongError, match=r"prompt of 33 tokens .* largest prefill bucket"):
+        engine.prefill(params, list(range(33)))
+
+
+@pytest.mark.parametrize("bad", [-1, 320, 10_000])
+def test_token_outside_vocabulary(engine: Engine, params: Params, bad: int):
+    with pytest.raises(TokenOutOfVocabularyError, match=rf"token id {bad} .*\[0, 320\)"):
+        engine.prefill(params, [1, bad, 2])
+
+
+def test_empty_prompt(engine: Engine, params: Params):
+    with pytest.raises(EngineError, match="true_length=0"):
+        engine.prefill(params, [])
+
+
+@pytest.mark.parametrize("slot", [-1, 4, 99])
+def test_slot_out_of_range(engine: Engine, params: Params, slot: int):
+    prefix = engine.prefill(params, [1, 2, 3])
+    with pytest.raises(SlotError, match=rf"slot {slot} is out of range \[0, 4\)"):
+        engine.insert(prefix, engine.init_decode_state(), slot)
+    with pytest.raises(SlotError, match="out of range"):
+        engine.release(engine.init_decode_state(), slot)
+
+
+def test_duplicate_slots_in_bulk_insert(engine: Engine, params: Params):
+    prefix = engine.prefill(params, [1, 2, 3])
+    with pytest.raises(SlotError, match="same slot twice"):
+        engine.bulk_insert([prefix, prefix], engine.init_decode_state(), [1, 1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_slots": 0}, "max_slots=0 must be > 0"),
+        ({"prefill_buckets": (16, 8)}, "strictly increasing"),
+        ({"prefill_buckets": (64,), "max_seq_len": 64}, "largest prefill bucket (64)"),
+        ({"dtype": "float16"}, "dtype='float16'"),
+    ],
+)
+def test_engine_config_validation(kwargs: dict, message: str):
+    with pytest.raises(ConfigError) as err:
+        EngineConfig(**kwargs)
+    assert message in str(err.value)
+
+
+def test_model_config_validation():
+    with pytest.raises(ConfigError, match="num_heads=6 must be a multiple of num_kv_heads=4"):
+        ModelConfig(
+            name="bad", vocab_size=10, d_model=8, num_layers=1, num_heads=6, num_kv_heads=4,
+            head_dim=4, ffn_dim=8, bos_id=None, eos_id=None,
+        )  # fmt: skip
