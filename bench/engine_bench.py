@@ -1,0 +1,138 @@
+"""Engine benchmark: prefill latency per bucket, decode step latency against its floor.
+
+    python bench/engine_bench.py --out FILE.json [--configs tiny,small] [--batches 1,8,32]
+
+The decode floor is the memory-bandwidth bound of one step: every parameter byte and every
+KV-cache byte (all slots, all positions: the step attends over the whole cache, masked) is
+read once, at a read bandwidth measured in this same run. Ratios, not absolute times, are
+what to compare across runs: this machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from shared.config import EngineConfig, model_preset
+from shared.engine import Engine
+
+MAX_SEQ_LEN = 1024
+PREFILL_BUCKETS = (64, 128, 256, 512)
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median seconds of `fn` (which must block until its result is ready)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def read_bandwidth_gbps(mib: int = 1024) -> float:
+    """Bytes/s XLA reads from memory: a jitted reduction over a buffer far beyond cache."""
+    x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    seconds = timed(lambda: total(x).block_until_ready(), repeats=7)
+    return x.nbytes / seconds / 1e9
+
+
+def param_bytes(params: object) -> int:
+    return sum(leaf.nbytes for leaf in jax.tree.leaves(params))
+
+
+def bench_decode(config_name: str, batch: int, bandwidth_gbps: float, steps: int) -> dict:
+    engine = Engine(model_preset(config_name), EngineConfig(batch, (64,), MAX_SEQ_LEN))
+    params = engine.init_params(seed=0)
+    state = engine.init_decode_state()
+    prefix = engine.prefill(params, list(range(1, 65)))
+    state = engine.bulk_insert([prefix] * batch, state, np.arange(batch, dtype=np.int32))
+    holder = {"state": state}
+
+    def step() -> None:
+        holder["state"], tokens = engine.generate(params, holder["state"])
+        tokens.block_until_ready()
+
+    seconds = timed(step, repeats=steps)
+    floor_bytes = param_bytes(params) + engine.decode_cache_bytes
+    floor_s = floor_bytes / (bandwidth_gbps * 1e9)
+    return {
+        "config": config_name,
+        "batch": batch,
+        "step_ms": seconds * 1e3,
+        "floor_ms": floor_s * 1e3,
+        "floor_ratio": seconds / floor_s,
+        "tokens_per_s": batch / seconds,
+        "param_mib": param_bytes(params) / 2**20,
+        "kv_cache_mib": engine.decode_cache_bytes / 2**20,
+    }
+
+
+def bench_prefill(config_name: str, repeats: int) -> list[dict]:
+    engine = Engine(model_preset(config_name), EngineConfig(1, PREFILL_BUCKETS, MAX_SEQ_LEN))
+    params = engine.init_params(seed=0)
+    rows = []
+    for bucket in PREFILL_BUCKETS:
+        prompt = [1 + i % 250 for i in range(bucket)]
+        seconds = timed(lambda p=prompt: engine.prefill(params, p), repeats=repeats)
+        rows.append({"config": config_name, "bucket": bucket, "ms": seconds * 1e3})
+    return rows
+
+
+def print_table(result: dict) -> None:
+    print(f"\nread bandwidth: {result['read_bandwidth_gbps']:.1f} GB/s")
+    print(f"\n{'config':<8}{'batch':>6}{'step ms':>10}{'floor ms':>10}{'ratio':>8}{'tok/s':>10}")
+    for r in result["decode"]:
+        print(
+            f"{r['config']:<8}{r['batch']:>6}{r['step_ms']:>10.2f}{r['floor_ms']:>10.2f}"
+            f"{r['floor_ratio']:>8.2f}{r['tokens_per_s']:>10.1f}"
+        )
+    print(f"\n{'config':<8}{'bucket':>7}{'prefill ms':>12}")
+    for r in result["prefill"]:
+        print(f"{r['config']:<8}{r['bucket']:>7}{r['ms']:>12.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--configs", default="tiny,small")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args(argv)
+
+    bandwidth = read_bandwidth_gbps()
+    result: dict = {
+        "device": str(jax.devices()[0]),
+        "read_bandwidth_gbps": bandwidth,
+        "max_seq_len": MAX_SEQ_LEN,
+        "decode": [],
+        "prefill": [],
+    }
+    for name in args.configs.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            result["decode"].append(bench_decode(name, batch, bandwidth, args.steps))
+            print(result["decode"][-1], file=sys.stderr)
+        result["prefill"] += bench_prefill(name, repeats=5)
+    print_table(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
