@@ -1,0 +1,230 @@
+"""The decode worker's engine thread: continuous batching over the slot table.
+
+The life of a request inside the decode worker:
+1. A gRPC handler reserves a slot (`SlotTable.reserve`): the lease is RESERVED.
+2. The KV arrives on TransferKV and is validated by the codec off this thread; the handler
+   calls `DecodeLoop.submit(lease_id, prefix)`: the lease is FILLING and the prefix waits
+   in `_arrivals`.
+3. Between two steps this thread `bulk_insert`s every waiting prefix in one call: the
+   leases are DECODING.
+4. Each step generates one token for every slot; each live slot's token goes to its
+   lease's channel through `emit`, and a slot that hit EOS, a stop token or its length
+   limit is released.
+5. Cancels, deadlines and lease expiries are applied at the next step boundary.
+
+This thread alone owns the device and the decode state; gRPC handlers never run JAX work.
+When no slot is live it sleeps on a condition variable (no busy spin), waking for new work
+or for the next lease expiry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from decode_server.slots import FinishReason, Lease, Limits, SlotState, SlotTable
+from shared.engine import DecodeState, Engine, Params, Prefix
+from shared.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+IDLE_WAKEUP_S = 0.05  # how often an idle loop checks lease expiries
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class TokenEvent:
+    """Tokens for one lease since its previous event; `finish` set on the last one."""
+
+    token_ids: tuple[int, ...]
+    finish: FinishReason | None = None
+    detail: str = ""
+
+
+Emit = Callable[[str, TokenEvent], None]
+
+
+class DecodeLoop:
+    def __init__(
+        self,
+        engine: Engine,
+        params: Params,
+        table: SlotTable,
+        emit: Emit,
+        metrics: WorkerMetrics,
+        on_fatal: Callable[[BaseException], None],
+    ) -> None:
+        self._engine, self._params, self._table = engine, params, table
+        self._emit, self._metrics, self._on_fatal = emit, metrics, on_fatal
+        self._eos = engine.model_config.eos_id
+        self._cond = threading.Condition()
+        self._arrivals: list[tuple[str, Prefix]] = []  # guarded by _cond
+        self._finishes: dict[str, tuple[FinishReason, str]] = {}  # guarded by _cond
+        self._stopping = False
+        self._live: dict[int, Lease] = {}  # slot -> lease; engine thread only
+        self._state: DecodeState | None = None
+        self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
+        self.steps = 0
+
+    # Called from other threads ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._state = self._engine.init_decode_state()
+        self._thread.start()
+
+    def reserve(
+        self, request_id: str, limits: Limits, ttl_s: float, deadline: float | None
+    ) -> Lease:
+        """Lease a free slot (SlotsExhaustedError when none); wakes the loop so that it
+        watches the new lease's expiry."""
+        lease = self._table.reserve(request_id, limits, ttl_s, deadline)
+        with self._cond:
+            self._cond.notify()
+        return lease
+
+    def submit(self, lease_id: str, prefix: Prefix) -> None:
+        """Hand over a validated prefix for a RESERVED lease (which becomes FILLING)."""
+        self._table.advance(lease_id, SlotState.RESERVED, SlotState.FILLING)
+        with self._cond:
+            self._arrivals.append((lease_id, prefix))
+            self._cond.notify()
+
+    def finish(self, lease_id: str, reason: FinishReason, detail: str = "") -> None:
+        """End a lease at the next step boundary (cancel, deadline, rejected KV). Idempotent."""
+        with self._cond:
+            self._finishes.setdefault(lease_id, (reason, detail))
+            self._cond.notify()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._arrivals)
+
+    # The engine thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._wait_for_work():
+                self._expire(time.monotonic())
+                self._apply_finishes()
+                self._insert_arrivals()
+                if self._live:
+                    self._step()
+        except BaseException as err:  # any death must be loud and visible, never silent
+            log.exception("decode engine thread died")
+            self._fail_everything(f"decode engine thread died: {err!r}")
+            self._on_fatal(err)
+
+    def _wait_for_work(self) -> bool:
+        """Block while idle; False once stopping."""
+        with self._cond:
+            while not (self._stopping or self._live or self._arrivals or self._finishes):
+                if self._table.leases():
+                    # Waiting leases may expire: wake up to check; `reserve` notifies.
+                    self._cond.wait(IDLE_WAKEUP_S)
+                    return True
+                self._cond.wait()
+            return not self._stopping
+
+    def _expire(self, now: float) -> None:
+        for lease in self._table.expired(now):
+            reason = (
+                FinishReason.DEADLINE
+                if lease.deadline is not None and now >= lease.deadline
+                else FinishReason.LEASE_EXPIRED
+            )
+            self.finish(lease.lease_id, reason)
+
+    def _apply_finishes(self) -> None:
+        with self._cond:
+            finishes, self._finishes = self._finishes, {}
+            # A cancelled lease's prefix must never be inserted.
+            self._arrivals = [(lid, p) for lid, p in self._arrivals if lid not in finishes]
+        for lease_id, (reason, detail) in finishes.items():
+            lease = self._table.free(lease_id)
+            if lease is None:
+                continue  # already finished
+            if self._live.get(lease.slot) is lease:
+                del self._live[lease.slot]
+                self._state = self._engine.release(self._state, lease.slot)
+            self._close(lease, (), reason, detail)
+
+    def _insert_arrivals(self) -> None:
+        with self._cond:
+            arrivals, self._arrivals = self._arrivals, []
+        if not arrivals:
+            return
+        leases = [
+            self._table.advance(lid, SlotState.FILLING, SlotState.DECODING) for lid, _ in arrivals
+        ]
+        prefixes = [prefix for _, prefix in arrivals]
+        slots = np.asarray([lease.slot for lease in leases], np.int32)
+        self._state = self._engine.bulk_insert(prefixes, self._state, slots)
+        for lease, prefix in zip(leases, prefixes, strict=True):
+            lease.generated = 1  # the prefill's first token, already sent by the prefill side
+            lease.prompt_length = prefix.true_length
+            self._live[lease.slot] = lease
+            reason = self._finish_reason(lease, prefix.first_token)
+            if reason is not None:
+                self._retire(lease, (), reason)
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        self._state, tokens = self._engine.generate(self._params, self._state)
+        tokens = np.asarray(tokens)  # waits for the step
+        self._metrics.decode_step_seconds.observe(time.perf_counter() - start)
+        self._metrics.batch_occupancy.observe(len(self._live) / self._table.total)
+        self.steps += 1
+        for slot, lease in list(self._live.items()):
+            token = int(tokens[slot])
+            lease.generated += 1
+            reason = self._finish_reason(lease, token)
+            streamed = () if reason is FinishReason.STOP else (token,)
+            if reason is None:
+                self._metrics.tokens_generated.inc()
+                self._emit(lease.lease_id, TokenEvent(streamed))
+            else:
+                self._retire(lease, streamed, reason)
+
+    def _finish_reason(self, lease: Lease, token: int) -> FinishReason | None:
+        limits = lease.limits
+        if token in limits.stop_token_ids or (limits.stop_on_eos and token == self._eos):
+            return FinishReason.STOP
+        if lease.generated >= limits.max_tokens:
+            return FinishReason.LENGTH
+        # The next step would write past the end of the slot's cache.
+        if lease.prompt_length + lease.generated - 1 >= self._engine.config.max_seq_len:
+            return FinishReason.LENGTH
+        return None
+
+    def _retire(self, lease: Lease, tokens: tuple[int, ...], reason: FinishReason) -> None:
+        """A live lease finished on its own: free the slot and close its stream."""
+        del self._live[lease.slot]
+        self._state = self._engine.release(self._state, lease.slot)
+        self._table.free(lease.lease_id)
+        self._metrics.tokens_generated.inc(len(tokens))
+        self._close(lease, tokens, reason, "")
+
+    def _close(
+        self, lease: Lease, tokens: tuple[int, ...], reason: FinishReason, detail: str
+    ) -> None:
+        self._metrics.finished(reason.value)
+        self._emit(lease.lease_id, TokenEvent(tokens, reason, detail))
+
+    def _fail_everything(self, detail: str) -> None:
+        for lease in self._table.leases():
+            if self._table.free(lease.lease_id) is not None:
+                self._emit(lease.lease_id, TokenEvent((), FinishReason.ERROR, detail))

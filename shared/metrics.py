@@ -1,0 +1,118 @@
+"""Every Prometheus metric of pdserve: names, buckets and labels, in one place.
+
+Each process builds the metric groups it needs on an injected `CollectorRegistry` (never
+the global default: tests build many servers in one process). Names start with
+`pdserve_` and use base units (seconds, bytes).
+"""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Latency buckets from 1 ms to ~1 min, roughly x2 apart.
+SECONDS_BUCKETS = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0,
+)  # fmt: skip
+# Per-token latencies are short: finer at the low end.
+TOKEN_SECONDS_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
+)  # fmt: skip
+BYTES_BUCKETS = tuple(float(2**k) for k in range(10, 34, 2))  # 1 KiB .. 8 GiB
+OCCUPANCY_BUCKETS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+
+
+class WorkerMetrics:
+    """Metrics of a prefill, decode or colocated worker; `role` labels the requests."""
+
+    def __init__(self, registry: CollectorRegistry, role: str) -> None:
+        self.role = role
+        self.requests = Counter(
+            "pdserve_worker_requests",
+            "Requests a worker finished, by role and outcome.",
+            ["role", "outcome"],
+            registry=registry,
+        )
+        # Prefill side.
+        self.prefill_queue_depth = Gauge(
+            "pdserve_prefill_queue_depth", "Prefill requests waiting.", registry=registry
+        )
+        self.prefill_queue_seconds = Histogram(
+            "pdserve_prefill_queue_seconds",
+            "Time a prefill request waited before the engine took it.",
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.prefill_seconds = Histogram(
+            "pdserve_prefill_seconds",
+            "Prefill compute time, first token included.",
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.kv_sent_bytes = Counter(
+            "pdserve_kv_sent_bytes", "KV payload bytes sent.", registry=registry
+        )
+        self.kv_send_seconds = Histogram(
+            "pdserve_kv_send_seconds",
+            "KV transfer time on the sender, until the receipt.",
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        # Decode side.
+        self.kv_received_bytes = Counter(
+            "pdserve_kv_received_bytes", "KV payload bytes received and accepted.",
+            registry=registry,
+        )  # fmt: skip
+        self.kv_receive_seconds = Histogram(
+            "pdserve_kv_receive_seconds",
+            "KV transfer time on the receiver, first message to validated prefix.",
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.kv_rejections = Counter(
+            "pdserve_kv_rejections", "KV transfers rejected, by reason.", ["reason"],
+            registry=registry,
+        )  # fmt: skip
+        self.slots = Gauge(
+            "pdserve_decode_slots", "Decode slots by state.", ["state"], registry=registry
+        )
+        self.slot_transitions = Counter(
+            "pdserve_decode_slot_transitions",
+            "Decode slot state transitions.",
+            ["from_state", "to_state"],
+            registry=registry,
+        )
+        self.decode_step_seconds = Histogram(
+            "pdserve_decode_step_seconds",
+            "Time of one decode step over all slots (insert + generate).",
+            buckets=TOKEN_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.batch_occupancy = Histogram(
+            "pdserve_decode_batch_occupancy",
+            "Fraction of slots live in a decode step.",
+            buckets=OCCUPANCY_BUCKETS,
+            registry=registry,
+        )
+        self.tokens_generated = Counter(
+            "pdserve_tokens_generated", "Tokens generated (streamed).", registry=registry
+        )
+
+    def finished(self, outcome: str) -> None:
+        self.requests.labels(self.role, outcome).inc()
+
+
+class MetricsServer:
+    """`/metrics` over HTTP for one registry; `port` 0 picks a free port."""
+
+    def __init__(self, registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> None:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+        self._server: WSGIServer = server
+        self._thread: threading.Thread = thread
+        self.port: int = server.server_port
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
