@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "shared.local_generate:main",
         "prefill + insert + generate in this process; stream text to stdout",
     ),
+    "convert": ("shared.checkpoint_cli:main", "HF directory -> orbax checkpoint (opt. int8)"),
 }
 
 

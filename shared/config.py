@@ -37,6 +37,30 @@ class RopeScaling:
             )
 
 
+QuantWeights = Literal["int8"]
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class Quantization:
+    """Weight-only quantization of the served params; activations stay in the compute dtype.
+
+    Every dense kernel (attention projections, MLP) is int8 with one float32 scale per output
+    channel. `embedding` stores the embedding table int8 with one scale per row (a tied LM
+    head reads the same table, so for tied models it also decides the head); `lm_head` does
+    the same for an untied LM head kernel. Part of the model config because it is a property
+    of the weights: a pre-quantized checkpoint is int8 whatever a server's flags say, and
+    int8 KV caches differ from float ones, so the fingerprint must differ too.
+    """
+
+    weights: QuantWeights = "int8"
+    embedding: bool = True
+    lm_head: bool = True
+
+    def __post_init__(self) -> None:
+        if self.weights != "int8":
+            raise ConfigError(f"quantization weights={self.weights!r}: only 'int8' is supported")
+
+
 @dataclasses.dataclass(slots=True, frozen=True)
 class ModelConfig:
     """Shape of a Llama-family decoder. Hashable, so jitted code can close over it."""
@@ -61,6 +85,7 @@ class ModelConfig:
     init_kernel_gain: float = 1.0
     bos_id: int | None = 256
     eos_id: int | None = 257
+    quantization: Quantization | None = None
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads"):
@@ -102,17 +127,27 @@ class ModelConfig:
         return v * d + self.num_layers * per_layer + d + head
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        # Float models keep the dict (and so the fingerprint) they had before quantization
+        # existed.
+        if data["quantization"] is None:
+            del data["quantization"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         data = dict(data)
         scaling = data.pop("rope_scaling", None)
+        quant = data.pop("quantization", None)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**data, rope_scaling=RopeScaling(**scaling) if scaling else None)
+        return cls(
+            **data,
+            rope_scaling=RopeScaling(**scaling) if scaling else None,
+            quantization=Quantization(**quant) if quant else None,
+        )
 
     def fingerprint(self) -> str:
         """Stable hash of the architecture; part of the KV wire format's model fingerprint."""

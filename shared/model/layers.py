@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from shared import quantization
+
 
 def _kernel_init(gain: float) -> nnx.Initializer:
     # Variance gain**2 / fan_in: gain 1 is LeCun-normal; the tiny preset uses > 1 so that its
@@ -19,6 +21,10 @@ class Dense(nnx.Module):
     Written by hand (not nnx.Linear) so that the matmul is ours to swap: int8 weights go
     through AQT here (see shared/quantization.py), and nnx.Linear's dot_general hook passes
     keywords AQT does not take.
+
+    With `int8=True` the params are `kernel` int8 [in, out] and `kernel_scale` float32
+    [1, out] (weight-only, per output channel). The random init is the float init quantized,
+    so a quantized preset's seeded weights are the float preset's, quantized.
     """
 
     def __init__(
@@ -29,18 +35,27 @@ class Dense(nnx.Module):
         use_bias: bool = False,
         dtype: jnp.dtype = jnp.float32,
         gain: float = 1.0,
+        int8: bool = False,
         rngs: nnx.Rngs,
     ) -> None:
         self.dtype = dtype
-        self.kernel = nnx.Param(
-            _kernel_init(gain)(rngs.params(), (in_features, out_features), jnp.float32).astype(
-                dtype
-            )
-        )
+        kernel = _kernel_init(gain)(rngs.params(), (in_features, out_features), jnp.float32)
+        if int8:
+            values, scale = quantization.quantize(kernel.astype(dtype), contracting_axis=0)
+            self.kernel = nnx.Param(values)
+            self.kernel_scale = nnx.Param(scale)
+        else:
+            self.kernel = nnx.Param(kernel.astype(dtype))
+            self.kernel_scale = None
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...d,df->...f", x.astype(self.dtype), self.kernel[...])
+        if self.kernel_scale is None:
+            y = jnp.einsum("...d,df->...f", x.astype(self.dtype), self.kernel[...])
+        else:
+            y = quantization.int8_dot_general(
+                x, self.kernel[...], self.kernel_scale[...], 0, self.dtype
+            )
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -60,19 +75,48 @@ class RMSNorm(nnx.Module):
 
 
 class Embed(nnx.Module):
+    """Token embedding [V, D]; `attend` is the tied LM head.
+
+    With `int8=True` the table is int8 with `embedding_scale` float32 [V, 1], one scale per
+    row: a lookup dequantizes its rows, and for the tied head the per-row scale is exactly
+    a per-output-channel scale, so `attend` goes through AQT like any int8 Dense.
+    """
+
     def __init__(
-        self, vocab_size: int, dim: int, *, std: float, dtype: jnp.dtype, rngs: nnx.Rngs
+        self,
+        vocab_size: int,
+        dim: int,
+        *,
+        std: float,
+        dtype: jnp.dtype,
+        int8: bool = False,
+        rngs: nnx.Rngs,
     ) -> None:
         self.dtype = dtype
-        self.embedding = nnx.Param(
-            (std * jax.random.normal(rngs.params(), (vocab_size, dim), jnp.float32)).astype(dtype)
+        table = (std * jax.random.normal(rngs.params(), (vocab_size, dim), jnp.float32)).astype(
+            dtype
         )
+        if int8:
+            values, scale = quantization.quantize(table, contracting_axis=1)
+            self.embedding = nnx.Param(values)
+            self.embedding_scale = nnx.Param(scale)
+        else:
+            self.embedding = nnx.Param(table)
+            self.embedding_scale = None
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], tokens, axis=0)
+        rows = jnp.take(self.embedding[...], tokens, axis=0)
+        if self.embedding_scale is None:
+            return rows
+        scale = jnp.take(self.embedding_scale[...], tokens, axis=0)
+        return quantization.dequantize(rows, scale, self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied LM head: logits = x @ embedding.T."""
+        if self.embedding_scale is not None:
+            return quantization.int8_dot_general(
+                x, self.embedding[...], self.embedding_scale[...], 1, self.dtype
+            )
         return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...])
 
 
@@ -80,11 +124,19 @@ class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     def __init__(
-        self, d_model: int, ffn_dim: int, *, dtype: jnp.dtype, gain: float, rngs: nnx.Rngs
+        self,
+        d_model: int,
+        ffn_dim: int,
+        *,
+        dtype: jnp.dtype,
+        gain: float,
+        int8: bool = False,
+        rngs: nnx.Rngs,
     ) -> None:
-        self.gate_proj = Dense(d_model, ffn_dim, dtype=dtype, gain=gain, rngs=rngs)
-        self.up_proj = Dense(d_model, ffn_dim, dtype=dtype, gain=gain, rngs=rngs)
-        self.down_proj = Dense(ffn_dim, d_model, dtype=dtype, gain=gain, rngs=rngs)
+        kw = dict(dtype=dtype, gain=gain, int8=int8, rngs=rngs)
+        self.gate_proj = Dense(d_model, ffn_dim, **kw)
+        self.up_proj = Dense(d_model, ffn_dim, **kw)
+        self.down_proj = Dense(ffn_dim, d_model, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

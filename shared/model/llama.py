@@ -39,14 +39,15 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         # A tuple, not an array: static model structure, not state that nnx.split would carry.
         self.inv_freq = tuple(inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling))
-        gain, bias = c.init_kernel_gain, c.qkv_bias
+        gain, bias, int8 = c.init_kernel_gain, c.qkv_bias, c.quantization is not None
         self.q_proj = Dense(c.d_model, c.num_heads * c.head_dim, use_bias=bias, dtype=dtype,
-                            gain=gain, rngs=rngs)  # fmt: skip
+                            gain=gain, int8=int8, rngs=rngs)  # fmt: skip
         self.k_proj = Dense(c.d_model, c.num_kv_heads * c.head_dim, use_bias=bias, dtype=dtype,
-                            gain=gain, rngs=rngs)  # fmt: skip
+                            gain=gain, int8=int8, rngs=rngs)  # fmt: skip
         self.v_proj = Dense(c.d_model, c.num_kv_heads * c.head_dim, use_bias=bias, dtype=dtype,
-                            gain=gain, rngs=rngs)  # fmt: skip
-        self.o_proj = Dense(c.num_heads * c.head_dim, c.d_model, dtype=dtype, gain=gain, rngs=rngs)
+                            gain=gain, int8=int8, rngs=rngs)  # fmt: skip
+        self.o_proj = Dense(c.num_heads * c.head_dim, c.d_model, dtype=dtype, gain=gain,
+                            int8=int8, rngs=rngs)  # fmt: skip
         cache_shape = (batch * c.num_kv_heads, cache_len, c.head_dim)
         self.cache_k = nnx.Cache(jnp.zeros(cache_shape, dtype))
         self.cache_v = nnx.Cache(jnp.zeros(cache_shape, dtype))
@@ -112,7 +113,12 @@ class Block(nnx.Module):
         )
         self.post_attn_norm = RMSNorm(config.d_model, eps=config.rms_eps, dtype=dtype)
         self.mlp = MLP(
-            config.d_model, config.ffn_dim, dtype=dtype, gain=config.init_kernel_gain, rngs=rngs
+            config.d_model,
+            config.ffn_dim,
+            dtype=dtype,
+            gain=config.init_kernel_gain,
+            int8=config.quantization is not None,
+            rngs=rngs,
         )
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -135,8 +141,14 @@ class Transformer(nnx.Module):
     ) -> None:
         self.config = config
         self.mode = mode
+        quant = config.quantization
         self.embed = Embed(
-            config.vocab_size, config.d_model, std=config.init_embed_std, dtype=dtype, rngs=rngs
+            config.vocab_size,
+            config.d_model,
+            std=config.init_embed_std,
+            dtype=dtype,
+            int8=quant is not None and quant.embedding,
+            rngs=rngs,
         )
         self.layers = nnx.List(
             [
@@ -148,7 +160,13 @@ class Transformer(nnx.Module):
         self.lm_head = (
             None
             if config.tie_embeddings
-            else Dense(config.d_model, config.vocab_size, dtype=dtype, rngs=rngs)
+            else Dense(
+                config.d_model,
+                config.vocab_size,
+                dtype=dtype,
+                int8=quant is not None and quant.lm_head,
+                rngs=rngs,
+            )
         )
 
     def __call__(

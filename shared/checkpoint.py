@@ -1,0 +1,277 @@
+"""Model weights for serving: presets, orbax checkpoints made by `pdserve convert`, and
+Hugging Face directories, behind one `load_model(spec)`.
+
+A checkpoint directory written by `save_checkpoint`:
+    CKPT/pdserve.json    format version, model config (incl. quantization), weights id,
+                         the dtype of its float params
+    CKPT/params/         orbax (StandardCheckpointHandler), a flat dict of dotted paths
+    CKPT/tokenizer.json  copied from the HF directory when it had one
+
+Restores go straight into `ShapeDtypeStruct` targets (orbax allocates each array once, in
+the served dtype), so loading never holds a second full-size copy. Every shape is checked
+against the model config from orbax's metadata before anything is read.
+
+Quantization is decided by the weights, then by the caller: a pre-quantized checkpoint is
+served as it was stored (int8 values and scales restored as they are); a float source
+with `quantize="int8"` is quantized as it loads (convert on load), with the same AQT
+quantizer `convert --quantize int8` uses, so both paths serve identical params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from shared import checkpoint_hf
+from shared.checkpoint_hf import CheckpointError
+from shared.checkpoint_tree import (
+    AbstractFlat,
+    Flat,
+    abstract_params,
+    flatten,
+    float_paths,
+    place,
+    unflatten,
+    weights_id,
+)
+from shared.config import MODEL_PRESETS, EngineConfig, ModelConfig, Quantization, model_preset
+from shared.model.llama import Transformer
+
+__all__ = ["CheckpointError", "LoadedModel", "ModelSource", "load_model", "save_checkpoint"]
+
+FORMAT_VERSION = 1
+METADATA_FILE = "pdserve.json"
+PARAMS_DIR = "params"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class ModelSource(enum.Enum):
+    PRESET = "preset"  # seeded random weights of a named config
+    ORBAX = "orbax"  # a directory written by `pdserve convert`
+    HF = "hf"  # a Hugging Face directory, converted on load
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """What a server needs to build its Engine: `Engine(loaded.model_config, engine_config)`
+    and pass `loaded.params` to prefill/generate."""
+
+    model_config: ModelConfig  # carries `quantization` when the params are int8
+    params: nnx.State
+    tokenizer_path: pathlib.Path | None  # tokenizer.json; None: the byte-level tokenizer
+    weights_id: str  # content hash of `params`; with model_config.fingerprint() it names
+    # the exact numbers served
+    source: ModelSource
+
+
+def quantization_for(quantize: str | Quantization | None) -> Quantization | None:
+    """`--quantize` flag value -> Quantization (None, "none": float)."""
+    if quantize is None or isinstance(quantize, Quantization):
+        return quantize
+    if quantize == "none":
+        return None
+    if quantize == "int8":
+        return Quantization()
+    raise CheckpointError(f"--quantize {quantize!r}: choose 'int8' or 'none'")
+
+
+def load_model(
+    spec: str,
+    *,
+    engine_config: EngineConfig,
+    quantize: str | Quantization | None = None,
+    seed: int = 0,
+) -> LoadedModel:
+    """Resolve `--model`: a preset name, a `pdserve convert` checkpoint, or an HF directory.
+
+    Params come in `engine_config.dtype` (int8 kernels and float32 scales when quantized).
+    Raises CheckpointError (naming the file and tensor) before any server can report
+    healthy: missing files, unsupported architecture, wrong shapes, truncated files.
+    """
+    quant = quantization_for(quantize)
+    dtype = jnp.dtype(engine_config.dtype)
+    if spec in MODEL_PRESETS:
+        return _load_preset(spec, quant, dtype, seed)
+    path = pathlib.Path(spec).expanduser().resolve()
+    if (path / METADATA_FILE).is_file():
+        return load_checkpoint(path, quant, dtype)
+    if (path / "config.json").is_file():
+        return load_hf(path, quant, dtype)
+    if path.is_dir():
+        raise CheckpointError(
+            f"{path}: neither a pdserve checkpoint ({METADATA_FILE} missing) nor a Hugging "
+            "Face directory (config.json missing)"
+        )
+    raise CheckpointError(
+        f"--model {spec!r}: not a preset ({', '.join(sorted(MODEL_PRESETS))}) and no such directory"
+    )
+
+
+def _load_preset(name: str, quant: Quantization | None, dtype: jnp.dtype, seed: int) -> LoadedModel:
+    config = dataclasses.replace(model_preset(name), quantization=quant)
+    # The same construction as Engine.init_params; int8 Dense/Embed quantize their seeded
+    # float init, so `tiny --quantize int8` is the float `tiny`, quantized.
+    model = Transformer(config, "prefill", batch=1, cache_len=1, dtype=dtype, rngs=nnx.Rngs(seed))
+    params = nnx.state(model, nnx.Param)
+    return LoadedModel(config, params, None, weights_id(flatten(params)), ModelSource.PRESET)
+
+
+def load_hf(hf_dir: pathlib.Path, quant: Quantization | None, dtype: jnp.dtype) -> LoadedModel:
+    """An HF directory, converted (and quantized, if asked) tensor by tensor as it loads."""
+    config = dataclasses.replace(checkpoint_hf.read_config(hf_dir), quantization=quant)
+    abstract = abstract_params(config, dtype)
+    flat = checkpoint_hf.read_params(hf_dir, config, flatten(abstract))
+    tokenizer = hf_dir / TOKENIZER_FILE
+    return LoadedModel(
+        config,
+        unflatten(abstract, flat),
+        tokenizer if tokenizer.is_file() else None,
+        weights_id(flat),
+        ModelSource.HF,
+    )
+
+
+# Orbax ---------------------------------------------------------------------------------------
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    # Synchronous on purpose: `convert` exits right after saving and a server restores
+    # before serving, so async saves would buy nothing and add threads to reason about.
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+
+
+def save_checkpoint(
+    out: pathlib.Path,
+    config: ModelConfig,
+    params: nnx.State,
+    *,
+    tokenizer: pathlib.Path | None = None,
+    weights: str | None = None,
+) -> None:
+    """Write CKPT/{params, pdserve.json, tokenizer.json}. `out` must not exist or be empty."""
+    out = out.expanduser().resolve()
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out}: exists and is not empty; choose a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    flat = flatten(params)
+    float_dtypes = {
+        str(a.dtype)
+        for p, a in flat.items()
+        if jnp.issubdtype(a.dtype, jnp.floating) and not p.endswith("_scale")
+    }
+    _checkpointer().save(out / PARAMS_DIR, args=ocp.args.StandardSave(flat))
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "model_config": config.to_dict(),
+        "weights_id": weights or weights_id(flat),
+        "param_dtype": float_dtypes.pop() if len(float_dtypes) == 1 else None,
+    }
+    (out / METADATA_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
+
+
+def read_metadata(ckpt: pathlib.Path) -> tuple[ModelConfig, dict]:
+    path = ckpt / METADATA_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version={meta.get('format_version')!r}; this pdserve reads "
+            f"version {FORMAT_VERSION}"
+        )
+    try:
+        return ModelConfig.from_dict(meta["model_config"]), meta
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: bad model_config ({err})") from None
+
+
+def load_checkpoint(
+    ckpt: pathlib.Path, quant: Quantization | None, dtype: jnp.dtype
+) -> LoadedModel:
+    stored, meta = read_metadata(ckpt)
+    if stored.quantization is not None and quant not in (None, stored.quantization):
+        raise CheckpointError(
+            f"{ckpt / METADATA_FILE}: the checkpoint is pre-quantized ({stored.quantization});"
+            f" it cannot be re-quantized as {quant}; convert the float model again instead"
+        )
+    config = (
+        stored
+        if stored.quantization is not None
+        else dataclasses.replace(stored, quantization=quant)
+    )
+    abstract = abstract_params(config, dtype)
+    targets = flatten(abstract)
+    if stored.quantization is None and quant is not None:
+        flat = _restore_and_quantize(ckpt, stored, dtype, targets)
+        ident = weights_id(flat)
+    else:
+        flat = restore_flat(ckpt / PARAMS_DIR, targets)
+        same = meta.get("param_dtype") == jnp.dtype(dtype).name
+        ident = meta["weights_id"] if same else weights_id(flat)
+    tokenizer = ckpt / TOKENIZER_FILE
+    return LoadedModel(
+        config,
+        unflatten(abstract, flat),
+        tokenizer if tokenizer.is_file() else None,
+        ident,
+        ModelSource.ORBAX,
+    )
+
+
+def restore_flat(params_dir: pathlib.Path, targets: AbstractFlat) -> Flat:
+    """Restore every target straight into its ShapeDtypeStruct, after checking shapes."""
+    _check_stored(params_dir, targets)
+    try:
+        return _checkpointer().restore(params_dir, args=ocp.args.StandardRestore(targets))
+    except (ValueError, OSError) as err:
+        raise CheckpointError(f"{params_dir}: orbax restore failed ({err})") from None
+
+
+def _check_stored(params_dir: pathlib.Path, targets: AbstractFlat) -> None:
+    try:
+        stored = _checkpointer().metadata(params_dir).item_metadata.tree
+    except (FileNotFoundError, ValueError, OSError, AttributeError) as err:
+        raise CheckpointError(f"{params_dir}: not an orbax checkpoint ({err})") from None
+    for path, target in targets.items():
+        if path not in stored:
+            raise CheckpointError(f"{params_dir}: param {path!r} is missing")
+        if tuple(stored[path].shape) != tuple(target.shape):
+            raise CheckpointError(
+                f"{params_dir}: param {path!r} has shape {list(stored[path].shape)}, the "
+                f"model config implies {list(target.shape)}"
+            )
+    extra = sorted(set(stored) - set(targets))
+    if extra:
+        raise CheckpointError(f"{params_dir}: unexpected param {extra[0]!r} for this config")
+
+
+def _restore_and_quantize(
+    ckpt: pathlib.Path, stored: ModelConfig, dtype: jnp.dtype, targets: AbstractFlat
+) -> Flat:
+    """Convert on load from a float checkpoint: restore float, quantize leaf by leaf.
+
+    Each float leaf is dropped as soon as its int8 form exists, so the peak is the float
+    model plus one leaf, never the float and the int8 model together.
+    """
+    float_flat = restore_flat(ckpt / PARAMS_DIR, flatten(abstract_params(stored, dtype)))
+    flat: Flat = {}
+    for path in list(float_paths(targets)):
+        flat.update(place(path, float_flat.pop(path), targets))
+    return flat
+
+
+def param_bytes(params: nnx.State) -> int:
+    """Bytes of every param leaf (what `convert --quantize int8` shrinks)."""
+    return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))

@@ -1,0 +1,101 @@
+"""The param tree as a flat dict of dotted paths, and the steps every loader shares.
+
+Every way of loading weights (HF safetensors, orbax, seeded presets) ends the same way: a
+flat `{"layers.0.attn.q_proj.kernel": array}` dict checked against the abstract params of
+the model config (`ShapeDtypeStruct` targets, built without allocating anything), then
+poured into that abstract `nnx.State`. One flat naming scheme means one place that knows
+what an int8 param and its scale look like.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from shared.config import ModelConfig
+from shared.model.llama import Transformer
+from shared.quantization import SCALE_SUFFIX, quantize_jit
+
+Flat = dict[str, jax.Array]
+AbstractFlat = dict[str, jax.ShapeDtypeStruct]
+
+
+def _path_str(path: tuple) -> str:
+    parts = []
+    for key in path:
+        if isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value":
+            continue  # nnx.Variable's own node, not part of the param's name
+        parts.append(str(getattr(key, "key", getattr(key, "name", key))))
+    return ".".join(parts)
+
+
+def abstract_params(model_config: ModelConfig, dtype: jnp.dtype) -> nnx.State:
+    """ShapeDtypeStruct params of `model_config` (int8 + scales when it is quantized)."""
+    model = nnx.eval_shape(
+        lambda: Transformer(
+            model_config, "prefill", batch=1, cache_len=1, dtype=dtype, rngs=nnx.Rngs(0)
+        )
+    )
+    return nnx.state(model, nnx.Param)
+
+
+def flatten(state: nnx.State) -> dict[str, object]:
+    """nnx.State -> {dotted path: leaf}; works on arrays and ShapeDtypeStructs alike."""
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    return {_path_str(path): leaf for path, leaf in leaves}
+
+
+def unflatten(abstract: nnx.State, flat: Mapping[str, jax.Array]) -> nnx.State:
+    """Pour `flat` into the structure of `abstract`; the caller has checked the keys."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    return jax.tree_util.tree_unflatten(treedef, [flat[_path_str(p)] for p, _ in paths])
+
+
+def is_quantized(target: jax.ShapeDtypeStruct) -> bool:
+    return jnp.dtype(target.dtype) == jnp.int8
+
+
+def contracting_axis(path: str) -> int:
+    """Dense kernels are [in, out] (contract axis 0); the embedding [V, D] contracts D."""
+    return 1 if path.endswith("embedding") else 0
+
+
+def place(path: str, value: np.ndarray | jax.Array, targets: AbstractFlat) -> Flat:
+    """A float tensor for `path` -> the leaves it becomes in `targets`.
+
+    A float target gets the value cast to its dtype; an int8 target gets AQT's int8 values
+    plus `path + "_scale"` (convert on load: the float tensor is dropped by the caller).
+    """
+    target = targets[path]
+    if not is_quantized(target):
+        return {path: jnp.asarray(value, target.dtype)}
+    values, scale = quantize_jit(jnp.asarray(value), contracting_axis(path))
+    return {path: values, path + SCALE_SUFFIX: scale}
+
+
+def float_paths(targets: AbstractFlat) -> Iterator[str]:
+    """The paths a float source must provide: every target except int8 scales."""
+    for path in targets:
+        scale_of = path.removesuffix(SCALE_SUFFIX)
+        if path.endswith(SCALE_SUFFIX) and scale_of in targets and is_quantized(targets[scale_of]):
+            continue
+        yield path
+
+
+def weights_id(flat: Mapping[str, jax.Array]) -> str:
+    """Content hash of the served params (paths, dtypes, shapes, bytes).
+
+    The weights' identity for the KV wire fingerprint: two workers agree on it only if they
+    serve the very same numbers, whatever directory or format the weights came from.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(flat):
+        array = np.asarray(flat[path])
+        digest.update(f"{path}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(np.ascontiguousarray(array).view(np.uint8).reshape(-1).data)
+    return digest.hexdigest()[:16]
