@@ -19,7 +19,6 @@ or for the next lease expiry.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -27,25 +26,18 @@ from collections.abc import Callable
 
 import numpy as np
 
-from decode_server.slots import FinishReason, Lease, Limits, SlotState, SlotTable
+from decode_server.slots import Lease, SlotState, SlotTable
 from shared.engine import DecodeState, Engine, Params, Prefix
 from shared.metrics import WorkerMetrics
+from shared.transport.types import DecodeFinish, GenerationLimits, TokenBatch
 
 log = logging.getLogger(__name__)
 
 IDLE_WAKEUP_S = 0.05  # how often an idle loop checks lease expiries
 
 
-@dataclasses.dataclass(slots=True, frozen=True)
-class TokenEvent:
-    """Tokens for one lease since its previous event; `finish` set on the last one."""
-
-    token_ids: tuple[int, ...]
-    finish: FinishReason | None = None
-    detail: str = ""
-
-
-Emit = Callable[[str, TokenEvent], None]
+# Called once per step (engine thread) with every lease's new tokens and finishes.
+Emit = Callable[[list[tuple[str, TokenBatch]]], None]
 
 
 class DecodeLoop:
@@ -63,9 +55,10 @@ class DecodeLoop:
         self._eos = engine.model_config.eos_id
         self._cond = threading.Condition()
         self._arrivals: list[tuple[str, Prefix]] = []  # guarded by _cond
-        self._finishes: dict[str, tuple[FinishReason, str]] = {}  # guarded by _cond
+        self._finishes: dict[str, tuple[DecodeFinish, str]] = {}  # guarded by _cond
         self._stopping = False
         self._live: dict[int, Lease] = {}  # slot -> lease; engine thread only
+        self._outbox: list[tuple[str, TokenBatch]] = []  # engine thread only
         self._state: DecodeState | None = None
         self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
         self.steps = 0
@@ -77,7 +70,7 @@ class DecodeLoop:
         self._thread.start()
 
     def reserve(
-        self, request_id: str, limits: Limits, ttl_s: float, deadline: float | None
+        self, request_id: str, limits: GenerationLimits, ttl_s: float, deadline: float | None
     ) -> Lease:
         """Lease a free slot (SlotsExhaustedError when none); wakes the loop so that it
         watches the new lease's expiry."""
@@ -93,7 +86,7 @@ class DecodeLoop:
             self._arrivals.append((lease_id, prefix))
             self._cond.notify()
 
-    def finish(self, lease_id: str, reason: FinishReason, detail: str = "") -> None:
+    def finish(self, lease_id: str, reason: DecodeFinish, detail: str = "") -> None:
         """End a lease at the next step boundary (cancel, deadline, rejected KV). Idempotent."""
         with self._cond:
             self._finishes.setdefault(lease_id, (reason, detail))
@@ -123,6 +116,7 @@ class DecodeLoop:
                 self._insert_arrivals()
                 if self._live:
                     self._step()
+                self._flush()
         except BaseException as err:  # any death must be loud and visible, never silent
             log.exception("decode engine thread died")
             self._fail_everything(f"decode engine thread died: {err!r}")
@@ -142,9 +136,9 @@ class DecodeLoop:
     def _expire(self, now: float) -> None:
         for lease in self._table.expired(now):
             reason = (
-                FinishReason.DEADLINE
+                DecodeFinish.DEADLINE
                 if lease.deadline is not None and now >= lease.deadline
-                else FinishReason.LEASE_EXPIRED
+                else DecodeFinish.LEASE_EXPIRED
             )
             self.finish(lease.lease_id, reason)
 
@@ -192,25 +186,25 @@ class DecodeLoop:
             token = int(tokens[slot])
             lease.generated += 1
             reason = self._finish_reason(lease, token)
-            streamed = () if reason is FinishReason.STOP else (token,)
+            streamed = () if reason is DecodeFinish.STOP else (token,)
             if reason is None:
                 self._metrics.tokens_generated.inc()
-                self._emit(lease.lease_id, TokenEvent(streamed))
+                self._outbox.append((lease.lease_id, TokenBatch(streamed)))
             else:
                 self._retire(lease, streamed, reason)
 
-    def _finish_reason(self, lease: Lease, token: int) -> FinishReason | None:
+    def _finish_reason(self, lease: Lease, token: int) -> DecodeFinish | None:
         limits = lease.limits
         if token in limits.stop_token_ids or (limits.stop_on_eos and token == self._eos):
-            return FinishReason.STOP
+            return DecodeFinish.STOP
         if lease.generated >= limits.max_tokens:
-            return FinishReason.LENGTH
+            return DecodeFinish.LENGTH
         # The next step would write past the end of the slot's cache.
         if lease.prompt_length + lease.generated - 1 >= self._engine.config.max_seq_len:
-            return FinishReason.LENGTH
+            return DecodeFinish.LENGTH
         return None
 
-    def _retire(self, lease: Lease, tokens: tuple[int, ...], reason: FinishReason) -> None:
+    def _retire(self, lease: Lease, tokens: tuple[int, ...], reason: DecodeFinish) -> None:
         """A live lease finished on its own: free the slot and close its stream."""
         del self._live[lease.slot]
         self._state = self._engine.release(self._state, lease.slot)
@@ -219,12 +213,20 @@ class DecodeLoop:
         self._close(lease, tokens, reason, "")
 
     def _close(
-        self, lease: Lease, tokens: tuple[int, ...], reason: FinishReason, detail: str
+        self, lease: Lease, tokens: tuple[int, ...], reason: DecodeFinish, detail: str
     ) -> None:
-        self._metrics.finished(reason.value)
-        self._emit(lease.lease_id, TokenEvent(tokens, reason, detail))
+        self._metrics.finished(reason.name.lower())
+        self._outbox.append((lease.lease_id, TokenBatch(tokens, reason, detail)))
 
     def _fail_everything(self, detail: str) -> None:
         for lease in self._table.leases():
             if self._table.free(lease.lease_id) is not None:
-                self._emit(lease.lease_id, TokenEvent((), FinishReason.ERROR, detail))
+                self._outbox.append((lease.lease_id, TokenBatch((), DecodeFinish.ERROR, detail)))
+        self._flush()
+
+    def _flush(self) -> None:
+        """Hand this iteration's tokens and finishes over in one call (one wake-up of the
+        event loop per step, not one per slot)."""
+        if self._outbox:
+            outbox, self._outbox = self._outbox, []
+            self._emit(outbox)

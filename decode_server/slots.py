@@ -20,6 +20,8 @@ import time
 import uuid
 from collections.abc import Callable
 
+from shared.transport.types import GenerationLimits
+
 log = logging.getLogger(__name__)
 
 
@@ -28,15 +30,6 @@ class SlotState(enum.Enum):
     RESERVED = "reserved"  # leased, waiting for its KV
     FILLING = "filling"  # KV received and validated, waiting for the engine to insert it
     DECODING = "decoding"  # live in the decode batch
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"  # EOS or a stop token
-    LENGTH = "length"  # max_tokens, or the slot's sequence length is full
-    CANCELLED = "cancelled"
-    DEADLINE = "deadline"
-    LEASE_EXPIRED = "lease_expired"
-    ERROR = "error"
 
 
 class SlotsExhaustedError(RuntimeError):
@@ -58,21 +51,12 @@ class LeaseStateError(RuntimeError):
     pass
 
 
-@dataclasses.dataclass(slots=True, frozen=True)
-class Limits:
-    """What the decode loop enforces once the request is live."""
-
-    max_tokens: int
-    stop_token_ids: frozenset[int] = frozenset()
-    stop_on_eos: bool = True
-
-
 @dataclasses.dataclass(slots=True)
 class Lease:
     lease_id: str
     slot: int
     request_id: str
-    limits: Limits
+    limits: GenerationLimits
     expires_at: float  # time.monotonic(); only while RESERVED
     deadline: float | None  # time.monotonic(); None: no deadline
     state: SlotState = SlotState.RESERVED
@@ -93,7 +77,7 @@ class SlotTable:
         self._ids = itertools.count()
 
     def reserve(
-        self, request_id: str, limits: Limits, ttl_s: float, deadline: float | None
+        self, request_id: str, limits: GenerationLimits, ttl_s: float, deadline: float | None
     ) -> Lease:
         with self._lock:
             if not self._free:

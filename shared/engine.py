@@ -143,6 +143,11 @@ class Engine:
         )
         return nnx.state(model, nnx.Param)
 
+    def abstract_prefix_cache(self, length: int) -> CacheDict:
+        """Shapes and dtypes of a prefix cache of `length` positions (a pure dict of
+        ShapeDtypeStructs): what a KV receiver expects."""
+        return nnx.to_pure_dict(self._abstract("prefill", 1, length)[2])
+
     # Prefill ----------------------------------------------------------------------------
 
     def prefill(

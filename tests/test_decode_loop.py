@@ -9,22 +9,24 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from decode_server.loop import DecodeLoop, TokenEvent
-from decode_server.slots import FinishReason, Limits, SlotsExhaustedError, SlotState, SlotTable
+from decode_server.loop import DecodeLoop
+from decode_server.slots import SlotsExhaustedError, SlotState, SlotTable
 from shared.engine import Engine, Params
 from shared.metrics import WorkerMetrics
+from shared.transport.types import DecodeFinish, GenerationLimits, TokenBatch
 
 
 class Collector:
     """Records every event per lease; lets a test wait for a lease's final event."""
 
     def __init__(self) -> None:
-        self.events: dict[str, list[TokenEvent]] = {}
+        self.events: dict[str, list[TokenBatch]] = {}
         self._cond = threading.Condition()
 
-    def __call__(self, lease_id: str, event: TokenEvent) -> None:
+    def __call__(self, events: list[tuple[str, TokenBatch]]) -> None:
         with self._cond:
-            self.events.setdefault(lease_id, []).append(event)
+            for lease_id, event in events:
+                self.events.setdefault(lease_id, []).append(event)
             self._cond.notify_all()
 
     def wait_finished(self, lease_id: str, timeout: float = 30.0) -> list[int]:
@@ -34,7 +36,7 @@ class Collector:
             ), f"lease {lease_id} did not finish"
             return [t for e in self.events[lease_id] for t in e.token_ids]
 
-    def finish_of(self, lease_id: str) -> FinishReason | None:
+    def finish_of(self, lease_id: str) -> DecodeFinish | None:
         with self._cond:
             return self.events[lease_id][-1].finish
 
@@ -62,12 +64,12 @@ def reference(engine: Engine, params: Params, prompt: list[int], n: int) -> list
 def test_tokens_equal_reference_and_slot_is_freed(running, engine: Engine, params: Params):
     loop, table, collector = running
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
-    lease = loop.reserve("r1", Limits(max_tokens=7, stop_on_eos=False), 10.0, None)
+    lease = loop.reserve("r1", GenerationLimits(max_tokens=7, stop_on_eos=False), 10.0, None)
     prefix = engine.prefill(params, prompt).trimmed()
     loop.submit(lease.lease_id, prefix)
     streamed = collector.wait_finished(lease.lease_id)
     assert [prefix.first_token, *streamed] == reference(engine, params, prompt, 7)
-    assert collector.finish_of(lease.lease_id) is FinishReason.LENGTH
+    assert collector.finish_of(lease.lease_id) is DecodeFinish.LENGTH
     assert table.counts()[SlotState.FREE] == engine.config.max_slots
 
 
@@ -76,39 +78,39 @@ def test_stop_token_ends_without_streaming_it(running, engine: Engine, params: P
     prompt = [7, 7, 7, 1]
     expected = reference(engine, params, prompt, 6)
     stop = expected[3]
-    lease = loop.reserve("r", Limits(10, frozenset({stop}), stop_on_eos=False), 10.0, None)
+    lease = loop.reserve("r", GenerationLimits(10, (stop,), stop_on_eos=False), 10.0, None)
     loop.submit(lease.lease_id, engine.prefill(params, prompt))
     streamed = collector.wait_finished(lease.lease_id)
     assert streamed == expected[1 : expected.index(stop)]
-    assert collector.finish_of(lease.lease_id) is FinishReason.STOP
+    assert collector.finish_of(lease.lease_id) is DecodeFinish.STOP
 
 
 def test_lease_expiry_frees_a_reserved_slot(running, engine: Engine):
     loop, table, collector = running
-    lease = loop.reserve("r", Limits(4), ttl_s=0.2, deadline=None)
+    lease = loop.reserve("r", GenerationLimits(4), ttl_s=0.2, deadline=None)
     assert collector.wait_finished(lease.lease_id, timeout=5) == []
-    assert collector.finish_of(lease.lease_id) is FinishReason.LEASE_EXPIRED
+    assert collector.finish_of(lease.lease_id) is DecodeFinish.LEASE_EXPIRED
     assert table.counts()[SlotState.FREE] == engine.config.max_slots
 
 
 def test_cancel_mid_stream_frees_within_one_step(running, engine: Engine, params: Params):
     loop, table, collector = running
-    lease = loop.reserve("r", Limits(50, stop_on_eos=False), 10.0, None)
+    lease = loop.reserve("r", GenerationLimits(50, stop_on_eos=False), 10.0, None)
     loop.submit(lease.lease_id, engine.prefill(params, [1, 2, 3]))
     deadline = time.monotonic() + 10
     while not collector.events.get(lease.lease_id) and time.monotonic() < deadline:
         time.sleep(0.01)
     steps = loop.steps
-    loop.finish(lease.lease_id, FinishReason.CANCELLED)
+    loop.finish(lease.lease_id, DecodeFinish.CANCELLED)
     collector.wait_finished(lease.lease_id)
-    assert collector.finish_of(lease.lease_id) is FinishReason.CANCELLED
+    assert collector.finish_of(lease.lease_id) is DecodeFinish.CANCELLED
     assert loop.steps - steps <= 1
     assert table.counts()[SlotState.FREE] == engine.config.max_slots
 
 
 def test_no_free_slot_is_resource_exhausted(engine: Engine):
     table = SlotTable(2)
-    table.reserve("a", Limits(1), 10, None)
-    table.reserve("b", Limits(1), 10, None)
+    table.reserve("a", GenerationLimits(1), 10, None)
+    table.reserve("b", GenerationLimits(1), 10, None)
     with pytest.raises(SlotsExhaustedError, match="all 2 decode slots are in use"):
-        table.reserve("c", Limits(1), 10, None)
+        table.reserve("c", GenerationLimits(1), 10, None)
