@@ -8,8 +8,9 @@ leaves nothing behind: the one receive buffer is dropped with the assembler.
 Sender: `encode_prefix` copies every leaf, cut to the prompt's true length on the sequence
 axis (axis 1), into one contiguous byte payload (the only copy it makes: device -> host and
 the cut happen in it); `KvPayload.messages()` then yields chunks that are slices of that
-payload. Receiver: `shared.kv_assembler.KvAssembler` allocates one buffer of the manifest's size (after the size
-limit check), writes each chunk into its place, and returns leaves as views of it.
+payload. Receiver (shared/kv_assembler.py): `KvAssembler` allocates one buffer of the
+manifest's size after the size limit check, writes each chunk into its place, and returns
+leaves as views of it.
 """
 
 from __future__ import annotations

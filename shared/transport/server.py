@@ -1,0 +1,96 @@
+"""Build a grpc.aio server the way every pdserve process serves: the given services, the
+standard `grpc.health.v1` health service and server reflection (so `grpcurl` works),
+message-size and keepalive options from `TransportConfig`, bound to one address.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shared.rpc.pdserve.v1 import worker_pb2, worker_pb2_grpc
+from shared.transport.base import DecodeHandler, PrefillHandler
+from shared.transport.grpc_servicers import DecodeServicer, PrefillServicer
+from shared.transport.types import TransportConfig
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class Service:
+    """One gRPC service to serve: its full name (for health and reflection) and how to
+    register its servicer on a server."""
+
+    name: str  # e.g. "pdserve.v1.DecodeWorker"
+    register: Callable[[grpc.aio.Server], None]
+
+
+def decode_service(handler: DecodeHandler) -> Service:
+    name = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
+    servicer = DecodeServicer(handler)
+    return Service(name, lambda s: worker_pb2_grpc.add_DecodeWorkerServicer_to_server(servicer, s))
+
+
+def prefill_service(handler: PrefillHandler) -> Service:
+    name = worker_pb2.DESCRIPTOR.services_by_name["PrefillWorker"].full_name
+    servicer = PrefillServicer(handler)
+    return Service(name, lambda s: worker_pb2_grpc.add_PrefillWorkerServicer_to_server(servicer, s))
+
+
+def server_options(config: TransportConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        # Let clients ping as often as their keepalive does, even between calls; the
+        # default (5 min) would answer their pings with GOAWAY "too_many_pings".
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(config.keepalive_time_s * 500)),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+@dataclasses.dataclass(slots=True)
+class RunningServer:
+    server: grpc.aio.Server
+    port: int  # the bound port (the real one when asked for port 0)
+    health: health.aio.HealthServicer
+    services: tuple[str, ...]
+
+    async def set_serving(self, serving: bool) -> None:
+        """Every service's health (and the server's, ""): SERVING or NOT_SERVING."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.services):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def start_server(
+    address: str, services: Sequence[Service], config: TransportConfig
+) -> RunningServer:
+    """Serve `services` on `address` ("127.0.0.1:0" picks a free port), healthy at once."""
+    server = grpc.aio.server(options=server_options(config))
+    for service in services:
+        service.register(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = tuple(s.name for s in services)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection((*names, health_name, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    await server.start()
+    running = RunningServer(server, port, health_servicer, names)
+    await running.set_serving(True)
+    return running

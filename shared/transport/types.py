@@ -1,0 +1,173 @@
+"""Domain types that cross a worker boundary: requests, results, errors, transport config.
+
+Servers and clients speak these; only the gRPC layer (convert.py) sees protos, except the
+KV stream, whose messages are the codec's own wire format (kv.proto) on both transports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from shared.kv import KvRejection
+from shared.sampling import SamplingParams
+
+
+class StatusCode(enum.Enum):
+    """The gRPC status codes a worker call can end with (names mirror `grpc.StatusCode`)."""
+
+    CANCELLED = enum.auto()
+    UNKNOWN = enum.auto()
+    INVALID_ARGUMENT = enum.auto()
+    DEADLINE_EXCEEDED = enum.auto()
+    NOT_FOUND = enum.auto()
+    ALREADY_EXISTS = enum.auto()
+    RESOURCE_EXHAUSTED = enum.auto()
+    FAILED_PRECONDITION = enum.auto()
+    ABORTED = enum.auto()
+    UNAVAILABLE = enum.auto()
+    DATA_LOSS = enum.auto()
+    INTERNAL = enum.auto()
+
+
+class TransportError(Exception):
+    """A worker call failed. Handlers raise it to choose the status; clients raise it for
+    every failure (dead peer: UNAVAILABLE; KV rejected: `kv_reason` says why)."""
+
+    def __init__(
+        self, code: StatusCode, message: str, kv_reason: KvRejection | None = None
+    ) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.kv_reason = kv_reason
+
+
+class DecodeFinish(enum.Enum):
+    """Why a decode slot was freed (worker.proto DecodeFinishReason)."""
+
+    STOP = enum.auto()  # EOS or a stop token
+    LENGTH = enum.auto()
+    CANCELLED = enum.auto()
+    DEADLINE = enum.auto()
+    LEASE_EXPIRED = enum.auto()
+    ERROR = enum.auto()
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class GenerationLimits:
+    """What a decode worker enforces on one request."""
+
+    max_tokens: int
+    stop_token_ids: tuple[int, ...] = ()
+    stop_on_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class ReserveRequest:
+    request_id: str
+    prompt_length: int
+    limits: GenerationLimits
+    ttl_seconds: float
+    deadline: float | None = None  # unix time (time.time()); None: no deadline
+
+    def __post_init__(self) -> None:
+        if self.ttl_seconds <= 0:
+            raise ValueError(f"ttl_seconds={self.ttl_seconds} must be > 0")
+        if self.prompt_length < 1:
+            raise ValueError(f"prompt_length={self.prompt_length} must be >= 1")
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class Lease:
+    lease_id: str
+    slot: int
+    expire_time: float  # unix time
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class TokenBatch:
+    """Tokens since the previous batch; the last batch of a stream has `finish` set."""
+
+    token_ids: tuple[int, ...]
+    finish: DecodeFinish | None = None
+    detail: str = ""  # why, for an ERROR finish
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class LoadReport:
+    free_slots: int
+    total_slots: int
+    queue_depth: int
+    live_requests: int
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class KvReceipt:
+    lease_id: str
+    bytes_received: int
+    chunks_received: int
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class PrefillRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    decode_target: str  # host:port of the decode worker holding the lease
+    lease_id: str
+    deadline: float | None = None  # unix time; None: no deadline
+    model_fingerprint: str = ""  # empty: do not check
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class PrefillTimings:
+    queue_seconds: float
+    prefill_seconds: float
+    transfer_seconds: float
+    kv_bytes: int
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class PrefillResult:
+    first_token: int
+    timings: PrefillTimings
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class TransportConfig:
+    """Message sizes, chunking and timeouts of worker-to-worker calls; none left to the
+    gRPC defaults (4 MiB receive limit, no deadline, keepalive off)."""
+
+    max_message_bytes: int = 8 << 20
+    kv_chunk_bytes: int = 1 << 20
+    rpc_timeout_s: float = 10.0  # every unary call (Reserve, Prefill's caller sets its own)
+    transfer_timeout_s: float = 60.0  # one whole TransferKV stream
+    keepalive_time_s: float = 10.0  # ping an idle connection this often...
+    keepalive_timeout_s: float = 5.0  # ...and declare the peer dead without an answer
+    reconnect_backoff_s: float = 1.0  # first retry of a failed connection
+
+    # Room for the chunk's own fields and framing around `kv_chunk_bytes` of data.
+    CHUNK_OVERHEAD_BYTES = 1024
+
+    def __post_init__(self) -> None:
+        if self.kv_chunk_bytes <= 0:
+            raise ValueError(f"kv_chunk_bytes={self.kv_chunk_bytes} must be > 0")
+        if self.kv_chunk_bytes + self.CHUNK_OVERHEAD_BYTES > self.max_message_bytes:
+            raise ValueError(
+                f"kv_chunk_bytes={self.kv_chunk_bytes} does not fit max_message_bytes="
+                f"{self.max_message_bytes} with {self.CHUNK_OVERHEAD_BYTES} bytes of framing; "
+                "raise max_message_bytes or lower kv_chunk_bytes"
+            )
+        for name in ("rpc_timeout_s", "transfer_timeout_s", "keepalive_time_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if not 0 < self.keepalive_timeout_s <= self.keepalive_time_s:
+            raise ValueError(
+                f"keepalive_timeout_s={self.keepalive_timeout_s} must be in "
+                f"(0, keepalive_time_s={self.keepalive_time_s}]"
+            )
