@@ -15,7 +15,33 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "prefill + insert + generate in this process; stream text to stdout",
     ),
     "convert": ("shared.checkpoint_cli:main", "HF directory -> orbax checkpoint (opt. int8)"),
+    "prefill": ("prefill_server.main:main", "run a prefill worker"),
+    "decode": ("decode_server.main:main", "run a decode worker"),
+    "worker": ("", "run a worker: --role prefill|decode|colocated"),
 }
+
+# `pdserve worker --role R ...` is `pdserve R ...` (colocated has no subcommand of its own).
+WORKER_ROLES = {
+    "prefill": "prefill_server.main:main",
+    "decode": "decode_server.main:main",
+    "colocated": "decode_server.colocated:main",
+}
+
+
+def _worker_entry(rest: list[str]) -> tuple[str, list[str]]:
+    """Find `--role R` / `--role=R` in the worker's flags; keep the rest for the role."""
+    for i, arg in enumerate(rest):
+        if arg == "--role" and i + 1 < len(rest):
+            role, remaining = rest[i + 1], rest[:i] + rest[i + 2 :]
+            break
+        if arg.startswith("--role="):
+            role, remaining = arg.split("=", 1)[1], rest[:i] + rest[i + 1 :]
+            break
+    else:
+        raise SystemExit(f"pdserve worker: --role is required ({'|'.join(WORKER_ROLES)})")
+    if role not in WORKER_ROLES:
+        raise SystemExit(f"pdserve worker: unknown --role {role!r} ({'|'.join(WORKER_ROLES)})")
+    return WORKER_ROLES[role], remaining
 
 
 def usage() -> str:
@@ -35,7 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"pdserve: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module_name, func_name = SUBCOMMANDS[name][0].split(":")
+    target = SUBCOMMANDS[name][0]
+    if name == "worker":
+        target, rest = _worker_entry(rest)
+    module_name, func_name = target.split(":")
     entry = getattr(importlib.import_module(module_name), func_name)
     return int(entry(rest) or 0)
 

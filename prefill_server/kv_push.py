@@ -1,0 +1,36 @@
+"""Pushes a prefix to the decode worker a request names, over gRPC (TransferKV)."""
+
+from __future__ import annotations
+
+from shared.engine import Prefix
+from shared.kv import encode_prefix
+from shared.transport.grpc_transport import GrpcDecodeClient
+from shared.transport.types import PrefillRequest, TransportConfig
+
+
+class RemoteKvSink:
+    """`KvSink` over gRPC; one channel per decode worker, reused across requests."""
+
+    def __init__(self, config: TransportConfig, fingerprint: str) -> None:
+        self._config, self._fingerprint = config, fingerprint
+        self._clients: dict[str, GrpcDecodeClient] = {}
+
+    async def push(self, request: PrefillRequest, prefix: Prefix) -> int:
+        payload = encode_prefix(
+            prefix,  # encoding cuts every leaf to the true length: no padding travels
+            fingerprint=self._fingerprint,
+            request_id=request.request_id,
+            lease_id=request.lease_id,
+            chunk_bytes=self._config.kv_chunk_bytes,
+        )
+        client = self._clients.get(request.decode_target)
+        if client is None:
+            client = GrpcDecodeClient(request.decode_target, self._config)
+            self._clients[request.decode_target] = client
+        await client.transfer_kv(payload.messages())
+        return payload.nbytes
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()

@@ -1,0 +1,124 @@
+"""Worker flags -> a frozen `WorkerConfig`: the one place a worker's flags are read.
+
+Ports and flag names are defined here once; the Helm chart's tests parse the chart's
+container args with these very parsers, so the chart and the code cannot drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+from collections.abc import Sequence
+
+from shared.config import ConfigError, EngineConfig
+from shared.transport.types import TransportConfig
+
+
+class Role(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+    COLOCATED = "colocated"
+
+
+# Default ports, one place for the code and the chart.
+DEFAULT_PORTS = {Role.PREFILL: 50061, Role.DECODE: 50062, Role.COLOCATED: 50063}
+DEFAULT_METRICS_PORTS = {Role.PREFILL: 9161, Role.DECODE: 9162, Role.COLOCATED: 9163}
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class WorkerConfig:
+    role: Role
+    model: str
+    quantize: str
+    host: str
+    port: int
+    metrics_port: int  # 0: pick a free port; -1: no /metrics
+    engine: EngineConfig
+    transport: TransportConfig
+    max_queue: int  # prefill requests waiting before RESOURCE_EXHAUSTED
+    max_kv_bytes: int  # largest KV payload a decode worker accepts
+    drain_grace_s: float  # SIGTERM: how long live work may run before it is cancelled
+    weights_seed: int  # presets only: the seed of their random weights
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port={self.port} must be in [0, 65535]")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port={self.metrics_port} must be in [-1, 65535]")
+        if self.max_queue <= 0:
+            raise ConfigError(f"--max-queue={self.max_queue} must be > 0")
+        if self.drain_grace_s < 0:
+            raise ConfigError(f"--drain-grace-s={self.drain_grace_s} must be >= 0")
+        if self.max_kv_bytes <= 0:
+            raise ConfigError(f"--max-kv-mib must be > 0 (got {self.max_kv_bytes} bytes)")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def worker_parser(role: Role | None) -> argparse.ArgumentParser:
+    """The flags of `pdserve prefill|decode|worker`; `role` None adds `--role`."""
+    prog = "pdserve worker" if role is None else f"pdserve {role.value}"
+    p = argparse.ArgumentParser(prog=prog)
+    if role is None:
+        p.add_argument("--role", choices=[r.value for r in Role], required=True)
+    p.add_argument("--model", default="tiny", help="preset name, `convert` checkpoint or HF dir")
+    p.add_argument("--quantize", choices=["none", "int8"], default="none")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind")
+    p.add_argument("--port", type=int, help="gRPC port (default: per role)")
+    p.add_argument("--metrics-port", type=int, help="/metrics port (0: any free; -1: none)")
+    p.add_argument("--slots", type=int, default=8, help="decode slots")
+    p.add_argument("--prefill-buckets", type=_int_list, default=(16, 32, 64, 128))
+    p.add_argument("--max-seq-len", type=int, default=256, help="prompt + generated tokens")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--max-queue", type=int, default=64, help="prefill queue bound")
+    p.add_argument("--max-kv-mib", type=float, default=1024.0, help="largest KV accepted")
+    p.add_argument("--max-message-mib", type=float, default=8.0, help="gRPC message limit")
+    p.add_argument("--kv-chunk-kib", type=int, default=1024, help="KV chunk size")
+    p.add_argument("--rpc-timeout-s", type=float, default=10.0)
+    p.add_argument("--transfer-timeout-s", type=float, default=60.0)
+    p.add_argument("--drain-grace-s", type=float, default=30.0)
+    p.add_argument("--weights-seed", type=int, default=0)
+    return p
+
+
+def parse_worker_args(argv: Sequence[str], role: Role | None) -> WorkerConfig:
+    """Flags -> WorkerConfig; ConfigError (or SystemExit from argparse) on bad values."""
+    args = worker_parser(role).parse_args(list(argv))
+    role = role or Role(args.role)
+    try:
+        transport = TransportConfig(
+            max_message_bytes=int(args.max_message_mib * 2**20),
+            kv_chunk_bytes=args.kv_chunk_kib * 1024,
+            rpc_timeout_s=args.rpc_timeout_s,
+            transfer_timeout_s=args.transfer_timeout_s,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return WorkerConfig(
+        role=role,
+        model=args.model,
+        quantize=args.quantize,
+        host=args.host,
+        port=DEFAULT_PORTS[role] if args.port is None else args.port,
+        metrics_port=DEFAULT_METRICS_PORTS[role]
+        if args.metrics_port is None
+        else args.metrics_port,
+        engine=EngineConfig(args.slots, args.prefill_buckets, args.max_seq_len, args.dtype),
+        transport=transport,
+        max_queue=args.max_queue,
+        max_kv_bytes=int(args.max_kv_mib * 2**20),
+        drain_grace_s=args.drain_grace_s,
+        weights_seed=args.weights_seed,
+    )

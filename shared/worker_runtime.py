@@ -1,0 +1,157 @@
+"""What every worker process does around its role: load, warm up, serve, drain.
+
+1. Load the model (`--model`) and build the engine; any bad checkpoint fails here, before
+   the server exists, so the process never reports healthy with bad weights.
+2. Warm up: compile every prefill bucket and/or the decode step and insert shapes, so the
+   first real request pays no compile.
+3. Serve the role's gRPC services (+ health + reflection) and `/metrics`; print one
+   "serving" line with the bound ports (tests and `pdserve serve` read it).
+4. On SIGTERM/SIGINT: health goes NOT_SERVING, the role's `drain` stops new work and lets
+   live work finish within `--drain-grace-s`, then the server stops and the process exits 0.
+   If an engine thread dies, health goes NOT_SERVING at once and the death is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+from prometheus_client import CollectorRegistry
+
+from shared.checkpoint import load_model
+from shared.engine import Engine, Params, Prefix
+from shared.metrics import MetricsServer
+from shared.sampling import SamplingParams
+from shared.transport.server import RunningServer, Service, start_server
+from shared.worker_config import WorkerConfig
+
+log = logging.getLogger("pdserve.worker")
+
+
+def progress(message: str) -> None:
+    """Startup progress on stderr, so a starting worker is never silent."""
+    print(f"[pdserve] {message}", file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass(slots=True)
+class ModelRuntime:
+    engine: Engine
+    params: Params
+    fingerprint: str  # architecture + weights identity: the KV wire format's model check
+    tokenizer_path: Path | None
+
+
+def load_runtime(config: WorkerConfig) -> ModelRuntime:
+    progress(f"{config.role.value}: loading model {config.model!r}")
+    start = time.perf_counter()
+    quantize = None if config.quantize == "none" else config.quantize
+    loaded = load_model(
+        config.model, engine_config=config.engine, quantize=quantize, seed=config.weights_seed
+    )
+    engine = Engine(loaded.model_config, config.engine)
+    progress(f"{config.role.value}: loaded in {time.perf_counter() - start:.1f}s")
+    fingerprint = f"{loaded.model_config.fingerprint()}-{loaded.weights_id}"
+    return ModelRuntime(engine, loaded.params, fingerprint, loaded.tokenizer_path)
+
+
+def warm_up(runtime: ModelRuntime, *, prefill: bool, decode: bool) -> None:
+    """Compile what serving will run: every prefill bucket; the decode step, release, and
+    bulk_insert for every power-of-two batch and every insert length."""
+    engine, params = runtime.engine, runtime.params
+    start = time.perf_counter()
+    if prefill:
+        for bucket in engine.config.prefill_buckets:
+            progress(f"compiling prefill bucket {bucket}")
+            engine.prefill(params, np.zeros(bucket, np.int32))
+    if decode:
+        progress("compiling the decode step and inserts")
+        state = engine.init_decode_state()
+        lengths = (*engine.config.prefill_buckets, engine.config.max_seq_len - 1)
+        count = 1
+        while count <= engine.config.max_slots:
+            for length in lengths:
+                fake = _zero_prefix(engine, length)
+                state = engine.bulk_insert([fake] * count, state, np.arange(count, dtype=np.int32))
+            count *= 2
+        state, tokens = engine.generate(params, state)
+        state = engine.release(state, 0)
+        jax.block_until_ready((state, tokens))
+    progress(f"compiled in {time.perf_counter() - start:.1f}s")
+
+
+def _zero_prefix(engine: Engine, length: int) -> Prefix:
+    cache = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), engine.abstract_prefix_cache(length))
+    return Prefix(cache, length, 0, SamplingParams())
+
+
+Drain = Callable[[float], Awaitable[None]]
+
+
+class WorkerServer:
+    """Runs one worker's gRPC server and `/metrics` until a signal or a fatal error."""
+
+    def __init__(self, config: WorkerConfig, registry: CollectorRegistry) -> None:
+        self.config = config
+        self.registry = registry
+        self._stop = asyncio.Event()
+        self._server: RunningServer | None = None
+        self.fatal_error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def fatal(self, error: BaseException) -> None:
+        """An engine thread died (called from that thread): NOT_SERVING, loudly."""
+        log.critical("engine thread died; this worker is NOT_SERVING: %r", error)
+        self.fatal_error = error
+        if self._loop is not None and self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.set_serving(False), self._loop)
+
+    async def serve(self, services: Sequence[Service], drain: Drain) -> int:
+        self._loop = asyncio.get_running_loop()
+        metrics = None
+        if self.config.metrics_port >= 0:
+            metrics = MetricsServer(self.registry, self.config.metrics_port, self.config.host)
+        self._server = await start_server(self.config.address, services, self.config.transport)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._loop.add_signal_handler(sig, self._stop.set)
+        metrics_port = metrics.port if metrics else -1
+        print(
+            f"pdserve {self.config.role.value} serving on {self.config.host}:"
+            f"{self._server.port} metrics_port={metrics_port}",
+            flush=True,
+        )
+        await self._stop.wait()
+        progress(f"{self.config.role.value}: draining (grace {self.config.drain_grace_s}s)")
+        await self._server.set_serving(False)
+        await drain(self.config.drain_grace_s)
+        await self._server.stop(grace=1.0)
+        if metrics:
+            metrics.stop()
+        progress(f"{self.config.role.value}: stopped")
+        return 0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float, poll: float = 0.02) -> bool:
+    """Poll `condition` until true or `timeout`; True if it became true."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(poll)
+    return True
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
