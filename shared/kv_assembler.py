@@ -108,12 +108,12 @@ class KvAssembler:
     def finish(self) -> Prefix:
         """The stream ended: the prefix if the trailer was accepted, else TRUNCATED."""
         if self.state is not AssemblyState.COMPLETE:
-            got = self.received_bytes
+            state, got = self.state, self.received_bytes
             total = self.manifest.total_bytes if self.manifest is not None else "?"
             self.release()
             raise KvError(
                 KvRejection.TRUNCATED,
-                f"stream ended in state {self.state.name} after {got} of {total} bytes",
+                f"stream ended in state {state.name} after {got} of {total} bytes",
             )
         return self._prefix()
 

@@ -27,6 +27,22 @@ from shared.transport.types import (
 KvStream = Iterable[kv_pb2.KvTransfer] | AsyncIterable[kv_pb2.KvTransfer]
 
 
+async def as_async_iterator(messages: KvStream) -> AsyncIterator[kv_pb2.KvTransfer]:
+    """Either kind of KV stream as one async iterator; closing it closes the source."""
+    if isinstance(messages, Iterable):
+        iterator = iter(messages)
+        try:
+            for message in iterator:
+                yield message
+        finally:
+            close = getattr(iterator, "close", None)  # a generator: run its cleanup now
+            if close is not None:
+                close()
+    else:
+        async for message in messages:
+            yield message
+
+
 class DecodeClient(Protocol):
     """Calls on one decode worker; used by the orchestrator and by prefill workers."""
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Coroutine
 from typing import Any, TypeVar
 
 from shared.rpc.pdserve.v1 import kv_pb2
-from shared.transport.base import DecodeHandler, KvStream, PrefillHandler
+from shared.transport.base import DecodeHandler, KvStream, PrefillHandler, as_async_iterator
 from shared.transport.errors import to_transport_error
 from shared.transport.types import (
     KvReceipt,
@@ -50,21 +50,6 @@ class FaultPlan:
     disconnect_after: int | None = None  # the connection breaks after this many messages
 
 
-async def _aiter(messages: KvStream) -> AsyncIterator[kv_pb2.KvTransfer]:
-    if isinstance(messages, Iterable):
-        iterator = iter(messages)
-        try:
-            for message in iterator:
-                yield message
-        finally:
-            close = getattr(iterator, "close", None)  # a generator: run its cleanup now
-            if close is not None:
-                close()
-    else:
-        async for message in messages:
-            yield message
-
-
 def _corrupted(message: kv_pb2.KvTransfer) -> kv_pb2.KvTransfer:
     chunk = message.chunk
     data = bytearray(chunk.data)
@@ -79,7 +64,7 @@ async def apply_faults(messages: KvStream, plan: FaultPlan) -> AsyncIterator[kv_
     """The stream as a faulty network would deliver it (all but `disconnect_after`, which
     the transport itself acts on). Usable in front of any transport."""
     held: kv_pb2.KvTransfer | None = None  # the chunk being reordered
-    async for message in _aiter(messages):
+    async for message in as_async_iterator(messages):
         if message.WhichOneof("message") != "chunk":
             if held is not None:
                 yield held
@@ -215,22 +200,22 @@ class FakeDecodeClient(_FakeClient):
 
         task = server.start(pump())
         try:
-            while True:
-                if not queue.empty():
-                    batch = queue.get_nowait()
-                    yield batch
-                    if batch.finish is not None:
-                        return
-                elif task.done():
-                    server.outcome(task)  # raises the handler's failure, if any
+            while not task.done():
+                getter = asyncio.ensure_future(queue.get())
+                await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                batch = getter.result()
+                yield batch
+                if batch.finish is not None:
                     return
-                else:
-                    getter = asyncio.ensure_future(queue.get())
-                    await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                    if getter.done():
-                        queue.put_nowait(getter.result())  # keep order: served above
-                    else:
-                        getter.cancel()
+            while not queue.empty():  # the handler ended: what it sent before, in order
+                batch = queue.get_nowait()
+                yield batch
+                if batch.finish is not None:
+                    return
+            server.outcome(task)  # raises the handler's failure, if any
         finally:
             task.cancel()
 

@@ -18,7 +18,7 @@ import grpc
 from shared.kv import KvRejection
 from shared.rpc.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from shared.transport import convert
-from shared.transport.base import KvStream
+from shared.transport.base import KvStream, as_async_iterator
 from shared.transport.errors import KV_REJECTION_KEY
 from shared.transport.types import (
     KvReceipt,
@@ -104,14 +104,28 @@ class GrpcDecodeClient(_Client):
             call.cancel()  # no-op once finished; ends the RPC when the caller stops early
 
     async def transfer_kv(self, messages: KvStream) -> KvReceipt:
-        call = self._stub.TransferKV(messages, timeout=self.config.transfer_timeout_s)
+        call = self._stub.TransferKV(timeout=self.config.transfer_timeout_s)
+        # We write the stream ourselves (not via a request iterator) so that when the call
+        # ends early (a rejection, a cancelled lease, a dead peer) the writer is cancelled
+        # and the source stream closed at once, even while it waits for its next message.
+        writer = asyncio.ensure_future(_write(call, messages))
+        answer = asyncio.ensure_future(_await_call(call))
         try:
-            return convert.receipt_from_proto(await call)
+            await asyncio.wait({writer, answer}, return_when=asyncio.FIRST_COMPLETED)
+            failure = _source_failure(writer)
+            if failure is not None:  # the sender's own stream broke: end the call
+                call.cancel()
+                raise failure
+            return convert.receipt_from_proto(await answer)
         except grpc.aio.AioRpcError as error:
             raise transport_error(error) from None
         except asyncio.CancelledError:
-            call.cancel()  # the sender gave up: the receiver's handler is cancelled too
+            call.cancel()  # the sender gave up: the receiver's handler ends too
             raise
+        finally:
+            for task in (writer, answer):
+                task.cancel()
+            await asyncio.gather(writer, answer, return_exceptions=True)
 
     async def cancel(self, lease_id: str) -> bool:
         request = worker_pb2.CancelLeaseRequest(lease_id=lease_id)
@@ -120,6 +134,31 @@ class GrpcDecodeClient(_Client):
     async def get_load(self) -> LoadReport:
         reply = await self._unary(self._stub.GetLoad, worker_pb2.GetLoadRequest())
         return convert.load_from_proto(reply)
+
+
+async def _write(call: grpc.aio.StreamUnaryCall, messages: KvStream) -> None:
+    stream = as_async_iterator(messages)
+    try:
+        async for message in stream:
+            await call.write(message)
+        await call.done_writing()
+    finally:
+        await stream.aclose()
+
+
+def _source_failure(writer: asyncio.Future) -> BaseException | None:
+    """The writer's failure if it came from the source stream, not from the call (a write
+    to a call that already ended fails too; the call's own status says why)."""
+    if not writer.done() or writer.cancelled():
+        return None
+    error = writer.exception()
+    if error is None or isinstance(error, grpc.aio.AioRpcError | asyncio.InvalidStateError):
+        return None
+    return error
+
+
+async def _await_call(call: grpc.aio.StreamUnaryCall) -> Any:
+    return await call
 
 
 class GrpcPrefillClient(_Client):
