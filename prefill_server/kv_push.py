@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from shared.engine import Prefix
 from shared.kv import encode_prefix
+from shared.transport.base import DecodeClient
 from shared.transport.grpc_transport import GrpcDecodeClient
 from shared.transport.types import PrefillRequest, TransportConfig
 
+Connect = Callable[[str], DecodeClient]
+
 
 class RemoteKvSink:
-    """`KvSink` over gRPC; one channel per decode worker, reused across requests."""
+    """`KvSink` to another process; one client per decode worker, reused across requests.
+    `connect` makes a client for an address (gRPC by default; tests pass the fake's)."""
 
-    def __init__(self, config: TransportConfig, fingerprint: str) -> None:
+    def __init__(
+        self, config: TransportConfig, fingerprint: str, connect: Connect | None = None
+    ) -> None:
         self._config, self._fingerprint = config, fingerprint
-        self._clients: dict[str, GrpcDecodeClient] = {}
+        self._connect = connect or (lambda address: GrpcDecodeClient(address, config))
+        self._clients: dict[str, DecodeClient] = {}
 
     async def push(self, request: PrefillRequest, prefix: Prefix) -> int:
         payload = encode_prefix(
@@ -25,7 +34,7 @@ class RemoteKvSink:
         )
         client = self._clients.get(request.decode_target)
         if client is None:
-            client = GrpcDecodeClient(request.decode_target, self._config)
+            client = self._connect(request.decode_target)
             self._clients[request.decode_target] = client
         await client.transfer_kv(payload.messages())
         return payload.nbytes

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from shared.checkpoint import load_model
+from shared.checkpoint import LoadedModel, load_model
 from shared.engine import Engine, Params, Prefix
 from shared.metrics import MetricsServer
 from shared.sampling import SamplingParams
@@ -58,8 +58,12 @@ def load_runtime(config: WorkerConfig) -> ModelRuntime:
     )
     engine = Engine(loaded.model_config, config.engine)
     progress(f"{config.role.value}: loaded in {time.perf_counter() - start:.1f}s")
-    fingerprint = f"{loaded.model_config.fingerprint()}-{loaded.weights_id}"
-    return ModelRuntime(engine, loaded.params, fingerprint, loaded.tokenizer_path)
+    return ModelRuntime(engine, loaded.params, model_fingerprint(loaded), loaded.tokenizer_path)
+
+
+def model_fingerprint(loaded: LoadedModel) -> str:
+    """Architecture + weights identity: what the KV wire format's model check compares."""
+    return f"{loaded.model_config.fingerprint()}-{loaded.weights_id}"
 
 
 def warm_up(runtime: ModelRuntime, *, prefill: bool, decode: bool) -> None:

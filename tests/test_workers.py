@@ -1,0 +1,335 @@
+"""Prefill and decode workers, over real processes on loopback and over the fake transport.
+
+Every test body runs twice: against `pdserve prefill` + `pdserve decode` processes talking
+gRPC, and against the same assemblies in this process behind the in-process fake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Awaitable, Callable
+
+import jax
+import numpy as np
+import pytest
+
+from shared.checkpoint import load_model
+from shared.config import EngineConfig
+from shared.engine import Engine, Params
+from shared.kv import encode_prefix
+from shared.sampling import SamplingParams
+from shared.transport.types import (
+    DecodeFinish,
+    GenerationLimits,
+    PrefillRequest,
+    ReserveRequest,
+    StatusCode,
+    TransportError,
+)
+from shared.worker_runtime import model_fingerprint
+from tests.worker_harness import (
+    TRANSPORT,
+    InProcessWorkers,
+    ProcessWorkers,
+    collect,
+    generate,
+    spawn_worker,
+    stop_worker,
+)
+
+KINDS = ["process", "fake"]
+Body = Callable[[object], Awaitable[None]]
+
+
+@pytest.fixture(scope="session")
+def tiny_fingerprint(engine_config: EngineConfig) -> str:
+    return model_fingerprint(load_model("tiny", engine_config=engine_config, seed=0))
+
+
+@pytest.fixture(scope="module")
+def process_workers():
+    workers = ProcessWorkers()
+    yield workers
+    workers.close()
+
+
+@pytest.fixture
+def run(request: pytest.FixtureRequest, engine: Engine, params: Params, tiny_fingerprint: str):
+    """run(kind, body): await body(workers) with workers of that kind."""
+
+    def runner(kind: str, body: Body) -> None:
+        if kind == "process":
+            asyncio.run(body(request.getfixturevalue("process_workers")))
+            return
+
+        async def in_process() -> None:
+            workers = InProcessWorkers(engine, params, tiny_fingerprint)
+            try:
+                await body(workers)
+            finally:
+                await workers.close()
+
+        asyncio.run(in_process())
+
+    return runner
+
+
+def reference(engine: Engine, params: Params, prompt: list[int], n: int) -> list[int]:
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(np.argmax(engine.reference_logits(params, seq)[-1])))
+    return seq[len(prompt) :]
+
+
+async def wait_all_free(decode, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        load = await decode.get_load()
+        if load.free_slots == load.total_slots:
+            return
+        assert time.monotonic() < deadline, f"slots still busy: {load}"
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_tokens_equal_single_engine_reference(run, kind, engine, params):
+    prompt = [256, 72, 101, 108, 108, 111, 44, 32, 119]
+    expected = reference(engine, params, prompt, 12)
+
+    async def body(workers) -> None:
+        tokens, batches = await generate(
+            workers.decode_client(), workers.prefill_client(), workers.decode_address, prompt, 12
+        )
+        assert tokens == expected
+        assert batches[-1].finish is DecodeFinish.LENGTH
+
+    run(kind, body)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sixteen_concurrent_requests_complete_exactly(run, kind, engine, params):
+    rng = np.random.default_rng(16)
+    cases = [
+        (rng.integers(0, 256, int(rng.integers(1, 33))).tolist(), int(rng.integers(1, 20)))
+        for _ in range(16)
+    ]
+    expected = [reference(engine, params, p, n) for p, n in cases]
+
+    async def body(workers) -> None:
+        decode, prefill = workers.decode_client(), workers.prefill_client()
+        results = await asyncio.gather(*(
+            generate(decode, prefill, workers.decode_address, p, n, request_id=f"r{i}")
+            for i, (p, n) in enumerate(cases)
+        ))  # fmt: skip
+        for i, (tokens, _) in enumerate(results):
+            assert tokens == expected[i], f"request {i}"
+        await wait_all_free(decode)
+
+    run(kind, body)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cancel_mid_stream_frees_the_slot_within_a_step(run, kind):
+    async def body(workers) -> None:
+        decode, prefill = workers.decode_client(), workers.prefill_client()
+        limits = GenerationLimits(60, stop_on_eos=False)
+        lease = await decode.reserve(ReserveRequest("c", 3, limits, ttl_seconds=30))
+        stream = decode.stream_tokens(lease.lease_id)
+        await prefill.prefill(
+            PrefillRequest("c", (1, 2, 3), SamplingParams(), workers.decode_address, lease.lease_id)
+        )
+        await anext(stream)  # decoding is under way
+        assert await decode.cancel(lease.lease_id)
+        rest = await collect(stream)
+        assert rest[-1].finish is DecodeFinish.CANCELLED
+        # Between the cancel and the final message at most one more step ran.
+        assert sum(len(b.token_ids) for b in rest) <= 1
+        assert sum(len(b.token_ids) for b in rest) + 2 < 60
+        await wait_all_free(decode, timeout=2.0)
+        assert not await decode.cancel(lease.lease_id)  # idempotent: already over
+
+    run(kind, body)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lease_expiry_frees_a_slot_that_never_got_its_kv(run, kind):
+    async def body(workers) -> None:
+        decode = workers.decode_client()
+        lease = await decode.reserve(ReserveRequest("x", 4, GenerationLimits(4), ttl_seconds=0.3))
+        batches = await asyncio.wait_for(collect(decode.stream_tokens(lease.lease_id)), 10)
+        assert batches[-1].finish is DecodeFinish.LEASE_EXPIRED
+        await wait_all_free(decode, timeout=2.0)
+
+    run(kind, body)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("fault", ["wrong_model", "corrupt_chunk"])
+def test_bad_kv_is_rejected_slot_freed_server_keeps_serving(
+    run, kind, fault, engine, params, tiny_fingerprint
+):
+    prompt = [5, 6, 7, 8, 9]
+    prefix = engine.prefill(params, prompt)
+    expected = reference(engine, params, prompt, 5)
+
+    async def body(workers) -> None:
+        decode, prefill = workers.decode_client(), workers.prefill_client()
+        lease = await decode.reserve(ReserveRequest("bad", 5, GenerationLimits(5), 30))
+        stream = asyncio.create_task(collect(decode.stream_tokens(lease.lease_id)))
+        fingerprint = "some-other-model" if fault == "wrong_model" else tiny_fingerprint
+        payload = encode_prefix(prefix, fingerprint=fingerprint, request_id="bad",
+                                lease_id=lease.lease_id, chunk_bytes=4096)  # fmt: skip
+        messages = list(payload.messages())
+        if fault == "corrupt_chunk":
+            data = bytearray(messages[2].chunk.data)
+            data[7] ^= 0xFF
+            messages[2].chunk.data = bytes(data)
+        with pytest.raises(TransportError) as err:
+            await decode.transfer_kv(messages)
+        assert err.value.code in (
+            (StatusCode.FAILED_PRECONDITION,) if fault == "wrong_model" else (StatusCode.DATA_LOSS,)
+        )
+        batches = await asyncio.wait_for(stream, 10)
+        assert batches[-1].finish is DecodeFinish.ERROR
+        assert "KV rejected" in batches[-1].detail
+        await wait_all_free(decode, timeout=2.0)
+        tokens, _ = await generate(decode, prefill, workers.decode_address, prompt, 5)
+        assert tokens == expected
+
+    run(kind, body)
+
+
+def test_prefill_reports_a_killed_decode_process_and_keeps_serving(
+    process_workers: ProcessWorkers, engine, params
+):
+    """kill -9 of the decode process while the prefill worker pushes KV to it."""
+    doomed = spawn_worker("decode")
+    prompt = [9, 8, 7, 6]
+    expected = reference(engine, params, prompt, 6)
+
+    async def body() -> None:
+        victim = process_workers.decode_client(doomed.address)
+        prefill = process_workers.prefill_client()
+        lease = await victim.reserve(ReserveRequest("k", 4, GenerationLimits(6), 30))
+        doomed.signal(signal.SIGSTOP)  # frozen: the push cannot complete
+        push = asyncio.create_task(prefill.prefill(
+            PrefillRequest("k", tuple(prompt), SamplingParams(), doomed.address, lease.lease_id)
+        ))  # fmt: skip
+        await asyncio.sleep(0.5)
+        assert not push.done()
+        # The prefill queue keeps moving while that push hangs.
+        tokens, _ = await generate(
+            process_workers.decode_client(), prefill, process_workers.decode_address, prompt, 6
+        )
+        assert tokens == expected
+        doomed.signal(signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(TransportError) as err:
+            await asyncio.wait_for(push, 15)
+        assert err.value.code is StatusCode.UNAVAILABLE
+        assert time.monotonic() - start < 10
+        tokens, _ = await generate(
+            process_workers.decode_client(), prefill, process_workers.decode_address, prompt, 6
+        )
+        assert tokens == expected
+
+    try:
+        asyncio.run(body())
+    finally:
+        stop_worker(doomed)
+
+
+def test_prefill_reports_a_dead_decode_peer_in_process(engine, params, tiny_fingerprint):
+    """The fake-transport twin of the kill -9 test: the peer dies mid-transfer."""
+    from shared.transport.fake import FaultPlan
+
+    prompt = [9, 8, 7, 6]
+    expected = reference(engine, params, prompt, 6)
+
+    async def body() -> None:
+        workers = InProcessWorkers(engine, params, tiny_fingerprint)
+        doomed = InProcessWorkers(engine, params, tiny_fingerprint)
+        try:
+            workers.network.serve("doomed", doomed.decode.service)
+            stall = FaultPlan(delay_chunk=0, delay_seconds=30.0)
+            connect = workers.network.decode_client
+            workers.sink._connect = lambda a: connect(
+                a, TRANSPORT, stall if a == "doomed" else None
+            )
+            victim = workers.network.decode_client("doomed", TRANSPORT)
+            lease = await victim.reserve(ReserveRequest("k", 4, GenerationLimits(6), 30))
+            prefill = workers.prefill_client()
+            push = asyncio.create_task(prefill.prefill(
+                PrefillRequest("k", tuple(prompt), SamplingParams(), "doomed", lease.lease_id)
+            ))  # fmt: skip
+            await asyncio.sleep(0.3)
+            assert not push.done()
+            tokens, _ = await generate(
+                workers.decode_client(), prefill, workers.decode_address, prompt, 6
+            )
+            assert tokens == expected
+            await workers.network.kill("doomed")
+            with pytest.raises(TransportError) as err:
+                await asyncio.wait_for(push, 10)
+            assert err.value.code is StatusCode.UNAVAILABLE
+        finally:
+            await doomed.close()
+            await workers.close()
+
+    asyncio.run(body())
+
+
+def test_sigterm_drains_live_work_then_exits_zero(process_workers: ProcessWorkers, engine, params):
+    draining = spawn_worker("decode", "--drain-grace-s", "20")
+    prompt = [4, 4, 4]
+    expected = reference(engine, params, prompt, 30)
+
+    async def body() -> None:
+        decode = process_workers.decode_client(draining.address)
+        prefill = process_workers.prefill_client()
+        live = asyncio.create_task(generate(decode, prefill, draining.address, prompt, 30))
+        while (await decode.get_load()).live_requests == 0:
+            await asyncio.sleep(0.01)
+        draining.signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        with pytest.raises(TransportError) as err:  # no new work while draining
+            await decode.reserve(ReserveRequest("late", 3, GenerationLimits(3), 30))
+        assert err.value.code is StatusCode.UNAVAILABLE
+        tokens, batches = await asyncio.wait_for(live, 30)
+        assert tokens == expected  # the live request ran to its end
+        assert batches[-1].finish is DecodeFinish.LENGTH
+
+    try:
+        asyncio.run(body())
+        assert draining.wait(30) == 0
+    finally:
+        stop_worker(draining)
+    assert any("draining" in line for line in draining.output)
+
+
+def test_drain_cancels_what_outlives_the_grace_period(engine, params, tiny_fingerprint):
+    async def body() -> None:
+        workers = InProcessWorkers(engine, params, tiny_fingerprint)
+        decode, prefill = workers.decode_client(), workers.prefill_client()
+        lease = await decode.reserve(ReserveRequest("d", 3, GenerationLimits(60, (), False), 30))
+        stream = asyncio.create_task(collect(decode.stream_tokens(lease.lease_id)))
+        await prefill.prefill(
+            PrefillRequest("d", (1, 2, 3), SamplingParams(), workers.decode_address, lease.lease_id)
+        )
+        await workers.decode.drain(0.05)
+        batches = await asyncio.wait_for(stream, 10)
+        assert batches[-1].finish is DecodeFinish.CANCELLED
+        assert workers.decode.all_free()
+        workers.prefill_loop.stop()
+        assert not workers.fatal
+
+    asyncio.run(body())
+
+
+def test_params_of_processes_match_the_test_engine(engine, params, engine_config):
+    """The processes load `tiny` through load_model; the reference uses init_params."""
+    loaded = load_model("tiny", engine_config=engine_config, seed=0)
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
