@@ -161,7 +161,7 @@ class DecodeService:
 
     def reject_prefix(self, lease_id: str, error: KvError) -> None:
         """KvInbox's `reject`: the lease's KV failed; per the design its slot is freed."""
-        self._metrics.kv_rejections.labels(error.reason.name.lower()).inc()
+        self._metrics.kv_rejections.labels(error.reason.value).inc()
         self._loop.finish(lease_id, DecodeFinish.ERROR, f"KV rejected: {error}")
 
     async def cancel(self, lease_id: str) -> bool:

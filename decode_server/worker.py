@@ -9,7 +9,7 @@ from collections.abc import Callable
 from decode_server.loop import DecodeLoop
 from decode_server.service import DecodeService
 from decode_server.slots import SlotState, SlotTable
-from shared.kv import KvSpec
+from shared.kv import KvRejection, KvSpec
 from shared.kv_inbox import KvInbox
 from shared.metrics import WorkerMetrics
 from shared.transport.types import DecodeFinish
@@ -55,6 +55,10 @@ def build_decode_worker(
         metrics.slots.labels(old.value).dec()
         metrics.slots.labels(new.value).inc()
 
+    for state in SlotState:  # every series exists from the start, at zero
+        metrics.slots.labels(state.value).set(0)
+    for reason in KvRejection:
+        metrics.kv_rejections.labels(reason.value)
     metrics.slots.labels(SlotState.FREE.value).set(engine.config.max_slots)
     table = SlotTable(engine.config.max_slots, on_transition)
     service: DecodeService | None = None

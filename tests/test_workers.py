@@ -333,3 +333,71 @@ def test_params_of_processes_match_the_test_engine(engine, params, engine_config
     loaded = load_model("tiny", engine_config=engine_config, seed=0)
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def scrape(port: int) -> dict[str, float]:
+    """/metrics as {"name{label=value,...}": value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}"] = s.value
+    return samples
+
+
+def test_health_and_metrics_of_worker_processes(process_workers: ProcessWorkers):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    for worker in (process_workers.prefill, process_workers.decode):
+        with grpc.insecure_channel(worker.address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    decode_before = scrape(process_workers.decode.metrics_port)
+    prefill_before = scrape(process_workers.prefill.metrics_port)
+
+    async def body() -> None:
+        await generate(
+            process_workers.decode_client(), process_workers.prefill_client(),
+            process_workers.decode_address, [1, 2, 3, 4, 5], 6,
+        )  # fmt: skip
+
+    asyncio.run(body())
+    decode = scrape(process_workers.decode.metrics_port)
+    prefill = scrape(process_workers.prefill.metrics_port)
+
+    def moved(after: dict, before: dict, key: str) -> float:
+        return after[key] - before.get(key, 0.0)
+
+    assert (
+        moved(prefill, prefill_before, "pdserve_worker_requests_total{outcome=ok,role=prefill}")
+        == 1
+    )
+    assert moved(prefill, prefill_before, "pdserve_prefill_seconds_count{}") == 1
+    assert moved(prefill, prefill_before, "pdserve_kv_send_seconds_count{}") == 1
+    assert moved(prefill, prefill_before, "pdserve_kv_sent_bytes_total{}") > 0
+    assert "pdserve_prefill_queue_depth{}" in prefill
+    assert moved(decode, decode_before, "pdserve_kv_received_bytes_total{}") == moved(
+        prefill, prefill_before, "pdserve_kv_sent_bytes_total{}"
+    )
+    assert moved(decode, decode_before, "pdserve_kv_receive_seconds_count{}") == 1
+    assert (
+        moved(decode, decode_before, "pdserve_worker_requests_total{outcome=length,role=decode}")
+        == 1
+    )
+    assert (
+        moved(decode, decode_before, "pdserve_tokens_generated_total{}") == 5
+    )  # first is prefill's
+    assert moved(decode, decode_before, "pdserve_decode_step_seconds_count{}") >= 5
+    assert moved(decode, decode_before, "pdserve_decode_batch_occupancy_count{}") >= 5
+    assert decode["pdserve_decode_slots{state=free}"] == 4
+    reserved = "pdserve_decode_slot_transitions_total{from_state=free,to_state=reserved}"
+    assert moved(decode, decode_before, reserved) == 1
+    for reason in ("checksum", "fingerprint", "too_large", "truncated"):
+        assert f"pdserve_kv_rejections_total{{reason={reason}}}" in decode
