@@ -188,8 +188,10 @@ class KvPayload:
             data = bytes(view[offset : offset + step])  # protobuf `bytes` fields take bytes only
             crc = zlib.crc32(data)
             digest.update(index, len(data), crc)
-            chunk = kv_pb2.KvChunk(index=index, offset=offset, data=data, crc32=crc)
-            yield kv_pb2.KvTransfer(chunk=chunk)
+            message = kv_pb2.KvTransfer()  # fields set in place: KvTransfer(chunk=...) copies
+            chunk = message.chunk
+            chunk.index, chunk.offset, chunk.data, chunk.crc32 = index, offset, data, crc
+            yield message
         trailer = kv_pb2.KvTrailer(
             chunk_count=self.manifest.chunk_count, payload_digest=digest.digest()
         )
