@@ -8,7 +8,13 @@ from collections.abc import Callable
 import jax
 import numpy as np
 import pytest
-from kv_fixtures import (
+
+from shared.engine import Engine, Params, Prefix
+from shared.kv import KvError, KvPayload, KvRejection, KvSpec, encode_prefix, flatten_cache
+from shared.kv_assembler import AssemblyState, KvAssembler, decode_messages
+from shared.rpc.pdserve.v1 import kv_pb2
+from shared.sampling import SamplingParams
+from tests.kv_fixtures import (
     CHUNK,
     FINGERPRINT,
     TRUE_LENGTH,
@@ -16,12 +22,6 @@ from kv_fixtures import (
     synthetic_prefix,
     synthetic_spec,
 )
-
-from shared.engine import Engine, Params, Prefix
-from shared.kv import KvError, KvPayload, KvRejection, KvSpec, encode_prefix, flatten_cache
-from shared.kv_assembler import AssemblyState, KvAssembler, decode_messages
-from shared.rpc.pdserve.v1 import kv_pb2
-from shared.sampling import SamplingParams
 
 
 def _encode(

@@ -20,10 +20,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # kv_fixtures, when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.`, run as a script
 
 import pytest
-from kv_fixtures import CHUNK, FINGERPRINT, synthetic_prefix, synthetic_spec
 
 from shared.engine import Prefix
 from shared.kv import KvError, KvPayload, KvRejection, KvSpec, encode_prefix
@@ -49,6 +48,7 @@ from shared.transport.types import (
     TransportConfig,
     TransportError,
 )
+from tests.kv_fixtures import CHUNK, FINGERPRINT, synthetic_prefix, synthetic_spec
 
 CONFIG = TransportConfig(
     max_message_bytes=64 << 10, kv_chunk_bytes=CHUNK, rpc_timeout_s=5, transfer_timeout_s=10

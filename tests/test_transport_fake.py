@@ -7,11 +7,10 @@ import asyncio
 import dataclasses
 import time
 
-from kv_fixtures import synthetic_prefix, synthetic_spec
-from test_transport_contract import CONFIG, InboxDecodeHandler, encode, reserve_request
-
 from shared.transport.fake import FakeNetwork, FaultPlan
 from shared.transport.types import StatusCode, TransportError
+from tests.kv_fixtures import synthetic_prefix, synthetic_spec
+from tests.test_transport_contract import CONFIG, InboxDecodeHandler, encode, reserve_request
 
 
 def _setup(faults: FaultPlan, **config: float) -> tuple[InboxDecodeHandler, object]:
