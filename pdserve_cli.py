@@ -18,6 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prefill": ("prefill_server.main:main", "run a prefill worker"),
     "decode": ("decode_server.main:main", "run a decode worker"),
     "worker": ("", "run a worker: --role prefill|decode|colocated"),
+    "orchestrator": ("orchestrator.main:main", "run the orchestrator (public Generate API)"),
+    "generate": ("shared.client_cli:main", "stream a completion from an orchestrator"),
 }
 
 # `pdserve worker --role R ...` is `pdserve R ...` (colocated has no subcommand of its own).

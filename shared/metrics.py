@@ -116,3 +116,71 @@ class MetricsServer:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+class OrchestratorMetrics:
+    """Metrics of the orchestrator: what frontends see."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.ttft_seconds = Histogram(
+            "pdserve_time_to_first_token_seconds",
+            "From the request's arrival to its first token.",
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.tpot_seconds = Histogram(
+            "pdserve_time_per_output_token_seconds",
+            "Mean time per generated token after the first, per request.",
+            buckets=TOKEN_SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.e2e_seconds = Histogram(
+            "pdserve_e2e_request_latency_seconds",
+            "From the request's arrival to its last response.",
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.queue_seconds = Histogram(
+            "pdserve_request_queue_seconds",
+            "Time a request waited in the admission queue for a decode slot.",
+            buckets=SECONDS_BUCKETS,
+            registry=registry,
+        )
+        self.requests = Counter(
+            "pdserve_requests",
+            "Finished Generate calls by finish reason and gRPC status code.",
+            ["finish_reason", "code"],
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "pdserve_prompt_tokens", "Prompt tokens of admitted requests.", registry=registry
+        )
+        self.generated_tokens = Counter(
+            "pdserve_generation_tokens", "Tokens streamed to frontends.", registry=registry
+        )
+        self.queue_depth = Gauge(
+            "pdserve_queue_depth", "Requests waiting for a decode slot.", registry=registry
+        )
+        self.workers_up = Gauge(
+            "pdserve_workers_up", "Healthy workers by role.", ["role"], registry=registry
+        )
+        self.decode_slots_in_use = Gauge(
+            "pdserve_decode_slots_in_use",
+            "Decode slots held, summed over healthy decode workers (last load reports).",
+            registry=registry,
+        )
+        self.decode_slots_total = Gauge(
+            "pdserve_decode_slots_total",
+            "Decode slots of healthy decode workers.",
+            registry=registry,
+        )
+        self.retries = Counter(
+            "pdserve_retries",
+            "Work moved to another worker after a failure, by stage.",
+            ["stage"],
+            registry=registry,
+        )
+        for role in ("prefill", "decode"):
+            self.workers_up.labels(role).set(0)
+        for stage in ("prefill", "decode_resume"):
+            self.retries.labels(stage)

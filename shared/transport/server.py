@@ -76,10 +76,13 @@ class RunningServer:
 
 
 async def start_server(
-    address: str, services: Sequence[Service], config: TransportConfig
+    address: str,
+    services: Sequence[Service],
+    config: TransportConfig,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> RunningServer:
     """Serve `services` on `address` ("127.0.0.1:0" picks a free port), healthy at once."""
-    server = grpc.aio.server(options=server_options(config))
+    server = grpc.aio.server(options=server_options(config), interceptors=list(interceptors))
     for service in services:
         service.register(server)
     health_servicer = health.aio.HealthServicer()

@@ -1,0 +1,155 @@
+"""The admission queue: requests wait here, in arrival order, for a decode slot.
+
+Invariant: no prefill starts before its request holds a decode lease, so KV never waits
+without a home. The queue is bounded (full: `QueueFullError` -> RESOURCE_EXHAUSTED with
+the depth); one dispatcher task places the head of the queue on the decode worker the
+policy ranks first, and waits for capacity (a release, a load report) when none has room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+
+from orchestrator.policy import PlacementPolicy
+from orchestrator.registry import Worker, WorkerRegistry, WorkerRole
+from shared.metrics import OrchestratorMetrics
+from shared.transport.types import Lease, ReserveRequest, StatusCode, TransportError
+
+log = logging.getLogger(__name__)
+
+IDLE_RECHECK_S = 0.25  # re-rank even without an event (another replica freed slots)
+
+
+class QueueFullError(Exception):
+    def __init__(self, depth: int) -> None:
+        super().__init__(
+            f"admission queue is full ({depth} requests waiting for a decode slot); retry later"
+        )
+        self.depth = depth
+
+
+class NoWorkersError(Exception):
+    """No healthy worker of a role is left."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Waiter:
+    request: ReserveRequest
+    future: asyncio.Future[tuple[Worker, Lease]]
+
+
+class SlotBroker:
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        policy: PlacementPolicy,
+        metrics: OrchestratorMetrics,
+        max_queue: int,
+    ) -> None:
+        self._registry, self._policy, self._metrics = registry, policy, metrics
+        self._max_queue = max_queue
+        self._waiting: collections.deque[_Waiter] = collections.deque()
+        self._kick = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._dispatch())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def acquire(self, request: ReserveRequest) -> tuple[Worker, Lease]:
+        """Wait in line for a lease. Cancelling the caller leaves the line (and releases a
+        lease that was granted at that very moment)."""
+        if len(self._waiting) >= self._max_queue:
+            raise QueueFullError(len(self._waiting))
+        waiter = _Waiter(request, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiter)
+        self._metrics.queue_depth.set(len(self._waiting))
+        self._kick.set()
+        try:
+            return await waiter.future
+        except asyncio.CancelledError:
+            if waiter.future.done() and not waiter.future.cancelled():
+                worker, lease = waiter.future.result()
+                asyncio.get_running_loop().create_task(self._give_back(worker, lease))
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(waiter)
+            self._metrics.queue_depth.set(len(self._waiting))
+
+    def release(self, worker: Worker) -> None:
+        """A lease on `worker` ended (its request finished or moved)."""
+        worker.leases = max(0, worker.leases - 1)
+        self._kick.set()
+
+    async def _give_back(self, worker: Worker, lease: Lease) -> None:
+        with contextlib.suppress(TransportError):
+            await worker.decode.cancel(lease.lease_id)
+        self.release(worker)
+
+    # The dispatcher ------------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wait_event(), IDLE_RECHECK_S)
+            self._kick.clear()
+            self._registry.changed.clear()
+            while self._waiting:
+                head = self._waiting[0]
+                if head.future.done():
+                    self._waiting.popleft()
+                    continue
+                try:
+                    placed = await self._place(head.request)
+                except (TransportError, NoWorkersError) as err:
+                    if not head.future.done():
+                        head.future.set_exception(err)
+                    continue
+                if placed is None:
+                    break  # no room anywhere: wait for a release or a load report
+                if head.future.done():  # the caller left while we reserved
+                    await self._give_back(*placed)
+                else:
+                    head.future.set_result(placed)
+
+    async def _wait_event(self) -> None:
+        kick = asyncio.ensure_future(self._kick.wait())
+        changed = asyncio.ensure_future(self._registry.changed.wait())
+        try:
+            await asyncio.wait({kick, changed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            kick.cancel()
+            changed.cancel()
+
+    async def _place(self, request: ReserveRequest) -> tuple[Worker, Lease] | None:
+        """Reserve on the best decode worker with room; None when none has room."""
+        candidates = self._registry.up(WorkerRole.DECODE)
+        if not candidates:
+            raise NoWorkersError("no healthy decode worker is left")
+        for worker in self._policy.rank_decode(candidates):
+            worker.leases += 1
+            try:
+                return worker, await worker.decode.reserve(request)
+            except TransportError as err:
+                worker.leases -= 1
+                if err.code is StatusCode.RESOURCE_EXHAUSTED:
+                    worker.mark_full()
+                elif err.code in (StatusCode.INVALID_ARGUMENT, StatusCode.FAILED_PRECONDITION):
+                    raise  # this request cannot fit any slot of this shape
+                else:
+                    self._registry.eject(worker, f"Reserve failed: {err}")
+        return None

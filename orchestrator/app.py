@@ -1,0 +1,60 @@
+"""Assembles an orchestrator from its config; `main` serves it, tests build it in-process."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from prometheus_client import CollectorRegistry
+
+from orchestrator.admission import SlotBroker
+from orchestrator.flow import FlowSettings, GenerateFlow
+from orchestrator.frontend import Frontend, FrontendLimits
+from orchestrator.policy import LeastLoadedPolicy, PlacementPolicy
+from orchestrator.registry import Connector, Sources, WorkerRegistry
+from shared.config import ModelConfig
+from shared.metrics import OrchestratorMetrics
+from shared.orchestrator_config import OrchestratorConfig
+from shared.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(slots=True)
+class Orchestrator:
+    registry: WorkerRegistry
+    broker: SlotBroker
+    frontend: Frontend
+    metrics: OrchestratorMetrics
+
+    async def start(self) -> None:
+        await self.registry.start()
+        self.broker.start()
+
+    async def stop(self) -> None:
+        await self.broker.stop()
+        await self.registry.stop()
+
+
+def build_orchestrator(
+    config: OrchestratorConfig,
+    connector: Connector,
+    model: ModelConfig,
+    tokenizer: Tokenizer,
+    registry: CollectorRegistry,
+    policy: PlacementPolicy | None = None,
+) -> Orchestrator:
+    metrics = OrchestratorMetrics(registry)
+    sources = Sources(
+        config.prefill, config.decode, config.colocated,
+        config.prefill_dns, config.decode_dns, config.colocated_dns,
+    )  # fmt: skip
+    workers = WorkerRegistry(
+        connector, sources, metrics,
+        health_interval_s=config.health_interval_s, dns_refresh_s=config.dns_refresh_s,
+    )  # fmt: skip
+    policy = policy or LeastLoadedPolicy()
+    broker = SlotBroker(workers, policy, metrics, config.max_queue)
+    settings = FlowSettings(
+        model.eos_id, config.lease_ttl_s, config.prefill_retries, config.decode_retries
+    )
+    flow = GenerateFlow(workers, broker, policy, metrics, settings)
+    frontend = Frontend(flow, tokenizer, model, FrontendLimits(config.max_tokens_limit), metrics)
+    return Orchestrator(workers, broker, frontend, metrics)

@@ -1,0 +1,262 @@
+"""One Generate request's journey through the workers.
+
+1. Admission: the request waits in the `SlotBroker` queue until a decode worker grants a
+   lease (its slot is held before any prefill starts).
+2. The decode worker's token stream for the lease is opened, then a prefill worker is asked
+   to prefill toward that decode worker and lease (a colocated worker prefills for itself).
+3. The first token comes back from the prefill call and is yielded at once; the rest come
+   from the decode stream, until a finish.
+4. Failures move the request, exactly:
+   * prefill worker failed before answering -> another prefill worker, with a fresh lease
+     (bounded by `prefill_retries`);
+   * decode worker failed (stream broke, worker died, KV lost) -> resume on another decode
+     worker by prefilling prompt + every token already yielded (bounded by
+     `decode_retries`). Sampling randomness depends only on (seed, position), so the
+     resumed stream continues the very same sequence, greedy or seeded.
+5. Whatever ends the request (finish, cancel, deadline, error), its lease is released and,
+   if it did not finish on its own, cancelled on the decode worker, and its prefill
+   dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from orchestrator.admission import NoWorkersError, SlotBroker
+from orchestrator.policy import PlacementPolicy
+from orchestrator.registry import Worker, WorkerRegistry, WorkerRole
+from shared.metrics import OrchestratorMetrics
+from shared.sampling import SamplingParams
+from shared.transport.types import (
+    DecodeFinish,
+    GenerationLimits,
+    Lease,
+    PrefillRequest,
+    ReserveRequest,
+    StatusCode,
+    TokenBatch,
+    TransportError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    DEADLINE = "deadline"
+    ERROR = "error"
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class GenerateJob:
+    """A validated request, in token ids."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    max_tokens: int
+    sampling: SamplingParams
+    stop_token_ids: tuple[int, ...]
+    stop_on_eos: bool
+    deadline: float | None  # unix time; None: no deadline
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class Delta:
+    token_ids: tuple[int, ...]
+    finish: FinishReason | None = None
+
+
+class RequestFailed(Exception):
+    """The request cannot go on; `code` is the status the frontend gets."""
+
+    def __init__(self, code: StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class _DecodeLost(Exception):
+    """The decode side failed; the request can resume elsewhere."""
+
+
+class _PrefillLost(Exception):
+    """The prefill side failed before answering; retry with a fresh lease."""
+
+
+_DECODE_FINISH = {
+    DecodeFinish.STOP: FinishReason.STOP,
+    DecodeFinish.LENGTH: FinishReason.LENGTH,
+    DecodeFinish.DEADLINE: FinishReason.DEADLINE,
+}
+
+
+@dataclasses.dataclass(slots=True)
+class FlowSettings:
+    eos_id: int | None
+    lease_ttl_s: float
+    prefill_retries: int
+    decode_retries: int
+
+
+class GenerateFlow:
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        broker: SlotBroker,
+        policy: PlacementPolicy,
+        metrics: OrchestratorMetrics,
+        settings: FlowSettings,
+    ) -> None:
+        self._registry, self._broker, self._policy = registry, broker, policy
+        self._metrics, self._settings = metrics, settings
+        self._background: set[asyncio.Task] = set()
+
+    async def run(self, job: GenerateJob) -> AsyncIterator[Delta]:
+        """Deltas of generated tokens; the last one has `finish` set. Raises
+        RequestFailed, QueueFullError."""
+        generated: list[int] = []
+        prefill_tries = decode_resumes = 0
+        while True:
+            try:
+                async for delta in self._attempt(job, generated):
+                    generated.extend(delta.token_ids)
+                    yield delta
+                return
+            except _PrefillLost as err:
+                prefill_tries += 1
+                if prefill_tries > self._settings.prefill_retries:
+                    raise RequestFailed(
+                        StatusCode.UNAVAILABLE,
+                        f"prefill failed on {prefill_tries} workers; last: {err}",
+                    ) from None
+                self._metrics.retries.labels("prefill").inc()
+            except _DecodeLost as err:
+                decode_resumes += 1
+                if decode_resumes > self._settings.decode_retries:
+                    raise RequestFailed(
+                        StatusCode.UNAVAILABLE,
+                        f"decode failed {decode_resumes} times after {len(generated)} tokens; "
+                        f"no worker left to resume on; last: {err}",
+                    ) from None
+                self._metrics.retries.labels("decode_resume").inc()
+                log.warning("request %s: resuming after %d tokens: %s",
+                            job.request_id, len(generated), err)  # fmt: skip
+            except NoWorkersError as err:
+                raise RequestFailed(StatusCode.UNAVAILABLE, str(err)) from None
+
+    async def _attempt(self, job: GenerateJob, generated: list[int]) -> AsyncIterator[Delta]:
+        prompt = job.prompt_ids + tuple(generated)
+        limits = GenerationLimits(
+            job.max_tokens - len(generated), job.stop_token_ids, job.stop_on_eos
+        )
+        reserve = ReserveRequest(
+            job.request_id, len(prompt), limits, self._settings.lease_ttl_s, job.deadline
+        )
+        queued = time.perf_counter()
+        try:
+            worker, lease = await self._broker.acquire(reserve)
+        except TransportError as err:  # this request cannot fit any decode slot
+            raise RequestFailed(err.code, err.message) from None
+        if not generated:
+            self._metrics.queue_seconds.observe(time.perf_counter() - queued)
+        tokens: asyncio.Queue[TokenBatch | BaseException] = asyncio.Queue()
+        reader = asyncio.create_task(self._read(worker, lease, tokens))
+        done = False
+        try:
+            first = await self._prefill(job, prompt, worker, lease)
+            if first in job.stop_token_ids or (job.stop_on_eos and first == self._settings.eos_id):
+                yield Delta((), FinishReason.STOP)
+                return
+            yield Delta((first,))
+            while True:
+                item = await tokens.get()
+                if isinstance(item, BaseException):
+                    self._registry.eject(worker, f"token stream failed: {item}")
+                    raise _DecodeLost(f"{worker.address}: {item}")
+                if item.finish is None:
+                    yield Delta(item.token_ids)
+                    continue
+                done = True
+                if item.finish not in _DECODE_FINISH:  # ERROR, LEASE_EXPIRED, CANCELLED
+                    raise _DecodeLost(f"{worker.address} ended the lease: "
+                                      f"{item.finish.name} {item.detail}".strip())  # fmt: skip
+                yield Delta(item.token_ids, _DECODE_FINISH[item.finish])
+                return
+        finally:
+            reader.cancel()
+            self._cleanup(job, worker, lease, cancel=not done)
+
+    async def _read(self, worker: Worker, lease: Lease, out: asyncio.Queue) -> None:
+        try:
+            async for batch in worker.decode.stream_tokens(lease.lease_id):
+                out.put_nowait(batch)
+        except TransportError as err:
+            out.put_nowait(err)
+
+    async def _prefill(self, job: GenerateJob, prompt: tuple[int, ...], decode: Worker,
+                       lease: Lease) -> int:  # fmt: skip
+        """The first token, from a prefill worker that pushed the KV to `decode`."""
+        if WorkerRole.PREFILL in decode.roles:
+            prefill = decode  # colocated: it prefills for its own slots only
+        else:
+            # A colocated worker pushes KV only into itself: never pair it with another.
+            pure = [w for w in self._registry.up(WorkerRole.PREFILL) if len(w.roles) == 1]
+            ranked = self._policy.rank_prefill(pure)
+            if not ranked:
+                raise NoWorkersError("no healthy prefill worker is left")
+            prefill = ranked[0]
+        request = PrefillRequest(
+            job.request_id, prompt, job.sampling, decode.address, lease.lease_id, job.deadline
+        )
+        timeout = None if job.deadline is None else max(0.01, job.deadline - time.time())
+        prefill.outstanding += 1
+        try:
+            return (await prefill.prefill.prefill(request, timeout=timeout)).first_token
+        except TransportError as err:
+            await self._blame(err, prefill, decode)
+            raise AssertionError("unreachable") from None
+        finally:
+            prefill.outstanding -= 1
+
+    async def _blame(self, err: TransportError, prefill: Worker, decode: Worker) -> None:
+        """Turn a failed prefill into the right next step; always raises."""
+        if err.code is StatusCode.INVALID_ARGUMENT:
+            raise RequestFailed(err.code, err.message)
+        if err.code is StatusCode.DEADLINE_EXCEEDED:
+            raise TimeoutError(err.message)
+        # UNAVAILABLE may be the prefill worker's own death or the decode worker's status
+        # relayed from the KV push: ask both which one is still alive.
+        decode_ok, prefill_ok = await asyncio.gather(
+            self._registry.check(decode), self._registry.check(prefill)
+        )
+        if not decode_ok:
+            self._registry.eject(decode, f"KV push failed: {err}")
+            raise _DecodeLost(f"{decode.address}: {err}")
+        if not prefill_ok:
+            self._registry.eject(prefill, f"prefill failed: {err}")
+        raise _PrefillLost(f"{prefill.address}: {err}")
+
+    def _cleanup(self, job: GenerateJob, worker: Worker, lease: Lease, cancel: bool) -> None:
+        """Release the lease; if the request did not finish there, cancel it on the
+        workers. Runs in a background task: the request's own task may be cancelled."""
+
+        async def run() -> None:
+            if cancel:
+                with contextlib.suppress(TransportError):
+                    await worker.decode.cancel(lease.lease_id)
+                for prefill in self._registry.up(WorkerRole.PREFILL):
+                    if prefill.outstanding:
+                        with contextlib.suppress(TransportError):
+                            await prefill.prefill.cancel(job.request_id)
+            self._broker.release(worker)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

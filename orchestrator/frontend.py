@@ -1,0 +1,208 @@
+"""The public Generate API in domain terms: validate, tokenize, stream text, account.
+
+The servicer turns protos into `GenerateInput` and `GenerateOutput`s back into protos;
+everything a frontend can observe is decided here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from orchestrator.admission import QueueFullError
+from orchestrator.flow import Delta, FinishReason, GenerateFlow, GenerateJob, RequestFailed
+from orchestrator.text import TextStream
+from shared.config import ModelConfig
+from shared.metrics import OrchestratorMetrics
+from shared.sampling import SamplingError, SamplingParams
+from shared.tokenizer import Tokenizer
+from shared.transport.types import StatusCode
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_REQUEST_ID_CHARS = 128
+
+
+class InvalidRequest(ValueError):
+    """A field is out of range; the message names it, its value and the limit."""
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class GenerateInput:
+    request_id: str
+    text: str | None
+    token_ids: tuple[int, ...] | None
+    max_tokens: int  # 0: the default
+    sampling: SamplingParams | None  # None: greedy
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    timeout_seconds: float = 0.0  # 0: none beyond the call's deadline
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class GenerateOutput:
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class FrontendLimits:
+    max_tokens_limit: int
+    default_max_tokens: int = 256
+
+
+class Frontend:
+    def __init__(
+        self,
+        flow: GenerateFlow,
+        tokenizer: Tokenizer,
+        model: ModelConfig,
+        limits: FrontendLimits,
+        metrics: OrchestratorMetrics,
+    ) -> None:
+        self._flow, self._tok, self._model = flow, tokenizer, model
+        self._limits, self._metrics = limits, metrics
+        self.draining = False
+        self.in_flight = 0
+
+    async def generate(
+        self, request: GenerateInput, call_time_left: float | None
+    ) -> AsyncIterator[GenerateOutput]:
+        """Stream one request. Raises InvalidRequest, QueueFullError, RequestFailed; a
+        cancelled caller cancels it."""
+        arrived = time.perf_counter()
+        if self.draining:
+            raise RequestFailed(StatusCode.UNAVAILABLE, "orchestrator is shutting down")
+        job, own_timeout = self._job(request, call_time_left)
+        text = TextStream(self._tok, job.prompt_ids, request.stop)
+        self._metrics.prompt_tokens.inc(len(job.prompt_ids))
+        completion, token_times = 0, []
+        finish: FinishReason | None = None
+        code = StatusCode.INTERNAL
+        self.in_flight += 1
+        try:
+            async with asyncio.timeout(own_timeout):
+                async for delta in self._flow.run(job):
+                    token_times += [time.perf_counter()] * len(delta.token_ids)
+                    completion += len(delta.token_ids)
+                    out, finish = self._output(job, text, delta, completion)
+                    yield out
+                    if finish is not None:
+                        break
+            code = StatusCode.UNKNOWN if finish is None else None
+        except TimeoutError:
+            finish = FinishReason.DEADLINE
+            yield GenerateOutput(job.request_id, (), text.finish(), finish,
+                                 len(job.prompt_ids), completion)  # fmt: skip
+            code = None
+        except asyncio.CancelledError:
+            finish, code = FinishReason.CANCELLED, StatusCode.CANCELLED
+            raise
+        except (RequestFailed, QueueFullError) as err:
+            code = getattr(err, "code", StatusCode.RESOURCE_EXHAUSTED)
+            raise
+        finally:
+            self.in_flight -= 1
+            self._account(arrived, token_times, finish, code)
+
+    def _output(
+        self, job: GenerateJob, text: TextStream, delta: Delta, completion: int
+    ) -> tuple[GenerateOutput, FinishReason | None]:
+        piece = text.push(delta.token_ids)
+        finish = FinishReason.STOP if text.stopped else delta.finish
+        if finish is not None:
+            piece += text.finish()
+            return GenerateOutput(job.request_id, delta.token_ids, piece, finish,
+                                  len(job.prompt_ids), completion), finish  # fmt: skip
+        return GenerateOutput(job.request_id, delta.token_ids, piece), None
+
+    def _account(
+        self, arrived: float, token_times: list[float], finish: FinishReason | None,
+        code: StatusCode | None,
+    ) -> None:  # fmt: skip
+        now = time.perf_counter()
+        self._metrics.e2e_seconds.observe(now - arrived)
+        if token_times:
+            self._metrics.ttft_seconds.observe(token_times[0] - arrived)
+            self._metrics.generated_tokens.inc(len(token_times))
+        if len(token_times) > 1:
+            tpot = (token_times[-1] - token_times[0]) / (len(token_times) - 1)
+            self._metrics.tpot_seconds.observe(tpot)
+        reason = finish.value if finish is not None else "none"
+        self._metrics.requests.labels(reason, "OK" if code is None else code.name).inc()
+
+    # Validation -------------------------------------------------------------------------------
+
+    def _job(
+        self, r: GenerateInput, call_time_left: float | None
+    ) -> tuple[GenerateJob, float | None]:
+        """Check every field; returns the job and the request's own timeout (seconds)."""
+        if len(r.request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidRequest(f"request_id has {len(r.request_id)} characters; the limit "
+                                 f"is {MAX_REQUEST_ID_CHARS}")  # fmt: skip
+        prompt = self._prompt(r)
+        limit = self._limits.max_tokens_limit
+        if r.max_tokens < 0 or r.max_tokens > limit:
+            raise InvalidRequest(f"max_tokens={r.max_tokens} must be in [0, {limit}] (0: default)")
+        max_tokens = r.max_tokens or min(self._limits.default_max_tokens, limit)
+        if len(r.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(f"{len(r.stop)} stop strings; the limit is {MAX_STOP_STRINGS}")
+        for s in r.stop:
+            if not s or len(s) > MAX_STOP_CHARS:
+                raise InvalidRequest(
+                    f"stop string {s!r} must have 1 to {MAX_STOP_CHARS} characters"
+                )
+        self._check_ids("stop_token_ids", r.stop_token_ids)
+        if not r.timeout_seconds >= 0:
+            raise InvalidRequest(f"timeout_seconds={r.timeout_seconds} must be >= 0")
+        timeouts = [t for t in (r.timeout_seconds or None, call_time_left) if t is not None]
+        own = min(timeouts) if timeouts else None
+        deadline = None if own is None else time.time() + own
+        job = GenerateJob(
+            request_id=r.request_id or uuid.uuid4().hex,
+            prompt_ids=prompt,
+            max_tokens=max_tokens,
+            sampling=r.sampling or SamplingParams(),
+            stop_token_ids=tuple(r.stop_token_ids),
+            stop_on_eos=not r.ignore_eos,
+            deadline=deadline,
+        )
+        # The call's own deadline is enforced by gRPC itself; ours only ends the stream
+        # cleanly (FINISH_REASON_DEADLINE) when timeout_seconds is the tighter one.
+        return job, r.timeout_seconds or None
+
+    def _prompt(self, r: GenerateInput) -> tuple[int, ...]:
+        if r.text is None and r.token_ids is None:
+            raise InvalidRequest("the prompt is missing: set `text` or `tokens`")
+        if r.token_ids is not None:
+            ids = tuple(r.token_ids)
+            self._check_ids("tokens.ids", ids)
+        else:
+            ids = tuple(self._tok.encode(r.text))
+        if not ids:
+            raise InvalidRequest("the prompt is empty")
+        return ids
+
+    def _check_ids(self, field: str, ids: tuple[int, ...]) -> None:
+        vocab = self._model.vocab_size
+        for i in ids:
+            if not 0 <= i < vocab:
+                raise InvalidRequest(
+                    f"{field} has token id {i}, outside the vocabulary [0, {vocab})"
+                )
+
+
+def sampling_from_fields(temperature: float, top_k: int, top_p: float, seed: int) -> SamplingParams:
+    """Proto fields -> SamplingParams (top_p 0 on the wire means unset, i.e. 1)."""
+    try:
+        return SamplingParams(temperature, top_k, top_p or 1.0, seed)
+    except SamplingError as err:
+        raise InvalidRequest(str(err)) from None

@@ -1,0 +1,154 @@
+"""A small client of the public Generate API, sync and asyncio, for frontends to import.
+
+from shared.client import GeneratorClient
+with GeneratorClient("localhost:50051") as client:
+    for chunk in client.generate("Hello", max_tokens=32):
+        print(chunk.text, end="")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Iterator, Sequence
+
+import grpc
+
+from shared.rpc.pdserve.v1 import generate_pb2, generate_pb2_grpc, sampling_pb2
+
+MAX_MESSAGE_BYTES = 8 << 20
+
+
+class GenerateError(Exception):
+    """The call failed: `code` is the gRPC status name, `message` the server's words."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message = code, message
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class Chunk:
+    request_id: str
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: str | None  # "stop", "length", "cancelled", "deadline", "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def build_request(
+    prompt: str | Sequence[int],
+    *,
+    max_tokens: int = 0,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+    timeout_seconds: float = 0.0,
+    request_id: str = "",
+) -> generate_pb2.GenerateRequest:
+    request = generate_pb2.GenerateRequest(
+        request_id=request_id,
+        max_tokens=max_tokens,
+        sampling=sampling_pb2.SamplingParams(
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        ),
+        stop=list(stop),
+        stop_token_ids=list(stop_token_ids),
+        ignore_eos=ignore_eos,
+        timeout_seconds=timeout_seconds,
+    )
+    if isinstance(prompt, str):
+        request.text = prompt
+    else:
+        request.tokens.ids.extend(prompt)
+    return request
+
+
+def _chunk(response: generate_pb2.GenerateResponse) -> Chunk:
+    finish = None
+    if response.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED:
+        name = generate_pb2.FinishReason.Name(response.finish_reason)
+        finish = name.removeprefix("FINISH_REASON_").lower()
+    return Chunk(
+        response.request_id, tuple(response.token_ids), response.text, finish,
+        response.usage.prompt_tokens, response.usage.completion_tokens,
+    )  # fmt: skip
+
+
+def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class GeneratorClient:
+    """Blocking client; one channel, reused across calls."""
+
+    def __init__(self, target: str, token: str | None = None) -> None:
+        self._channel = grpc.insecure_channel(target, options=_OPTIONS)
+        self._stub = generate_pb2_grpc.GeneratorStub(self._channel)
+        self._metadata = _metadata(token)
+
+    def generate(
+        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: object
+    ) -> Iterator[Chunk]:
+        """Stream chunks; `timeout` is the call's gRPC deadline. Raises GenerateError."""
+        call = self._stub.Generate(
+            build_request(prompt, **options), timeout=timeout, metadata=self._metadata
+        )
+        try:
+            for response in call:
+                yield _chunk(response)
+        except grpc.RpcError as err:
+            raise GenerateError(err.code().name, err.details() or "") from None
+        finally:
+            call.cancel()  # no-op when finished; stops the request when the caller stops early
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> GeneratorClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncGeneratorClient:
+    """asyncio client; create and use it inside one event loop."""
+
+    def __init__(self, target: str, token: str | None = None) -> None:
+        self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+        self._stub = generate_pb2_grpc.GeneratorStub(self._channel)
+        self._metadata = _metadata(token)
+
+    async def generate(
+        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: object
+    ) -> AsyncIterator[Chunk]:
+        call = self._stub.Generate(
+            build_request(prompt, **options), timeout=timeout, metadata=self._metadata
+        )
+        try:
+            async for response in call:
+                yield _chunk(response)
+        except grpc.aio.AioRpcError as err:
+            raise GenerateError(err.code().name, err.details() or "") from None
+        finally:
+            call.cancel()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncGeneratorClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
