@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("", "run a worker: --role prefill|decode|colocated"),
     "orchestrator": ("orchestrator.main:main", "run the orchestrator (public Generate API)"),
     "generate": ("shared.client_cli:main", "stream a completion from an orchestrator"),
+    "serve": ("orchestrator.local_cluster:main", "a local cluster: orchestrator + workers"),
 }
 
 # `pdserve worker --role R ...` is `pdserve R ...` (colocated has no subcommand of its own).

@@ -1,0 +1,159 @@
+"""`pdserve serve`: a whole cluster on loopback, each role its own process.
+
+1. Start the workers (`--prefill-workers` prefill + `--decode-workers` decode, or one
+   colocated worker with `--colocated`) on free ports; their startup progress (loading,
+   compiling) is shown as it happens.
+2. Start the orchestrator in front of them on `--port`, `/metrics` on `--metrics-port`.
+3. Stay up until Ctrl-C / SIGTERM, then SIGTERM every process (each drains) and wait.
+   With `--once PROMPT`, stream one answer from the cluster instead, then shut down.
+
+Only commands are started here; no server package is imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+SERVING = re.compile(r"serving on (\S+):(\d+) metrics_port=(-?\d+)")
+
+
+@dataclasses.dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    address: str = ""
+    metrics_port: int = -1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdserve serve", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--prefill-workers", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--colocated", action="store_true", help="one colocated worker (baseline)")
+    p.add_argument("--port", type=int, default=50051, help="the orchestrator's public port")
+    p.add_argument("--metrics-port", type=int, default=9160, help="the orchestrator's /metrics")
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--prefill-buckets", default="16,32,64,128")
+    p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--auth-token-file")
+    p.add_argument("--startup-timeout-s", type=float, default=600.0)
+    p.add_argument("--once", metavar="PROMPT", help="stream one answer, then shut down")
+    p.add_argument("--max-tokens", type=int, default=48, help="with --once")
+    return p
+
+
+def launch(name: str, argv: Sequence[str]) -> tuple[Child, threading.Event]:
+    """Run `pdserve ARGV` and relay its output (prefixed); the event is set once it
+    serves (or exits)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pdserve_cli", *argv], env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    child = Child(name, proc)
+    ready = threading.Event()
+
+    def relay() -> None:
+        for line in proc.stdout:
+            if not ready.is_set() and (match := SERVING.search(line)):
+                child.address = f"{match[1]}:{match[2]}"
+                child.metrics_port = int(match[3])
+                ready.set()
+            print(f"[{name}] {line}", end="", file=sys.stderr, flush=True)
+        ready.set()
+
+    threading.Thread(target=relay, daemon=True).start()
+    return child, ready
+
+
+def wait_ready(child: Child, ready: threading.Event, timeout: float) -> Child:
+    if not ready.wait(timeout) or not child.address:
+        child.proc.kill()
+        raise RuntimeError(f"{child.name} did not start (exit code {child.proc.poll()})")
+    return child
+
+
+def start(name: str, argv: Sequence[str], timeout: float) -> Child:
+    return wait_ready(*launch(name, argv), timeout)
+
+
+def stop_all(children: Sequence[Child], timeout: float = 60.0) -> None:
+    """SIGTERM everyone (the orchestrator first, so it stops sending work), then wait."""
+    for child in reversed(children):
+        if child.proc.poll() is None:
+            child.proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.proc.wait(timeout)
+        if child.proc.poll() is None:
+            child.proc.kill()
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    engine = ["--model", args.model, "--slots", str(args.slots), "--prefill-buckets",
+              args.prefill_buckets, "--max-seq-len", str(args.max_seq_len)]  # fmt: skip
+    local = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+    children: list[Child] = []
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        roles = (
+            [("colocated", 1)]
+            if args.colocated
+            else [("prefill", args.prefill_workers), ("decode", args.decode_workers)]
+        )
+        # Workers load and compile in parallel.
+        launched = [
+            launch(f"{role}-{i}", ["worker", "--role", role, *local, *engine])
+            for role, count in roles
+            for i in range(count)
+        ]
+        children += [child for child, _ in launched]
+        for child, ready in launched:
+            wait_ready(child, ready, args.startup_timeout_s)
+        orch = ["orchestrator", "--host", "127.0.0.1", "--port", str(args.port),
+                "--metrics-port", str(args.metrics_port), "--model", args.model]  # fmt: skip
+        for role in ("prefill", "decode", "colocated"):
+            addresses = [c.address for c in children if c.name.startswith(role)]
+            if addresses:
+                orch += [f"--{role}", ",".join(addresses)]
+        if args.auth_token_file:
+            orch += ["--auth-token-file", args.auth_token_file]
+        orchestrator = start("orchestrator", orch, args.startup_timeout_s)
+        children.append(orchestrator)
+        target = orchestrator.address.replace("0.0.0.0", "127.0.0.1")
+        print(f"pdserve cluster ready on {target}: pdserve generate --target {target} "
+              '"Hello"', flush=True)  # fmt: skip
+        if args.once is not None:
+            return _once(target, args)
+        while not stopping.is_set():
+            stopping.wait(0.5)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        print("[pdserve] shutting the cluster down", file=sys.stderr, flush=True)
+        stop_all(children)
+
+
+def _once(target: str, args: argparse.Namespace) -> int:
+    from shared.client import GeneratorClient
+
+    token = Path(args.auth_token_file).read_text().strip() if args.auth_token_file else None
+    with GeneratorClient(target, token) as client:
+        for chunk in client.generate(args.once, max_tokens=args.max_tokens):
+            print(chunk.text, end="", flush=True)
+            if chunk.finish_reason:
+                print(f"\n[finish: {chunk.finish_reason}, {chunk.completion_tokens} tokens]")
+    return 0
