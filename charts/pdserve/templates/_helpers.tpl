@@ -1,0 +1,284 @@
+{{/* Names and labels. */}}
+{{- define "pdserve.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The release's full name; kept short because role and Service suffixes follow it. */}}
+{{- define "pdserve.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pdserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "pdserve.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "pdserve.labels" -}}
+{{ include "pdserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: pdserve
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "pdserve.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "pdserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "pdserve.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Worker roles this release runs, as a JSON list (fromJsonArray). */}}
+{{- define "pdserve.roles" -}}
+{{- if eq .Values.mode "colocated" -}}["colocated"]{{- else -}}["prefill","decode"]{{- end -}}
+{{- end -}}
+
+{{/* The headless Service the orchestrator resolves for a worker role: one A record per
+ready pod (per group leader for multi-host roles). Its name differs from the workload's
+because a LeaderWorkerSet creates its own headless Service under the workload's name. */}}
+{{- define "pdserve.workerServiceName" -}}
+{{- printf "%s-%s-headless" (include "pdserve.fullname" .root) .role -}}
+{{- end -}}
+
+{{/* NAME:PORT the orchestrator's --ROLE-dns flag gets. */}}
+{{- define "pdserve.workerDnsName" -}}
+{{- $cfg := index .root.Values .role -}}
+{{- printf "%s.%s.svc.%s:%d" (include "pdserve.workerServiceName" .) .root.Release.Namespace .root.Values.clusterDomain (int $cfg.port) -}}
+{{- end -}}
+
+{{/* Chips in a TPU topology such as 2x2x4. */}}
+{{- define "pdserve.topologyChips" -}}
+{{- $chips := 1 -}}
+{{- range splitList "x" . -}}{{- $chips = mul $chips (atoi .) -}}{{- end -}}
+{{- $chips -}}
+{{- end -}}
+
+{{- define "pdserve.isMultiHost" -}}
+{{- if and .tpu.enabled (gt (int .tpu.hosts) 1) -}}true{{- end -}}
+{{- end -}}
+
+{{/* A probe's failureThreshold for a time budget at a period (rounded up). */}}
+{{- define "pdserve.budgetThreshold" -}}
+{{- max 1 (div (add .budget .period -1) .period) -}}
+{{- end -}}
+
+{{- define "pdserve.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ .Values.security.runAsUser }}
+runAsGroup: {{ .Values.security.runAsGroup }}
+fsGroup: {{ .Values.security.fsGroup }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+
+{{/* TPU access needs no privileged mode on GKE 1.28+: the device plugin hands the
+container its /dev/vfio devices. */}}
+{{- define "pdserve.containerSecurityContext" -}}
+runAsNonRoot: true
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+{{- end -}}
+
+{{/* Volumes every pod mounts: a writable /tmp (the root filesystem is read-only, and
+JAX, XLA and libtpu write caches and logs there) and the model, when it is not a preset. */}}
+{{- define "pdserve.volumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.security.tmpSizeLimit }}
+{{- if eq .Values.model.source "pvc" }}
+- name: model
+  persistentVolumeClaim:
+    claimName: {{ .Values.model.volume.pvc.claimName }}
+    readOnly: true
+{{- else if eq .Values.model.source "gcsFuse" }}
+- name: model
+  csi:
+    driver: gcsfuse.csi.storage.gke.io
+    readOnly: true
+    volumeAttributes:
+      bucketName: {{ .Values.model.volume.gcsFuse.bucket }}
+      mountOptions: {{ .Values.model.volume.gcsFuse.mountOptions | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "pdserve.volumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+{{- if ne .Values.model.source "preset" }}
+- name: model
+  mountPath: {{ .Values.model.volume.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* Pod annotations as YAML (a map). The GCS FUSE CSI driver injects its sidecar only
+into pods annotated so. */}}
+{{- define "pdserve.podAnnotations" -}}
+{{- $out := dict -}}
+{{- if eq .root.Values.model.source "gcsFuse" -}}
+{{- $_ := set $out "gke-gcsfuse/volumes" "true" -}}
+{{- end -}}
+{{- toYaml (merge $out (.extra | default dict)) -}}
+{{- end -}}
+
+{{/* gRPC probes on grpc.health.v1. Kubernetes' grpc probe takes only a numeric port.
+The worker starts its gRPC server (and so its health service) only after it has loaded
+weights and compiled, so the startup probe carries that budget and liveness starts after it. */}}
+{{- define "pdserve.probes" -}}
+startupProbe:
+  grpc:
+    port: {{ .port }}
+  periodSeconds: 10
+  timeoutSeconds: 5
+  failureThreshold: {{ include "pdserve.budgetThreshold" (dict "budget" (int .startupBudgetSeconds) "period" 10) }}
+livenessProbe:
+  grpc:
+    port: {{ .port }}
+  periodSeconds: 10
+  timeoutSeconds: 5
+  failureThreshold: 3
+readinessProbe:
+  grpc:
+    port: {{ .port }}
+  periodSeconds: 5
+  timeoutSeconds: 5
+  failureThreshold: 2
+{{- end -}}
+
+{{/* Container args of a worker role (after the `pdserve` entrypoint). */}}
+{{- define "pdserve.workerArgs" -}}
+{{- $v := .root.Values -}}
+{{- $cfg := .cfg -}}
+{{- if eq .role "colocated" }}
+- worker
+- --role
+- colocated
+{{- else }}
+- {{ .role }}
+{{- end }}
+- --model
+- {{ $v.model.path | quote }}
+- --dtype
+- {{ $v.model.dtype }}
+- --quantize
+- {{ $v.model.quantize }}
+- --port
+- {{ $cfg.port | quote }}
+- --metrics-port
+- {{ $cfg.metricsPort | quote }}
+- --slots
+- {{ $cfg.slots | quote }}
+- --max-seq-len
+- {{ $cfg.maxSeqLen | quote }}
+- --prefill-buckets
+- {{ join "," $cfg.prefillBuckets | quote }}
+- --max-queue
+- {{ $cfg.maxQueue | quote }}
+{{- if hasKey $cfg "maxKvMiB" }}
+- --max-kv-mib
+- {{ $cfg.maxKvMiB | quote }}
+{{- end }}
+- --drain-grace-s
+- {{ $cfg.drainGraceS | quote }}
+{{- range $cfg.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* One worker pod template (Deployment template, or an LWS leader/worker template).
+Every pod of a multi-host group runs the same program (JAX's multi-host model); only
+leaders carry the `pdserve.dev/serving: "true"` label the headless Service selects. */}}
+{{- define "pdserve.workerPodTemplate" -}}
+{{- $root := .root -}}
+{{- $v := $root.Values -}}
+{{- $cfg := .cfg -}}
+{{- $ctx := dict "root" $root "component" .role -}}
+metadata:
+  labels:
+    {{- include "pdserve.labels" $ctx | nindent 4 }}
+    pdserve.dev/serving: {{ .serving | quote }}
+  {{- with include "pdserve.podAnnotations" (dict "root" $root "extra" $cfg.podAnnotations) | fromYaml }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  serviceAccountName: {{ include "pdserve.serviceAccountName" $root }}
+  {{- with $v.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  terminationGracePeriodSeconds: {{ add (int $cfg.drainGraceS) (int $cfg.terminationGraceMarginSeconds) }}
+  securityContext:
+    {{- include "pdserve.podSecurityContext" $root | nindent 4 }}
+  {{- $nodeSelector := $cfg.nodeSelector | default dict }}
+  {{- if $cfg.tpu.enabled }}
+  {{- $nodeSelector = merge (dict "cloud.google.com/gke-tpu-accelerator" $cfg.tpu.accelerator "cloud.google.com/gke-tpu-topology" $cfg.tpu.topology) $nodeSelector }}
+  {{- end }}
+  {{- with $nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- $tolerations := $cfg.tolerations | default list }}
+  {{- if $cfg.tpu.enabled }}
+  {{- $tolerations = prepend $tolerations (dict "key" "google.com/tpu" "operator" "Exists" "effect" "NoSchedule") }}
+  {{- end }}
+  {{- with $tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $cfg.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ .role }}
+      image: {{ include "pdserve.image" $root }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      args:
+        {{- include "pdserve.workerArgs" . | trim | nindent 8 }}
+      env:
+        # JAX picks its backend once; naming it avoids probing for devices that are absent.
+        - name: JAX_PLATFORMS
+          value: {{ ternary "tpu" "cpu" $cfg.tpu.enabled }}
+        - name: HOME
+          value: /tmp
+        {{- with $cfg.env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      ports:
+        - name: grpc
+          containerPort: {{ $cfg.port }}
+          protocol: TCP
+        - name: metrics
+          containerPort: {{ $cfg.metricsPort }}
+          protocol: TCP
+      {{- include "pdserve.probes" (dict "port" $cfg.port "startupBudgetSeconds" $cfg.startupBudgetSeconds) | nindent 6 }}
+      {{- $resources := deepCopy ($cfg.resources | default dict) }}
+      {{- if $cfg.tpu.enabled }}
+      {{- $requests := merge (dict "google.com/tpu" (int $cfg.tpu.chipsPerHost)) ($resources.requests | default dict) }}
+      {{- $limits := merge (dict "google.com/tpu" (int $cfg.tpu.chipsPerHost)) ($resources.limits | default dict) }}
+      {{- $resources = dict "requests" $requests "limits" $limits }}
+      {{- end }}
+      {{- with $resources }}
+      resources:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- include "pdserve.containerSecurityContext" $root | nindent 8 }}
+      volumeMounts:
+        {{- include "pdserve.volumeMounts" $root | nindent 8 }}
+  volumes:
+    {{- include "pdserve.volumes" $root | nindent 4 }}
+{{- end -}}
