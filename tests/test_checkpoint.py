@@ -10,13 +10,13 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from hf_support import HF_FIXTURES
 
 from shared.checkpoint import CheckpointError, ModelSource, load_model
 from shared.checkpoint_cli import main as convert_main
 from shared.checkpoint_tree import flatten
 from shared.config import EngineConfig
 from shared.engine import Params
+from tests.hf_support import HF_FIXTURES
 
 LLAMA = HF_FIXTURES / "llama_gqa"
 QWEN = HF_FIXTURES / "qwen2_bias"

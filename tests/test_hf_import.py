@@ -12,11 +12,11 @@ import shutil
 
 import numpy as np
 import pytest
-from hf_support import FIXTURE_NAMES, HF_FIXTURES, greedy, reference
 
 from shared.checkpoint import LoadedModel, ModelSource, load_model
 from shared.config import EngineConfig, RopeScaling
 from shared.engine import Engine
+from tests.hf_support import FIXTURE_NAMES, HF_FIXTURES, greedy, reference
 
 # float32 logits of O(1-40): differences come only from summation order (XLA vs torch).
 ATOL, RTOL = 1e-4, 1e-5

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hf_support import FIXTURE_NAMES, HF_FIXTURES, greedy, reference
 
 from shared import quantization
 from shared.checkpoint import LoadedModel, load_model, param_bytes
@@ -29,6 +28,7 @@ from shared.checkpoint_cli import main as convert_main
 from shared.checkpoint_tree import flatten, place
 from shared.config import EngineConfig, ModelConfig, Quantization
 from shared.engine import Engine, Params
+from tests.hf_support import FIXTURE_NAMES, HF_FIXTURES, greedy, reference
 
 
 def test_quantize_is_per_output_channel_and_round_to_nearest():
