@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install
+.PHONY: run test lint install tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,5 +22,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# helm for the chart tests: from PATH, else the pinned, sha256-checked binary in .tools/.
+tools: $(STAMP)
+	$(BIN)/python charts/tools/install_helm.py
+
+test: lint tools
 	JAX_PLATFORMS=cpu $(BIN)/pytest -q
