@@ -1,0 +1,222 @@
+"""A whole cluster (orchestrator + workers) two ways, for the same end-to-end tests.
+
+* `ProcessCluster`: `pdserve orchestrator` + worker processes on loopback, called through
+  the public gRPC API with the real client.
+* `InProcessCluster`: the orchestrator's `Frontend` and the worker assemblies in this
+  process, linked by the fake transport; called with the same requests (built by the
+  client's `build_request` and read by the servicer's `input_from_proto`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Sequence
+
+from prometheus_client import CollectorRegistry
+
+from decode_server.worker import build_decode_worker
+from orchestrator.admission import QueueFullError
+from orchestrator.app import Orchestrator, build_orchestrator
+from orchestrator.flow import RequestFailed
+from orchestrator.frontend import GenerateOutput, InvalidRequest
+from orchestrator.servicer import input_from_proto
+from prefill_server.kv_push import RemoteKvSink
+from shared.client import AsyncGeneratorClient, Chunk, GenerateError, build_request
+from shared.engine import Engine, Params
+from shared.metrics import WorkerMetrics
+from shared.model_info import load_model_info
+from shared.orchestrator_config import parse_orchestrator_args
+from shared.prefill_loop import PrefillLoop, PrefillService
+from shared.transport.fake import FakeNetwork
+from shared.transport.types import TransportError
+from shared.worker_config import Role, parse_worker_args
+from shared.worker_runtime import ModelRuntime
+from tests.worker_harness import ENGINE_FLAGS, REPO, SERVING, TRANSPORT, WorkerProcess
+
+
+def spawn_orchestrator(*flags: str, timeout: float = 120.0) -> WorkerProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pdserve_cli",
+        "orchestrator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--health-interval-s",
+        "0.5",
+        *flags,
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    output: list[str] = []
+    ready = threading.Event()
+    found = []
+
+    def pump() -> None:
+        for line in proc.stdout:
+            output.append(line)
+            if not found and (match := SERVING.search(line)):
+                found.append(match)
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    if not ready.wait(timeout) or not found:
+        proc.kill()
+        raise RuntimeError("orchestrator did not start:\n" + "".join(output))
+    return WorkerProcess("orchestrator", proc, f"127.0.0.1:{found[0][2]}", int(found[0][3]), output)
+
+
+class ProcessApi:
+    """The public API over gRPC."""
+
+    def __init__(self, target: str, token: str | None = None) -> None:
+        self.target, self.token = target, token
+
+    async def stream(self, prompt: str | Sequence[int], **options: object) -> AsyncIterator[Chunk]:
+        async with AsyncGeneratorClient(self.target, self.token) as client:
+            timeout = options.pop("call_timeout", None)
+            async for chunk in client.generate(prompt, timeout=timeout, **options):
+                yield chunk
+
+    async def generate(self, prompt: str | Sequence[int], **options: object) -> list[Chunk]:
+        return [c async for c in self.stream(prompt, **options)]
+
+
+class InProcessApi:
+    """The same requests, into the orchestrator's Frontend directly."""
+
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        self.orchestrator = orchestrator
+
+    async def stream(self, prompt: str | Sequence[int], **options: object) -> AsyncIterator[Chunk]:
+        timeout = options.pop("call_timeout", None)
+        try:
+            request = input_from_proto(build_request(prompt, **options))
+            # What gRPC does with a call deadline: the handler is cancelled at expiry.
+            async with asyncio.timeout(timeout):
+                async for out in self.orchestrator.frontend.generate(request, timeout):
+                    yield _chunk(out)
+        except TimeoutError:
+            raise GenerateError("DEADLINE_EXCEEDED", "Deadline Exceeded") from None
+        except InvalidRequest as err:
+            raise GenerateError("INVALID_ARGUMENT", str(err)) from None
+        except QueueFullError as err:
+            raise GenerateError("RESOURCE_EXHAUSTED", str(err)) from None
+        except RequestFailed as err:
+            raise GenerateError(err.code.name, err.message) from None
+
+    async def generate(self, prompt: str | Sequence[int], **options: object) -> list[Chunk]:
+        return [c async for c in self.stream(prompt, **options)]
+
+
+def _chunk(out: GenerateOutput) -> Chunk:
+    finish = out.finish.value if out.finish else None
+    return Chunk(
+        out.request_id, out.token_ids, out.text, finish, out.prompt_tokens, out.completion_tokens
+    )
+
+
+class FakeConnector:
+    """The orchestrator's Connector over a FakeNetwork: healthy = being served."""
+
+    def __init__(self, network: FakeNetwork) -> None:
+        self.network = network
+
+    def decode_client(self, address: str):
+        return self.network.decode_client(address, TRANSPORT)
+
+    def prefill_client(self, address: str):
+        return self.network.prefill_client(address, TRANSPORT)
+
+    async def healthy(self, address: str, timeout: float) -> bool:
+        try:
+            self.network.server(address)
+        except TransportError:
+            return False
+        return True
+
+
+class InProcessCluster:
+    """Prefill + N decode workers + orchestrator in this event loop, fake-linked."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        params: Params,
+        fingerprint: str,
+        decode_workers: int = 1,
+        orchestrator_flags: Sequence[str] = (),
+    ) -> None:
+        self.network = FakeNetwork()
+        self.fatal: list[BaseException] = []
+        runtime = ModelRuntime(engine, params, fingerprint, None)
+        config = parse_worker_args(["--port", "0", *ENGINE_FLAGS], Role.DECODE)
+        loop = asyncio.get_running_loop()
+        self.decode = {}
+        for i in range(decode_workers):
+            worker = build_decode_worker(
+                runtime, config, WorkerMetrics(CollectorRegistry(), "decode"), self.fatal.append
+            )
+            worker.start(loop)
+            address = f"decode-{i}:1"
+            self.network.serve(address, worker.service)
+            self.decode[address] = worker
+        self.sink = RemoteKvSink(TRANSPORT, fingerprint, self.network.decode_client)
+        self.prefill_loop = PrefillLoop(
+            engine,
+            params,
+            self.sink,
+            WorkerMetrics(CollectorRegistry(), "prefill"),
+            max_queue=64,
+            on_fatal=self.fatal.append,
+        )
+        self.prefill_loop.start(loop)
+        self.network.serve("prefill-0:1", PrefillService(self.prefill_loop, fingerprint, 64))
+        orch_config = parse_orchestrator_args(
+            [
+                "--prefill",
+                "prefill-0:1",
+                "--decode",
+                ",".join(self.decode),
+                "--health-interval-s",
+                "0.5",
+                *orchestrator_flags,
+            ]
+        )
+        model, tokenizer = load_model_info("tiny")
+        self.registry = CollectorRegistry()
+        self.orchestrator = build_orchestrator(
+            orch_config, FakeConnector(self.network), model, tokenizer, self.registry
+        )
+        self.api = InProcessApi(self.orchestrator)
+
+    async def start(self) -> None:
+        await self.orchestrator.start()
+
+    async def kill_decode(self, address: str) -> None:
+        """The decode process at `address` dies."""
+        await self.network.kill(address)
+        worker = self.decode.pop(address)
+        worker.service.draining = True
+        worker.loop.stop()
+
+    async def close(self) -> None:
+        await self.orchestrator.stop()
+        self.prefill_loop.stop()
+        for worker in self.decode.values():
+            await worker.drain(0.0)
+        with contextlib.suppress(Exception):
+            await self.sink.close()
+        assert not self.fatal, self.fatal

@@ -1,0 +1,497 @@
+"""The public Generate API end to end: real processes on loopback, and all in one process
+with the fake transport. Each test body runs against both."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared.checkpoint import load_model
+from shared.client import GenerateError
+from shared.config import EngineConfig
+from shared.engine import Engine, Params
+from shared.sampling import SamplingParams
+from shared.tokenizer import ByteTokenizer
+from shared.worker_runtime import model_fingerprint
+from tests.cluster_harness import InProcessCluster, ProcessApi, spawn_orchestrator
+from tests.worker_harness import ProcessWorkers, spawn_worker, stop_worker
+
+KINDS = ["process", "fake"]
+TOKENIZER = ByteTokenizer(320)
+
+
+@pytest.fixture(scope="session")
+def tiny_fingerprint(engine_config: EngineConfig) -> str:
+    return model_fingerprint(load_model("tiny", engine_config=engine_config, seed=0))
+
+
+class ProcessCluster:
+    def __init__(self) -> None:
+        self.workers = ProcessWorkers()
+        self.orchestrator = spawn_orchestrator(
+            "--prefill", self.workers.prefill.address, "--decode", self.workers.decode_address
+        )
+        self.api = ProcessApi(self.orchestrator.address)
+
+    async def all_free(self) -> bool:
+        client = self.workers.decode_client()
+        try:
+            load = await client.get_load()
+        finally:
+            await client.close()
+        return load.free_slots == load.total_slots and load.live_requests == 0
+
+    def metrics_text(self) -> str:
+        url = f"http://127.0.0.1:{self.orchestrator.metrics_port}/metrics"
+        return urllib.request.urlopen(url, timeout=5).read().decode()
+
+    def close(self) -> None:
+        stop_worker(self.orchestrator)
+        self.workers.close()
+
+
+@pytest.fixture(scope="module")
+def process_cluster():
+    cluster = ProcessCluster()
+    yield cluster
+    cluster.close()
+
+
+class FakeClusterView:
+    """InProcessCluster with the helpers the tests share with ProcessCluster."""
+
+    def __init__(self, cluster: InProcessCluster) -> None:
+        self.cluster, self.api = cluster, cluster.api
+
+    async def all_free(self) -> bool:
+        return all(w.all_free() for w in self.cluster.decode.values())
+
+    def metrics_text(self) -> str:
+        return generate_latest(self.cluster.registry).decode()
+
+
+@pytest.fixture
+def run(request: pytest.FixtureRequest, engine: Engine, params: Params, tiny_fingerprint: str):
+    def runner(kind: str, body, **cluster_kwargs) -> None:
+        if kind == "process":  # the module's cluster; a test needing other flags makes its own
+            asyncio.run(body(request.getfixturevalue("process_cluster")))
+            return
+
+        async def in_process() -> None:
+            cluster = InProcessCluster(engine, params, tiny_fingerprint, **cluster_kwargs)
+            await cluster.start()
+            try:
+                await body(FakeClusterView(cluster))
+            finally:
+                await cluster.close()
+
+        asyncio.run(in_process())
+
+    return runner
+
+
+def reference(engine: Engine, params: Params, prompt: list[int], n: int) -> list[int]:
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(np.argmax(engine.reference_logits(params, seq)[-1])))
+    return seq[len(prompt) :]
+
+
+def tokens_of(chunks) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+def text_of(chunks) -> str:
+    return "".join(c.text for c in chunks)
+
+
+async def wait_free(cluster, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await cluster.all_free():
+        assert time.monotonic() < deadline, "decode slots were not freed"
+        await asyncio.sleep(0.02)
+
+
+# 1. Exactness -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_token_and_text_prompts_equal_the_reference(run, kind, engine, params):
+    ids = [256, 10, 20, 30, 40, 50, 60]
+    text = "Hello, pdserve"
+    expected_ids = reference(engine, params, ids, 10)
+    expected_text = reference(engine, params, TOKENIZER.encode(text), 10)
+
+    async def body(cluster) -> None:
+        chunks = await cluster.api.generate(ids, max_tokens=10, ignore_eos=True)
+        assert tokens_of(chunks) == expected_ids
+        assert chunks[-1].finish_reason == "length"
+        assert chunks[-1].completion_tokens == 10 and chunks[-1].prompt_tokens == len(ids)
+        assert all(c.finish_reason is None for c in chunks[:-1])
+        chunks = await cluster.api.generate(text, max_tokens=10, ignore_eos=True)
+        assert tokens_of(chunks) == expected_text
+        assert text_of(chunks) == TOKENIZER.decode(expected_text)
+
+    run(kind, body)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stop_string_across_tokens_ends_the_text_before_it(run, kind, engine, params):
+    prompt = [256, 65, 66, 67]
+    full = reference(engine, params, prompt, 40)
+    # A stop string made of two consecutive generated ASCII tokens: it spans a boundary.
+    i = next(k for k in range(3, 38) if all(32 <= t < 127 for t in full[k : k + 2]))
+    stop = bytes(full[i : i + 2]).decode()
+    before = TOKENIZER.decode(full)[: TOKENIZER.decode(full).index(stop)]
+
+    async def body(cluster) -> None:
+        chunks = await cluster.api.generate(prompt, max_tokens=40, stop=[stop], ignore_eos=True)
+        assert text_of(chunks) == before
+        assert chunks[-1].finish_reason == "stop"
+        assert tokens_of(chunks) == full[: len(tokens_of(chunks))]
+
+    run(kind, body)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stop_token_and_max_tokens(run, kind, engine, params):
+    prompt = [256, 1, 2, 3]
+    full = reference(engine, params, prompt, 12)
+    stop_id = full[5]
+
+    async def body(cluster) -> None:
+        chunks = await cluster.api.generate(
+            prompt, max_tokens=12, stop_token_ids=[stop_id], ignore_eos=True
+        )
+        assert tokens_of(chunks) == full[: full.index(stop_id)]
+        assert chunks[-1].finish_reason == "stop"
+        chunks = await cluster.api.generate(prompt, max_tokens=1, ignore_eos=True)
+        assert tokens_of(chunks) == full[:1] and chunks[-1].finish_reason == "length"
+
+    run(kind, body)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_seeded_sampling_is_reproducible_and_matches_the_engine(run, kind, engine, params):
+    prompt = [256, 9, 9, 9, 9]
+    sampling = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=2**33 + 5)
+    prefix = engine.prefill(params, prompt, sampling=sampling)
+    state = engine.insert(prefix, engine.init_decode_state(), 2)
+    expected = [prefix.first_token]
+    for _ in range(11):
+        state, tokens = engine.generate(params, state)
+        expected.append(int(tokens[2]))
+    options = dict(
+        max_tokens=12, temperature=0.9, top_k=40, top_p=0.95, seed=2**33 + 5, ignore_eos=True
+    )
+
+    async def body(cluster) -> None:
+        first, second = await asyncio.gather(
+            cluster.api.generate(prompt, **options), cluster.api.generate(prompt, **options)
+        )
+        assert tokens_of(first) == tokens_of(second) == expected
+
+    run(kind, body)
+
+
+# 2. Load ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sixty_four_concurrent_streams_complete_and_leave_nothing_behind(run, kind, engine, params):
+    rng = np.random.default_rng(64)
+    cases = [
+        ([256, *rng.integers(0, 256, int(rng.integers(1, 20)))], int(rng.integers(1, 16)))
+        for _ in range(64)
+    ]
+    expected = {
+        i: reference(engine, params, [int(t) for t in p], n) for i, (p, n) in enumerate(cases[:8])
+    }
+
+    async def body(cluster) -> None:
+        results = await asyncio.gather(
+            *(
+                cluster.api.generate([int(t) for t in p], max_tokens=n, ignore_eos=True)
+                for p, n in cases
+            )
+        )
+        for i, (chunks, (_, n)) in enumerate(zip(results, cases, strict=True)):
+            assert chunks[-1].finish_reason == "length" and len(tokens_of(chunks)) == n
+            if i in expected:
+                assert tokens_of(chunks) == expected[i]
+        await wait_free(cluster)
+
+    run(kind, body)
+
+
+# 3. Deadline, cancel, admission, auth --------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_deadline_ends_the_stream_and_frees_the_slot(run, kind):
+    async def body(cluster) -> None:
+        chunks = await cluster.api.generate(
+            [256, 1, 2], max_tokens=60, ignore_eos=True, timeout_seconds=0.03
+        )
+        assert chunks[-1].finish_reason == "deadline"
+        assert len(tokens_of(chunks)) < 60
+        await wait_free(cluster, timeout=2.0)
+        # The call's own gRPC deadline is honoured too: the call ends, the slot is freed.
+        with pytest.raises(GenerateError) as err:
+            await cluster.api.generate(
+                [256, 1, 2], max_tokens=60, ignore_eos=True, call_timeout=0.03
+            )
+        assert err.value.code in ("DEADLINE_EXCEEDED", "CANCELLED")
+        await wait_free(cluster, timeout=2.0)
+
+    run(kind, body)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_client_cancel_frees_the_slot(run, kind):
+    async def body(cluster) -> None:
+        stream = cluster.api.stream([256, 7, 7], max_tokens=60, ignore_eos=True)
+        await anext(stream)
+        await stream.aclose()  # the caller goes away mid-stream
+        await wait_free(cluster, timeout=2.0)
+
+    run(kind, body)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_admission_overflow_is_resource_exhausted(run, kind):
+    async def body(cluster) -> None:
+        orch = None
+        api = cluster.api
+        if isinstance(cluster, ProcessCluster):  # a second orchestrator, --max-queue 1
+            orch = spawn_orchestrator(
+                "--prefill",
+                cluster.workers.prefill.address,
+                "--decode",
+                cluster.workers.decode_address,
+                "--max-queue",
+                "1",
+            )
+            api = ProcessApi(orch.address)
+        try:
+            results = await asyncio.gather(
+                *(api.generate([256, i], max_tokens=50, ignore_eos=True) for i in range(12)),
+                return_exceptions=True,
+            )
+        finally:
+            if orch is not None:
+                stop_worker(orch)
+        refused = [r for r in results if isinstance(r, GenerateError)]
+        served = [r for r in results if not isinstance(r, BaseException)]
+        assert refused and served, results
+        for err in refused:
+            assert err.code == "RESOURCE_EXHAUSTED"
+            assert "admission queue is full (1 requests waiting" in err.message
+        assert all(c[-1].finish_reason == "length" for c in served)
+
+    run(kind, body, orchestrator_flags=["--max-queue", "1"])
+
+
+def test_bearer_token_is_checked(process_cluster, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    orch = spawn_orchestrator(
+        "--prefill",
+        process_cluster.workers.prefill.address,
+        "--decode",
+        process_cluster.workers.decode_address,
+        "--auth-token-file",
+        str(token_file),
+    )
+
+    async def body() -> None:
+        for token, message in ((None, "missing bearer token"), ("wrong", "wrong bearer token")):
+            with pytest.raises(GenerateError) as err:
+                await ProcessApi(orch.address, token).generate([256, 1], max_tokens=2)
+            assert err.value.code == "UNAUTHENTICATED" and message in err.value.message
+        chunks = await ProcessApi(orch.address, "s3cret").generate([256, 1], max_tokens=2)
+        assert chunks[-1].finish_reason in ("length", "stop")
+
+    try:
+        asyncio.run(body())
+    finally:
+        stop_worker(orch)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_tokens": 5000}, "max_tokens=5000 must be in [0, 4096]"),
+        ({"temperature": -1.0}, "temperature=-1.0 must be a finite number >= 0"),
+        ({"top_p": 1.5}, "top_p=1.5 must be in (0, 1]"),
+        ({"stop": [""]}, "stop string '' must have 1 to 256 characters"),
+        ({"stop_token_ids": [999]}, "stop_token_ids has token id 999"),
+        ({"timeout_seconds": -1.0}, "timeout_seconds=-1.0 must be >= 0"),
+    ],
+)
+@pytest.mark.parametrize("kind", KINDS)
+def test_invalid_requests(run, kind, options, message):
+    async def body(cluster) -> None:
+        with pytest.raises(GenerateError) as err:
+            await cluster.api.generate([256, 1], **options)
+        assert err.value.code == "INVALID_ARGUMENT" and message in err.value.message
+        with pytest.raises(GenerateError) as err:
+            await cluster.api.generate([256, 320])
+        assert "tokens.ids has token id 320, outside the vocabulary [0, 320)" in err.value.message
+        with pytest.raises(GenerateError) as err:
+            await cluster.api.generate("")
+        assert err.value.code == "INVALID_ARGUMENT"
+
+    run(kind, body)
+
+
+# 4. Failures --------------------------------------------------------------------------------
+
+
+def test_decode_killed_mid_stream_resumes_exactly_processes(process_cluster, tiny_config, params):
+    prompt = [256, 3, 1, 4]
+    # Longer sequences than the shared test engine holds: a reference engine of 256.
+    long_engine = Engine(tiny_config, EngineConfig(1, (8,), 256))
+    expected = reference(long_engine, params, prompt, 100)
+    flags = ("--max-seq-len", "256", "--prefill-buckets", "8,16,32,64,128")
+    decodes = [spawn_worker("decode", *flags), spawn_worker("decode", *flags)]
+    prefill = spawn_worker("prefill", *flags)
+    orch = spawn_orchestrator(
+        "--prefill", prefill.address, "--decode", ",".join(d.address for d in decodes)
+    )
+    # Both idle with equal room: the policy's tie-break picks the smaller address.
+    chosen = min(decodes, key=lambda d: d.address)
+
+    async def body() -> None:
+        chunks = []
+        async for chunk in ProcessApi(orch.address).stream(prompt, max_tokens=100, ignore_eos=True):
+            if not chunks:
+                chosen.signal(signal.SIGSTOP)
+                chosen.signal(signal.SIGKILL)
+            chunks.append(chunk)
+        assert tokens_of(chunks) == expected
+        assert chunks[-1].finish_reason == "length"
+        text = urllib.request.urlopen(f"http://127.0.0.1:{orch.metrics_port}/metrics").read()
+        assert b'pdserve_retries_total{stage="decode_resume"} 1.0' in text
+
+    try:
+        asyncio.run(body())
+    finally:
+        for w in (orch, prefill, *decodes):
+            stop_worker(w)
+
+
+def test_decode_killed_mid_stream_resumes_exactly_in_process(engine, params, tiny_fingerprint):
+    prompt = [256, 3, 1, 4]
+    expected = reference(engine, params, prompt, 50)
+
+    async def body() -> None:
+        cluster = InProcessCluster(engine, params, tiny_fingerprint, decode_workers=2)
+        await cluster.start()
+        try:
+            chunks = []
+            async for chunk in cluster.api.stream(prompt, max_tokens=50, ignore_eos=True):
+                if len(chunks) == 2:
+                    await cluster.kill_decode("decode-0:1")
+                chunks.append(chunk)
+            assert tokens_of(chunks) == expected
+            resumes = generate_latest(cluster.registry).decode()
+            assert 'pdserve_retries_total{stage="decode_resume"} 1.0' in resumes
+        finally:
+            await cluster.close()
+
+    asyncio.run(body())
+
+
+def test_only_decode_worker_killed_gives_unavailable_processes(process_cluster):
+    decode = spawn_worker("decode")
+    orch = spawn_orchestrator(
+        "--prefill", process_cluster.workers.prefill.address, "--decode", decode.address
+    )
+
+    async def body() -> None:
+        start = None
+        with pytest.raises(GenerateError) as err:
+            async for _ in ProcessApi(orch.address).stream(
+                [256, 5], max_tokens=60, ignore_eos=True
+            ):
+                if start is None:
+                    start = time.monotonic()
+                    decode.signal(signal.SIGKILL)
+        assert err.value.code == "UNAVAILABLE"
+        assert "no healthy decode worker is left" in err.value.message
+        assert time.monotonic() - start < 10
+
+    try:
+        asyncio.run(body())
+    finally:
+        stop_worker(orch)
+        stop_worker(decode)
+
+
+def test_only_decode_worker_killed_gives_unavailable_in_process(engine, params, tiny_fingerprint):
+    async def body() -> None:
+        cluster = InProcessCluster(engine, params, tiny_fingerprint)
+        await cluster.start()
+        try:
+            with pytest.raises(GenerateError) as err:
+                async for _ in cluster.api.stream([256, 5], max_tokens=60, ignore_eos=True):
+                    if cluster.decode:
+                        await cluster.kill_decode("decode-0:1")
+            assert err.value.code == "UNAVAILABLE"
+        finally:
+            await cluster.close()
+
+    asyncio.run(asyncio.wait_for(body(), 30))
+
+
+# 5. Metrics ---------------------------------------------------------------------------------
+
+
+def samples(text: str) -> dict[str, float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_metrics_move_by_exactly_the_requests_sent(run, kind):
+    prompts = [[256, 1, 2], [256, 3], [256, 4, 5, 6, 7]]
+
+    async def body(cluster) -> None:
+        before = samples(cluster.metrics_text())
+        for p in prompts:
+            await cluster.api.generate(p, max_tokens=4, ignore_eos=True)
+        after = samples(cluster.metrics_text())
+
+        def moved(key: str) -> float:
+            return after.get(key, 0.0) - before.get(key, 0.0)
+
+        assert moved("pdserve_requests_total{code=OK,finish_reason=length}") == 3
+        assert moved("pdserve_prompt_tokens_total{}") == sum(len(p) for p in prompts)
+        assert moved("pdserve_generation_tokens_total{}") == 12
+        histograms = (
+            "pdserve_time_to_first_token_seconds",
+            "pdserve_e2e_request_latency_seconds",
+            "pdserve_request_queue_seconds",
+            "pdserve_time_per_output_token_seconds",
+        )
+        for histogram in histograms:
+            assert moved(f"{histogram}_count{{}}") == 3, histogram
+        assert after["pdserve_workers_up{role=decode}"] >= 1
+        assert after["pdserve_workers_up{role=prefill}"] >= 1
+        assert after["pdserve_decode_slots_total{}"] >= 4
+        assert "pdserve_queue_depth{}" in after
+        assert "pdserve_decode_slots_in_use{}" in after
+
+    run(kind, body)
