@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import json
 import re
 import shutil
@@ -585,3 +586,22 @@ def test_values_schema_is_self_contained():
     jsonschema.Draft7Validator.check_schema(json.loads(schema_text))
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     jsonschema.Draft7Validator(json.loads(schema_text)).validate(values)
+
+
+def load_installer() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "install_helm", ROOT / "charts" / "tools" / "install_helm.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_helm_installer_accepts_only_the_pinned_binary(tmp_path: Path):
+    installer = load_installer()
+    (tmp_path / "helm").write_bytes(b"#!/bin/sh\necho not helm\n")
+    assert installer.helm_in_dest(tmp_path) is None, "a binary with another sha256 is refused"
+    pinned = ROOT / ".tools" / "helm"
+    if pinned.is_file():  # installed by `make tools` unless helm was on PATH
+        assert installer.helm_in_dest(pinned.parent) == pinned
