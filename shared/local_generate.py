@@ -12,7 +12,9 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import TextIO
 
-from shared.config import ConfigError, EngineConfig, model_preset
+from shared.checkpoint import CheckpointError, load_model
+from shared.checkpoint_cli import add_model_arguments, quantization_from_args
+from shared.config import ConfigError, EngineConfig
 from shared.engine import Engine, EngineError, Params
 from shared.sampling import SamplingError, SamplingParams
 from shared.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDetokenizer, Tokenizer
@@ -30,8 +32,8 @@ def parse_token_ids(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdserve generate-local", description=__doc__)
     p.add_argument("prompt", nargs="?", help="prompt text (or use --prompt-token-ids)")
-    p.add_argument("--model", default="tiny", help="model preset name")
-    p.add_argument("--tokenizer", help="path to a Hugging Face tokenizer.json")
+    add_model_arguments(p)  # --model (preset, checkpoint or HF dir), --quantize
+    p.add_argument("--tokenizer", help="a Hugging Face tokenizer.json (default: the model's)")
     p.add_argument("--prompt-token-ids", type=parse_token_ids, help="e.g. 1,2,3")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -69,10 +71,20 @@ def stream_tokens(
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    model_config = model_preset(args.model)
+    if args.max_tokens <= 0:
+        raise EngineError(f"--max-tokens={args.max_tokens} must be > 0")
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    # One slot, and buckets that cover prompts up to half the cache.
+    buckets = tuple(b for b in (16, 32, 64, 128, 256, 512, 1024) if b < args.max_seq_len)
+    engine_config = EngineConfig(1, buckets, args.max_seq_len)
+    loaded = load_model(
+        args.model, engine_config=engine_config, quantize=quantization_from_args(args)
+    )
+    model_config = loaded.model_config
+    tokenizer_path = args.tokenizer or loaded.tokenizer_path
     tokenizer: Tokenizer = (
-        HFTokenizer(args.tokenizer, model_config.bos_id, model_config.eos_id)
-        if args.tokenizer
+        HFTokenizer(tokenizer_path, model_config.bos_id, model_config.eos_id)
+        if tokenizer_path
         else ByteTokenizer(model_config.vocab_size, model_config.bos_id, model_config.eos_id)
     )
     if args.prompt_token_ids is not None:
@@ -81,13 +93,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         prompt_ids = tokenizer.encode(args.prompt)
     else:
         raise EngineError("give a prompt or --prompt-token-ids")
-    if args.max_tokens <= 0:
-        raise EngineError(f"--max-tokens={args.max_tokens} must be > 0")
-    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    # One slot, and buckets that cover prompts up to half the cache.
-    buckets = tuple(b for b in (16, 32, 64, 128, 256, 512, 1024) if b < args.max_seq_len)
-    engine = Engine(model_config, EngineConfig(1, buckets, args.max_seq_len))
-    params = engine.init_params(seed=0)
+    engine = Engine(model_config, engine_config)
+    params = loaded.params
     detok = IncrementalDetokenizer(tokenizer, list(prompt_ids))
     for token in stream_tokens(engine, params, prompt_ids, sampling, args.max_tokens):
         text = detok.push(token)
@@ -107,6 +114,6 @@ def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ConfigError, EngineError, SamplingError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError, EngineError, SamplingError, FileNotFoundError) as err:
         print(f"pdserve generate-local: error: {err}", file=sys.stderr)
         return 2

@@ -11,7 +11,8 @@ import dataclasses
 import enum
 from collections.abc import Sequence
 
-from shared.config import ConfigError, EngineConfig
+from shared.checkpoint_cli import add_model_arguments, quantization_from_args
+from shared.config import ConfigError, EngineConfig, Quantization
 from shared.transport.types import TransportConfig
 
 
@@ -30,7 +31,7 @@ DEFAULT_METRICS_PORTS = {Role.PREFILL: 9161, Role.DECODE: 9162, Role.COLOCATED: 
 class WorkerConfig:
     role: Role
     model: str
-    quantize: str
+    quantization: Quantization | None
     host: str
     port: int
     metrics_port: int  # 0: pick a free port; -1: no /metrics
@@ -73,8 +74,7 @@ def worker_parser(role: Role | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog)
     if role is None:
         p.add_argument("--role", choices=[r.value for r in Role], required=True)
-    p.add_argument("--model", default="tiny", help="preset name, `convert` checkpoint or HF dir")
-    p.add_argument("--quantize", choices=["none", "int8"], default="none")
+    add_model_arguments(p)  # --model, --quantize, --float-lm-head
     p.add_argument("--host", default="0.0.0.0", help="address to bind")
     p.add_argument("--port", type=int, help="gRPC port (default: per role)")
     p.add_argument("--metrics-port", type=int, help="/metrics port (0: any free; -1: none)")
@@ -109,7 +109,7 @@ def parse_worker_args(argv: Sequence[str], role: Role | None) -> WorkerConfig:
     return WorkerConfig(
         role=role,
         model=args.model,
-        quantize=args.quantize,
+        quantization=quantization_from_args(args),
         host=args.host,
         port=DEFAULT_PORTS[role] if args.port is None else args.port,
         metrics_port=DEFAULT_METRICS_PORTS[role]

@@ -52,9 +52,11 @@ class ModelRuntime:
 def load_runtime(config: WorkerConfig) -> ModelRuntime:
     progress(f"{config.role.value}: loading model {config.model!r}")
     start = time.perf_counter()
-    quantize = None if config.quantize == "none" else config.quantize
     loaded = load_model(
-        config.model, engine_config=config.engine, quantize=quantize, seed=config.weights_seed
+        config.model,
+        engine_config=config.engine,
+        quantize=config.quantization,
+        seed=config.weights_seed,
     )
     engine = Engine(loaded.model_config, config.engine)
     progress(f"{config.role.value}: loaded in {time.perf_counter() - start:.1f}s")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,7 +54,7 @@ def test_text_output_is_the_detokenized_token_stream(capsys: pytest.CaptureFixtu
     [
         (["--top-p", "1.5", "x"], "top_p=1.5 must be in (0, 1]"),
         (["--max-tokens", "0", "x"], "--max-tokens=0 must be > 0"),
-        (["--model", "huge", "x"], "unknown model preset 'huge'"),
+        (["--model", "huge", "x"], "--model 'huge': not a preset"),
         (["--prompt-token-ids", "1,999", "--max-seq-len", "64"], "token id 999"),
         ([], "give a prompt or --prompt-token-ids"),
     ],
@@ -66,3 +67,25 @@ def test_bad_input_exits_2_with_message(argv: list[str], message: str, capsys):
 def test_unknown_subcommand(capsys: pytest.CaptureFixture[str]):
     assert pdserve_cli.main(["nope"]) == 2
     assert "unknown subcommand 'nope'" in capsys.readouterr().err
+
+
+def test_generate_local_serves_an_hf_directory_exactly():
+    """--model takes a Hugging Face directory (converted on load): the tokens equal the
+    continuation transformers recorded for the fixture prompt."""
+    fixture = "tests/fixtures/hf/llama_gqa"
+    reference = json.loads(Path(fixture, "reference.json").read_text())
+    prompt, expected = reference["prompts"][1], reference["continuations"][1]
+    rows = run_cli(
+        [
+            "--model",
+            fixture,
+            "--max-tokens",
+            str(len(expected)),
+            "--json",
+            "--max-seq-len",
+            "64",
+            "--prompt-token-ids",
+            ",".join(map(str, prompt)),
+        ]
+    )
+    assert [r["token_id"] for r in rows if r["token_id"] is not None] == expected
