@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job: generate from the embedded default model.
+# The main job: a local cluster (orchestrator + prefill + decode processes) on the embedded
+# default model, streaming one real answer, then shutting down cleanly.
 run: $(STAMP)
-	JAX_PLATFORMS=cpu $(BIN)/pdserve generate-local --model tiny --max-tokens 32 "Hello, pdserve"
+	JAX_PLATFORMS=cpu $(BIN)/pdserve serve --model tiny --port 0 --metrics-port 0 --once "Hello, pdserve"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
