@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "orchestrator": ("orchestrator.main:main", "run the orchestrator (public Generate API)"),
     "generate": ("shared.client_cli:main", "stream a completion from an orchestrator"),
     "serve": ("orchestrator.local_cluster:main", "a local cluster: orchestrator + workers"),
+    "bench": ("shared.loadgen.cli:main", "load generator against an orchestrator"),
 }
 
 # `pdserve worker --role R ...` is `pdserve R ...` (colocated has no subcommand of its own).
