@@ -320,7 +320,8 @@ def test_worker_args_parse_and_agree_with_the_pod(rendered: Rendered):
         assert config.metrics_port == role_values["metricsPort"]
         assert config.model == values["model"]["path"]
         assert config.engine.dtype == values["model"]["dtype"]
-        assert config.quantize == values["model"]["quantize"]
+        # --quantize none parses to no quantization; int8 to an int8 Quantization.
+        assert (config.quantization is not None) == (values["model"]["quantize"] == "int8")
         assert config.engine.max_slots == role_values["slots"]
         assert config.drain_grace_s == role_values["drainGraceS"]
         assert pod.spec["terminationGracePeriodSeconds"] > config.drain_grace_s
