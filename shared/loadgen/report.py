@@ -62,6 +62,8 @@ def build_report(records: Sequence[RequestRecord], duration_s: float, slo: Slo) 
         "num_requests": len(records),
         "completed": len(ok),
         "errors": dict(sorted(errors.items())),
+        # One message per code, so a failed run says why without the per-request rows.
+        "error_examples": {r.error: r.error_message for r in records if not r.ok},
         "duration_s": duration_s,
         "output_tokens": output_tokens,
         "ttft_ms": latency_stats_ms([r.ttft_s for r in ok if r.ttft_s is not None]),
@@ -88,6 +90,7 @@ def records_json(records: Sequence[RequestRecord]) -> list[dict]:
             "tpot_ms": None if r.tpot_s is None else r.tpot_s * 1e3,
             "e2e_ms": r.e2e_s * 1e3,
             "error": r.error,
+            "error_message": r.error_message,
             "finish_reason": r.finish_reason,
         }
         for r in records
@@ -111,6 +114,7 @@ def format_table(report: dict) -> str:
     lines += [
         f"requests: {report['completed']}/{report['num_requests']} ok in "
         f"{report['duration_s']:.2f}s; errors: {report['errors'] or 'none'}",
+        *(f"  {code}: {message}" for code, message in report["error_examples"].items()),
         f"throughput: {report['request_throughput']:.2f} req/s, "
         f"{report['output_token_throughput']:.1f} output tok/s",
         f"goodput: {report['goodput']:.2f} req/s ({report['good_requests']} requests within "

@@ -61,7 +61,8 @@ class RequestRecord:
     output_len: int  # as asked
     token_times_s: list[float] = dataclasses.field(default_factory=list)
     end_s: float = 0.0
-    error: str | None = None
+    error: str | None = None  # a gRPC status name or FINISH_<REASON>
+    error_message: str = ""
     finish_reason: str | None = None
 
     @property
@@ -172,8 +173,8 @@ async def _send(
         if record.finish_reason not in GOOD_FINISHES:
             record.error = f"FINISH_{(record.finish_reason or 'none').upper()}"
     except GenerateError as err:
-        record.error = err.code
+        record.error, record.error_message = err.code, err.message
     except Exception as err:  # a load generator reports every failure, it never stops
-        record.error = type(err).__name__
+        record.error, record.error_message = type(err).__name__, str(err)
     record.end_s = time.perf_counter() - t0
     return record
