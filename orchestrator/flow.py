@@ -169,8 +169,10 @@ class GenerateFlow:
         tokens: asyncio.Queue[TokenBatch | BaseException] = asyncio.Queue()
         reader = asyncio.create_task(self._read(worker, lease, tokens))
         done = False
+        prefill: Worker | None = None
         try:
-            first = await self._prefill(job, prompt, worker, lease)
+            prefill = self._prefill_worker(worker)
+            first = await self._prefill(job, prompt, prefill, worker, lease)
             if first in job.stop_token_ids or (job.stop_on_eos and first == self._settings.eos_id):
                 yield Delta((), FinishReason.STOP)
                 return
@@ -191,7 +193,7 @@ class GenerateFlow:
                 return
         finally:
             reader.cancel()
-            self._cleanup(job, worker, lease, cancel=not done)
+            self._cleanup(job, worker, lease, prefill, cancel=not done)
 
     async def _read(self, worker: Worker, lease: Lease, out: asyncio.Queue) -> None:
         try:
@@ -200,18 +202,21 @@ class GenerateFlow:
         except TransportError as err:
             out.put_nowait(err)
 
-    async def _prefill(self, job: GenerateJob, prompt: tuple[int, ...], decode: Worker,
-                       lease: Lease) -> int:  # fmt: skip
-        """The first token, from a prefill worker that pushed the KV to `decode`."""
+    def _prefill_worker(self, decode: Worker) -> Worker:
         if WorkerRole.PREFILL in decode.roles:
-            prefill = decode  # colocated: it prefills for its own slots only
-        else:
-            # A colocated worker pushes KV only into itself: never pair it with another.
-            pure = [w for w in self._registry.up(WorkerRole.PREFILL) if len(w.roles) == 1]
-            ranked = self._policy.rank_prefill(pure)
-            if not ranked:
-                raise NoWorkersError("no healthy prefill worker is left")
-            prefill = ranked[0]
+            return decode  # colocated: it prefills for its own slots only
+        # A colocated worker pushes KV only into itself: never pair it with another.
+        pure = [w for w in self._registry.up(WorkerRole.PREFILL) if len(w.roles) == 1]
+        ranked = self._policy.rank_prefill(pure)
+        if not ranked:
+            raise NoWorkersError("no healthy prefill worker is left")
+        return ranked[0]
+
+    async def _prefill(
+        self, job: GenerateJob, prompt: tuple[int, ...], prefill: Worker, decode: Worker,
+        lease: Lease,
+    ) -> int:  # fmt: skip
+        """The first token, from `prefill`, which pushed the KV to `decode`."""
         request = PrefillRequest(
             job.request_id, prompt, job.sampling, decode.address, lease.lease_id, job.deadline
         )
@@ -243,18 +248,21 @@ class GenerateFlow:
             self._registry.eject(prefill, f"prefill failed: {err}")
         raise _PrefillLost(f"{prefill.address}: {err}")
 
-    def _cleanup(self, job: GenerateJob, worker: Worker, lease: Lease, cancel: bool) -> None:
+    def _cleanup(
+        self, job: GenerateJob, worker: Worker, lease: Lease, prefill: Worker | None, cancel: bool
+    ) -> None:
         """Release the lease; if the request did not finish there, cancel it on the
         workers. Runs in a background task: the request's own task may be cancelled."""
 
         async def run() -> None:
             if cancel:
+                # Both idempotent; a cancelled gRPC call already reached the prefill worker,
+                # the explicit cancel covers the fake transport and a lost cancellation.
                 with contextlib.suppress(TransportError):
                     await worker.decode.cancel(lease.lease_id)
-                for prefill in self._registry.up(WorkerRole.PREFILL):
-                    if prefill.outstanding:
-                        with contextlib.suppress(TransportError):
-                            await prefill.prefill.cancel(job.request_id)
+                if prefill is not None:
+                    with contextlib.suppress(TransportError):
+                        await prefill.prefill.cancel(job.request_id)
             self._broker.release(worker)
 
         task = asyncio.get_running_loop().create_task(run())

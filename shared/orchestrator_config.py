@@ -81,7 +81,7 @@ class OrchestratorConfig:
 
 
 def orchestrator_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pdserve orchestrator")
+    p = argparse.ArgumentParser(prog="pdserve orchestrator", allow_abbrev=False)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="public gRPC port")
     p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)

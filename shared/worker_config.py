@@ -71,7 +71,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 def worker_parser(role: Role | None) -> argparse.ArgumentParser:
     """The flags of `pdserve prefill|decode|worker`; `role` None adds `--role`."""
     prog = "pdserve worker" if role is None else f"pdserve {role.value}"
-    p = argparse.ArgumentParser(prog=prog)
+    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False)  # a typo must not pass
     if role is None:
         p.add_argument("--role", choices=[r.value for r in Role], required=True)
     add_model_arguments(p)  # --model, --quantize, --float-lm-head

@@ -495,3 +495,26 @@ def test_metrics_move_by_exactly_the_requests_sent(run, kind):
         assert "pdserve_decode_slots_in_use{}" in after
 
     run(kind, body)
+
+
+def test_colocated_worker_serves_exactly_like_a_pair(engine, params):
+    """`pdserve worker --role colocated` behind the orchestrator: the KV goes from its
+    prefill straight into its own decode slots; the tokens equal the reference."""
+    colocated = spawn_worker("colocated")
+    orch = spawn_orchestrator("--colocated", colocated.address)
+    prompt = [256, 2, 7, 1, 8]
+    expected = reference(engine, params, prompt, 9)
+
+    async def body() -> None:
+        api = ProcessApi(orch.address)
+        results = await asyncio.gather(
+            *(api.generate(prompt, max_tokens=9, ignore_eos=True) for _ in range(6))
+        )
+        for chunks in results:
+            assert tokens_of(chunks) == expected
+
+    try:
+        asyncio.run(body())
+    finally:
+        stop_worker(orch)
+        stop_worker(colocated)
