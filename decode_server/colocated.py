@@ -9,28 +9,23 @@ the decode loop's insert queue: no encoding, no checksums, no copy to host memor
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry
 
 from decode_server.service import DecodeService
 from decode_server.worker import build_decode_worker
-from shared.checkpoint import CheckpointError
-from shared.config import ConfigError
 from shared.engine import Prefix
 from shared.metrics import WorkerMetrics
 from shared.prefill_loop import PrefillLoop, PrefillService
 from shared.transport.server import decode_service, prefill_service
 from shared.transport.types import PrefillRequest
-from shared.worker_config import Role, WorkerConfig, parse_worker_args
+from shared.worker_config import Role, WorkerConfig
 from shared.worker_runtime import (
     ModelRuntime,
     WorkerServer,
-    configure_logging,
-    load_runtime,
+    run_worker,
     wait_until,
-    warm_up,
 )
 
 
@@ -69,12 +64,4 @@ async def serve(config: WorkerConfig, runtime: ModelRuntime) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    configure_logging()
-    try:
-        config = parse_worker_args(argv, Role.COLOCATED)
-        runtime = load_runtime(config)
-    except (ConfigError, CheckpointError) as err:
-        print(f"pdserve worker: error: {err}", file=sys.stderr)
-        return 2
-    warm_up(runtime, prefill=True, decode=True)
-    return asyncio.run(serve(config, runtime))
+    return run_worker(argv, Role.COLOCATED, serve, prefill=True, decode=True)

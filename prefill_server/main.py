@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry
 
 from prefill_server.kv_push import RemoteKvSink
-from shared.checkpoint import CheckpointError
-from shared.config import ConfigError
 from shared.metrics import WorkerMetrics
 from shared.prefill_loop import PrefillLoop, PrefillService
 from shared.transport.server import prefill_service
-from shared.worker_config import Role, WorkerConfig, parse_worker_args
+from shared.worker_config import Role, WorkerConfig
 from shared.worker_runtime import (
     ModelRuntime,
     WorkerServer,
-    configure_logging,
-    load_runtime,
+    run_worker,
     wait_until,
-    warm_up,
 )
 
 
@@ -47,12 +42,4 @@ async def serve(config: WorkerConfig, runtime: ModelRuntime) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    configure_logging()
-    try:
-        config = parse_worker_args(argv, Role.PREFILL)
-        runtime = load_runtime(config)
-    except (ConfigError, CheckpointError) as err:
-        print(f"pdserve prefill: error: {err}", file=sys.stderr)
-        return 2
-    warm_up(runtime, prefill=True, decode=False)
-    return asyncio.run(serve(config, runtime))
+    return run_worker(argv, Role.PREFILL, serve, prefill=True, decode=False)

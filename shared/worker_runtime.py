@@ -26,12 +26,13 @@ import jax
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from shared.checkpoint import LoadedModel, load_model
+from shared.checkpoint import CheckpointError, LoadedModel, load_model
+from shared.config import ConfigError
 from shared.engine import Engine, Params, Prefix
 from shared.metrics import MetricsServer
 from shared.sampling import SamplingParams
 from shared.transport.server import RunningServer, Service, start_server
-from shared.worker_config import WorkerConfig
+from shared.worker_config import Role, WorkerConfig, parse_worker_args
 
 log = logging.getLogger("pdserve.worker")
 
@@ -155,6 +156,27 @@ async def wait_until(condition: Callable[[], bool], timeout: float, poll: float 
             return False
         await asyncio.sleep(poll)
     return True
+
+
+def run_worker(
+    argv: Sequence[str],
+    role: Role,
+    serve: Callable[[WorkerConfig, ModelRuntime], Awaitable[int]],
+    *,
+    prefill: bool,
+    decode: bool,
+) -> int:
+    """A worker's `main`: flags, model, warm-up, then `serve` until it drains.
+    Bad flags or weights exit 2 with the reason, before anything reports healthy."""
+    configure_logging()
+    try:
+        config = parse_worker_args(argv, role)
+        runtime = load_runtime(config)
+    except (ConfigError, CheckpointError) as err:
+        print(f"pdserve {role.value}: error: {err}", file=sys.stderr)
+        return 2
+    warm_up(runtime, prefill=prefill, decode=decode)
+    return asyncio.run(serve(config, runtime))
 
 
 def configure_logging() -> None:
