@@ -142,10 +142,15 @@ class WorkerServer:
         if metrics:
             metrics.stop()
         progress(f"{self.config.role.value}: stopped")
-        return 0
+        return 1 if self.fatal_error is not None else 0
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    @property
+    def port(self) -> int | None:
+        """The bound gRPC port, once serving."""
+        return None if self._server is None else self._server.port
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float, poll: float = 0.02) -> bool:

@@ -114,3 +114,36 @@ def test_no_free_slot_is_resource_exhausted(engine: Engine):
     table.reserve("b", GenerationLimits(1), 10, None)
     with pytest.raises(SlotsExhaustedError, match="all 2 decode slots are in use"):
         table.reserve("c", GenerationLimits(1), 10, None)
+
+
+class BrokenEngine:
+    """The real engine, except that its device 'fails' on the first decode step."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def generate(self, params, state):
+        raise RuntimeError("device lost")
+
+
+def test_engine_thread_death_is_loud_and_fails_every_lease(engine: Engine, params: Params):
+    table = SlotTable(engine.config.max_slots)
+    collector = Collector()
+    fatal: list[BaseException] = []
+    metrics = WorkerMetrics(CollectorRegistry(), "decode")
+    loop = DecodeLoop(BrokenEngine(engine), params, table, collector, metrics, fatal.append)
+    loop.start()
+    live = loop.reserve("a", GenerationLimits(5), 10.0, None)
+    waiting = loop.reserve("b", GenerationLimits(5), 10.0, None)
+    loop.submit(live.lease_id, engine.prefill(params, [1, 2, 3]))
+    collector.wait_finished(live.lease_id)
+    collector.wait_finished(waiting.lease_id)
+    for lease in (live, waiting):
+        assert collector.finish_of(lease.lease_id) is DecodeFinish.ERROR
+        assert "device lost" in collector.events[lease.lease_id][-1].detail
+    assert [str(e) for e in fatal] == ["device lost"]
+    assert not loop.alive
+    assert table.counts()[SlotState.FREE] == engine.config.max_slots

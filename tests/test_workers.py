@@ -401,3 +401,49 @@ def test_health_and_metrics_of_worker_processes(process_workers: ProcessWorkers)
     assert moved(decode, decode_before, reserved) == 1
     for reason in ("checksum", "fingerprint", "too_large", "truncated"):
         assert f"pdserve_kv_rejections_total{{reason={reason}}}" in decode
+
+
+def test_dead_engine_thread_turns_health_not_serving(engine, params, tiny_fingerprint):
+    import threading
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from prometheus_client import CollectorRegistry
+
+    from decode_server.worker import build_decode_worker
+    from shared.metrics import WorkerMetrics
+    from shared.transport.server import decode_service
+    from shared.worker_config import Role, parse_worker_args
+    from shared.worker_runtime import ModelRuntime, WorkerServer
+    from tests.worker_harness import ENGINE_FLAGS
+
+    config = parse_worker_args(
+        ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", *ENGINE_FLAGS], Role.DECODE
+    )
+    runtime = ModelRuntime(engine, params, tiny_fingerprint, None)
+
+    async def status(port: int) -> int:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            return reply.status
+
+    async def body() -> None:
+        server = WorkerServer(config, CollectorRegistry())
+        worker = build_decode_worker(
+            runtime, config, WorkerMetrics(server.registry, "d"), server.fatal
+        )
+        worker.start(asyncio.get_running_loop())
+        serving = asyncio.create_task(server.serve([decode_service(worker.service)], worker.drain))
+        while server.port is None:
+            await asyncio.sleep(0.01)
+        assert await status(server.port) == health_pb2.HealthCheckResponse.SERVING
+        dying = threading.Thread(target=server.fatal, args=(RuntimeError("engine died"),))
+        dying.start()
+        dying.join()
+        await asyncio.sleep(0.1)
+        assert await status(server.port) == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert isinstance(server.fatal_error, RuntimeError)
+        server.request_stop()
+        assert await asyncio.wait_for(serving, 10) == 1  # a worker that broke exits non-zero
+
+    asyncio.run(body())
