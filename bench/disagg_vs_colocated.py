@@ -97,6 +97,8 @@ def measure(
     engine_flags: Sequence[str],
     args: argparse.Namespace,
 ) -> dict:
+    # The machine is shared: the 1-minute load average before each run says how quiet it was.
+    loadavg = os.getloadavg()[0]
     children, target, masks = start_cluster(workers, engine_flags, args)
     try:
         if args.warmup:
@@ -110,6 +112,7 @@ def measure(
         result.records, result.duration_s, Slo(args.slo_ttft_ms, args.slo_tpot_ms)
     )
     report["cpu_affinity"] = masks
+    report["loadavg_1m_before"] = loadavg
     print(f"\n{name}\n{format_table(report)}", flush=True)
     return report
 
