@@ -94,6 +94,20 @@ def bench_prefill(config_name: str, repeats: int) -> list[dict]:
     return rows
 
 
+def load_results() -> dict:
+    """`small` load time from orbax vs HF, peak RSS float32 vs int8, int8 decode step:
+    bench/load_bench.py (each load in a fresh process), merged into this report."""
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import load_bench
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "load.json"
+        load_bench.main(["--out", str(out)])
+        return json.loads(out.read_text())
+
+
 def print_table(result: dict) -> None:
     print(f"\nread bandwidth: {result['read_bandwidth_gbps']:.1f} GB/s")
     print(f"\n{'config':<8}{'batch':>6}{'step ms':>10}{'floor ms':>10}{'ratio':>8}{'tok/s':>10}")
@@ -113,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="tiny,small")
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--skip-load", action="store_true", help="skip bench/load_bench.py (load time, RSS, int8)"
+    )
     args = parser.parse_args(argv)
 
     bandwidth = read_bandwidth_gbps()
@@ -129,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             print(result["decode"][-1], file=sys.stderr)
         result["prefill"] += bench_prefill(name, repeats=5)
     print_table(result)
+    if not args.skip_load:
+        result.update(load_results())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
