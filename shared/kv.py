@@ -19,10 +19,10 @@ import dataclasses
 import enum
 import hashlib
 import struct
-import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import google_crc32c
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so np.dtype("bfloat16") works)
 import numpy as np
 
@@ -30,7 +30,7 @@ from shared.engine import CacheDict, Prefix
 from shared.rpc.pdserve.v1 import kv_pb2, sampling_pb2
 from shared.sampling import SamplingParams
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: chunk checksums are CRC-32C (1 used zlib CRC-32)
 LENGTH_AXIS = 1  # leaves are [num_kv_heads, length, head_dim]
 DEFAULT_CHUNK_BYTES = 1 << 20  # grpcio streams ~1 MiB messages several times faster than one
 MAX_CHUNK_BYTES = 64 << 20
@@ -64,6 +64,11 @@ class KvError(Exception):
         super().__init__(f"{reason.value}: {message}")
         self.reason = reason
         self.detail = message
+
+
+def chunk_checksum(data: bytes) -> int:
+    """CRC-32C of one chunk (SSE4.2/ARMv8 instructions: ~25 GB/s here, zlib CRC-32 ~4)."""
+    return google_crc32c.value(data)
 
 
 # Leaf layout ------------------------------------------------------------------------------
@@ -168,29 +173,28 @@ def sampling_from_proto(message: sampling_pb2.SamplingParams) -> SamplingParams:
 
 @dataclasses.dataclass(slots=True, frozen=True)
 class KvPayload:
-    """An encoded prefix: the manifest and the contiguous payload the chunks slice."""
+    """An encoded prefix: the manifest and the payload as contiguous byte segments (views of
+    the sender's arrays, in manifest order). Each chunk is gathered from the segments
+    straight into its message's bytes: one copy of the KV on the sending side."""
 
     manifest: kv_pb2.KvManifest
-    payload: np.ndarray  # [total_bytes] uint8
+    segments: tuple[np.ndarray, ...]  # 1-D uint8 views
 
     @property
     def nbytes(self) -> int:
-        return int(self.payload.nbytes)
+        return int(self.manifest.total_bytes)
 
     def messages(self) -> Iterator[kv_pb2.KvTransfer]:
         """The TransferKV stream: manifest, chunks, trailer. Lazy: one chunk at a time."""
         yield kv_pb2.KvTransfer(manifest=self.manifest)
-        view = memoryview(self.payload)
         step = self.manifest.chunk_bytes
         digest = ChunkDigest()
-        for index in range(self.manifest.chunk_count):
-            offset = index * step
-            data = bytes(view[offset : offset + step])  # protobuf `bytes` fields take bytes only
-            crc = zlib.crc32(data)
+        for index, data in enumerate(_gather(self.segments, step)):
+            crc = chunk_checksum(data)
             digest.update(index, len(data), crc)
             message = kv_pb2.KvTransfer()  # fields set in place: KvTransfer(chunk=...) copies
             chunk = message.chunk
-            chunk.index, chunk.offset, chunk.data, chunk.crc32 = index, offset, data, crc
+            chunk.index, chunk.offset, chunk.data, chunk.crc32c = index, index * step, data, crc
             yield message
         trailer = kv_pb2.KvTrailer(
             chunk_count=self.manifest.chunk_count, payload_digest=digest.digest()
@@ -199,7 +203,7 @@ class KvPayload:
 
 
 class ChunkDigest:
-    """SHA-256 over each chunk's (index, length, CRC-32), in order: a hash list that binds
+    """SHA-256 over each chunk's (index, length, CRC-32C), in order: a hash list that binds
     the per-chunk checksums into one payload digest. Hashing every byte again with SHA-256
     would cost ~0.6 ns/byte on each side (more than the loopback socket itself)."""
 
@@ -215,6 +219,23 @@ class ChunkDigest:
         return self._hash.digest()
 
 
+def _gather(segments: tuple[np.ndarray, ...], step: int) -> Iterator[bytes]:
+    """The concatenated segments, cut into `step`-byte pieces (the last may be shorter)."""
+    pieces: list[memoryview] = []
+    filled = 0
+    for segment in segments:
+        view = memoryview(segment)
+        while len(view):
+            take = min(step - filled, len(view))
+            pieces.append(view[:take])
+            view, filled = view[take:], filled + take
+            if filled == step:
+                yield b"".join(pieces)  # the one copy: protobuf `bytes` fields take bytes
+                pieces, filled = [], 0
+    if pieces:
+        yield b"".join(pieces)
+
+
 def encode_prefix(
     prefix: Prefix,
     *,
@@ -223,7 +244,9 @@ def encode_prefix(
     lease_id: str,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> KvPayload:
-    """Cut every leaf to `prefix.true_length` and pack the cache into one payload."""
+    """Describe every leaf cut to `prefix.true_length`; the bytes stay in the prefix's
+    arrays (which must not change until the stream is sent) until `messages()` gathers
+    each chunk."""
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise ValueError(f"chunk_bytes={chunk_bytes} must be in [1, {MAX_CHUNK_BYTES}]")
     length = prefix.true_length
@@ -247,12 +270,13 @@ def encode_prefix(
                 length=nbytes,
             )
         )
-        arrays.append((array, shape, offset))
+        arrays.append(array)
         offset += nbytes
-    payload = np.empty(offset, np.uint8)
-    for array, shape, start in arrays:
-        view = payload[start : start + int(np.prod(shape)) * array.dtype.itemsize]
-        np.copyto(view.view(array.dtype).reshape(shape), array[:, :length])
+    segments = tuple(
+        np.ascontiguousarray(array[head, :length]).view(np.uint8).reshape(-1)
+        for array in arrays
+        for head in range(array.shape[0])
+    )  # a view, not a copy, for the usual C-contiguous cache leaf
     manifest = kv_pb2.KvManifest(
         format_version=FORMAT_VERSION,
         model_fingerprint=fingerprint,
@@ -266,4 +290,4 @@ def encode_prefix(
         chunk_bytes=chunk_bytes,
         chunk_count=-(-offset // chunk_bytes),
     )
-    return KvPayload(manifest, payload)
+    return KvPayload(manifest, segments)

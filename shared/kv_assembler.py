@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import zlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -29,6 +28,7 @@ from shared.kv import (
     KvRejection,
     KvSpec,
     LeafSpec,
+    chunk_checksum,
     sampling_from_proto,
     unflatten_cache,
 )
@@ -233,11 +233,11 @@ class KvAssembler:
                 f"chunk {chunk.index} covers [{chunk.offset}, +{len(data)}), "
                 f"expected [{start}, +{size})",
             )
-        crc = zlib.crc32(data)
-        if crc != chunk.crc32:
+        crc = chunk_checksum(data)
+        if crc != chunk.crc32c:
             raise KvError(
                 KvRejection.CHECKSUM,
-                f"chunk {chunk.index}: CRC-32 {crc:#010x} != {chunk.crc32:#010x} sent",
+                f"chunk {chunk.index}: CRC-32C {crc:#010x} != {chunk.crc32c:#010x} sent",
             )
         buffer[start : start + size] = np.frombuffer(data, np.uint8)
         self._digest.update(chunk.index, size, crc)

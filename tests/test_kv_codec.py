@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 
 from shared.engine import Engine, Params, Prefix
-from shared.kv import KvError, KvPayload, KvRejection, KvSpec, encode_prefix, flatten_cache
+from shared.kv import (
+    FORMAT_VERSION,
+    KvError,
+    KvPayload,
+    KvRejection,
+    KvSpec,
+    chunk_checksum,
+    encode_prefix,
+    flatten_cache,
+)
 from shared.kv_assembler import AssemblyState, KvAssembler, decode_messages
 from shared.rpc.pdserve.v1 import kv_pb2
 from shared.sampling import SamplingParams
@@ -118,11 +127,10 @@ def _flip_byte(messages: list[kv_pb2.KvTransfer]) -> list[kv_pb2.KvTransfer]:
 
 def _forge_chunk(messages: list[kv_pb2.KvTransfer]) -> list[kv_pb2.KvTransfer]:
     """Data and CRC changed together: only the trailer's digest can tell."""
-    import zlib
 
     chunk = messages[3].chunk
     chunk.data = bytes(len(chunk.data))
-    chunk.crc32 = zlib.crc32(chunk.data)
+    chunk.crc32c = chunk_checksum(chunk.data)
     return messages
 
 
@@ -143,7 +151,7 @@ def _shape(leaf: kv_pb2.KvLeaf) -> None:
 
 
 CASES: dict[str, tuple[Mutation, KvRejection]] = {
-    "format-version": (_set("format_version", 2), KvRejection.FORMAT_VERSION),
+    "format-version": (_set("format_version", FORMAT_VERSION + 1), KvRejection.FORMAT_VERSION),
     "fingerprint": (_set("model_fingerprint", "other-model"), KvRejection.FINGERPRINT),
     "unknown-leaf": (_leaf(0, _rename), KvRejection.UNKNOWN_LEAF),
     "missing-leaf": (_manifest(lambda m: m.leaves.pop()), KvRejection.MISSING_LEAF),

@@ -55,7 +55,7 @@ def _corrupted(message: kv_pb2.KvTransfer) -> kv_pb2.KvTransfer:
     data = bytearray(chunk.data)
     data[len(data) // 2] ^= 0xFF
     bad = kv_pb2.KvChunk(
-        index=chunk.index, offset=chunk.offset, data=bytes(data), crc32=chunk.crc32
+        index=chunk.index, offset=chunk.offset, data=bytes(data), crc32c=chunk.crc32c
     )
     return kv_pb2.KvTransfer(chunk=bad)
 

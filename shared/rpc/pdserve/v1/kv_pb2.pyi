@@ -48,16 +48,16 @@ class KvManifest(_message.Message):
     def __init__(self, format_version: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., request_id: _Optional[str] = ..., lease_id: _Optional[str] = ..., true_length: _Optional[int] = ..., first_token: _Optional[int] = ..., sampling: _Optional[_Union[_sampling_pb2.SamplingParams, _Mapping]] = ..., leaves: _Optional[_Iterable[_Union[KvLeaf, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., chunk_count: _Optional[int] = ...) -> None: ...
 
 class KvChunk(_message.Message):
-    __slots__ = ("index", "offset", "data", "crc32")
+    __slots__ = ("index", "offset", "data", "crc32c")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
-    CRC32_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
     index: int
     offset: int
     data: bytes
-    crc32: int
-    def __init__(self, index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+    crc32c: int
+    def __init__(self, index: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class KvTrailer(_message.Message):
     __slots__ = ("chunk_count", "payload_digest")
