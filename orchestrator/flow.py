@@ -47,6 +47,9 @@ from shared.transport.types import (
 log = logging.getLogger(__name__)
 
 
+PREFILL_CALL_TIMEOUT_S = 120.0  # without a request deadline
+
+
 class FinishReason(enum.Enum):
     STOP = "stop"
     LENGTH = "length"
@@ -220,22 +223,31 @@ class GenerateFlow:
         request = PrefillRequest(
             job.request_id, prompt, job.sampling, decode.address, lease.lease_id, job.deadline
         )
-        timeout = None if job.deadline is None else max(0.01, job.deadline - time.time())
+        # The call covers queueing behind other prompts, the prefill and the KV push.
+        timeout = PREFILL_CALL_TIMEOUT_S
+        if job.deadline is not None:
+            timeout = max(0.01, job.deadline - time.time())
         prefill.outstanding += 1
         try:
             return (await prefill.prefill.prefill(request, timeout=timeout)).first_token
         except TransportError as err:
-            await self._blame(err, prefill, decode)
+            await self._blame(job, err, prefill, decode)
             raise AssertionError("unreachable") from None
         finally:
             prefill.outstanding -= 1
 
-    async def _blame(self, err: TransportError, prefill: Worker, decode: Worker) -> None:
+    async def _blame(
+        self, job: GenerateJob, err: TransportError, prefill: Worker, decode: Worker
+    ) -> None:
         """Turn a failed prefill into the right next step; always raises."""
         if err.code is StatusCode.INVALID_ARGUMENT:
             raise RequestFailed(err.code, err.message)
         if err.code is StatusCode.DEADLINE_EXCEEDED:
-            raise TimeoutError(err.message)
+            if job.deadline is not None and time.time() >= job.deadline:
+                raise TimeoutError(err.message)  # the request's own deadline
+            # Only the call's timeout: that prefill worker is stuck; try another.
+            self._registry.eject(prefill, f"prefill timed out: {err}")
+            raise _PrefillLost(f"{prefill.address}: {err}")
         # UNAVAILABLE may be the prefill worker's own death or the decode worker's status
         # relayed from the KV push: ask both which one is still alive.
         decode_ok, prefill_ok = await asyncio.gather(

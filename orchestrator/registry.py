@@ -25,6 +25,9 @@ from shared.transport.types import LoadReport, TransportError
 log = logging.getLogger(__name__)
 
 
+FAILED_CHECKS_TO_EJECT = 3
+
+
 class WorkerRole(enum.Enum):
     PREFILL = "prefill"
     DECODE = "decode"
@@ -57,6 +60,7 @@ class Worker:
     leases: int = 0  # decode leases our requests hold on it now
     others: int = 0  # slots busy with work that is not ours, as of the last report
     outstanding: int = 0  # our prefill calls in flight on it now
+    failed_checks: int = 0  # consecutive failed health checks
 
     @property
     def free_slots(self) -> int:
@@ -104,7 +108,7 @@ class WorkerRegistry:
         *,
         health_interval_s: float = 2.0,
         dns_refresh_s: float = 10.0,
-        health_timeout_s: float = 2.0,
+        health_timeout_s: float = 5.0,
     ) -> None:
         self._connector, self._sources, self._metrics = connector, sources, metrics
         self._health_interval, self._dns_refresh = health_interval_s, dns_refresh_s
@@ -161,7 +165,13 @@ class WorkerRegistry:
             except (TransportError, TimeoutError):
                 ok = False
         was = worker.health
-        worker.health = Health.UP if ok else Health.DOWN
+        worker.failed_checks = 0 if ok else worker.failed_checks + 1
+        if ok:
+            worker.health = Health.UP
+        elif was is not Health.UP or worker.failed_checks >= FAILED_CHECKS_TO_EJECT:
+            # One slow answer from a busy worker is not a failure; calls that fail eject it
+            # at once through `eject`.
+            worker.health = Health.DOWN
         if was is not worker.health:
             log.info("worker %s is %s", worker.address, worker.health.value)
         return ok

@@ -376,7 +376,7 @@ def test_decode_killed_mid_stream_resumes_exactly_processes(process_cluster, tin
                 chosen.signal(signal.SIGSTOP)
                 chosen.signal(signal.SIGKILL)
             chunks.append(chunk)
-        assert tokens_of(chunks) == expected
+        assert tokens_of(chunks) == expected, (chunks[-2:], orch.output[-20:])
         assert chunks[-1].finish_reason == "length"
         text = urllib.request.urlopen(f"http://127.0.0.1:{orch.metrics_port}/metrics").read()
         assert b'pdserve_retries_total{stage="decode_resume"} 1.0' in text

@@ -215,3 +215,27 @@ def test_queue_is_fifo_bounded_and_waits_for_a_release():
             await reg.stop()
 
     asyncio.run(body())
+
+
+def test_a_slow_health_check_does_not_eject_but_repeated_failures_do():
+    async def body() -> None:
+        net = Network({"d:1"})
+        reg = WorkerRegistry(
+            net,
+            Sources(decode=("d:1",)),
+            OrchestratorMetrics(CollectorRegistry()),
+            health_interval_s=3600,
+        )
+        await reg.start()
+        try:
+            (worker,) = reg.all()
+            net.up.discard("d:1")
+            for expected in (Health.UP, Health.UP, Health.DOWN):
+                assert not await reg.check(worker)
+                assert worker.health is expected
+            net.up.add("d:1")
+            assert await reg.check(worker) and worker.health is Health.UP
+        finally:
+            await reg.stop()
+
+    asyncio.run(body())
