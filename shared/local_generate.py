@@ -18,6 +18,7 @@ from shared.config import ConfigError, EngineConfig
 from shared.engine import Engine, EngineError, Params
 from shared.sampling import SamplingError, SamplingParams
 from shared.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDetokenizer, Tokenizer
+from shared.worker_config import resolve_dtype
 
 
 def parse_token_ids(text: str) -> list[int]:
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.add_argument("--json", action="store_true", help="one JSON object per generated token")
     return p
 
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     # One slot, and buckets that cover prompts up to half the cache.
     buckets = tuple(b for b in (16, 32, 64, 128, 256, 512, 1024) if b < args.max_seq_len)
-    engine_config = EngineConfig(1, buckets, args.max_seq_len)
+    engine_config = EngineConfig(1, buckets, args.max_seq_len, resolve_dtype(args.dtype))
     loaded = load_model(
         args.model, engine_config=engine_config, quantize=quantization_from_args(args)
     )

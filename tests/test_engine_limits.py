@@ -109,3 +109,11 @@ def test_model_config_validation():
             name="bad", vocab_size=10, d_model=8, num_layers=1, num_heads=6, num_kv_heads=4,
             head_dim=4, ffn_dim=8, bos_id=None, eos_id=None,
         )  # fmt: skip
+
+
+def test_dtype_auto_is_float32_on_cpu_and_explicit_values_pass_through():
+    from shared.worker_config import resolve_dtype
+
+    assert resolve_dtype("auto") == "float32"  # the tests run with JAX_PLATFORMS=cpu
+    assert resolve_dtype("bfloat16") == "bfloat16"
+    assert EngineConfig.default_dtype_for_platform("tpu") == "bfloat16"
