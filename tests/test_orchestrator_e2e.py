@@ -238,7 +238,7 @@ def test_sixty_four_concurrent_streams_complete_and_leave_nothing_behind(run, ki
 def test_deadline_ends_the_stream_and_frees_the_slot(run, kind):
     async def body(cluster) -> None:
         chunks = await cluster.api.generate(
-            [256, 1, 2], max_tokens=60, ignore_eos=True, timeout_seconds=0.03
+            [256, 1, 2], max_tokens=60, ignore_eos=True, timeout_seconds=0.01
         )
         assert chunks[-1].finish_reason == "deadline"
         assert len(tokens_of(chunks)) < 60
@@ -246,7 +246,7 @@ def test_deadline_ends_the_stream_and_frees_the_slot(run, kind):
         # The call's own gRPC deadline is honoured too: the call ends, the slot is freed.
         with pytest.raises(GenerateError) as err:
             await cluster.api.generate(
-                [256, 1, 2], max_tokens=60, ignore_eos=True, call_timeout=0.03
+                [256, 1, 2], max_tokens=60, ignore_eos=True, call_timeout=0.01
             )
         assert err.value.code in ("DEADLINE_EXCEEDED", "CANCELLED")
         await wait_free(cluster, timeout=2.0)
