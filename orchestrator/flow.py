@@ -221,7 +221,13 @@ class GenerateFlow:
     ) -> int:  # fmt: skip
         """The first token, from `prefill`, which pushed the KV to `decode`."""
         request = PrefillRequest(
-            job.request_id, prompt, job.sampling, decode.address, lease.lease_id, job.deadline
+            job.request_id,
+            prompt,
+            job.sampling,
+            decode.address,
+            lease.lease_id,
+            job.deadline,
+            resume=len(prompt) > len(job.prompt_ids),
         )
         # The call covers queueing behind other prompts, the prefill and the KV push.
         timeout = PREFILL_CALL_TIMEOUT_S

@@ -156,10 +156,14 @@ class Engine:
         tokens: Sequence[int] | np.ndarray,
         true_length: int | None = None,
         sampling: SamplingParams | None = None,
+        *,
+        allow_long: bool = False,
     ) -> Prefix:
         """Run the prompt, sample its first token at position `true_length`.
 
         `tokens` may be unpadded or already padded; only `tokens[:true_length]` are read.
+        `allow_long` (resumed requests only) admits prompts past the largest bucket, up to
+        max_seq_len - 1, padded to max_seq_len: one more compile, on first use.
         """
         sampling = sampling or SamplingParams()
         prompt = np.asarray(tokens, dtype=np.int64).reshape(-1)
@@ -170,8 +174,7 @@ class Engine:
             )
         prompt = prompt[:true_length]
         self.validate_tokens(prompt)
-        bucket = self.config.bucket_for(true_length) if true_length <= self.config.max_prompt_len \
-            else self._raise_too_long(true_length)  # fmt: skip
+        bucket = self._prefill_bucket(true_length, allow_long)
         padded = np.zeros((1, bucket), np.int32)
         padded[0, :true_length] = prompt
         cache, first = self._prefill_jit(
@@ -180,7 +183,16 @@ class Engine:
         return Prefix(cache=cache, true_length=true_length, first_token=int(first[0]),
                       sampling=sampling)  # fmt: skip
 
-    def _raise_too_long(self, length: int) -> int:
+    def _prefill_bucket(self, length: int, allow_long: bool) -> int:
+        if length <= self.config.max_prompt_len:
+            return self.config.bucket_for(length)
+        if allow_long and length < self.config.max_seq_len:
+            return self.config.max_seq_len
+        if allow_long:
+            raise PromptTooLongError(
+                f"resumed prompt of {length} tokens leaves no room in max_seq_len "
+                f"({self.config.max_seq_len})"
+            )
         raise PromptTooLongError(
             f"prompt of {length} tokens is longer than the largest prefill bucket "
             f"({self.config.max_prompt_len}); raise --prefill-buckets or shorten the prompt"

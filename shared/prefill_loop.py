@@ -189,7 +189,10 @@ class PrefillLoop:
         start = time.perf_counter()
         try:
             prefix = self._engine.prefill(
-                self._params, request.prompt_token_ids, sampling=request.sampling
+                self._params,
+                request.prompt_token_ids,
+                sampling=request.sampling,
+                allow_long=request.resume,
             )
         except EngineError as err:
             self._resolve(job, TransportError(StatusCode.INVALID_ARGUMENT, str(err)))

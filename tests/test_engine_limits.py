@@ -117,3 +117,19 @@ def test_dtype_auto_is_float32_on_cpu_and_explicit_values_pass_through():
     assert resolve_dtype("auto") == "float32"  # the tests run with JAX_PLATFORMS=cpu
     assert resolve_dtype("bfloat16") == "bfloat16"
     assert EngineConfig.default_dtype_for_platform("tpu") == "bfloat16"
+
+
+def test_prompts_past_the_largest_bucket_only_for_resumes(engine: Engine, params: Params):
+    prompt = [1 + i % 250 for i in range(40)]  # > largest bucket (32), < max_seq_len (64)
+    with pytest.raises(PromptTooLongError, match="largest prefill bucket"):
+        engine.prefill(params, prompt)
+    prefix = engine.prefill(params, prompt, allow_long=True)
+    assert prefix.first_token == int(np.argmax(engine.reference_logits(params, prompt)[-1]))
+    state = engine.insert(prefix.trimmed(), engine.init_decode_state(), 1)
+    seq = [*prompt, prefix.first_token]
+    for _ in range(5):
+        state, tokens = engine.generate(params, state)
+        assert int(tokens[1]) == int(np.argmax(engine.reference_logits(params, seq)[-1]))
+        seq.append(int(tokens[1]))
+    with pytest.raises(PromptTooLongError, match="leaves no room in max_seq_len"):
+        engine.prefill(params, [1] * 64, allow_long=True)

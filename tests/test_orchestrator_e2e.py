@@ -388,17 +388,23 @@ def test_decode_killed_mid_stream_resumes_exactly_processes(process_cluster, tin
             stop_worker(w)
 
 
-def test_decode_killed_mid_stream_resumes_exactly_in_process(engine, params, tiny_fingerprint):
+@pytest.mark.parametrize("kill_after", [2, 40])
+def test_decode_killed_mid_stream_resumes_exactly_in_process(
+    engine, params, tiny_fingerprint, kill_after
+):
+    """Killed after 40 tokens, the resumed prompt (44+ tokens) is longer than the largest
+    prefill bucket (32): the resume prefill takes the long path. 60 tokens leave the decode
+    thread no room to finish before the kill (it runs at most a step or two ahead)."""
     prompt = [256, 3, 1, 4]
-    expected = reference(engine, params, prompt, 50)
+    expected = reference(engine, params, prompt, 60)
 
     async def body() -> None:
         cluster = InProcessCluster(engine, params, tiny_fingerprint, decode_workers=2)
         await cluster.start()
         try:
             chunks = []
-            async for chunk in cluster.api.stream(prompt, max_tokens=50, ignore_eos=True):
-                if len(chunks) == 2:
+            async for chunk in cluster.api.stream(prompt, max_tokens=60, ignore_eos=True):
+                if len(tokens_of(chunks)) >= kill_after and "decode-0:1" in cluster.decode:
                     await cluster.kill_decode("decode-0:1")
                 chunks.append(chunk)
             assert tokens_of(chunks) == expected

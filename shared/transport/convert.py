@@ -139,6 +139,7 @@ def prefill_to_proto(request: PrefillRequest) -> worker_pb2.PrefillRequest:
         lease_id=request.lease_id,
         deadline=_timestamp(request.deadline),
         model_fingerprint=request.model_fingerprint,
+        resume=request.resume,
     )
 
 
@@ -152,6 +153,7 @@ def prefill_from_proto(message: worker_pb2.PrefillRequest) -> PrefillRequest:
         lease_id=message.lease_id,
         deadline=_optional_time(message, "deadline"),
         model_fingerprint=message.model_fingerprint,
+        resume=message.resume,
     )
 
 

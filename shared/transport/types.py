@@ -122,6 +122,7 @@ class PrefillRequest:
     lease_id: str
     deadline: float | None = None  # unix time; None: no deadline
     model_fingerprint: str = ""  # empty: do not check
+    resume: bool = False  # prompt + tokens already streamed: may exceed the largest bucket
 
 
 @dataclasses.dataclass(slots=True, frozen=True)

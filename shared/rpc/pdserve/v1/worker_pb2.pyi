@@ -115,7 +115,7 @@ class LoadReport(_message.Message):
     def __init__(self, free_slots: _Optional[int] = ..., total_slots: _Optional[int] = ..., queue_depth: _Optional[int] = ..., live_requests: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_target", "lease_id", "deadline", "model_fingerprint")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_target", "lease_id", "deadline", "model_fingerprint", "resume")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class PrefillRequest(_message.Message):
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _sampling_pb2.SamplingParams
@@ -130,7 +131,8 @@ class PrefillRequest(_message.Message):
     lease_id: str
     deadline: _timestamp_pb2.Timestamp
     model_fingerprint: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_sampling_pb2.SamplingParams, _Mapping]] = ..., decode_target: _Optional[str] = ..., lease_id: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    resume: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_sampling_pb2.SamplingParams, _Mapping]] = ..., decode_target: _Optional[str] = ..., lease_id: _Optional[str] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., resume: _Optional[bool] = ...) -> None: ...
 
 class PrefillTimings(_message.Message):
     __slots__ = ("queue_seconds", "prefill_seconds", "transfer_seconds", "kv_bytes")
