@@ -11,10 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import subprocess
-import sys
-import threading
 from collections.abc import AsyncIterator, Sequence
 
 from prometheus_client import CollectorRegistry
@@ -36,46 +32,13 @@ from shared.transport.fake import FakeNetwork
 from shared.transport.types import TransportError
 from shared.worker_config import Role, parse_worker_args
 from shared.worker_runtime import ModelRuntime
-from tests.worker_harness import ENGINE_FLAGS, REPO, SERVING, TRANSPORT, WorkerProcess
+from tests.worker_harness import ENGINE_FLAGS, TRANSPORT, WorkerProcess, spawn_pdserve
 
 
 def spawn_orchestrator(*flags: str, timeout: float = 120.0) -> WorkerProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pdserve_cli",
-        "orchestrator",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--health-interval-s",
-        "0.5",
-        *flags,
-    ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    output: list[str] = []
-    ready = threading.Event()
-    found = []
-
-    def pump() -> None:
-        for line in proc.stdout:
-            output.append(line)
-            if not found and (match := SERVING.search(line)):
-                found.append(match)
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(timeout) or not found:
-        proc.kill()
-        raise RuntimeError("orchestrator did not start:\n" + "".join(output))
-    return WorkerProcess("orchestrator", proc, f"127.0.0.1:{found[0][2]}", int(found[0][3]), output)
+    argv = ["orchestrator", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+            "--health-interval-s", "0.5", *flags]  # fmt: skip
+    return spawn_pdserve("orchestrator", argv, timeout)
 
 
 class ProcessApi:

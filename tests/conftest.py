@@ -30,3 +30,12 @@ def engine(tiny_config: ModelConfig, engine_config: EngineConfig) -> Engine:
 @pytest.fixture(scope="session")
 def params(engine: Engine) -> Params:
     return engine.init_params(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_fingerprint(engine_config: EngineConfig) -> str:
+    """The model fingerprint worker processes serving `tiny` report (KV wire check)."""
+    from shared.checkpoint import load_model
+    from shared.worker_runtime import model_fingerprint
+
+    return model_fingerprint(load_model("tiny", engine_config=engine_config, seed=0))

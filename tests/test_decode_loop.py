@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -14,6 +13,7 @@ from decode_server.slots import SlotsExhaustedError, SlotState, SlotTable
 from shared.engine import Engine, Params
 from shared.metrics import WorkerMetrics
 from shared.transport.types import DecodeFinish, GenerationLimits, TokenBatch
+from tests.reference import reference_greedy
 
 
 class Collector:
@@ -54,13 +54,6 @@ def running(engine: Engine, params: Params):
     assert not fatal
 
 
-def reference(engine: Engine, params: Params, prompt: list[int], n: int) -> list[int]:
-    seq = list(prompt)
-    for _ in range(n):
-        seq.append(int(np.argmax(engine.reference_logits(params, seq)[-1])))
-    return seq[len(prompt) :]
-
-
 def test_tokens_equal_reference_and_slot_is_freed(running, engine: Engine, params: Params):
     loop, table, collector = running
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
@@ -68,7 +61,7 @@ def test_tokens_equal_reference_and_slot_is_freed(running, engine: Engine, param
     prefix = engine.prefill(params, prompt).trimmed()
     loop.submit(lease.lease_id, prefix)
     streamed = collector.wait_finished(lease.lease_id)
-    assert [prefix.first_token, *streamed] == reference(engine, params, prompt, 7)
+    assert [prefix.first_token, *streamed] == reference_greedy(engine, params, prompt, 7)
     assert collector.finish_of(lease.lease_id) is DecodeFinish.LENGTH
     assert table.counts()[SlotState.FREE] == engine.config.max_slots
 
@@ -76,7 +69,7 @@ def test_tokens_equal_reference_and_slot_is_freed(running, engine: Engine, param
 def test_stop_token_ends_without_streaming_it(running, engine: Engine, params: Params):
     loop, _table, collector = running
     prompt = [7, 7, 7, 1]
-    expected = reference(engine, params, prompt, 6)
+    expected = reference_greedy(engine, params, prompt, 6)
     stop = expected[3]
     lease = loop.reserve("r", GenerationLimits(10, (stop,), stop_on_eos=False), 10.0, None)
     loop.submit(lease.lease_id, engine.prefill(params, prompt))

@@ -10,17 +10,10 @@ import pytest
 
 from shared.engine import Engine, Params, Prefix
 from shared.sampling import SamplingParams
+from tests.reference import reference_greedy
 
 # Prompt lengths at and around the bucket edges of the test engine (buckets 8, 16, 32).
 PROMPTS = {n: [(37 * i + 11 * n) % 250 + 1 for i in range(n)] for n in (1, 7, 8, 9, 16, 17, 32)}
-
-
-def reference_greedy(engine: Engine, params: Params, prompt: list[int], steps: int) -> list[int]:
-    """Greedy continuation by repeated uncached full-sequence forwards."""
-    seq = list(prompt)
-    for _ in range(steps):
-        seq.append(int(np.argmax(engine.reference_logits(params, seq)[-1])))
-    return seq[len(prompt) :]
 
 
 def decode_greedy(

@@ -11,25 +11,18 @@ import urllib.request
 import numpy as np
 import pytest
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
-from shared.checkpoint import load_model
 from shared.client import GenerateError
 from shared.config import EngineConfig
 from shared.engine import Engine, Params
 from shared.sampling import SamplingParams
 from shared.tokenizer import ByteTokenizer
-from shared.worker_runtime import model_fingerprint
 from tests.cluster_harness import InProcessCluster, ProcessApi, spawn_orchestrator
+from tests.reference import metric_samples, reference_greedy
 from tests.worker_harness import ProcessWorkers, spawn_worker, stop_worker
 
 KINDS = ["process", "fake"]
 TOKENIZER = ByteTokenizer(320)
-
-
-@pytest.fixture(scope="session")
-def tiny_fingerprint(engine_config: EngineConfig) -> str:
-    return model_fingerprint(load_model("tiny", engine_config=engine_config, seed=0))
 
 
 class ProcessCluster:
@@ -97,13 +90,6 @@ def run(request: pytest.FixtureRequest, engine: Engine, params: Params, tiny_fin
     return runner
 
 
-def reference(engine: Engine, params: Params, prompt: list[int], n: int) -> list[int]:
-    seq = list(prompt)
-    for _ in range(n):
-        seq.append(int(np.argmax(engine.reference_logits(params, seq)[-1])))
-    return seq[len(prompt) :]
-
-
 def tokens_of(chunks) -> list[int]:
     return [t for c in chunks for t in c.token_ids]
 
@@ -126,8 +112,8 @@ async def wait_free(cluster, timeout: float = 5.0) -> None:
 def test_greedy_token_and_text_prompts_equal_the_reference(run, kind, engine, params):
     ids = [256, 10, 20, 30, 40, 50, 60]
     text = "Hello, pdserve"
-    expected_ids = reference(engine, params, ids, 10)
-    expected_text = reference(engine, params, TOKENIZER.encode(text), 10)
+    expected_ids = reference_greedy(engine, params, ids, 10)
+    expected_text = reference_greedy(engine, params, TOKENIZER.encode(text), 10)
 
     async def body(cluster) -> None:
         chunks = await cluster.api.generate(ids, max_tokens=10, ignore_eos=True)
@@ -145,7 +131,7 @@ def test_greedy_token_and_text_prompts_equal_the_reference(run, kind, engine, pa
 @pytest.mark.parametrize("kind", KINDS)
 def test_stop_string_across_tokens_ends_the_text_before_it(run, kind, engine, params):
     prompt = [256, 65, 66, 67]
-    full = reference(engine, params, prompt, 40)
+    full = reference_greedy(engine, params, prompt, 40)
     # A stop string made of two consecutive generated ASCII tokens: it spans a boundary.
     i = next(k for k in range(3, 38) if all(32 <= t < 127 for t in full[k : k + 2]))
     stop = bytes(full[i : i + 2]).decode()
@@ -163,7 +149,7 @@ def test_stop_string_across_tokens_ends_the_text_before_it(run, kind, engine, pa
 @pytest.mark.parametrize("kind", KINDS)
 def test_stop_token_and_max_tokens(run, kind, engine, params):
     prompt = [256, 1, 2, 3]
-    full = reference(engine, params, prompt, 12)
+    full = reference_greedy(engine, params, prompt, 12)
     stop_id = full[5]
 
     async def body(cluster) -> None:
@@ -212,7 +198,8 @@ def test_sixty_four_concurrent_streams_complete_and_leave_nothing_behind(run, ki
         for _ in range(64)
     ]
     expected = {
-        i: reference(engine, params, [int(t) for t in p], n) for i, (p, n) in enumerate(cases[:8])
+        i: reference_greedy(engine, params, [int(t) for t in p], n)
+        for i, (p, n) in enumerate(cases[:8])
     }
 
     async def body(cluster) -> None:
@@ -359,7 +346,7 @@ def test_decode_killed_mid_stream_resumes_exactly_processes(process_cluster, tin
     prompt = [256, 3, 1, 4]
     # Longer sequences than the shared test engine holds: a reference engine of 256.
     long_engine = Engine(tiny_config, EngineConfig(1, (8,), 256))
-    expected = reference(long_engine, params, prompt, 100)
+    expected = reference_greedy(long_engine, params, prompt, 100)
     flags = ("--max-seq-len", "256", "--prefill-buckets", "8,16,32,64,128")
     decodes = [spawn_worker("decode", *flags), spawn_worker("decode", *flags)]
     prefill = spawn_worker("prefill", *flags)
@@ -396,7 +383,7 @@ def test_decode_killed_mid_stream_resumes_exactly_in_process(
     prefill bucket (32): the resume prefill takes the long path. 60 tokens leave the decode
     thread no room to finish before the kill (it runs at most a step or two ahead)."""
     prompt = [256, 3, 1, 4]
-    expected = reference(engine, params, prompt, 60)
+    expected = reference_greedy(engine, params, prompt, 60)
 
     async def body() -> None:
         cluster = InProcessCluster(engine, params, tiny_fingerprint, decode_workers=2)
@@ -461,24 +448,15 @@ def test_only_decode_worker_killed_gives_unavailable_in_process(engine, params, 
 # 5. Metrics ---------------------------------------------------------------------------------
 
 
-def samples(text: str) -> dict[str, float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}"] = s.value
-    return out
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_metrics_move_by_exactly_the_requests_sent(run, kind):
     prompts = [[256, 1, 2], [256, 3], [256, 4, 5, 6, 7]]
 
     async def body(cluster) -> None:
-        before = samples(cluster.metrics_text())
+        before = metric_samples(cluster.metrics_text())
         for p in prompts:
             await cluster.api.generate(p, max_tokens=4, ignore_eos=True)
-        after = samples(cluster.metrics_text())
+        after = metric_samples(cluster.metrics_text())
 
         def moved(key: str) -> float:
             return after.get(key, 0.0) - before.get(key, 0.0)
@@ -509,7 +487,7 @@ def test_colocated_worker_serves_exactly_like_a_pair(engine, params):
     colocated = spawn_worker("colocated")
     orch = spawn_orchestrator("--colocated", colocated.address)
     prompt = [256, 2, 7, 1, 8]
-    expected = reference(engine, params, prompt, 9)
+    expected = reference_greedy(engine, params, prompt, 9)
 
     async def body() -> None:
         api = ProcessApi(orch.address)

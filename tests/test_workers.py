@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from shared.checkpoint import load_model
-from shared.config import EngineConfig
 from shared.engine import Engine, Params
 from shared.kv import encode_prefix
 from shared.sampling import SamplingParams
@@ -28,7 +27,7 @@ from shared.transport.types import (
     StatusCode,
     TransportError,
 )
-from shared.worker_runtime import model_fingerprint
+from tests.reference import reference_greedy, scrape
 from tests.worker_harness import (
     TRANSPORT,
     InProcessWorkers,
@@ -41,11 +40,6 @@ from tests.worker_harness import (
 
 KINDS = ["process", "fake"]
 Body = Callable[[object], Awaitable[None]]
-
-
-@pytest.fixture(scope="session")
-def tiny_fingerprint(engine_config: EngineConfig) -> str:
-    return model_fingerprint(load_model("tiny", engine_config=engine_config, seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +70,6 @@ def run(request: pytest.FixtureRequest, engine: Engine, params: Params, tiny_fin
     return runner
 
 
-def reference(engine: Engine, params: Params, prompt: list[int], n: int) -> list[int]:
-    seq = list(prompt)
-    for _ in range(n):
-        seq.append(int(np.argmax(engine.reference_logits(params, seq)[-1])))
-    return seq[len(prompt) :]
-
-
 async def wait_all_free(decode, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -96,7 +83,7 @@ async def wait_all_free(decode, timeout: float = 10.0) -> None:
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_tokens_equal_single_engine_reference(run, kind, engine, params):
     prompt = [256, 72, 101, 108, 108, 111, 44, 32, 119]
-    expected = reference(engine, params, prompt, 12)
+    expected = reference_greedy(engine, params, prompt, 12)
 
     async def body(workers) -> None:
         tokens, batches = await generate(
@@ -115,7 +102,7 @@ def test_sixteen_concurrent_requests_complete_exactly(run, kind, engine, params)
         (rng.integers(0, 256, int(rng.integers(1, 33))).tolist(), int(rng.integers(1, 20)))
         for _ in range(16)
     ]
-    expected = [reference(engine, params, p, n) for p, n in cases]
+    expected = [reference_greedy(engine, params, p, n) for p, n in cases]
 
     async def body(workers) -> None:
         decode, prefill = workers.decode_client(), workers.prefill_client()
@@ -173,7 +160,7 @@ def test_bad_kv_is_rejected_slot_freed_server_keeps_serving(
 ):
     prompt = [5, 6, 7, 8, 9]
     prefix = engine.prefill(params, prompt)
-    expected = reference(engine, params, prompt, 5)
+    expected = reference_greedy(engine, params, prompt, 5)
 
     async def body(workers) -> None:
         decode, prefill = workers.decode_client(), workers.prefill_client()
@@ -208,7 +195,7 @@ def test_prefill_reports_a_killed_decode_process_and_keeps_serving(
     """kill -9 of the decode process while the prefill worker pushes KV to it."""
     doomed = spawn_worker("decode")
     prompt = [9, 8, 7, 6]
-    expected = reference(engine, params, prompt, 6)
+    expected = reference_greedy(engine, params, prompt, 6)
 
     async def body() -> None:
         victim = process_workers.decode_client(doomed.address)
@@ -247,7 +234,7 @@ def test_prefill_reports_a_dead_decode_peer_in_process(engine, params, tiny_fing
     from shared.transport.fake import FaultPlan
 
     prompt = [9, 8, 7, 6]
-    expected = reference(engine, params, prompt, 6)
+    expected = reference_greedy(engine, params, prompt, 6)
 
     async def body() -> None:
         workers = InProcessWorkers(engine, params, tiny_fingerprint)
@@ -285,7 +272,7 @@ def test_prefill_reports_a_dead_decode_peer_in_process(engine, params, tiny_fing
 def test_sigterm_drains_live_work_then_exits_zero(process_workers: ProcessWorkers, engine, params):
     draining = spawn_worker("decode", "--drain-grace-s", "20")
     prompt = [4, 4, 4]
-    expected = reference(engine, params, prompt, 30)
+    expected = reference_greedy(engine, params, prompt, 30)
 
     async def body() -> None:
         decode = process_workers.decode_client(draining.address)
@@ -334,21 +321,6 @@ def test_params_of_processes_match_the_test_engine(engine, params, engine_config
     loaded = load_model("tiny", engine_config=engine_config, seed=0)
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def scrape(port: int) -> dict[str, float]:
-    """/metrics as {"name{label=value,...}": value}."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            samples[f"{s.name}{{{labels}}}"] = s.value
-    return samples
 
 
 def test_health_and_metrics_of_worker_processes(process_workers: ProcessWorkers):

@@ -68,10 +68,9 @@ class WorkerProcess:
         return self.proc.wait(timeout)
 
 
-def spawn_worker(role: str, *flags: str, timeout: float = 180.0) -> WorkerProcess:
-    """Start `pdserve worker --role ROLE` on a free loopback port; return once SERVING."""
-    cmd = [sys.executable, "-m", "pdserve_cli", "worker", "--role", role, "--host", "127.0.0.1",
-           "--port", "0", "--metrics-port", "0", *ENGINE_FLAGS, *flags]  # fmt: skip
+def spawn_pdserve(name: str, argv: list[str], timeout: float) -> WorkerProcess:
+    """Start `pdserve ARGV` (which must bind loopback port 0); return once it serves."""
+    cmd = [sys.executable, "-m", "pdserve_cli", *argv]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -91,9 +90,16 @@ def spawn_worker(role: str, *flags: str, timeout: float = 180.0) -> WorkerProces
     threading.Thread(target=pump, daemon=True).start()
     if not ready.wait(timeout) or not found:
         proc.kill()
-        raise RuntimeError(f"{role} worker did not start:\n{''.join(output)}")
+        raise RuntimeError(f"{name} did not start:\n{''.join(output)}")
     match = found[0]
-    return WorkerProcess(role, proc, f"127.0.0.1:{match[2]}", int(match[3]), output)
+    return WorkerProcess(name, proc, f"127.0.0.1:{match[2]}", int(match[3]), output)
+
+
+def spawn_worker(role: str, *flags: str, timeout: float = 180.0) -> WorkerProcess:
+    """Start `pdserve worker --role ROLE` on a free loopback port; return once SERVING."""
+    argv = ["worker", "--role", role, "--host", "127.0.0.1", "--port", "0",
+            "--metrics-port", "0", *ENGINE_FLAGS, *flags]  # fmt: skip
+    return spawn_pdserve(role, argv, timeout)
 
 
 def stop_worker(worker: WorkerProcess) -> None:
