@@ -11,17 +11,17 @@ from collections.abc import Sequence
 # and returns a process exit code.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate-local": (
-        "shared.local_generate:main",
+        "shared.serving.local_generate:main",
         "prefill + insert + generate in this process; stream text to stdout",
     ),
-    "convert": ("shared.checkpoint_cli:main", "HF directory -> orbax checkpoint (opt. int8)"),
+    "convert": ("shared.weights.convert_cli:main", "HF directory -> orbax checkpoint (opt. int8)"),
     "prefill": ("prefill_server.main:main", "run a prefill worker"),
     "decode": ("decode_server.main:main", "run a decode worker"),
     "worker": ("", "run a worker: --role prefill|decode|colocated"),
     "orchestrator": ("orchestrator.main:main", "run the orchestrator (public Generate API)"),
-    "generate": ("shared.client_cli:main", "stream a completion from an orchestrator"),
+    "generate": ("shared.client.cli:main", "stream a completion from an orchestrator"),
     "serve": ("orchestrator.local_cluster:main", "a local cluster: orchestrator + workers"),
-    "bench": ("shared.loadgen.cli:main", "load generator against an orchestrator"),
+    "bench": ("shared.client.loadgen.cli:main", "load generator against an orchestrator"),
 }
 
 # `pdserve worker --role R ...` is `pdserve R ...` (colocated has no subcommand of its own).

@@ -5,7 +5,7 @@
 1. Disaggregated: one prefill worker process pinned to core 0, one decode worker process
    pinned to core 1, and an orchestrator in front (unpinned).
 2. Colocated: one colocated worker process pinned to cores 0-1, and an orchestrator.
-3. The same seeded open-loop workload (`shared.loadgen`: Poisson arrivals, fixed prompt
+3. The same seeded open-loop workload (`shared.client.loadgen`: Poisson arrivals, fixed prompt
    and output lengths, ignore_eos) runs against each after a few warm-up requests; the
    table and the ratios (disaggregated / colocated) are printed and written as JSON.
 
@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # inherited by every child process
 
 from orchestrator.local_cluster import Child, launch, stop_all, wait_ready
-from shared.loadgen.cli import run_with_progress
-from shared.loadgen.report import Slo, build_report, format_table
-from shared.loadgen.runner import RunConfig
+from shared.client.loadgen.cli import run_with_progress
+from shared.client.loadgen.report import Slo, build_report, format_table
+from shared.client.loadgen.runner import RunConfig
 
 LOCAL = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")
 # (report section, key, label) of each ratio, disaggregated / colocated.

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from shared.config import EngineConfig, model_preset
-from shared.engine import Engine
+from shared.engine.engine import Engine
 
 MAX_SEQ_LEN = 1024
 PREFILL_BUCKETS = (64, 128, 256, 512)

@@ -36,7 +36,7 @@ PRESET = "small"
 _CHILD = """
 import json, pathlib, resource, sys, time
 import jax
-from shared.checkpoint import load_model, param_bytes
+from shared.weights.checkpoint import load_model, param_bytes
 from shared.config import EngineConfig
 
 def status_mib(key):
@@ -64,8 +64,8 @@ print(json.dumps({"seconds": seconds, "peak_rss_mib": peak, "base_rss_mib": base
 
 def write_hf_dir(out: pathlib.Path) -> None:
     """`small` as LlamaForCausalLM safetensors: one shard per group of layers + an index."""
-    from shared.checkpoint_hf import tensor_names
     from shared.config import model_preset
+    from shared.weights.hf import tensor_names
 
     config = model_preset(PRESET)
     rng = np.random.default_rng(0)
@@ -150,9 +150,9 @@ def measure_load(spec: pathlib.Path, quantize: str, repeats: int) -> dict[str, f
 _DECODE_CHILD = """
 import json, statistics, sys, time
 import jax
-from shared.checkpoint import load_model
+from shared.weights.checkpoint import load_model
 from shared.config import EngineConfig
-from shared.engine import Engine
+from shared.engine.engine import Engine
 
 engine_config = EngineConfig(max_slots=8, prefill_buckets=(16,), max_seq_len=256)
 loaded = load_model(sys.argv[3], engine_config=engine_config, quantize=sys.argv[1] or None)

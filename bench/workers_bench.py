@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from shared.config import EngineConfig, model_preset
-from shared.engine import Engine
-from shared.sampling import SamplingParams
+from shared.engine.engine import Engine
+from shared.engine.sampling import SamplingParams
 from shared.transport.grpc_transport import GrpcDecodeClient, GrpcPrefillClient
 from shared.transport.types import (
     GenerationLimits,

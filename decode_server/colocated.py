@@ -15,18 +15,18 @@ from prometheus_client import CollectorRegistry
 
 from decode_server.service import DecodeService
 from decode_server.worker import build_decode_worker
-from shared.engine import Prefix
+from shared.engine.engine import Prefix
 from shared.metrics import WorkerMetrics
-from shared.prefill_loop import PrefillLoop, PrefillService
-from shared.transport.server import decode_service, prefill_service
-from shared.transport.types import PrefillRequest
-from shared.worker_config import Role, WorkerConfig
-from shared.worker_runtime import (
+from shared.serving.prefill_loop import PrefillLoop, PrefillService
+from shared.serving.runtime import (
     ModelRuntime,
     WorkerServer,
     run_worker,
     wait_until,
 )
+from shared.serving.worker_config import Role, WorkerConfig
+from shared.transport.server import decode_service, prefill_service
+from shared.transport.types import PrefillRequest
 
 
 class LocalKvSink:

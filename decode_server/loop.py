@@ -27,7 +27,7 @@ from collections.abc import Callable
 import numpy as np
 
 from decode_server.slots import Lease, SlotState, SlotTable
-from shared.engine import DecodeState, Engine, Params, Prefix
+from shared.engine.engine import DecodeState, Engine, Params, Prefix
 from shared.metrics import WorkerMetrics
 from shared.transport.types import DecodeFinish, GenerationLimits, TokenBatch
 

@@ -9,13 +9,13 @@ from prometheus_client import CollectorRegistry
 
 from decode_server.worker import build_decode_worker
 from shared.metrics import WorkerMetrics
-from shared.transport.server import decode_service
-from shared.worker_config import Role, WorkerConfig
-from shared.worker_runtime import (
+from shared.serving.runtime import (
     ModelRuntime,
     WorkerServer,
     run_worker,
 )
+from shared.serving.worker_config import Role, WorkerConfig
+from shared.transport.server import decode_service
 
 
 async def serve(config: WorkerConfig, runtime: ModelRuntime) -> int:

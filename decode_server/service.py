@@ -23,9 +23,9 @@ from decode_server.slots import (
     SlotTable,
     UnknownLeaseError,
 )
-from shared.engine import Prefix
-from shared.kv import KvError
-from shared.kv_inbox import KvInbox
+from shared.engine.engine import Prefix
+from shared.kv.codec import KvError
+from shared.kv.inbox import KvInbox
 from shared.metrics import WorkerMetrics
 from shared.rpc.pdserve.v1 import kv_pb2
 from shared.transport.types import (

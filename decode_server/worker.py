@@ -9,12 +9,12 @@ from collections.abc import Callable
 from decode_server.loop import DecodeLoop
 from decode_server.service import DecodeService
 from decode_server.slots import SlotState, SlotTable
-from shared.kv import KvRejection, KvSpec
-from shared.kv_inbox import KvInbox
+from shared.kv.codec import KvRejection, KvSpec
+from shared.kv.inbox import KvInbox
 from shared.metrics import WorkerMetrics
+from shared.serving.runtime import ModelRuntime, wait_until
+from shared.serving.worker_config import WorkerConfig
 from shared.transport.types import DecodeFinish
-from shared.worker_config import WorkerConfig
-from shared.worker_runtime import ModelRuntime, wait_until
 
 
 @dataclasses.dataclass(slots=True)

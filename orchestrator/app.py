@@ -13,7 +13,7 @@ from orchestrator.policy import LeastLoadedPolicy, PlacementPolicy
 from orchestrator.registry import Connector, Sources, WorkerRegistry
 from shared.config import ModelConfig
 from shared.metrics import OrchestratorMetrics
-from shared.orchestrator_config import OrchestratorConfig
+from shared.serving.orchestrator_config import OrchestratorConfig
 from shared.tokenizer import Tokenizer
 
 

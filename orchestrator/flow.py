@@ -31,8 +31,8 @@ from collections.abc import AsyncIterator
 from orchestrator.admission import NoWorkersError, SlotBroker
 from orchestrator.policy import PlacementPolicy
 from orchestrator.registry import Worker, WorkerRegistry, WorkerRole
+from shared.engine.sampling import SamplingParams
 from shared.metrics import OrchestratorMetrics
-from shared.sampling import SamplingParams
 from shared.transport.types import (
     DecodeFinish,
     GenerationLimits,

@@ -16,8 +16,8 @@ from orchestrator.admission import QueueFullError
 from orchestrator.flow import Delta, FinishReason, GenerateFlow, GenerateJob, RequestFailed
 from orchestrator.text import TextStream
 from shared.config import ModelConfig
+from shared.engine.sampling import SamplingError, SamplingParams
 from shared.metrics import OrchestratorMetrics
-from shared.sampling import SamplingError, SamplingParams
 from shared.tokenizer import Tokenizer
 from shared.transport.types import StatusCode
 

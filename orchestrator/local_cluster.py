@@ -148,7 +148,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 def _once(target: str, args: argparse.Namespace) -> int:
-    from shared.client import GeneratorClient
+    from shared.client.generator import GeneratorClient
 
     token = Path(args.auth_token_file).read_text().strip() if args.auth_token_file else None
     with GeneratorClient(target, token) as client:

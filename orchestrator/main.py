@@ -21,14 +21,14 @@ from orchestrator.app import build_orchestrator
 from orchestrator.auth import BearerTokenInterceptor
 from orchestrator.connect import GrpcConnector
 from orchestrator.servicer import GeneratorServicer
-from shared.checkpoint import CheckpointError
 from shared.config import ConfigError
 from shared.metrics import MetricsServer
-from shared.model_info import load_model_info
-from shared.orchestrator_config import OrchestratorConfig, parse_orchestrator_args
 from shared.rpc.pdserve.v1 import generate_pb2, generate_pb2_grpc
+from shared.serving.orchestrator_config import OrchestratorConfig, parse_orchestrator_args
 from shared.transport.server import Service, start_server
 from shared.transport.types import TransportConfig
+from shared.weights.checkpoint import CheckpointError
+from shared.weights.model_info import load_model_info
 
 log = logging.getLogger("pdserve.orchestrator")
 

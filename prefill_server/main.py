@@ -9,15 +9,15 @@ from prometheus_client import CollectorRegistry
 
 from prefill_server.kv_push import RemoteKvSink
 from shared.metrics import WorkerMetrics
-from shared.prefill_loop import PrefillLoop, PrefillService
-from shared.transport.server import prefill_service
-from shared.worker_config import Role, WorkerConfig
-from shared.worker_runtime import (
+from shared.serving.prefill_loop import PrefillLoop, PrefillService
+from shared.serving.runtime import (
     ModelRuntime,
     WorkerServer,
     run_worker,
     wait_until,
 )
+from shared.serving.worker_config import Role, WorkerConfig
+from shared.transport.server import prefill_service
 
 
 async def serve(config: WorkerConfig, runtime: ModelRuntime) -> int:

@@ -22,16 +22,16 @@ from orchestrator.flow import RequestFailed
 from orchestrator.frontend import GenerateOutput, InvalidRequest
 from orchestrator.servicer import input_from_proto
 from prefill_server.kv_push import RemoteKvSink
-from shared.client import AsyncGeneratorClient, Chunk, GenerateError, build_request
-from shared.engine import Engine, Params
+from shared.client.generator import AsyncGeneratorClient, Chunk, GenerateError, build_request
+from shared.engine.engine import Engine, Params
 from shared.metrics import WorkerMetrics
-from shared.model_info import load_model_info
-from shared.orchestrator_config import parse_orchestrator_args
-from shared.prefill_loop import PrefillLoop, PrefillService
+from shared.serving.orchestrator_config import parse_orchestrator_args
+from shared.serving.prefill_loop import PrefillLoop, PrefillService
+from shared.serving.runtime import ModelRuntime
+from shared.serving.worker_config import Role, parse_worker_args
 from shared.transport.fake import FakeNetwork
 from shared.transport.types import TransportError
-from shared.worker_config import Role, parse_worker_args
-from shared.worker_runtime import ModelRuntime
+from shared.weights.model_info import load_model_info
 from tests.worker_harness import ENGINE_FLAGS, TRANSPORT, WorkerProcess, spawn_pdserve
 
 

@@ -9,7 +9,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import pytest
 
 from shared.config import EngineConfig, ModelConfig
-from shared.engine import Engine, Params
+from shared.engine.engine import Engine, Params
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +35,7 @@ def params(engine: Engine) -> Params:
 @pytest.fixture(scope="session")
 def tiny_fingerprint(engine_config: EngineConfig) -> str:
     """The model fingerprint worker processes serving `tiny` report (KV wire check)."""
-    from shared.checkpoint import load_model
-    from shared.worker_runtime import model_fingerprint
+    from shared.serving.runtime import model_fingerprint
+    from shared.weights.checkpoint import load_model
 
     return model_fingerprint(load_model("tiny", engine_config=engine_config, seed=0))

@@ -10,7 +10,7 @@ import pathlib
 
 import numpy as np
 
-from shared.engine import Engine, Params
+from shared.engine.engine import Engine, Params
 
 HF_FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf"
 FIXTURE_NAMES = ("llama_gqa", "qwen2_bias")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.engine import Prefix
-from shared.kv import KvSpec
-from shared.sampling import SamplingParams
+from shared.engine.engine import Prefix
+from shared.engine.sampling import SamplingParams
+from shared.kv.codec import KvSpec
 
 FINGERPRINT = "tiny-test:weights-seed-0"
 KV_HEADS, BUCKET, HEAD_DIM, LAYERS = 2, 16, 8, 2

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from shared.engine import Engine, Params
+from shared.engine.engine import Engine, Params
 
 
 def reference_greedy(engine: Engine, params: Params, prompt: Sequence[int], n: int) -> list[int]:

@@ -38,14 +38,14 @@ from prometheus_client import CollectorRegistry
 import pdserve_cli
 from decode_server.slots import SlotState
 from shared.metrics import WorkerMetrics
-from shared.orchestrator_config import (
+from shared.serving.orchestrator_config import (
     DEFAULT_METRICS_PORT,
     DEFAULT_PORT,
     OrchestratorConfig,
     orchestrator_parser,
     parse_orchestrator_args,
 )
-from shared.worker_config import (
+from shared.serving.worker_config import (
     DEFAULT_METRICS_PORTS,
     DEFAULT_PORTS,
     Role,

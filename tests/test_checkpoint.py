@@ -11,11 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from shared.checkpoint import CheckpointError, ModelSource, load_model
-from shared.checkpoint_cli import main as convert_main
-from shared.checkpoint_tree import flatten
 from shared.config import EngineConfig
-from shared.engine import Params
+from shared.engine.engine import Params
+from shared.weights.checkpoint import CheckpointError, ModelSource, load_model
+from shared.weights.convert_cli import main as convert_main
+from shared.weights.tree import flatten
 from tests.hf_support import HF_FIXTURES
 
 LLAMA = HF_FIXTURES / "llama_gqa"

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from decode_server.loop import DecodeLoop
 from decode_server.slots import SlotsExhaustedError, SlotState, SlotTable
-from shared.engine import Engine, Params
+from shared.engine.engine import Engine, Params
 from shared.metrics import WorkerMetrics
 from shared.transport.types import DecodeFinish, GenerationLimits, TokenBatch
 from tests.reference import reference_greedy

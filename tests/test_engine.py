@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from shared.engine import Engine, Params, Prefix
-from shared.sampling import SamplingParams
+from shared.engine.engine import Engine, Params, Prefix
+from shared.engine.sampling import SamplingParams
 from tests.reference import reference_greedy
 
 # Prompt lengths at and around the bucket edges of the test engine (buckets 8, 16, 32).

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from shared.config import ConfigError, EngineConfig, ModelConfig
-from shared.engine import (
+from shared.engine.engine import (
     Engine,
     EngineError,
     Params,
@@ -112,7 +112,7 @@ def test_model_config_validation():
 
 
 def test_dtype_auto_is_float32_on_cpu_and_explicit_values_pass_through():
-    from shared.worker_config import resolve_dtype
+    from shared.serving.worker_config import resolve_dtype
 
     assert resolve_dtype("auto") == "float32"  # the tests run with JAX_PLATFORMS=cpu
     assert resolve_dtype("bfloat16") == "bfloat16"

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import pdserve_cli
-from shared import local_generate
 from shared.config import EngineConfig, ModelConfig
-from shared.engine import Engine
+from shared.engine.engine import Engine
+from shared.serving import local_generate
 from shared.tokenizer import ByteTokenizer
 
 

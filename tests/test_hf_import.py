@@ -13,9 +13,9 @@ import shutil
 import numpy as np
 import pytest
 
-from shared.checkpoint import LoadedModel, ModelSource, load_model
 from shared.config import EngineConfig, RopeScaling
-from shared.engine import Engine
+from shared.engine.engine import Engine
+from shared.weights.checkpoint import LoadedModel, ModelSource, load_model
 from tests.hf_support import FIXTURE_NAMES, HF_FIXTURES, greedy, reference
 
 # float32 logits of O(1-40): differences come only from summation order (XLA vs torch).

@@ -9,8 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from shared.engine import Engine, Params, Prefix
-from shared.kv import (
+from shared.engine.engine import Engine, Params, Prefix
+from shared.engine.sampling import SamplingParams
+from shared.kv.assembler import AssemblyState, KvAssembler, decode_messages
+from shared.kv.codec import (
     FORMAT_VERSION,
     KvError,
     KvPayload,
@@ -20,9 +22,7 @@ from shared.kv import (
     encode_prefix,
     flatten_cache,
 )
-from shared.kv_assembler import AssemblyState, KvAssembler, decode_messages
 from shared.rpc.pdserve.v1 import kv_pb2
-from shared.sampling import SamplingParams
 from tests.kv_fixtures import (
     CHUNK,
     FINGERPRINT,

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.loadgen.plots import write_plots
-from shared.loadgen.report import Slo, build_report, latency_stats_ms
-from shared.loadgen.runner import RequestRecord, RunConfig
-from shared.loadgen.workload import (
+from shared.client.loadgen.plots import write_plots
+from shared.client.loadgen.report import Slo, build_report, latency_stats_ms
+from shared.client.loadgen.runner import RequestRecord, RunConfig
+from shared.client.loadgen.workload import (
     LengthDist,
     WorkloadError,
     from_file,

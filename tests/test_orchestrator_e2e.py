@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
-from shared.client import GenerateError
+from shared.client.generator import GenerateError
 from shared.config import EngineConfig
-from shared.engine import Engine, Params
-from shared.sampling import SamplingParams
+from shared.engine.engine import Engine, Params
+from shared.engine.sampling import SamplingParams
 from shared.tokenizer import ByteTokenizer
 from tests.cluster_harness import InProcessCluster, ProcessApi, spawn_orchestrator
 from tests.reference import metric_samples, reference_greedy

@@ -22,12 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shared import quantization
-from shared.checkpoint import LoadedModel, load_model, param_bytes
-from shared.checkpoint_cli import main as convert_main
-from shared.checkpoint_tree import flatten, place
 from shared.config import EngineConfig, ModelConfig, Quantization
-from shared.engine import Engine, Params
+from shared.engine import quantization
+from shared.engine.engine import Engine, Params
+from shared.weights.checkpoint import LoadedModel, load_model, param_bytes
+from shared.weights.convert_cli import main as convert_main
+from shared.weights.tree import flatten, place
 from tests.hf_support import FIXTURE_NAMES, HF_FIXTURES, greedy, reference
 
 

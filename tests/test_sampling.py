@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shared.engine import Engine, Params, Prefix
-from shared.sampling import SamplingError, SamplingParams, sample
+from shared.engine.engine import Engine, Params, Prefix
+from shared.engine.sampling import SamplingError, SamplingParams, sample
 
 PROMPT_A = [5, 80, 13, 200, 7, 7, 42]
 PROMPT_B = [100, 3, 3, 9, 250, 17, 61, 90, 12, 4, 33]

@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.`, run
 
 import pytest
 
-from shared.engine import Prefix
-from shared.kv import KvError, KvPayload, KvRejection, KvSpec, encode_prefix
-from shared.kv_inbox import KvInbox
+from shared.engine.engine import Prefix
+from shared.engine.sampling import SamplingParams
+from shared.kv.codec import KvError, KvPayload, KvRejection, KvSpec, encode_prefix
+from shared.kv.inbox import KvInbox
 from shared.rpc.pdserve.v1 import kv_pb2
-from shared.sampling import SamplingParams
 from shared.transport.base import DecodeClient, PrefillClient
 from shared.transport.fake import FakeNetwork, FaultPlan, apply_faults
 from shared.transport.grpc_transport import GrpcDecodeClient, GrpcPrefillClient

@@ -15,10 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from shared.checkpoint import load_model
-from shared.engine import Engine, Params
-from shared.kv import encode_prefix
-from shared.sampling import SamplingParams
+from shared.engine.engine import Engine, Params
+from shared.engine.sampling import SamplingParams
+from shared.kv.codec import encode_prefix
 from shared.transport.types import (
     DecodeFinish,
     GenerationLimits,
@@ -27,6 +26,7 @@ from shared.transport.types import (
     StatusCode,
     TransportError,
 )
+from shared.weights.checkpoint import load_model
 from tests.reference import reference_greedy, scrape
 from tests.worker_harness import (
     TRANSPORT,
@@ -385,9 +385,9 @@ def test_dead_engine_thread_turns_health_not_serving(engine, params, tiny_finger
 
     from decode_server.worker import build_decode_worker
     from shared.metrics import WorkerMetrics
+    from shared.serving.runtime import ModelRuntime, WorkerServer
+    from shared.serving.worker_config import Role, parse_worker_args
     from shared.transport.server import decode_service
-    from shared.worker_config import Role, parse_worker_args
-    from shared.worker_runtime import ModelRuntime, WorkerServer
     from tests.worker_harness import ENGINE_FLAGS
 
     config = parse_worker_args(

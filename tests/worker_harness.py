@@ -27,10 +27,12 @@ from prometheus_client import CollectorRegistry
 
 from decode_server.worker import DecodeWorker, build_decode_worker
 from prefill_server.kv_push import RemoteKvSink
-from shared.engine import Engine, Params
+from shared.engine.engine import Engine, Params
+from shared.engine.sampling import SamplingParams
 from shared.metrics import WorkerMetrics
-from shared.prefill_loop import PrefillLoop, PrefillService
-from shared.sampling import SamplingParams
+from shared.serving.prefill_loop import PrefillLoop, PrefillService
+from shared.serving.runtime import ModelRuntime
+from shared.serving.worker_config import Role, parse_worker_args
 from shared.transport.base import DecodeClient, PrefillClient
 from shared.transport.fake import FakeNetwork
 from shared.transport.grpc_transport import GrpcDecodeClient, GrpcPrefillClient
@@ -43,8 +45,6 @@ from shared.transport.types import (
     TransportConfig,
     TransportError,
 )
-from shared.worker_config import Role, parse_worker_args
-from shared.worker_runtime import ModelRuntime
 
 REPO = Path(__file__).resolve().parent.parent
 # The test engine's layout (tests/conftest.py), as worker flags.

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from shared.kv import KvRejection
-from shared.sampling import SamplingParams
+from shared.engine.sampling import SamplingParams
+from shared.kv.codec import KvReceipt as KvReceipt  # re-exported: a call's result type
+from shared.kv.codec import KvRejection
 
 
 class StatusCode(enum.Enum):
@@ -104,13 +105,6 @@ class LoadReport:
     total_slots: int
     queue_depth: int
     live_requests: int
-
-
-@dataclasses.dataclass(slots=True, frozen=True)
-class KvReceipt:
-    lease_id: str
-    bytes_received: int
-    chunks_received: int
 
 
 @dataclasses.dataclass(slots=True, frozen=True)

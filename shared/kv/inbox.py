@@ -23,11 +23,10 @@ import dataclasses
 import enum
 from collections.abc import AsyncIterator, Callable
 
-from shared.engine import Prefix
-from shared.kv import KvError, KvRejection, KvSpec
-from shared.kv_assembler import KvAssembler
+from shared.engine.engine import Prefix
+from shared.kv.assembler import KvAssembler
+from shared.kv.codec import KvError, KvReceipt, KvRejection, KvSpec
 from shared.rpc.pdserve.v1 import kv_pb2
-from shared.transport.types import KvReceipt
 
 
 class InboxState(enum.Enum):

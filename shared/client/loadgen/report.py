@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shared.loadgen.runner import RequestRecord
+from shared.client.loadgen.runner import RequestRecord
 
 PERCENTILES = (50, 90, 99)
 

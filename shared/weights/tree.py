@@ -18,8 +18,8 @@ import numpy as np
 from flax import nnx
 
 from shared.config import ModelConfig
-from shared.model.llama import Transformer
-from shared.quantization import SCALE_SUFFIX, quantize_jit
+from shared.engine.model.llama import Transformer
+from shared.engine.quantization import SCALE_SUFFIX, quantize_jit
 
 Flat = dict[str, jax.Array]
 AbstractFlat = dict[str, jax.ShapeDtypeStruct]

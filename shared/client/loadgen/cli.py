@@ -19,9 +19,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shared.loadgen.report import Slo, build_report, format_table, records_json
-from shared.loadgen.runner import RunConfig, RunResult, run
-from shared.loadgen.workload import LengthDist, WorkloadError, from_file, synthetic
+from shared.client.loadgen.report import Slo, build_report, format_table, records_json
+from shared.client.loadgen.runner import RunConfig, RunResult, run
+from shared.client.loadgen.workload import LengthDist, WorkloadError, from_file, synthetic
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +128,7 @@ def main(argv: Sequence[str]) -> int:
         }
         args.out.write_text(json.dumps(payload, indent=2) + "\n")
     if args.plots is not None:
-        from shared.loadgen.plots import write_plots  # matplotlib only when plots are asked
+        from shared.client.loadgen.plots import write_plots  # matplotlib only when plots are asked
 
         for path in write_plots(result.records, args.plots, title=f"pdserve bench {args.target}"):
             print(f"wrote {path}", file=sys.stderr)

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shared.config import ModelConfig, ModelMode
-from shared.model.layers import MLP, Dense, Embed, RMSNorm
-from shared.model.rope import apply_rope, inverse_frequencies
+from shared.engine.model.layers import MLP, Dense, Embed, RMSNorm
+from shared.engine.model.rope import apply_rope, inverse_frequencies
 
 _MASKED = -1e30  # finite, so a fully masked row (an empty slot) gives no NaN
 

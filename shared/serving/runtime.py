@@ -26,13 +26,13 @@ import jax
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from shared.checkpoint import CheckpointError, LoadedModel, load_model
 from shared.config import ConfigError
-from shared.engine import Engine, Params, Prefix
+from shared.engine.engine import Engine, Params, Prefix
+from shared.engine.sampling import SamplingParams
 from shared.metrics import MetricsServer
-from shared.sampling import SamplingParams
+from shared.serving.worker_config import Role, WorkerConfig, parse_worker_args
 from shared.transport.server import RunningServer, Service, start_server
-from shared.worker_config import Role, WorkerConfig, parse_worker_args
+from shared.weights.checkpoint import CheckpointError, LoadedModel, load_model
 
 log = logging.getLogger("pdserve.worker")
 

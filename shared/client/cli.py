@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from shared.client import GenerateError, GeneratorClient
-from shared.local_generate import parse_token_ids
+from shared.client.generator import GenerateError, GeneratorClient
+from shared.serving.local_generate import parse_token_ids
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from shared.checkpoint_tree import AbstractFlat, Flat, float_paths, place
 from shared.config import ConfigError, ModelConfig, RopeScaling
+from shared.weights.tree import AbstractFlat, Flat, float_paths, place
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 INDEX_FILE = "model.safetensors.index.json"

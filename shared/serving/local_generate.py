@@ -12,13 +12,13 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import TextIO
 
-from shared.checkpoint import CheckpointError, load_model
-from shared.checkpoint_cli import add_model_arguments, quantization_from_args
 from shared.config import ConfigError, EngineConfig
-from shared.engine import Engine, EngineError, Params
-from shared.sampling import SamplingError, SamplingParams
+from shared.engine.engine import Engine, EngineError, Params
+from shared.engine.sampling import SamplingError, SamplingParams
+from shared.serving.worker_config import resolve_dtype
 from shared.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDetokenizer, Tokenizer
-from shared.worker_config import resolve_dtype
+from shared.weights.checkpoint import CheckpointError, load_model
+from shared.weights.convert_cli import add_model_arguments, quantization_from_args
 
 
 def parse_token_ids(text: str) -> list[int]:

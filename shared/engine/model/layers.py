@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from shared import quantization
+from shared.engine import quantization
 
 
 def _kernel_init(gain: float) -> nnx.Initializer:
@@ -19,7 +19,7 @@ class Dense(nnx.Module):
     """`y = x @ kernel (+ bias)` with kernel [in, out].
 
     Written by hand (not nnx.Linear) so that the matmul is ours to swap: int8 weights go
-    through AQT here (see shared/quantization.py), and nnx.Linear's dot_general hook passes
+    through AQT here (see shared/engine/quantization.py), and nnx.Linear's dot_general hook passes
     keywords AQT does not take.
 
     With `int8=True` the params are `kernel` int8 [in, out] and `kernel_scale` float32

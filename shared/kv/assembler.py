@@ -18,8 +18,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from shared.engine import Prefix
-from shared.kv import (
+from shared.engine.engine import Prefix
+from shared.engine.sampling import SamplingError
+from shared.kv.codec import (
     FORMAT_VERSION,
     LENGTH_AXIS,
     MAX_CHUNK_BYTES,
@@ -33,7 +34,6 @@ from shared.kv import (
     unflatten_cache,
 )
 from shared.rpc.pdserve.v1 import kv_pb2
-from shared.sampling import SamplingError
 
 
 class AssemblyState(enum.Enum):

@@ -19,8 +19,8 @@ import dataclasses
 import time
 from collections.abc import Callable, Iterator
 
-from shared.client import AsyncGeneratorClient, GenerateError
-from shared.loadgen.workload import RequestSpec, WorkloadError, poisson_offsets
+from shared.client.generator import AsyncGeneratorClient, GenerateError
+from shared.client.loadgen.workload import RequestSpec, WorkloadError, poisson_offsets
 
 # Finish reasons of a request that ended as asked; any other one is an error.
 GOOD_FINISHES = ("length", "stop")

@@ -11,9 +11,9 @@ import dataclasses
 import enum
 from collections.abc import Sequence
 
-from shared.checkpoint_cli import add_model_arguments, quantization_from_args
 from shared.config import ConfigError, EngineConfig, Quantization
 from shared.transport.types import TransportConfig
+from shared.weights.convert_cli import add_model_arguments, quantization_from_args
 
 
 class Role(enum.Enum):

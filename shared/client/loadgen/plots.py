@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # files only; never a GUI backend (headless CI, servers)
 import matplotlib.pyplot as plt
 import numpy as np
 
-from shared.loadgen.runner import RequestRecord
+from shared.client.loadgen.runner import RequestRecord
 
 CDF_FILE = "latency_cdf.png"
 OVER_TIME_FILE = "latency_over_time.png"

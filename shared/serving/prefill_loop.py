@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from shared.engine import Engine, EngineError, Params, Prefix
+from shared.engine.engine import Engine, EngineError, Params, Prefix
 from shared.metrics import WorkerMetrics
 from shared.transport.types import (
     LoadReport,

@@ -28,8 +28,8 @@ import numpy as np
 from flax import nnx
 
 from shared.config import EngineConfig, ModelConfig
-from shared.model.llama import Transformer
-from shared.sampling import SamplingParams, sample
+from shared.engine.model.llama import Transformer
+from shared.engine.sampling import SamplingParams, sample
 
 Params = nnx.State
 CacheDict = dict[str, Any]  # nested pure dict; leaves [rows, length, head_dim]

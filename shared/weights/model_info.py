@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pathlib
 
-from shared.checkpoint import METADATA_FILE, TOKENIZER_FILE, CheckpointError, read_metadata
-from shared.checkpoint_hf import read_config
 from shared.config import MODEL_PRESETS, ModelConfig, model_preset
 from shared.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from shared.weights.checkpoint import METADATA_FILE, TOKENIZER_FILE, CheckpointError, read_metadata
+from shared.weights.hf import read_config
 
 
 def load_model_info(spec: str) -> tuple[ModelConfig, Tokenizer]:

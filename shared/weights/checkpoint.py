@@ -31,9 +31,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from shared import checkpoint_hf
-from shared.checkpoint_hf import CheckpointError
-from shared.checkpoint_tree import (
+from shared.config import MODEL_PRESETS, EngineConfig, ModelConfig, Quantization, model_preset
+from shared.engine.model.llama import Transformer
+from shared.weights import hf
+from shared.weights.hf import CheckpointError
+from shared.weights.tree import (
     AbstractFlat,
     Flat,
     abstract_params,
@@ -43,8 +45,6 @@ from shared.checkpoint_tree import (
     unflatten,
     weights_id,
 )
-from shared.config import MODEL_PRESETS, EngineConfig, ModelConfig, Quantization, model_preset
-from shared.model.llama import Transformer
 
 __all__ = ["CheckpointError", "LoadedModel", "ModelSource", "load_model", "save_checkpoint"]
 
@@ -127,9 +127,9 @@ def _load_preset(name: str, quant: Quantization | None, dtype: jnp.dtype, seed: 
 
 def load_hf(hf_dir: pathlib.Path, quant: Quantization | None, dtype: jnp.dtype) -> LoadedModel:
     """An HF directory, converted (and quantized, if asked) tensor by tensor as it loads."""
-    config = dataclasses.replace(checkpoint_hf.read_config(hf_dir), quantization=quant)
+    config = dataclasses.replace(hf.read_config(hf_dir), quantization=quant)
     abstract = abstract_params(config, dtype)
-    flat = checkpoint_hf.read_params(hf_dir, config, flatten(abstract))
+    flat = hf.read_params(hf_dir, config, flatten(abstract))
     tokenizer = hf_dir / TOKENIZER_FILE
     return LoadedModel(
         config,

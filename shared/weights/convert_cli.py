@@ -14,8 +14,8 @@ import sys
 import time
 from collections.abc import Sequence
 
-from shared.checkpoint import CheckpointError, load_model, param_bytes, save_checkpoint
 from shared.config import EngineConfig, Quantization
+from shared.weights.checkpoint import CheckpointError, load_model, param_bytes, save_checkpoint
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

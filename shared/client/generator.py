@@ -1,6 +1,6 @@
 """A small client of the public Generate API, sync and asyncio, for frontends to import.
 
-from shared.client import GeneratorClient
+from shared.client.generator import GeneratorClient
 with GeneratorClient("localhost:50051") as client:
     for chunk in client.generate("Hello", max_tokens=32):
         print(chunk.text, end="")
