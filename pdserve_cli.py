@@ -1,76 +1,137 @@
-"""The one `pdserve` command: it parses only the subcommand and hands the rest of argv to
-that subcommand's entry point, imported lazily so `pdserve --help` does not load JAX."""
+"""The one `pdserve` command: argparse subcommands, each run by its own package.
+
+Every subcommand's flags are defined once, next to the code that reads them, by a parser
+factory in a module that does not import JAX; this command builds all of them as argparse
+subparsers, so `pdserve --help`, `pdserve SUB --help` and every error message come from one
+parser (a wrong subcommand or flag exits 2 and says what was wrong). Only after the whole
+command line parsed does it import the subcommand's entry point (JAX included, where the
+subcommand needs it) and hand it the subcommand's arguments.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-# subcommand -> ("module:function", one-line help). Each function takes argv (list[str])
-# and returns a process exit code.
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "generate-local": (
-        "shared.serving.local_generate:main",
-        "prefill + insert + generate in this process; stream text to stdout",
-    ),
-    "convert": ("shared.weights.convert_cli:main", "HF directory -> orbax checkpoint (opt. int8)"),
-    "prefill": ("prefill_server.main:main", "run a prefill worker"),
-    "decode": ("decode_server.main:main", "run a decode worker"),
-    "worker": ("", "run a worker: --role prefill|decode|colocated"),
-    "orchestrator": ("orchestrator.main:main", "run the orchestrator (public Generate API)"),
-    "generate": ("shared.client.cli:main", "stream a completion from an orchestrator"),
-    "serve": ("orchestrator.local_cluster:main", "a local cluster: orchestrator + workers"),
-    "bench": ("shared.client.loadgen.cli:main", "load generator against an orchestrator"),
-}
+from shared.serving.lifetime import die_with_parent
 
-# `pdserve worker --role R ...` is `pdserve R ...` (colocated has no subcommand of its own).
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Subcommand:
+    help: str
+    parser: str  # "module:function" -> argparse.ArgumentParser (a module free of JAX)
+    entry: str  # "module:function" taking the subcommand's argv, returning an exit code
+    parser_args: tuple[Any, ...] = ()
+
+
+# `pdserve worker --role R ...` runs the same entry point as `pdserve R ...`.
 WORKER_ROLES = {
     "prefill": "prefill_server.main:main",
     "decode": "decode_server.main:main",
     "colocated": "decode_server.colocated:main",
 }
+_WORKER_FLAGS = "shared.serving.worker_config:worker_parser"
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "serve": Subcommand(
+        "a local cluster: orchestrator + worker processes",
+        "orchestrator.local_cluster:build_parser",
+        "orchestrator.local_cluster:main",
+    ),
+    "generate": Subcommand(
+        "stream a completion from an orchestrator",
+        "shared.client.cli:build_parser",
+        "shared.client.cli:main",
+    ),
+    "generate-local": Subcommand(
+        "prefill + insert + generate in this process; stream to stdout",
+        "shared.serving.local_generate:build_parser",
+        "shared.serving.local_generate:main",
+    ),
+    "orchestrator": Subcommand(
+        "run the orchestrator (public Generate API)",
+        "shared.serving.orchestrator_config:orchestrator_parser",
+        "orchestrator.main:main",
+    ),
+    "worker": Subcommand(
+        f"run a worker: --role {{{','.join(WORKER_ROLES)}}}",
+        _WORKER_FLAGS,
+        "",  # chosen by --role
+        (None,),
+    ),
+    "prefill": Subcommand(
+        "run a prefill worker", _WORKER_FLAGS, WORKER_ROLES["prefill"], ("prefill",)
+    ),
+    "decode": Subcommand("run a decode worker", _WORKER_FLAGS, WORKER_ROLES["decode"], ("decode",)),
+    "convert": Subcommand(
+        "HF directory or preset -> orbax checkpoint (optionally int8)",
+        "shared.weights.convert_cli:build_parser",
+        "shared.weights.convert_cli:main",
+    ),
+    "bench": Subcommand(
+        "load generator against an orchestrator",
+        "shared.client.loadgen.cli:build_parser",
+        "shared.client.loadgen.cli:main",
+    ),
+}
 
 
-def _worker_entry(rest: list[str]) -> tuple[str, list[str]]:
-    """Find `--role R` / `--role=R` in the worker's flags; keep the rest for the role."""
-    for i, arg in enumerate(rest):
-        if arg == "--role" and i + 1 < len(rest):
-            role, remaining = rest[i + 1], rest[:i] + rest[i + 2 :]
-            break
+def _load(target: str) -> Callable[..., Any]:
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pdserve",
+        description="pdserve: disaggregated prefill/decode serving for JAX language models.",
+        epilog="`pdserve SUBCOMMAND --help` lists the subcommand's flags.",
+        allow_abbrev=False,
+    )
+    subparsers = parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
+    for name, sub in SUBCOMMANDS.items():
+        own = _load(sub.parser)(*sub.parser_args)
+        subparsers.add_parser(
+            name,
+            parents=[own],  # the flags and -h/--help of the subcommand's own parser
+            add_help=False,
+            help=sub.help,
+            description=own.description or sub.help,
+            allow_abbrev=False,
+        )
+    return parser
+
+
+def _without_role(argv: list[str]) -> list[str]:
+    """`pdserve worker`'s argv minus `--role R` / `--role=R` (the role's entry has none)."""
+    for i, arg in enumerate(argv):
+        if arg == "--role":
+            return argv[:i] + argv[i + 2 :]
         if arg.startswith("--role="):
-            role, remaining = arg.split("=", 1)[1], rest[:i] + rest[i + 1 :]
-            break
-    else:
-        raise SystemExit(f"pdserve worker: --role is required ({'|'.join(WORKER_ROLES)})")
-    if role not in WORKER_ROLES:
-        raise SystemExit(f"pdserve worker: unknown --role {role!r} ({'|'.join(WORKER_ROLES)})")
-    return WORKER_ROLES[role], remaining
-
-
-def usage() -> str:
-    lines = ["usage: pdserve SUBCOMMAND [ARGS...]", "", "subcommands:"]
-    width = max(len(name) for name in SUBCOMMANDS)
-    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in SUBCOMMANDS.items()]
-    lines += ["", "`pdserve SUBCOMMAND --help` for the subcommand's flags."]
-    return "\n".join(lines)
+            return argv[:i] + argv[i + 1 :]
+    return argv
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(usage())
-        return 0 if args else 2
-    name, rest = args[0], args[1:]
-    if name not in SUBCOMMANDS:
-        print(f"pdserve: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    die_with_parent()  # a no-op unless a pdserve parent (`serve`, the tests) started us
+    parser = build_parser()
+    if not argv:
+        parser.print_help(sys.stderr)
         return 2
-    target = SUBCOMMANDS[name][0]
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2)
+        return int(exit_.code or 0)
+    name, rest = argv[0], argv[1:]
+    entry = SUBCOMMANDS[name].entry
     if name == "worker":
-        target, rest = _worker_entry(rest)
-    module_name, func_name = target.split(":")
-    entry = getattr(importlib.import_module(module_name), func_name)
-    return int(entry(rest) or 0)
+        entry, rest = WORKER_ROLES[args.role], _without_role(rest)
+    return int(_load(entry)(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -128,9 +128,12 @@ class GenerateFlow:
         prefill_tries = decode_resumes = 0
         while True:
             try:
-                async for delta in self._attempt(job, generated):
-                    generated.extend(delta.token_ids)
-                    yield delta
+                # aclosing: when our caller stops early, the attempt's cleanup (release the
+                # lease, cancel on the workers) runs now, not whenever the GC finalizes it.
+                async with contextlib.aclosing(self._attempt(job, generated)) as deltas:
+                    async for delta in deltas:
+                        generated.extend(delta.token_ids)
+                        yield delta
                 return
             except _PrefillLost as err:
                 prefill_tries += 1

@@ -7,6 +7,7 @@ everything a frontend can observe is decided here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -88,18 +89,35 @@ class Frontend:
         finish: FinishReason | None = None
         code = StatusCode.INTERNAL
         self.in_flight += 1
+        loop = asyncio.get_running_loop()
+        deadline = None if own_timeout is None else loop.time() + own_timeout
         try:
-            async with asyncio.timeout(own_timeout):
-                async for delta in self._flow.run(job):
+            async with contextlib.aclosing(self._flow.run(job)) as deltas:
+                while finish is None:
+                    # The request's own timeout covers waiting for the flow, never a
+                    # `yield`: while suspended there, the caller (grpc.aio writing the last
+                    # response) would get our cancellation, and grpc.aio takes a
+                    # CancelledError in a handler for the client's own cancel, so it ends
+                    # the RPC without a status and the client waits forever.
+                    if deadline is not None and loop.time() >= deadline:
+                        raise TimeoutError  # tokens may be queued: anext would not wait
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            delta = await anext(deltas)
+                    except StopAsyncIteration:
+                        break
                     token_times += [time.perf_counter()] * len(delta.token_ids)
                     completion += len(delta.token_ids)
-                    out, finish = self._output(job, text, delta, completion)
-                    yield out
-                    if finish is not None:
-                        break
+                    for out in self._outputs(job, text, delta, completion):
+                        finish = out.finish
+                        yield out
             code = StatusCode.UNKNOWN if finish is None else None
         except TimeoutError:
-            finish = FinishReason.DEADLINE
+            if deadline is None or loop.time() < deadline:
+                # The call's own deadline (the tighter one) passed: its status says so.
+                code = StatusCode.DEADLINE_EXCEEDED
+                raise RequestFailed(code, "the call's deadline passed") from None
+            finish = FinishReason.DEADLINE  # timeout_seconds: the stream ends cleanly
             yield GenerateOutput(job.request_id, (), text.finish(), finish,
                                  len(job.prompt_ids), completion)  # fmt: skip
             code = None
@@ -113,16 +131,20 @@ class Frontend:
             self.in_flight -= 1
             self._account(arrived, token_times, finish, code)
 
-    def _output(
+    def _outputs(
         self, job: GenerateJob, text: TextStream, delta: Delta, completion: int
-    ) -> tuple[GenerateOutput, FinishReason | None]:
+    ) -> list[GenerateOutput]:
+        """The responses for one delta. The last response of a stream carries no tokens:
+        the finish reason, the usage, and any text held back until the end."""
+        outputs = []
         piece = text.push(delta.token_ids)
+        if delta.token_ids or piece:
+            outputs.append(GenerateOutput(job.request_id, delta.token_ids, piece))
         finish = FinishReason.STOP if text.stopped else delta.finish
         if finish is not None:
-            piece += text.finish()
-            return GenerateOutput(job.request_id, delta.token_ids, piece, finish,
-                                  len(job.prompt_ids), completion), finish  # fmt: skip
-        return GenerateOutput(job.request_id, delta.token_ids, piece), None
+            outputs.append(GenerateOutput(job.request_id, (), text.finish(), finish,
+                                          len(job.prompt_ids), completion))  # fmt: skip
+        return outputs
 
     def _account(
         self, arrived: float, token_times: list[float], finish: FinishReason | None,

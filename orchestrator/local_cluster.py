@@ -24,6 +24,8 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from shared.serving.lifetime import child_environment
+
 SERVING = re.compile(r"serving on (\S+):(\d+) metrics_port=(-?\d+)")
 
 
@@ -56,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 def launch(name: str, argv: Sequence[str]) -> tuple[Child, threading.Event]:
     """Run `pdserve ARGV` and relay its output (prefixed); the event is set once it
     serves (or exits)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # child_environment: a worker dies with this process, even when it is SIGKILLed.
+    env = child_environment({**os.environ, "PYTHONUNBUFFERED": "1"})
     proc = subprocess.Popen(
         [sys.executable, "-m", "pdserve_cli", *argv], env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,

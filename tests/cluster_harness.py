@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import urllib.request
 from collections.abc import AsyncIterator, Sequence
 
 from prometheus_client import CollectorRegistry
@@ -32,13 +33,49 @@ from shared.serving.worker_config import Role, parse_worker_args
 from shared.transport.fake import FakeNetwork
 from shared.transport.types import TransportError
 from shared.weights.model_info import load_model_info
-from tests.worker_harness import ENGINE_FLAGS, TRANSPORT, WorkerProcess, spawn_pdserve
+from tests.worker_harness import (
+    ENGINE_FLAGS,
+    TRANSPORT,
+    ProcessWorkers,
+    WorkerProcess,
+    spawn_pdserve,
+    stop_worker,
+)
 
 
 def spawn_orchestrator(*flags: str, timeout: float = 120.0) -> WorkerProcess:
     argv = ["orchestrator", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
             "--health-interval-s", "0.5", *flags]  # fmt: skip
     return spawn_pdserve("orchestrator", argv, timeout)
+
+
+class ProcessCluster:
+    """`pdserve orchestrator` + one prefill and one decode process; conftest's session
+    fixture `process_cluster` shares one among the modules (tests that kill or reconfigure
+    a worker start their own)."""
+
+    def __init__(self) -> None:
+        self.workers = ProcessWorkers()
+        self.orchestrator = spawn_orchestrator(
+            "--prefill", self.workers.prefill.address, "--decode", self.workers.decode_address
+        )
+        self.api = ProcessApi(self.orchestrator.address)
+
+    async def all_free(self) -> bool:
+        client = self.workers.decode_client()
+        try:
+            load = await client.get_load()
+        finally:
+            await client.close()
+        return load.free_slots == load.total_slots and load.live_requests == 0
+
+    def metrics_text(self) -> str:
+        url = f"http://127.0.0.1:{self.orchestrator.metrics_port}/metrics"
+        return urllib.request.urlopen(url, timeout=5).read().decode()
+
+    def close(self) -> None:
+        stop_worker(self.orchestrator)
+        self.workers.close()
 
 
 class ProcessApi:
@@ -65,11 +102,21 @@ class InProcessApi:
 
     async def stream(self, prompt: str | Sequence[int], **options: object) -> AsyncIterator[Chunk]:
         timeout = options.pop("call_timeout", None)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         try:
             request = input_from_proto(build_request(prompt, **options))
-            # What gRPC does with a call deadline: the handler is cancelled at expiry.
-            async with asyncio.timeout(timeout):
-                async for out in self.orchestrator.frontend.generate(request, timeout):
+            stream = self.orchestrator.frontend.generate(request, timeout)
+            async with contextlib.aclosing(stream):
+                while True:
+                    # What gRPC does with a call deadline: the handler is cancelled at
+                    # expiry. Only around the handler's own work, never around our yield.
+                    if deadline is not None and loop.time() >= deadline:
+                        raise TimeoutError
+                    async with asyncio.timeout_at(deadline):
+                        out = await anext(stream, None)
+                    if out is None:
+                        break
                     yield _chunk(out)
         except TimeoutError:
             raise GenerateError("DEADLINE_EXCEEDED", "Deadline Exceeded") from None

@@ -1,8 +1,22 @@
-"""Session-wide fixtures: one tiny engine, compiled once and shared by every test."""
+"""Session-wide fixtures (one tiny engine, compiled once; one process cluster) and the
+suite's guard against hangs.
+
+Every test has a time limit (pyproject.toml: `timeout`, raised per test with
+`@pytest.mark.timeout(N)` only where a test needs it). When a test reaches its limit:
+1. faulthandler prints every thread's stack (C-level safe: it works even while the main
+   thread is stuck in native code), so the hang names itself;
+2. pytest-timeout fails the test (SIGALRM) and the suite goes on;
+3. if the test still has not let go a minute later, a watchdog prints the stacks again and
+   ends the whole run: one hang must not hold CI for 90 minutes. Worker processes die with
+   pytest (shared/serving/lifetime.py).
+"""
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
+import threading
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -10,6 +24,64 @@ import pytest
 
 from shared.config import EngineConfig, ModelConfig
 from shared.engine.engine import Engine, Params
+
+HARD_KILL_GRACE_S = 60.0
+_watchdog: threading.Timer | None = None
+_config: pytest.Config | None = None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _config
+    _config = config
+
+
+def _hard_kill(nodeid: str, limit: float) -> None:
+    capture = _config.pluginmanager.getplugin("capturemanager") if _config else None
+    if capture is not None:
+        capture.suspend_global_capture(in_=True)  # write to the terminal, not a capture
+    sys.stderr.write(f"\n+++ {nodeid} still running {HARD_KILL_GRACE_S:.0f}s past its "
+                     f"{limit:.0f}s limit: ending the test run +++\n")  # fmt: skip
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    sys.stderr.flush()
+    os._exit(3)
+
+
+PROCESS_TEST_TIMEOUT_S = 120
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the session's process cluster may be the one that starts it (three
+    processes loading and compiling): they get `PROCESS_TEST_TIMEOUT_S` unless they say."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_processes = "process_cluster" in getattr(item, "fixturenames", ()) or (
+            callspec is not None and callspec.params.get("kind") == "process"
+        )
+        if on_processes and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(PROCESS_TEST_TIMEOUT_S))
+
+
+@pytest.hookimpl
+def pytest_timeout_set_timer(item: pytest.Item, settings) -> None:
+    """Runs beside pytest-timeout's own timer (returns None, so that one is set too)."""
+    global _watchdog
+    if not settings.timeout or settings.timeout <= 0:
+        return
+    faulthandler.dump_traceback_later(settings.timeout, repeat=False, file=sys.stderr)
+    _watchdog = threading.Timer(
+        settings.timeout + HARD_KILL_GRACE_S, _hard_kill, (item.nodeid, settings.timeout)
+    )
+    _watchdog.daemon = True
+    _watchdog.start()
+
+
+@pytest.hookimpl
+def pytest_timeout_cancel_timer(item: pytest.Item) -> None:
+    global _watchdog
+    faulthandler.cancel_dump_traceback_later()
+    if _watchdog is not None:
+        _watchdog.cancel()
+        _watchdog = None
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +111,15 @@ def tiny_fingerprint(engine_config: EngineConfig) -> str:
     from shared.weights.checkpoint import load_model
 
     return model_fingerprint(load_model("tiny", engine_config=engine_config, seed=0))
+
+
+@pytest.fixture(scope="session")
+def process_cluster():
+    """One orchestrator + prefill + decode process cluster (tests/worker_harness.py engine
+    flags), shared by every module; a test that kills or reconfigures workers starts its
+    own instead."""
+    from tests.cluster_harness import ProcessCluster
+
+    cluster = ProcessCluster()
+    yield cluster
+    cluster.close()

@@ -140,7 +140,7 @@ def test_entrypoint_is_the_pdserve_script_and_cmd_is_accepted(
     assert scripts["pdserve"] == "pdserve_cli:main"
     cmd = exec_form(runtime.args("CMD")[-1])
     assert pdserve_cli.main(cmd) == 0
-    assert "subcommands:" in capsys.readouterr().out
+    assert "SUBCOMMAND" in capsys.readouterr().out
 
 
 def test_build_smoke_check_runs_an_existing_command(

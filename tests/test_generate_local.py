@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -12,8 +13,12 @@ import pytest
 import pdserve_cli
 from shared.config import EngineConfig, ModelConfig
 from shared.engine.engine import Engine
+from shared.engine.sampling import SamplingParams
 from shared.serving import local_generate
 from shared.tokenizer import ByteTokenizer
+
+# Each test compiles an engine of its own (or runs many steps): more than the default.
+pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +42,38 @@ def test_json_tokens_match_reference(cli_engine: Engine):
     seq = list(prompt)
     for _ in range(6):
         seq.append(int(np.argmax(cli_engine.reference_logits(params, seq)[-1])))
-    got = [r["token_id"] for r in rows if r["token_id"] is not None]
-    assert got == seq[len(prompt) :]
+    assert [r["token_id"] for r in rows[:-1]] == seq[len(prompt) :]
+    assert rows[-1] == {
+        "finish_reason": "length",
+        "usage": {"prompt_tokens": 4, "completion_tokens": 6},
+        "text": "",
+    }
 
 
 def test_text_output_is_the_detokenized_token_stream(capsys: pytest.CaptureFixture[str]):
     flags = ["--max-tokens", "8", "--max-seq-len", "64"]
-    tokens = [r["token_id"] for r in run_cli([*flags, "--json", "hi"]) if r["token_id"] is not None]
+    rows = run_cli([*flags, "--json", "hi"])
+    tokens = [r["token_id"] for r in rows if "token_id" in r]
+    assert "".join(r["text"] for r in rows) == ByteTokenizer(320).decode(tokens)
     assert pdserve_cli.main(["generate-local", *flags, "hi"]) == 0
     expected = ByteTokenizer(320).decode(tokens)
-    assert capsys.readouterr().out == expected + "\n"
+    printed = capsys.readouterr()
+    assert printed.out == expected + "\n"
+    assert printed.err == "[finish: length, 8 tokens]\n"
+
+
+def test_eos_ends_the_stream_as_stop_and_is_never_a_token(cli_engine: Engine):
+    """EOS is not yielded: the stream ends with "stop", as a decode worker ends it."""
+    params = cli_engine.init_params(seed=0)
+    prompt = [256, 72, 105, 33]
+    greedy = list(local_generate.stream_tokens(cli_engine, params, prompt, SamplingParams(), 6))
+    tokens = [t for t, _ in greedy if t is not None]
+    assert len(tokens) == 6 and greedy[-1] == (None, "length")
+    # The same weights under a config whose EOS is the third greedy token.
+    config = dataclasses.replace(ModelConfig.tiny(), eos_id=tokens[2])
+    eos_engine = Engine(config, cli_engine.config)
+    ended = list(local_generate.stream_tokens(eos_engine, params, prompt, SamplingParams(), 6))
+    assert ended == [(tokens[0], None), (tokens[1], None), (None, "stop")]
 
 
 @pytest.mark.parametrize(
@@ -66,7 +93,7 @@ def test_bad_input_exits_2_with_message(argv: list[str], message: str, capsys):
 
 def test_unknown_subcommand(capsys: pytest.CaptureFixture[str]):
     assert pdserve_cli.main(["nope"]) == 2
-    assert "unknown subcommand 'nope'" in capsys.readouterr().err
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
 
 
 def test_generate_local_serves_an_hf_directory_exactly():
@@ -88,4 +115,24 @@ def test_generate_local_serves_an_hf_directory_exactly():
             ",".join(map(str, prompt)),
         ]
     )
-    assert [r["token_id"] for r in rows if r["token_id"] is not None] == expected
+    assert [r["token_id"] for r in rows if "token_id" in r] == expected
+
+
+@pytest.mark.timeout(120)  # may be the test that starts the session's process cluster
+@pytest.mark.parametrize(
+    "prompt", [["--prompt-token-ids", "256,72,105,33"], ["Hello, pdserve"]], ids=["ids", "text"]
+)
+def test_generate_and_generate_local_print_the_same_lines(process_cluster, prompt, capsys):
+    """The same request through the cluster (`pdserve generate --json`) and in process
+    (`pdserve generate-local --json`): the same JSON lines, line for line."""
+    flags = ["--json", "--max-tokens", "12", *prompt]
+    target = process_cluster.orchestrator.address
+    assert pdserve_cli.main(["generate", "--target", target, *flags]) == 0
+    served = capsys.readouterr().out.splitlines()
+    assert pdserve_cli.main(["generate-local", "--max-seq-len", "64", *flags]) == 0
+    local = capsys.readouterr().out.splitlines()
+    assert served == local
+    rows = [json.loads(line) for line in local]
+    assert [set(r) for r in rows[:-1]] == [{"token_id", "text"}] * (len(rows) - 1)
+    assert set(rows[-1]) == {"finish_reason", "usage", "text"}
+    assert rows[-1]["usage"]["completion_tokens"] == len(rows) - 1

@@ -18,6 +18,9 @@ from shared.engine.engine import Engine
 from shared.weights.checkpoint import LoadedModel, ModelSource, load_model
 from tests.hf_support import FIXTURE_NAMES, HF_FIXTURES, greedy, reference
 
+# Each test compiles an engine of its own (or runs many steps): more than the default.
+pytestmark = pytest.mark.timeout(60)
+
 # float32 logits of O(1-40): differences come only from summation order (XLA vs torch).
 ATOL, RTOL = 1e-4, 1e-5
 

@@ -71,6 +71,13 @@ def test_lower_layers_do_not_import_upper_ones(package: str, banned: tuple[str, 
     assert _violations(_modules(package), banned) == []
 
 
+def test_client_loads_no_jax_at_import() -> None:
+    """A frontend installs the client without paying for JAX (module level; the
+    generate-local path imports the engine lazily)."""
+    banned = ("jax", "flax", "shared.engine", "shared.weights", "shared.serving", "shared.kv")
+    assert _violations(_modules("shared/client"), banned, module_level_only=True) == []
+
+
 @pytest.mark.parametrize("name", SUBPACKAGES)
 def test_every_subpackage_says_what_it_is(name: str) -> None:
     init = REPO / "shared" / name / "__init__.py"

@@ -8,22 +8,11 @@ from pathlib import Path
 import pytest
 
 import pdserve_cli
-from tests.cluster_harness import spawn_orchestrator
-from tests.worker_harness import spawn_worker, stop_worker
 
 
-@pytest.fixture(scope="module")
-def target():
-    workers = [spawn_worker("prefill"), spawn_worker("decode")]
-    try:
-        orch = spawn_orchestrator("--prefill", workers[0].address, "--decode", workers[1].address)
-    except BaseException:
-        for w in workers:
-            stop_worker(w)
-        raise
-    yield orch.address
-    for process in (orch, *workers):
-        stop_worker(process)
+@pytest.fixture
+def target(process_cluster) -> str:
+    return process_cluster.orchestrator.address
 
 
 def bench(target: str, tmp_path: Path, *flags: str) -> dict:

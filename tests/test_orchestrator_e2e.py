@@ -17,44 +17,12 @@ from shared.config import EngineConfig
 from shared.engine.engine import Engine, Params
 from shared.engine.sampling import SamplingParams
 from shared.tokenizer import ByteTokenizer
-from tests.cluster_harness import InProcessCluster, ProcessApi, spawn_orchestrator
+from tests.cluster_harness import InProcessCluster, ProcessApi, ProcessCluster, spawn_orchestrator
 from tests.reference import metric_samples, reference_greedy
-from tests.worker_harness import ProcessWorkers, spawn_worker, stop_worker
+from tests.worker_harness import spawn_worker, stop_worker
 
 KINDS = ["process", "fake"]
 TOKENIZER = ByteTokenizer(320)
-
-
-class ProcessCluster:
-    def __init__(self) -> None:
-        self.workers = ProcessWorkers()
-        self.orchestrator = spawn_orchestrator(
-            "--prefill", self.workers.prefill.address, "--decode", self.workers.decode_address
-        )
-        self.api = ProcessApi(self.orchestrator.address)
-
-    async def all_free(self) -> bool:
-        client = self.workers.decode_client()
-        try:
-            load = await client.get_load()
-        finally:
-            await client.close()
-        return load.free_slots == load.total_slots and load.live_requests == 0
-
-    def metrics_text(self) -> str:
-        url = f"http://127.0.0.1:{self.orchestrator.metrics_port}/metrics"
-        return urllib.request.urlopen(url, timeout=5).read().decode()
-
-    def close(self) -> None:
-        stop_worker(self.orchestrator)
-        self.workers.close()
-
-
-@pytest.fixture(scope="module")
-def process_cluster():
-    cluster = ProcessCluster()
-    yield cluster
-    cluster.close()
 
 
 class FakeClusterView:
@@ -191,6 +159,7 @@ def test_seeded_sampling_is_reproducible_and_matches_the_engine(run, kind, engin
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
 def test_sixty_four_concurrent_streams_complete_and_leave_nothing_behind(run, kind, engine, params):
     rng = np.random.default_rng(64)
     cases = [
@@ -342,6 +311,7 @@ def test_invalid_requests(run, kind, options, message):
 # 4. Failures --------------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(300)
 def test_decode_killed_mid_stream_resumes_exactly_processes(process_cluster, tiny_config, params):
     prompt = [256, 3, 1, 4]
     # Longer sequences than the shared test engine holds: a reference engine of 256.
@@ -403,6 +373,7 @@ def test_decode_killed_mid_stream_resumes_exactly_in_process(
     asyncio.run(body())
 
 
+@pytest.mark.timeout(120)
 def test_only_decode_worker_killed_gives_unavailable_processes(process_cluster):
     decode = spawn_worker("decode")
     orch = spawn_orchestrator(
@@ -481,6 +452,7 @@ def test_metrics_move_by_exactly_the_requests_sent(run, kind):
     run(kind, body)
 
 
+@pytest.mark.timeout(180)
 def test_colocated_worker_serves_exactly_like_a_pair(engine, params):
     """`pdserve worker --role colocated` behind the orchestrator: the KV goes from its
     prefill straight into its own decode slots; the tokens equal the reference."""

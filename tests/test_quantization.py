@@ -30,6 +30,9 @@ from shared.weights.convert_cli import main as convert_main
 from shared.weights.tree import flatten, place
 from tests.hf_support import FIXTURE_NAMES, HF_FIXTURES, greedy, reference
 
+# Each test compiles an engine of its own (or runs many steps): more than the default.
+pytestmark = pytest.mark.timeout(60)
+
 
 def test_quantize_is_per_output_channel_and_round_to_nearest():
     w = jax.random.normal(jax.random.key(0), (64, 32)) * jnp.linspace(0.1, 3.0, 32)

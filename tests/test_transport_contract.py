@@ -29,6 +29,7 @@ from shared.engine.sampling import SamplingParams
 from shared.kv.codec import KvError, KvPayload, KvRejection, KvSpec, encode_prefix
 from shared.kv.inbox import KvInbox
 from shared.rpc.pdserve.v1 import kv_pb2
+from shared.serving.lifetime import child_environment, die_with_parent
 from shared.transport.base import DecodeClient, PrefillClient
 from shared.transport.fake import FakeNetwork, FaultPlan, apply_faults
 from shared.transport.grpc_transport import GrpcDecodeClient, GrpcPrefillClient
@@ -529,7 +530,7 @@ def test_transfer_to_an_address_nobody_serves(kind: str) -> None:
 
 @contextlib.contextmanager
 def _peer_process() -> Iterator[tuple[subprocess.Popen, int]]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = child_environment({**os.environ, "JAX_PLATFORMS": "cpu"})  # dies with pytest
     cwd = Path(__file__).resolve().parent.parent
     proc = subprocess.Popen(
         [sys.executable, __file__, "--serve"], stdout=subprocess.PIPE, env=env, cwd=cwd, text=True
@@ -607,4 +608,5 @@ def _serve_forever() -> None:
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
+    die_with_parent()
     _serve_forever()

@@ -42,11 +42,10 @@ KINDS = ["process", "fake"]
 Body = Callable[[object], Awaitable[None]]
 
 
-@pytest.fixture(scope="module")
-def process_workers():
-    workers = ProcessWorkers()
-    yield workers
-    workers.close()
+@pytest.fixture
+def process_workers(process_cluster) -> ProcessWorkers:
+    """The session cluster's prefill and decode processes (its orchestrator idles)."""
+    return process_cluster.workers
 
 
 @pytest.fixture
@@ -96,6 +95,7 @@ def test_greedy_tokens_equal_single_engine_reference(run, kind, engine, params):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.timeout(60)
 def test_sixteen_concurrent_requests_complete_exactly(run, kind, engine, params):
     rng = np.random.default_rng(16)
     cases = [
@@ -189,6 +189,7 @@ def test_bad_kv_is_rejected_slot_freed_server_keeps_serving(
     run(kind, body)
 
 
+@pytest.mark.timeout(90)
 def test_prefill_reports_a_killed_decode_process_and_keeps_serving(
     process_workers: ProcessWorkers, engine, params
 ):
@@ -269,6 +270,7 @@ def test_prefill_reports_a_dead_decode_peer_in_process(engine, params, tiny_fing
     asyncio.run(body())
 
 
+@pytest.mark.timeout(90)
 def test_sigterm_drains_live_work_then_exits_zero(process_workers: ProcessWorkers, engine, params):
     draining = spawn_worker("decode", "--drain-grace-s", "20")
     prompt = [4, 4, 4]

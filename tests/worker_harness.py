@@ -30,6 +30,7 @@ from prefill_server.kv_push import RemoteKvSink
 from shared.engine.engine import Engine, Params
 from shared.engine.sampling import SamplingParams
 from shared.metrics import WorkerMetrics
+from shared.serving.lifetime import child_environment
 from shared.serving.prefill_loop import PrefillLoop, PrefillService
 from shared.serving.runtime import ModelRuntime
 from shared.serving.worker_config import Role, parse_worker_args
@@ -71,7 +72,8 @@ class WorkerProcess:
 def spawn_pdserve(name: str, argv: list[str], timeout: float) -> WorkerProcess:
     """Start `pdserve ARGV` (which must bind loopback port 0); return once it serves."""
     cmd = [sys.executable, "-m", "pdserve_cli", *argv]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    # child_environment: the process dies with this one (pytest), however pytest ends.
+    env = child_environment({**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"})
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

@@ -2,9 +2,10 @@
 
 generator.py  `GeneratorClient` (sync) and `AsyncGeneratorClient` (asyncio)
 cli.py        `pdserve generate`
+output.py     the JSON-lines schema `pdserve generate --json` and `generate-local --json` print
 loadgen/      the load generator behind `pdserve bench`
 
-Imports only grpc and `shared.rpc` (and `pdserve generate-local`'s flag helper); the
+Imports only grpc and `shared.rpc`: a frontend installs pdserve without loading JAX. The
 client classes are re-exported here: `from shared.client import GeneratorClient`.
 """
 

@@ -1,20 +1,34 @@
-"""`pdserve generate --target HOST:PORT "prompt"`: stream text from an orchestrator."""
+"""`pdserve generate --target HOST:PORT "prompt"`: stream text from an orchestrator.
+
+Output: see shared/client/output.py (the same format as `pdserve generate-local`).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from shared.client.generator import GenerateError, GeneratorClient
-from shared.serving.local_generate import parse_token_ids
+from shared.client.output import StreamPrinter
+
+
+def parse_token_ids(text: str) -> list[int]:
+    """`--prompt-token-ids 1,2,3` (also `pdserve generate-local`'s)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--prompt-token-ids takes comma-separated integers, got {text!r}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pdserve generate", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="pdserve generate", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     p.add_argument("prompt", nargs="?")
     p.add_argument("--target", default="localhost:50051", help="orchestrator HOST:PORT")
     p.add_argument("--prompt-token-ids", type=parse_token_ids)
@@ -27,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--timeout", type=float, help="the call's deadline in seconds")
     p.add_argument("--token-file", type=Path, help="bearer token (or $PDSERVE_TOKEN)")
-    p.add_argument("--json", action="store_true", help="one JSON object per response")
+    p.add_argument("--json", action="store_true", help="JSON lines: one per token, then the end")
     return p
 
 
@@ -39,6 +53,7 @@ def main(argv: Sequence[str]) -> int:
     token = args.token_file.read_text().strip() if args.token_file else None
     token = token or os.environ.get("PDSERVE_TOKEN")
     prompt = args.prompt_token_ids if args.prompt_token_ids is not None else args.prompt
+    printer = StreamPrinter(sys.stdout, sys.stderr, json_lines=args.json)
     with GeneratorClient(args.target, token) as client:
         try:
             for chunk in client.generate(
@@ -46,15 +61,7 @@ def main(argv: Sequence[str]) -> int:
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
             ):  # fmt: skip
-                if args.json:
-                    row = {"token_ids": list(chunk.token_ids), "text": chunk.text,
-                           "finish_reason": chunk.finish_reason}  # fmt: skip
-                    print(json.dumps(row), flush=True)
-                else:
-                    print(chunk.text, end="", flush=True)
-                if chunk.finish_reason and not args.json:
-                    print(f"\n[finish: {chunk.finish_reason}, {chunk.completion_tokens} tokens]",
-                          file=sys.stderr)  # fmt: skip
+                printer.write(chunk)
         except GenerateError as err:
             print(f"\npdserve generate: {err}", file=sys.stderr)
             return 1

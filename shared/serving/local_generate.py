@@ -1,37 +1,31 @@
 """`pdserve generate-local`: prefill + insert + generate in one process, streamed to stdout.
 
-The smallest end-to-end path through the engine: no servers, no serialization. Scripts
-compare outputs with `--json` (one object per generated token).
+The smallest end-to-end path through the engine: no servers, no serialization. It prints
+what `pdserve generate` prints for the same request (shared/client/output.py), so the two
+can be compared line for line.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Iterator, Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from shared.config import ConfigError, EngineConfig
-from shared.engine.engine import Engine, EngineError, Params
-from shared.engine.sampling import SamplingError, SamplingParams
-from shared.serving.worker_config import resolve_dtype
-from shared.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDetokenizer, Tokenizer
-from shared.weights.checkpoint import CheckpointError, load_model
-from shared.weights.convert_cli import add_model_arguments, quantization_from_args
+from shared.client.cli import parse_token_ids
+from shared.client.generator import Chunk
+from shared.client.output import StreamPrinter
+from shared.weights.flags import add_model_arguments, quantization_from_args
 
-
-def parse_token_ids(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--prompt-token-ids takes comma-separated integers, got {text!r}"
-        ) from None
+if TYPE_CHECKING:
+    from shared.engine.engine import Engine, Params
+    from shared.engine.sampling import SamplingParams
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pdserve generate-local", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="pdserve generate-local", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     p.add_argument("prompt", nargs="?", help="prompt text (or use --prompt-token-ids)")
     add_model_arguments(p)  # --model (preset, checkpoint or HF dir), --quantize
     p.add_argument("--tokenizer", help="a Hugging Face tokenizer.json (default: the model's)")
@@ -43,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
-    p.add_argument("--json", action="store_true", help="one JSON object per generated token")
+    p.add_argument("--json", action="store_true", help="JSON lines: one per token, then the end")
     return p
 
 
@@ -53,26 +47,40 @@ def stream_tokens(
     prompt_ids: Sequence[int],
     sampling: SamplingParams,
     max_tokens: int,
-) -> Iterator[int]:
-    """Yield generated token ids: the prefill's first token, then one per decode step.
+) -> Iterator[tuple[int | None, str | None]]:
+    """`(token, None)` for each generated token, then `(None, finish_reason)` once.
 
-    Stops at `max_tokens`, at EOS (yielded), or when the cache is full.
+    The same ends as a decode worker's: EOS ends with "stop" and is not yielded; the
+    `max_tokens`-th token, or a token that would not fit the cache, ends with "length".
     """
     eos = engine.model_config.eos_id
     prefix = engine.prefill(params, prompt_ids, sampling=sampling)
     state = engine.insert(prefix, engine.init_decode_state(), slot=0)
-    token, length = prefix.first_token, prefix.true_length
-    for produced in range(1, max_tokens + 1):
-        yield token
-        length += 1
-        if token == eos or produced == max_tokens or length >= engine.config.max_seq_len:
+    token, produced = prefix.first_token, 0
+    while True:
+        if token == eos:
+            yield None, "stop"
+            return
+        yield token, None
+        produced += 1
+        # Feeding this token writes position prompt + produced - 1: past the cache, stop.
+        if produced == max_tokens or prefix.true_length + produced > engine.config.max_seq_len:
+            yield None, "length"
             return
         state, tokens = engine.generate(params, state)
         token = int(tokens[0])
 
 
-def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    out = out or sys.stdout
+def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    # JAX only now, once the flags parsed: `pdserve generate-local --help` stays instant.
+    from shared.config import EngineConfig
+    from shared.engine.engine import Engine, EngineError
+    from shared.engine.sampling import SamplingParams
+    from shared.serving.worker_config import resolve_dtype
+    from shared.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDetokenizer, Tokenizer
+    from shared.weights.checkpoint import load_model
+
+    out, err = out or sys.stdout, err or sys.stderr
     if args.max_tokens <= 0:
         raise EngineError(f"--max-tokens={args.max_tokens} must be > 0")
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
@@ -96,23 +104,25 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     else:
         raise EngineError("give a prompt or --prompt-token-ids")
     engine = Engine(model_config, engine_config)
-    params = loaded.params
     detok = IncrementalDetokenizer(tokenizer, list(prompt_ids))
-    for token in stream_tokens(engine, params, prompt_ids, sampling, args.max_tokens):
-        text = detok.push(token)
-        if args.json:
-            print(json.dumps({"token_id": token, "text": text}), file=out, flush=True)
+    printer = StreamPrinter(out, err, json_lines=args.json)
+    completion = 0
+    for token, finish in stream_tokens(engine, loaded.params, prompt_ids, sampling,
+                                       args.max_tokens):  # fmt: skip
+        if token is not None:
+            completion += 1
+            printer.write(Chunk("", (token,), detok.push(token), None))
         else:
-            print(text, end="", file=out, flush=True)
-    tail = detok.flush()
-    if args.json and tail:
-        print(json.dumps({"token_id": None, "text": tail}), file=out, flush=True)
-    elif not args.json:
-        print(tail, file=out, flush=True)
+            printer.write(Chunk("", (), detok.flush(), finish, len(prompt_ids), completion))
     return 0
 
 
 def main(argv: Sequence[str]) -> int:
+    from shared.config import ConfigError
+    from shared.engine.engine import EngineError
+    from shared.engine.sampling import SamplingError
+    from shared.weights.checkpoint import CheckpointError
+
     args = build_parser().parse_args(argv)
     try:
         return run(args)

@@ -10,10 +10,13 @@ import argparse
 import dataclasses
 import enum
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from shared.config import ConfigError, EngineConfig, Quantization
-from shared.transport.types import TransportConfig
-from shared.weights.convert_cli import add_model_arguments, quantization_from_args
+from shared.weights.flags import add_model_arguments, quantization_from_args
+
+if TYPE_CHECKING:
+    from shared.transport.types import TransportConfig
 
 
 class Role(enum.Enum):
@@ -78,12 +81,28 @@ def _int_list(text: str) -> tuple[int, ...]:
         ) from None
 
 
-def worker_parser(role: Role | None) -> argparse.ArgumentParser:
+ROLE_HELP = {
+    Role.PREFILL: "prefill worker: prompts -> KV caches pushed to decode workers",
+    Role.DECODE: "decode worker: slots stepped together (continuous batching)",
+    Role.COLOCATED: "both phases in one process, no KV serialization (the baseline)",
+}
+
+
+def worker_parser(role: Role | str | None) -> argparse.ArgumentParser:
     """The flags of `pdserve prefill|decode|worker`; `role` None adds `--role`."""
+    role = Role(role) if isinstance(role, str) else role
     prog = "pdserve worker" if role is None else f"pdserve {role.value}"
-    p = argparse.ArgumentParser(prog=prog, allow_abbrev=False)  # a typo must not pass
+    roles = "; ".join(f"{r.value}: {text}" for r, text in ROLE_HELP.items())
+    description = f"Run a worker ({roles})." if role is None else f"Run a {ROLE_HELP[role]}."
+    # allow_abbrev=False: a typo in a flag must fail, not silently match a longer one.
+    p = argparse.ArgumentParser(prog=prog, description=description, allow_abbrev=False)
     if role is None:
-        p.add_argument("--role", choices=[r.value for r in Role], required=True)
+        p.add_argument(
+            "--role",
+            choices=[r.value for r in Role],
+            required=True,
+            help="which worker to run: " + ", ".join(r.value for r in Role),
+        )
     add_model_arguments(p)  # --model, --quantize, --float-lm-head
     p.add_argument("--host", default="0.0.0.0", help="address to bind")
     p.add_argument("--port", type=int, help="gRPC port (default: per role)")
@@ -110,6 +129,10 @@ def worker_parser(role: Role | None) -> argparse.ArgumentParser:
 
 def parse_worker_args(argv: Sequence[str], role: Role | None) -> WorkerConfig:
     """Flags -> WorkerConfig; ConfigError (or SystemExit from argparse) on bad values."""
+    # Here, not at module level: the transport imports JAX, and `pdserve --help` builds
+    # this parser without it.
+    from shared.transport.types import TransportConfig
+
     args = worker_parser(role).parse_args(list(argv))
     role = role or Role(args.role)
     try:

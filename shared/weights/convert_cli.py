@@ -14,53 +14,27 @@ import sys
 import time
 from collections.abc import Sequence
 
-from shared.config import EngineConfig, Quantization
-from shared.weights.checkpoint import CheckpointError, load_model, param_bytes, save_checkpoint
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags every entry point shares to pick weights; see `quantization_from_args`."""
-    parser.add_argument(
-        "--model",
-        default="tiny",
-        help="preset name (tiny, small), a `pdserve convert` checkpoint dir, or an HF dir",
-    )
-    _add_quantize_arguments(parser)
-
-
-def _add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--quantize",
-        choices=("none", "int8"),
-        default="none",
-        help="weight-only int8 (AQT) for every dense matmul; a pre-quantized checkpoint "
-        "is int8 whatever this says",
-    )
-    parser.add_argument(
-        "--float-lm-head",
-        action="store_true",
-        help="with --quantize int8: keep the LM head and the embedding table in float",
-    )
-
-
-def quantization_from_args(args: argparse.Namespace) -> Quantization | None:
-    if args.quantize == "none":
-        return None
-    return Quantization(embedding=not args.float_lm_head, lm_head=not args.float_lm_head)
+from shared.weights.flags import add_quantize_arguments, quantization_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdserve convert", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="pdserve convert", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf-dir", type=pathlib.Path, help="Hugging Face model directory")
     source.add_argument("--preset", help="a preset's seeded weights (tiny, small)")
     parser.add_argument("--out", type=pathlib.Path, required=True, help="new checkpoint dir")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    _add_quantize_arguments(parser)
+    add_quantize_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str]) -> int:
+    # JAX and orbax only once the flags parsed: `pdserve convert --help` stays instant.
+    from shared.config import EngineConfig
+    from shared.weights.checkpoint import CheckpointError, load_model, param_bytes, save_checkpoint
+
     args = build_parser().parse_args(list(argv))
     start = time.perf_counter()
     spec = str(args.hf_dir) if args.hf_dir is not None else args.preset

@@ -46,8 +46,8 @@ class GeneratorServicer:
 
     def Generate(self, request, context):
         """Generates a completion of one prompt and streams it as it is produced. The first
-        response comes as soon as the first token is known; the last one carries
-        `finish_reason` and `usage`. Errors: INVALID_ARGUMENT for a bad request (the message
+        response comes as soon as the first token is known; the last one carries no tokens,
+        only `finish_reason`, `usage` and any text held back until the end. Errors: INVALID_ARGUMENT for a bad request (the message
         names the value and the limit), RESOURCE_EXHAUSTED when the admission queue is full,
         UNAVAILABLE when no worker can take it. Cancelling the call cancels the request.
         """
