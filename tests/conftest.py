@@ -20,10 +20,17 @@ import threading
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax
 import pytest
 
 from shared.config import EngineConfig, ModelConfig
 from shared.engine.engine import Engine, Params
+
+# Eight simulated CPU devices for the tensor-parallel tests, set before JAX initialises its
+# backend (importing pdserve does not). Engines use one device unless given a mesh; worker
+# processes the tests start get their own device count (tests/worker_harness.py).
+SIMULATED_DEVICES = 8
+jax.config.update("jax_num_cpu_devices", SIMULATED_DEVICES)
 
 HARD_KILL_GRACE_S = 60.0
 _watchdog: threading.Timer | None = None
@@ -47,18 +54,26 @@ def _hard_kill(nodeid: str, limit: float) -> None:
 
 
 PROCESS_TEST_TIMEOUT_S = 120
+# A slower or busier machine than CI's: multiply every limit (e.g. 3 while other jobs run).
+TIMEOUT_SCALE = float(os.environ.get("PDSERVE_TEST_TIMEOUT_SCALE", "1"))
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests on the session's process cluster may be the one that starts it (three
-    processes loading and compiling): they get `PROCESS_TEST_TIMEOUT_S` unless they say."""
+    processes loading and compiling): they get `PROCESS_TEST_TIMEOUT_S` unless they say.
+    Every limit is multiplied by `PDSERVE_TEST_TIMEOUT_SCALE`."""
+    default = float(config.getini("timeout") or 0)
     for item in items:
         callspec = getattr(item, "callspec", None)
         on_processes = "process_cluster" in getattr(item, "fixturenames", ()) or (
             callspec is not None and callspec.params.get("kind") == "process"
         )
-        if on_processes and item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(PROCESS_TEST_TIMEOUT_S))
+        marker = item.get_closest_marker("timeout")
+        limit = float(marker.args[0]) if marker and marker.args else None
+        if limit is None:
+            limit = PROCESS_TEST_TIMEOUT_S if on_processes else default
+        if marker is None or TIMEOUT_SCALE != 1:
+            item.add_marker(pytest.mark.timeout(limit * TIMEOUT_SCALE), append=False)
 
 
 @pytest.hookimpl

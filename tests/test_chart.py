@@ -319,10 +319,12 @@ def test_worker_args_parse_and_agree_with_the_pod(rendered: Rendered):
         assert config.port == role_values["port"]
         assert config.metrics_port == role_values["metricsPort"]
         assert config.model == values["model"]["path"]
-        assert config.engine.dtype == values["model"]["dtype"]
+        assert config.dtype == values["model"]["dtype"]
         # --quantize none parses to no quantization; int8 to an int8 Quantization.
         assert (config.quantization is not None) == (values["model"]["quantize"] == "int8")
-        assert config.engine.max_slots == role_values["slots"]
+        assert config.slots == (None if role_values["slots"] == "auto" else role_values["slots"])
+        tpu = role_values["tpu"]
+        assert config.tensor_parallel == (tpu["chipsPerHost"] if tpu["enabled"] else 1)
         assert config.drain_grace_s == role_values["drainGraceS"]
         assert pod.spec["terminationGracePeriodSeconds"] > config.drain_grace_s
     assert seen == set(rendered.roles)

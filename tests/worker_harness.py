@@ -69,11 +69,16 @@ class WorkerProcess:
         return self.proc.wait(timeout)
 
 
-def spawn_pdserve(name: str, argv: list[str], timeout: float) -> WorkerProcess:
-    """Start `pdserve ARGV` (which must bind loopback port 0); return once it serves."""
+def spawn_pdserve(
+    name: str, argv: list[str], timeout: float, devices: int | None = None
+) -> WorkerProcess:
+    """Start `pdserve ARGV` (which must bind loopback port 0); return once it serves.
+    `devices`: simulated CPU devices for the process (default: one)."""
     cmd = [sys.executable, "-m", "pdserve_cli", *argv]
     # child_environment: the process dies with this one (pytest), however pytest ends.
     env = child_environment({**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"})
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -97,11 +102,13 @@ def spawn_pdserve(name: str, argv: list[str], timeout: float) -> WorkerProcess:
     return WorkerProcess(name, proc, f"127.0.0.1:{match[2]}", int(match[3]), output)
 
 
-def spawn_worker(role: str, *flags: str, timeout: float = 180.0) -> WorkerProcess:
+def spawn_worker(
+    role: str, *flags: str, timeout: float = 180.0, devices: int | None = None
+) -> WorkerProcess:
     """Start `pdserve worker --role ROLE` on a free loopback port; return once SERVING."""
     argv = ["worker", "--role", role, "--host", "127.0.0.1", "--port", "0",
             "--metrics-port", "0", *ENGINE_FLAGS, *flags]  # fmt: skip
-    return spawn_pdserve(role, argv, timeout)
+    return spawn_pdserve(role, argv, timeout, devices)
 
 
 def stop_worker(worker: WorkerProcess) -> None:

@@ -12,6 +12,13 @@ Who calls what:
 
 Params (an `nnx.State` of `nnx.Param`s) are passed in explicitly, never captured, so that
 one compiled function serves any weights of the same shapes.
+
+Tensor parallelism: an engine runs on a `jax.sharding.Mesh` (shared/engine/mesh.py; one
+device unless given more). Params live sharded as `param_shardings` says, the decode state
+as `state_sharding` says (the KV cache by heads, everything else replicated), and every
+jitted function keeps them so (outputs pinned to the same shardings, donation intact). A
+`Prefix` is layout-neutral: its leaves are the model's logical KV heads, whatever the
+tensor-parallel size of the engine that made it or will insert it.
 """
 
 from __future__ import annotations
@@ -26,13 +33,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from shared.config import EngineConfig, ModelConfig
+from shared.engine.mesh import CACHE_AXES, Parallelism, make_mesh, named, replicated, spec
 from shared.engine.model.llama import Transformer
 from shared.engine.sampling import SamplingParams, sample
 
 Params = nnx.State
-CacheDict = dict[str, Any]  # nested pure dict; leaves [rows, length, head_dim]
+CacheDict = dict[str, Any]  # nested pure dict of per-layer K and V leaves
 
 
 class EngineError(ValueError):
@@ -56,8 +65,9 @@ class Prefix:
     """What prefill hands to decode: the prompt's KV and how to continue it.
 
     `cache` leaves are [num_kv_heads, L, head_dim] with L >= true_length (the prefill bucket,
-    or exactly true_length after `trimmed()`/a wire transfer). Positions >= true_length hold
-    padding and are never read.
+    or exactly true_length after `trimmed()`/a wire transfer): the model's own KV heads,
+    never the replicated cache heads, so a prefix moves between engines of any
+    tensor-parallel size. Positions >= true_length hold padding and are never read.
     """
 
     cache: CacheDict
@@ -76,7 +86,7 @@ class Prefix:
 class DecodeState:
     """Everything the decode step reads and writes; one row per slot. [B] = max_slots."""
 
-    cache: CacheDict  # leaves [B * KV, max_seq_len, H]
+    cache: CacheDict  # leaves [C, B, max_seq_len, H]; C cache heads (sharded)
     lengths: jax.Array  # [B] int32: tokens in the cache = position of `tokens`
     tokens: jax.Array  # [B] int32: the last sampled token, fed to the next step
     active: jax.Array  # [B] bool
@@ -93,21 +103,56 @@ def _dtype(name: str) -> jnp.dtype:
 class Engine:
     """One model config, two model modes, jitted prefill / insert / generate / release."""
 
-    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig) -> None:
+    def __init__(
+        self, model_config: ModelConfig, engine_config: EngineConfig, mesh: Mesh | None = None
+    ) -> None:
         self.model_config = model_config
         self.config = engine_config
         self.dtype = _dtype(engine_config.dtype)
+        self.mesh = mesh if mesh is not None else make_mesh(1)
+        self.parallelism = Parallelism.of(model_config, self.mesh.size)
+        self.rules = self.parallelism.rules()
         # How often each jitted function was traced (= compiled); tests assert on it.
         self.compile_counts: Counter[str] = Counter()
 
-        self._prefill_graph, self._abstract_params, _ = self._abstract("prefill", 1, 1)
+        # Built once, outside any trace: the prefill cache of one position, whose shapes
+        # `_prefill_model` stretches to each bucket.
+        self._prefill_graph, self._abstract_params, self._prefill_cache_1 = self._abstract(
+            "prefill", 1, 1
+        )
+        self.param_shardings = param_shardings(self._abstract_params, self.mesh, self.rules)
         self._decode_graph, _, self._abstract_decode_cache = self._abstract(
             "autoregressive", engine_config.max_slots, engine_config.max_seq_len
         )
+        self._replicated = replicated(self.mesh)
+        cache_sharding = named(self.mesh, CACHE_AXES, self.rules)
+        self.state_sharding = DecodeState(
+            cache=jax.tree.map(
+                lambda _: cache_sharding, nnx.to_pure_dict(self._abstract_decode_cache)
+            ),
+            **{
+                f.name: self._replicated
+                for f in dataclasses.fields(DecodeState)
+                if f.name != "cache"
+            },
+        )
+        # Prefixes come in with the model's KV heads; split over the devices when they
+        # divide, else every device gets them all (it keeps the copies it serves).
+        kv_axis = self.rules["kv_heads"]
+        self._prefix_rows_sharding = NamedSharding(self.mesh, jax.P(None, kv_axis, None, None))
         self._prefill_jit = jax.jit(self._prefill_impl)
-        self._generate_jit = jax.jit(self._generate_impl, donate_argnums=(1,))
-        self._insert_jit = jax.jit(self._insert_impl, donate_argnums=(0,))
-        self._release_jit = jax.jit(self._release_impl, donate_argnums=(0,))
+        self._generate_jit = jax.jit(
+            self._generate_impl,
+            donate_argnums=(1,),
+            out_shardings=(self.state_sharding, self._replicated),
+        )
+        self._insert_jit = jax.jit(
+            self._insert_impl, donate_argnums=(0,), out_shardings=self.state_sharding
+        )
+        self._release_jit = jax.jit(
+            self._release_impl, donate_argnums=(0,), out_shardings=self.state_sharding
+        )
+        self._init_state_jit = jax.jit(self._init_state_impl, out_shardings=self.state_sharding)
         self._decode_logits_jit = jax.jit(lambda params, state: self._step(params, state)[1])
         self._reference_jit = jax.jit(self._reference_impl)
 
@@ -119,34 +164,38 @@ class Engine:
                 batch=batch,
                 cache_len=cache_len,
                 dtype=self.dtype,
+                parallelism=self.parallelism,
                 rngs=nnx.Rngs(0),
             )
         )
         return nnx.split(model, nnx.Param, nnx.Cache)
 
+    @property
+    def tp(self) -> int:
+        """Tensor-parallel size: the devices this engine drives."""
+        return self.mesh.size
+
     # Parameters -------------------------------------------------------------------------
 
     @property
     def abstract_params(self) -> Params:
-        """ShapeDtypeStruct targets for checkpoint restores."""
-        return self._abstract_params
+        """ShapeDtypeStruct targets for checkpoint restores, each with its sharding."""
+        return with_shardings(self._abstract_params, self.param_shardings)
 
     def init_params(self, seed: int = 0) -> Params:
-        """Seeded random weights (the embedded presets)."""
-        model = Transformer(
-            self.model_config,
-            "prefill",
-            batch=1,
-            cache_len=1,
-            dtype=self.dtype,
-            rngs=nnx.Rngs(seed),
-        )
-        return nnx.state(model, nnx.Param)
+        """Seeded random weights (the embedded presets), created already sharded."""
+        return init_params(self.model_config, self.dtype, seed, self.param_shardings)
+
+    def place_params(self, params: Params) -> Params:
+        """Params from anywhere (host arrays, one device) -> this engine's shardings."""
+        return jax.device_put(params, self.param_shardings)
 
     def abstract_prefix_cache(self, length: int) -> CacheDict:
         """Shapes and dtypes of a prefix cache of `length` positions (a pure dict of
-        ShapeDtypeStructs): what a KV receiver expects."""
-        return nnx.to_pure_dict(self._abstract("prefill", 1, length)[2])
+        ShapeDtypeStructs, [num_kv_heads, length, head_dim]): what a KV receiver expects."""
+        kv, h = self.model_config.num_kv_heads, self.model_config.head_dim
+        leaf = jax.ShapeDtypeStruct((kv, length, h), self.dtype)
+        return jax.tree.map(lambda _: leaf, nnx.to_pure_dict(self._abstract_decode_cache))
 
     # Prefill ----------------------------------------------------------------------------
 
@@ -177,9 +226,10 @@ class Engine:
         bucket = self._prefill_bucket(true_length, allow_long)
         padded = np.zeros((1, bucket), np.int32)
         padded[0, :true_length] = prompt
-        cache, first = self._prefill_jit(
-            params, padded, np.int32(true_length), *self._sampling_rows([sampling])
-        )
+        with jax.set_mesh(self.mesh):
+            cache, first = self._prefill_jit(
+                params, padded, np.int32(true_length), *self._sampling_rows([sampling])
+            )
         return Prefix(cache=cache, true_length=true_length, first_token=int(first[0]),
                       sampling=sampling)  # fmt: skip
 
@@ -221,11 +271,18 @@ class Engine:
         logits = model(tokens, positions, logits_at=(true_length - 1)[None])  # [1, V]
         position = true_length[None]  # the first token goes right after the prompt
         first = sample(logits, temperature, top_k, top_p, seeds, position)
-        return nnx.to_pure_dict(nnx.state(model, nnx.Cache)), first
+        r = self.parallelism.kv_replication
+        # [C, 1, T, H] cache heads -> [KV, T, H]: one copy of each of the model's KV heads.
+        logical = jax.tree.map(lambda c: c[::r, 0], nnx.to_pure_dict(nnx.state(model, nnx.Cache)))
+        return logical, first
 
     # Decode state -------------------------------------------------------------------------
 
     def init_decode_state(self) -> DecodeState:
+        with jax.set_mesh(self.mesh):
+            return self._init_state_jit()
+
+    def _init_state_impl(self) -> DecodeState:
         b = self.config.max_slots
         cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._abstract_decode_cache)
         return DecodeState(
@@ -260,17 +317,37 @@ class Engine:
         count = 1 << (len(prefixes) - 1).bit_length()
         padded_slots = np.full((count,), self.config.max_slots, np.int32)
         padded_slots[: len(slots)] = slots
-        pad = [None] * (count - len(prefixes))
-        caches = [self._padded_cache(p.cache, length) for p in prefixes]
-        caches += [jax.tree.map(jnp.zeros_like, caches[0])] * len(pad)
-        stacked = jax.tree.map(lambda *leaves: jnp.concatenate(leaves, axis=0), *caches)
+        stacked = self._stacked_caches(prefixes, length, count)  # leaves [N, KV, L, H]
         filler = SamplingParams()
-        rows = [p.sampling for p in prefixes] + [filler] * len(pad)
-        lengths = np.array([p.true_length for p in prefixes] + [0] * len(pad), np.int32)
-        firsts = np.array([p.first_token for p in prefixes] + [0] * len(pad), np.int32)
-        return self._insert_jit(
-            state, stacked, padded_slots, lengths, firsts, *self._sampling_rows(rows)
-        )
+        pad = count - len(prefixes)
+        rows = [p.sampling for p in prefixes] + [filler] * pad
+        lengths = np.array([p.true_length for p in prefixes] + [0] * pad, np.int32)
+        firsts = np.array([p.first_token for p in prefixes] + [0] * pad, np.int32)
+        with jax.set_mesh(self.mesh):
+            return self._insert_jit(
+                state, stacked, padded_slots, lengths, firsts, *self._sampling_rows(rows)
+            )
+
+    def _stacked_caches(self, prefixes: Sequence[Prefix], length: int, count: int) -> CacheDict:
+        """Every prefix's leaves padded to `length` and stacked (padding rows are zeros),
+        placed on the mesh split by KV heads where they divide. Host (wire) prefixes are
+        stacked on the host: one transfer to the devices, each getting only its heads."""
+        kv, h = self.model_config.num_kv_heads, self.model_config.head_dim
+        dtype = np.dtype(self.dtype)
+
+        def stack(*leaves: Any) -> jax.Array:
+            if all(isinstance(leaf, np.ndarray) for leaf in leaves):
+                out = np.zeros((count, kv, length, h), dtype)
+                for i, leaf in enumerate(leaves):
+                    n = min(length, leaf.shape[1])
+                    out[i, :, :n] = leaf[:, :n]
+                return jax.device_put(out, self._prefix_rows_sharding)
+            rows = [jnp.asarray(leaf, self.dtype)[:, :length] for leaf in leaves]
+            rows = [jnp.pad(r, ((0, 0), (0, length - r.shape[1]), (0, 0))) for r in rows]
+            rows += [jnp.zeros_like(rows[0])] * (count - len(rows))
+            return jax.device_put(jnp.stack(rows), self._prefix_rows_sharding)
+
+        return jax.tree.map(stack, *(p.cache for p in prefixes))
 
     def _check_slots(self, slots: np.ndarray, count: int) -> None:
         if len(slots) != count:
@@ -293,17 +370,10 @@ class Engine:
                 return bucket
         raise AssertionError("unreachable: max_seq_len bounds every prefix")
 
-    def _padded_cache(self, cache: CacheDict, length: int) -> CacheDict:
-        def pad(leaf: Any) -> jax.Array:
-            leaf = jnp.asarray(leaf, self.dtype)[:, :length]
-            return jnp.pad(leaf, ((0, 0), (0, length - leaf.shape[1]), (0, 0)))
-
-        return jax.tree.map(pad, cache)
-
     def _insert_impl(
         self,
         state: DecodeState,
-        stacked: CacheDict,  # leaves [N * KV, L, H]
+        stacked: CacheDict,  # leaves [N, KV, L, H]
         slots: jax.Array,  # [N]; == max_slots for padding rows
         lengths: jax.Array,
         firsts: jax.Array,
@@ -312,12 +382,14 @@ class Engine:
         top_p: jax.Array,
         seeds: jax.Array,
     ) -> DecodeState:
-        kv = self.model_config.num_kv_heads
-        self.compile_counts[f"insert[{len(slots)}x{jax.tree.leaves(stacked)[0].shape[1]}]"] += 1
-        rows = (slots[:, None] * kv + jnp.arange(kv)[None, :]).reshape(-1)  # [N * KV]
+        length = jax.tree.leaves(stacked)[0].shape[2]
+        self.compile_counts[f"insert[{len(slots)}x{length}]"] += 1
+        r = self.parallelism.kv_replication
 
         def write(cache: jax.Array, new: jax.Array) -> jax.Array:
-            return cache.at[rows, : new.shape[1]].set(new, mode="drop")
+            # [N, KV, L, H] -> cache heads [C, N, L, H]; rows of padding slots are dropped.
+            heads = jnp.repeat(new, r, axis=1).transpose(1, 0, 2, 3).astype(cache.dtype)
+            return cache.at[:, slots, :length].set(heads, mode="drop")
 
         def put(old: jax.Array, new: jax.Array) -> jax.Array:
             return old.at[slots].set(new, mode="drop")
@@ -338,7 +410,8 @@ class Engine:
         insert; an empty slot is still computed by `generate` (fixed shapes) but never
         advances. Donates `state`."""
         self._check_slots(np.asarray([slot], np.int32), 1)
-        return self._release_jit(state, np.int32(slot))
+        with jax.set_mesh(self.mesh):
+            return self._release_jit(state, np.int32(slot))
 
     def _release_impl(self, state: DecodeState, slot: jax.Array) -> DecodeState:
         self.compile_counts["release"] += 1
@@ -357,7 +430,8 @@ class Engine:
         Tokens of empty slots are meaningless. Donates `state`. A live slot must have
         lengths < max_seq_len; the caller finishes slots before they reach it.
         """
-        return self._generate_jit(params, state)
+        with jax.set_mesh(self.mesh):
+            return self._generate_jit(params, state)
 
     def _generate_impl(self, params: Params, state: DecodeState) -> tuple[DecodeState, jax.Array]:
         self.compile_counts["generate"] += 1
@@ -387,7 +461,8 @@ class Engine:
 
     def decode_logits(self, params: Params, state: DecodeState) -> np.ndarray:
         """The logits `generate` would sample from, [max_slots, V]; `state` is not donated."""
-        return np.asarray(self._decode_logits_jit(params, state))
+        with jax.set_mesh(self.mesh):
+            return np.asarray(self._decode_logits_jit(params, state))
 
     def reference_logits(self, params: Params, tokens: Sequence[int]) -> np.ndarray:
         """Uncached full-sequence forward: logits [len(tokens), V] at every position.
@@ -403,7 +478,8 @@ class Engine:
             )
         padded = np.zeros((1, self.config.max_seq_len), np.int32)
         padded[0, : len(tokens)] = tokens
-        return np.asarray(self._reference_jit(params, padded))[0, : len(tokens)]
+        with jax.set_mesh(self.mesh):
+            return np.asarray(self._reference_jit(params, padded))[0, : len(tokens)]
 
     def _reference_impl(self, params: Params, tokens: jax.Array) -> jax.Array:
         self.compile_counts["reference"] += 1
@@ -412,8 +488,10 @@ class Engine:
 
     def _prefill_model(self, params: Params, length: int) -> tuple[Transformer, jax.Array]:
         """Inside a trace: the prefill-mode model with an empty cache of `length` positions."""
-        abstract = self._abstract("prefill", 1, length)[2]
-        cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
+        cache = jax.tree.map(
+            lambda s: jnp.zeros((s.shape[0], 1, length, s.shape[3]), s.dtype),
+            self._prefill_cache_1,
+        )
         positions = jnp.arange(length, dtype=jnp.int32)[None, :]  # [1, T]
         return nnx.merge(self._prefill_graph, params, cache), positions
 
@@ -430,8 +508,45 @@ class Engine:
 
     @functools.cached_property
     def decode_cache_bytes(self) -> int:
-        """Bytes of the whole decode KV cache (every slot, every position)."""
+        """Bytes of the whole decode KV cache (every slot, every position, every cache head:
+        replicated KV heads count each copy)."""
         return sum(
             int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
             for s in jax.tree.leaves(self._abstract_decode_cache)
         )
+
+
+# Params and their shardings (also used by the loaders in shared/weights) -----------------
+
+
+def param_shardings(abstract: Params, mesh: Mesh, rules: dict[str, str | None]) -> Params:
+    """The NamedSharding of every param, from its logical axis names and the rules."""
+
+    def one(variable: nnx.Variable) -> nnx.Variable:
+        names = variable.get_metadata().get("out_sharding") or (None,) * variable.ndim
+        return variable.replace(NamedSharding(mesh, spec(names, rules)))
+
+    return jax.tree.map(one, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def with_shardings(abstract: Params, shardings: Params) -> Params:
+    """ShapeDtypeStructs that carry their target sharding (orbax restores into them)."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
+def init_params(
+    model_config: ModelConfig, dtype: jnp.dtype, seed: int, shardings: Params | None = None
+) -> Params:
+    """A preset's seeded random params. Created inside one jit whose outputs are already
+    sharded, so no device ever holds the whole model; the values do not depend on the
+    sharding (JAX's partitionable threefry), so every tensor-parallel size serves the very
+    same weights."""
+
+    def create() -> Params:
+        model = Transformer(model_config, "prefill", batch=1, cache_len=1, dtype=dtype,
+                            rngs=nnx.Rngs(seed))  # fmt: skip
+        return nnx.state(model, nnx.Param)
+
+    return jax.jit(create, out_shardings=shardings)()

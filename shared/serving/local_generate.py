@@ -37,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    p.add_argument(
+        "--tensor-parallel",
+        type=int,
+        help="shard the model over this many local devices (default: all of them)",
+    )
     p.add_argument("--json", action="store_true", help="JSON lines: one per token, then the end")
     return p
 
@@ -73,8 +78,11 @@ def stream_tokens(
 
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     # JAX only now, once the flags parsed: `pdserve generate-local --help` stays instant.
+    import jax
+
     from shared.config import EngineConfig
     from shared.engine.engine import Engine, EngineError
+    from shared.engine.mesh import make_mesh
     from shared.engine.sampling import SamplingParams
     from shared.serving.worker_config import resolve_dtype
     from shared.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDetokenizer, Tokenizer
@@ -87,8 +95,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     # One slot, and buckets that cover prompts up to half the cache.
     buckets = tuple(b for b in (16, 32, 64, 128, 256, 512, 1024) if b < args.max_seq_len)
     engine_config = EngineConfig(1, buckets, args.max_seq_len, resolve_dtype(args.dtype))
+    mesh = make_mesh(args.tensor_parallel or len(jax.local_devices()))
     loaded = load_model(
-        args.model, engine_config=engine_config, quantize=quantization_from_args(args)
+        args.model, engine_config=engine_config, quantize=quantization_from_args(args), mesh=mesh
     )
     model_config = loaded.model_config
     tokenizer_path = args.tokenizer or loaded.tokenizer_path
@@ -103,7 +112,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         prompt_ids = tokenizer.encode(args.prompt)
     else:
         raise EngineError("give a prompt or --prompt-token-ids")
-    engine = Engine(model_config, engine_config)
+    engine = Engine(model_config, engine_config, mesh)
     detok = IncrementalDetokenizer(tokenizer, list(prompt_ids))
     printer = StreamPrinter(out, err, json_lines=args.json)
     completion = 0

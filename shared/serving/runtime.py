@@ -24,12 +24,15 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from prometheus_client import CollectorRegistry
 
-from shared.config import ConfigError
+from shared.config import ConfigError, EngineConfig
 from shared.engine.engine import Engine, Params, Prefix
+from shared.engine.mesh import Parallelism, make_mesh
 from shared.engine.sampling import SamplingParams
 from shared.metrics import MetricsServer
+from shared.serving.capacity import device_memory, kv_bytes_per_token, plan_capacity
 from shared.serving.worker_config import Role, WorkerConfig, parse_worker_args
 from shared.transport.server import RunningServer, Service, start_server
 from shared.weights.checkpoint import CheckpointError, LoadedModel, load_model
@@ -51,17 +54,64 @@ class ModelRuntime:
 
 
 def load_runtime(config: WorkerConfig) -> ModelRuntime:
-    progress(f"{config.role.value}: loading model {config.model!r}")
+    tp = config.tensor_parallel or len(jax.local_devices())
+    mesh = make_mesh(tp)
+    progress(f"{config.role.value}: loading model {config.model!r} over {tp} "
+             f"{mesh.devices.flat[0].platform} device(s)")  # fmt: skip
     start = time.perf_counter()
     loaded = load_model(
         config.model,
-        engine_config=config.engine,
+        engine_config=EngineConfig(dtype=config.dtype),
         quantize=config.quantization,
         seed=config.weights_seed,
+        mesh=mesh,
     )
-    engine = Engine(loaded.model_config, config.engine)
-    progress(f"{config.role.value}: loaded in {time.perf_counter() - start:.1f}s")
+    engine_config = size_engine(config, loaded, mesh)
+    engine = Engine(loaded.model_config, engine_config, mesh)
+    progress(f"{config.role.value}: loaded in {time.perf_counter() - start:.1f}s; "
+             f"{engine_config.max_slots} slots x {engine_config.max_seq_len} tokens")  # fmt: skip
     return ModelRuntime(engine, loaded.params, model_fingerprint(loaded), loaded.tokenizer_path)
+
+
+def params_bytes_per_device(params: Params) -> dict[jax.Device, int]:
+    """Bytes of params each device holds (its shards; replicated params count fully)."""
+    held: dict[jax.Device, int] = {}
+    for leaf in jax.tree.leaves(params):
+        for shard in leaf.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    return held
+
+
+def size_engine(config: WorkerConfig, loaded: LoadedModel, mesh: Mesh) -> EngineConfig:
+    """The engine layout: as flagged, or with `auto` slots / max_seq_len sized from the
+    devices' memory (shared/serving/capacity.py). Logs the memory arithmetic."""
+    model = loaded.model_config
+    parallelism = Parallelism.of(model, mesh.size)
+    per_token = kv_bytes_per_token(
+        model, np.dtype(config.dtype).itemsize, parallelism.cache_heads // mesh.size
+    )
+    params = max(params_bytes_per_device(loaded.params).values())
+    mib = 2**20
+    progress(f"{config.role.value}: tensor parallel {mesh.size}: params {params / mib:.1f} MiB"
+             f" per device; KV {per_token} bytes per token per device "
+             f"({parallelism.cache_heads} cache heads, {parallelism.kv_replication}x "
+             f"replication)")  # fmt: skip
+    if not config.auto_capacity:
+        return config.engine_config()
+    devices = list(mesh.devices.flat)
+    plan = plan_capacity(
+        device_bytes=device_memory([d.memory_stats() for d in devices], devices[0].platform),
+        params_bytes=params,
+        bytes_per_token=per_token,
+        fraction=config.kv_memory_fraction,
+        headroom_bytes=config.memory_headroom_bytes,
+        slots=config.slots,
+        max_seq_len=config.max_seq_len,
+        context_limit=model.max_position_embeddings,
+        min_seq_len=config.prefill_buckets[-1],
+    )
+    progress(f"{config.role.value}: {plan.describe()}")
+    return config.engine_config(plan.slots, plan.max_seq_len)
 
 
 def model_fingerprint(loaded: LoadedModel) -> str:

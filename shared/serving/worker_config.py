@@ -38,7 +38,13 @@ class WorkerConfig:
     host: str
     port: int
     metrics_port: int  # 0: pick a free port; -1: no /metrics
-    engine: EngineConfig
+    slots: int | None  # None: as many as the devices' memory holds (--slots auto)
+    prefill_buckets: tuple[int, ...]
+    max_seq_len: int | None  # None: sized from memory (--max-seq-len auto)
+    dtype: str  # float32 | bfloat16
+    tensor_parallel: int | None  # devices to shard over; None: every local device
+    kv_memory_fraction: float  # with auto sizing: the share of device memory pdserve uses
+    memory_headroom_bytes: int  # with auto sizing: left for compiled programs
     transport: TransportConfig
     max_queue: int  # prefill requests waiting before RESOURCE_EXHAUSTED
     max_kv_bytes: int  # largest KV payload a decode worker accepts
@@ -56,6 +62,28 @@ class WorkerConfig:
             raise ConfigError(f"--drain-grace-s={self.drain_grace_s} must be >= 0")
         if self.max_kv_bytes <= 0:
             raise ConfigError(f"--max-kv-mib must be > 0 (got {self.max_kv_bytes} bytes)")
+        if self.tensor_parallel is not None and self.tensor_parallel < 1:
+            raise ConfigError(f"--tensor-parallel={self.tensor_parallel} must be >= 1")
+        if not 0 < self.kv_memory_fraction <= 1:
+            raise ConfigError(f"--kv-memory-fraction={self.kv_memory_fraction} must be in (0, 1]")
+        if self.memory_headroom_bytes < 0:
+            raise ConfigError("--memory-headroom-mib must be >= 0")
+        # Whatever is fixed must already make a valid engine (auto parts: any valid value).
+        self.engine_config(self.slots or 1, self.max_seq_len or self.prefill_buckets[-1] + 1)
+
+    @property
+    def auto_capacity(self) -> bool:
+        return self.slots is None or self.max_seq_len is None
+
+    def engine_config(
+        self, slots: int | None = None, max_seq_len: int | None = None
+    ) -> EngineConfig:
+        """The engine layout, with auto-sized values filled in by the caller."""
+        slots = self.slots if slots is None else slots
+        max_seq_len = self.max_seq_len if max_seq_len is None else max_seq_len
+        if slots is None or max_seq_len is None:
+            raise ConfigError("slots and max_seq_len are auto: size them first (capacity.py)")
+        return EngineConfig(slots, self.prefill_buckets, max_seq_len, self.dtype)
 
     @property
     def address(self) -> str:
@@ -70,6 +98,16 @@ def resolve_dtype(flag: str) -> str:
     import jax  # only here: the orchestrator and the chart tests parse flags without JAX
 
     return EngineConfig.default_dtype_for_platform(jax.default_backend())
+
+
+def _int_or_auto(text: str) -> int | None:
+    """An integer, or "auto" (None): sized at startup from the devices' memory."""
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -107,9 +145,33 @@ def worker_parser(role: Role | str | None) -> argparse.ArgumentParser:
     p.add_argument("--host", default="0.0.0.0", help="address to bind")
     p.add_argument("--port", type=int, help="gRPC port (default: per role)")
     p.add_argument("--metrics-port", type=int, help="/metrics port (0: any free; -1: none)")
-    p.add_argument("--slots", type=int, default=8, help="decode slots")
+    p.add_argument(
+        "--slots", type=_int_or_auto, default=8, help="decode slots, or auto (from memory)"
+    )
     p.add_argument("--prefill-buckets", type=_int_list, default=(16, 32, 64, 128))
-    p.add_argument("--max-seq-len", type=int, default=256, help="prompt + generated tokens")
+    p.add_argument(
+        "--max-seq-len",
+        type=_int_or_auto,
+        default=256,
+        help="prompt + generated tokens, or auto (from memory, at most the model's context)",
+    )
+    p.add_argument(
+        "--tensor-parallel",
+        type=int,
+        help="shard the model over this many local devices (default: all of them)",
+    )
+    p.add_argument(
+        "--kv-memory-fraction",
+        type=float,
+        default=0.9,
+        help="with auto sizing: the share of each device's memory pdserve may use",
+    )
+    p.add_argument(
+        "--memory-headroom-mib",
+        type=float,
+        default=1024.0,
+        help="with auto sizing: memory left per device for compiled programs",
+    )
     p.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16"],
@@ -153,9 +215,13 @@ def parse_worker_args(argv: Sequence[str], role: Role | None) -> WorkerConfig:
         metrics_port=DEFAULT_METRICS_PORTS[role]
         if args.metrics_port is None
         else args.metrics_port,
-        engine=EngineConfig(
-            args.slots, args.prefill_buckets, args.max_seq_len, resolve_dtype(args.dtype)
-        ),
+        slots=args.slots,
+        prefill_buckets=args.prefill_buckets,
+        max_seq_len=args.max_seq_len,
+        dtype=resolve_dtype(args.dtype),
+        tensor_parallel=args.tensor_parallel,
+        kv_memory_fraction=args.kv_memory_fraction,
+        memory_headroom_bytes=int(args.memory_headroom_mib * 2**20),
         transport=transport,
         max_queue=args.max_queue,
         max_kv_bytes=int(args.max_kv_mib * 2**20),

@@ -30,9 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh
 
 from shared.config import MODEL_PRESETS, EngineConfig, ModelConfig, Quantization, model_preset
-from shared.engine.model.llama import Transformer
+from shared.engine.engine import init_params, param_shardings
+from shared.engine.mesh import Parallelism
 from shared.weights import hf
 from shared.weights.hf import CheckpointError
 from shared.weights.tree import (
@@ -90,22 +92,25 @@ def load_model(
     engine_config: EngineConfig,
     quantize: str | Quantization | None = None,
     seed: int = 0,
+    mesh: Mesh | None = None,
 ) -> LoadedModel:
     """Resolve `--model`: a preset name, a `pdserve convert` checkpoint, or an HF directory.
 
-    Params come in `engine_config.dtype` (int8 kernels and float32 scales when quantized).
+    Params come in `engine_config.dtype` (int8 kernels and float32 scales when quantized),
+    and with a `mesh`, already sharded over it (each tensor placed on its shards as it is
+    read or restored; no device ever holds the whole model).
     Raises CheckpointError (naming the file and tensor) before any server can report
     healthy: missing files, unsupported architecture, wrong shapes, truncated files.
     """
     quant = quantization_for(quantize)
     dtype = jnp.dtype(engine_config.dtype)
     if spec in MODEL_PRESETS:
-        return _load_preset(spec, quant, dtype, seed)
+        return _load_preset(spec, quant, dtype, seed, mesh)
     path = pathlib.Path(spec).expanduser().resolve()
     if (path / METADATA_FILE).is_file():
-        return load_checkpoint(path, quant, dtype)
+        return load_checkpoint(path, quant, dtype, mesh)
     if (path / "config.json").is_file():
-        return load_hf(path, quant, dtype)
+        return load_hf(path, quant, dtype, mesh)
     if path.is_dir():
         raise CheckpointError(
             f"{path}: neither a pdserve checkpoint ({METADATA_FILE} missing) nor a Hugging "
@@ -116,19 +121,26 @@ def load_model(
     )
 
 
-def _load_preset(name: str, quant: Quantization | None, dtype: jnp.dtype, seed: int) -> LoadedModel:
+def _load_preset(
+    name: str, quant: Quantization | None, dtype: jnp.dtype, seed: int, mesh: Mesh | None
+) -> LoadedModel:
     config = dataclasses.replace(model_preset(name), quantization=quant)
-    # The same construction as Engine.init_params; int8 Dense/Embed quantize their seeded
-    # float init, so `tiny --quantize int8` is the float `tiny`, quantized.
-    model = Transformer(config, "prefill", batch=1, cache_len=1, dtype=dtype, rngs=nnx.Rngs(seed))
-    params = nnx.state(model, nnx.Param)
+    # Engine.init_params' construction; int8 Dense/Embed quantize their seeded float init,
+    # so `tiny --quantize int8` is the float `tiny`, quantized.
+    shardings = None
+    if mesh is not None:
+        rules = Parallelism.of(config, mesh.size).rules()
+        shardings = param_shardings(abstract_params(config, dtype), mesh, rules)
+    params = init_params(config, dtype, seed, shardings)
     return LoadedModel(config, params, None, weights_id(flatten(params)), ModelSource.PRESET)
 
 
-def load_hf(hf_dir: pathlib.Path, quant: Quantization | None, dtype: jnp.dtype) -> LoadedModel:
+def load_hf(
+    hf_dir: pathlib.Path, quant: Quantization | None, dtype: jnp.dtype, mesh: Mesh | None = None
+) -> LoadedModel:
     """An HF directory, converted (and quantized, if asked) tensor by tensor as it loads."""
     config = dataclasses.replace(hf.read_config(hf_dir), quantization=quant)
-    abstract = abstract_params(config, dtype)
+    abstract = abstract_params(config, dtype, mesh)
     flat = hf.read_params(hf_dir, config, flatten(abstract))
     tokenizer = hf_dir / TOKENIZER_FILE
     return LoadedModel(
@@ -198,7 +210,7 @@ def read_metadata(ckpt: pathlib.Path) -> tuple[ModelConfig, dict]:
 
 
 def load_checkpoint(
-    ckpt: pathlib.Path, quant: Quantization | None, dtype: jnp.dtype
+    ckpt: pathlib.Path, quant: Quantization | None, dtype: jnp.dtype, mesh: Mesh | None = None
 ) -> LoadedModel:
     stored, meta = read_metadata(ckpt)
     if stored.quantization is not None and quant not in (None, stored.quantization):
@@ -211,10 +223,10 @@ def load_checkpoint(
         if stored.quantization is not None
         else dataclasses.replace(stored, quantization=quant)
     )
-    abstract = abstract_params(config, dtype)
+    abstract = abstract_params(config, dtype, mesh)
     targets = flatten(abstract)
     if stored.quantization is None and quant is not None:
-        flat = _restore_and_quantize(ckpt, stored, dtype, targets)
+        flat = _restore_and_quantize(ckpt, stored, dtype, targets, mesh)
         ident = weights_id(flat)
     else:
         flat = restore_flat(ckpt / PARAMS_DIR, targets)
@@ -258,14 +270,18 @@ def _check_stored(params_dir: pathlib.Path, targets: AbstractFlat) -> None:
 
 
 def _restore_and_quantize(
-    ckpt: pathlib.Path, stored: ModelConfig, dtype: jnp.dtype, targets: AbstractFlat
+    ckpt: pathlib.Path,
+    stored: ModelConfig,
+    dtype: jnp.dtype,
+    targets: AbstractFlat,
+    mesh: Mesh | None = None,
 ) -> Flat:
     """Convert on load from a float checkpoint: restore float, quantize leaf by leaf.
 
     Each float leaf is dropped as soon as its int8 form exists, so the peak is the float
     model plus one leaf, never the float and the int8 model together.
     """
-    float_flat = restore_flat(ckpt / PARAMS_DIR, flatten(abstract_params(stored, dtype)))
+    float_flat = restore_flat(ckpt / PARAMS_DIR, flatten(abstract_params(stored, dtype, mesh)))
     flat: Flat = {}
     for path in list(float_paths(targets)):
         flat.update(place(path, float_flat.pop(path), targets))

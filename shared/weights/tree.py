@@ -16,8 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from shared.config import ModelConfig
+from shared.engine.engine import param_shardings, with_shardings
+from shared.engine.mesh import Parallelism
 from shared.engine.model.llama import Transformer
 from shared.engine.quantization import SCALE_SUFFIX, quantize_jit
 
@@ -34,14 +37,21 @@ def _path_str(path: tuple) -> str:
     return ".".join(parts)
 
 
-def abstract_params(model_config: ModelConfig, dtype: jnp.dtype) -> nnx.State:
-    """ShapeDtypeStruct params of `model_config` (int8 + scales when it is quantized)."""
+def abstract_params(
+    model_config: ModelConfig, dtype: jnp.dtype, mesh: Mesh | None = None
+) -> nnx.State:
+    """ShapeDtypeStruct params of `model_config` (int8 + scales when it is quantized); with
+    a mesh, each carries its sharding, and every loader places tensors straight there."""
     model = nnx.eval_shape(
         lambda: Transformer(
             model_config, "prefill", batch=1, cache_len=1, dtype=dtype, rngs=nnx.Rngs(0)
         )
     )
-    return nnx.state(model, nnx.Param)
+    abstract = nnx.state(model, nnx.Param)
+    if mesh is None:
+        return abstract
+    rules = Parallelism.of(model_config, mesh.size).rules()
+    return with_shardings(abstract, param_shardings(abstract, mesh, rules))
 
 
 def flatten(state: nnx.State) -> dict[str, object]:
@@ -70,12 +80,30 @@ def place(path: str, value: np.ndarray | jax.Array, targets: AbstractFlat) -> Fl
 
     A float target gets the value cast to its dtype; an int8 target gets AQT's int8 values
     plus `path + "_scale"` (convert on load: the float tensor is dropped by the caller).
+    A target with a sharding gets the tensor straight onto its shards: each device receives
+    only its part (the host holds this one tensor, never the model).
     """
     target = targets[path]
     if not is_quantized(target):
-        return {path: jnp.asarray(value, target.dtype)}
-    values, scale = quantize_jit(jnp.asarray(value), contracting_axis(path))
-    return {path: values, path + SCALE_SUFFIX: scale}
+        return {path: _put(value, target.dtype, target)}
+    scale_target = targets[path + SCALE_SUFFIX]
+    sharded_float = _put(value, jnp.float32, target)  # quantized where it lives
+    values, scale = quantize_jit(sharded_float, contracting_axis(path))
+    return {
+        path: _put(values, values.dtype, target),
+        path + SCALE_SUFFIX: _put(scale, scale.dtype, scale_target),
+    }
+
+
+def _put(
+    value: np.ndarray | jax.Array, dtype: jnp.dtype, target: jax.ShapeDtypeStruct
+) -> jax.Array:
+    sharding = getattr(target, "sharding", None)
+    if isinstance(value, np.ndarray):
+        value = value.astype(dtype, copy=False)
+        return jnp.asarray(value) if sharding is None else jax.device_put(value, sharding)
+    value = value.astype(dtype)
+    return value if sharding is None else jax.device_put(value, sharding)
 
 
 def float_paths(targets: AbstractFlat) -> Iterator[str]:

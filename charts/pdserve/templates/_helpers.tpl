@@ -180,6 +180,13 @@ readinessProbe:
 - {{ $cfg.metricsPort | quote }}
 - --slots
 - {{ $cfg.slots | quote }}
+{{- if hasKey $cfg "kvMemoryFraction" }}
+- --kv-memory-fraction
+- {{ $cfg.kvMemoryFraction | quote }}
+{{- end }}
+{{- /* Every chip of the host: the model is sharded over them (CPU pods: one device). */}}
+- --tensor-parallel
+- {{ ternary (int $cfg.tpu.chipsPerHost) 1 $cfg.tpu.enabled | quote }}
 - --max-seq-len
 - {{ $cfg.maxSeqLen | quote }}
 - --prefill-buckets

@@ -1,4 +1,10 @@
-"""Building blocks of the decoder: dense projection, RMSNorm, embedding, SwiGLU MLP."""
+"""Building blocks of the decoder: dense projection, RMSNorm, embedding, SwiGLU MLP.
+
+Every param carries its logical axis names (`out_sharding` metadata, see
+shared/engine/mesh.py); the engine maps them to the device mesh. Params are created
+unsharded (`eager_sharding=False`): the engine places them, or creates them under a jit
+whose outputs are already sharded.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from shared.engine import quantization
+
+Axes = tuple[str | None, ...]
+
+
+def param(value: jax.Array, axes: Axes) -> nnx.Param:
+    """An `nnx.Param` with logical axis names, one per dimension of `value`."""
+    assert len(axes) == value.ndim, (axes, value.shape)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 def _kernel_init(gain: float) -> nnx.Initializer:
@@ -24,7 +38,8 @@ class Dense(nnx.Module):
 
     With `int8=True` the params are `kernel` int8 [in, out] and `kernel_scale` float32
     [1, out] (weight-only, per output channel). The random init is the float init quantized,
-    so a quantized preset's seeded weights are the float preset's, quantized.
+    so a quantized preset's seeded weights are the float preset's, quantized. `axes` names
+    the (in, out) logical axes; the scale and the bias shard like the out axis.
     """
 
     def __init__(
@@ -36,18 +51,19 @@ class Dense(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         gain: float = 1.0,
         int8: bool = False,
+        axes: tuple[str | None, str | None] = (None, None),
         rngs: nnx.Rngs,
     ) -> None:
         self.dtype = dtype
         kernel = _kernel_init(gain)(rngs.params(), (in_features, out_features), jnp.float32)
         if int8:
             values, scale = quantization.quantize(kernel.astype(dtype), contracting_axis=0)
-            self.kernel = nnx.Param(values)
-            self.kernel_scale = nnx.Param(scale)
+            self.kernel = param(values, axes)
+            self.kernel_scale = param(scale, (None, axes[1]))
         else:
-            self.kernel = nnx.Param(kernel.astype(dtype))
+            self.kernel = param(kernel.astype(dtype), axes)
             self.kernel_scale = None
-        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+        self.bias = param(jnp.zeros((out_features,), dtype), (axes[1],)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.kernel_scale is None:
@@ -65,7 +81,7 @@ class RMSNorm(nnx.Module):
     def __init__(self, dim: int, *, eps: float, dtype: jnp.dtype = jnp.float32) -> None:
         self.eps = eps
         self.dtype = dtype
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.scale = param(jnp.ones((dim,), dtype), ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Normalize in float32 whatever the compute dtype, as the reference models do.
@@ -98,10 +114,10 @@ class Embed(nnx.Module):
         )
         if int8:
             values, scale = quantization.quantize(table, contracting_axis=1)
-            self.embedding = nnx.Param(values)
-            self.embedding_scale = nnx.Param(scale)
+            self.embedding = param(values, ("vocab", "embed"))
+            self.embedding_scale = param(scale, ("vocab", None))
         else:
-            self.embedding = nnx.Param(table)
+            self.embedding = param(table, ("vocab", "embed"))
             self.embedding_scale = None
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -134,9 +150,10 @@ class MLP(nnx.Module):
         rngs: nnx.Rngs,
     ) -> None:
         kw = dict(dtype=dtype, gain=gain, int8=int8, rngs=rngs)
-        self.gate_proj = Dense(d_model, ffn_dim, **kw)
-        self.up_proj = Dense(d_model, ffn_dim, **kw)
-        self.down_proj = Dense(ffn_dim, d_model, **kw)
+        # Column-parallel gate/up, row-parallel down: one all-reduce per MLP.
+        self.gate_proj = Dense(d_model, ffn_dim, axes=("embed", "mlp"), **kw)
+        self.up_proj = Dense(d_model, ffn_dim, axes=("embed", "mlp"), **kw)
+        self.down_proj = Dense(ffn_dim, d_model, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

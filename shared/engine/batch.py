@@ -1,0 +1,112 @@
+"""`DecodeBatch`: one engine's decode state with the host bookkeeping that goes with it.
+
+The engine's jitted functions see arrays only; this object decides what goes in them:
+which slots are live (the rows of a step, padded to a compiled batch bucket), which pages
+each slot owns (shared/engine/pages.py), and when a slot needs its next page. The decode
+worker's engine thread owns one; so do `generate-local` and the tests.
+
+A step:
+1. every live slot gets the page its next token will be written to, if it has none yet;
+2. when the pool is dry, the youngest live slots are preempted (released, pages freed)
+   until every remaining slot has its page: the caller ends their requests, which resume
+   elsewhere exactly (the orchestrator's resume path: sampling depends only on seed and
+   position);
+3. the engine steps the live rows only, padded to the smallest bucket that holds them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+
+from shared.engine.engine import DecodeState, Engine, Params, Prefix
+from shared.engine.pages import PageAllocator, PagesExhaustedError
+
+
+class DecodeBatch:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        config = engine.config
+        self.pages = PageAllocator(config.num_pages, config.page_size, engine.max_pages_per_slot)
+        self.state: DecodeState = engine.init_decode_state()
+        self._lengths: dict[int, int] = {}  # live slot -> tokens in its cache (next position)
+        self._admitted: dict[int, int] = {}  # live slot -> admission order (preemption)
+        self._order = itertools.count()
+        self.preemptions = 0
+
+    @property
+    def live_slots(self) -> list[int]:
+        return sorted(self._lengths)
+
+    def length(self, slot: int) -> int:
+        return self._lengths[slot]
+
+    def insert(
+        self, prefixes: Sequence[Prefix], slots: Sequence[int], keys: Sequence[str] | None = None
+    ) -> None:
+        """Give each slot the pages its prefix (and its first step) needs, then write the
+        prefixes. `keys` name the page promises admission made (consumed here). All or
+        nothing: PagesExhaustedError leaves every slot as it was."""
+        slots = [int(s) for s in slots]
+        assigned: list[list[int]] = []
+        try:
+            for i, (prefix, slot) in enumerate(zip(prefixes, slots, strict=True)):
+                key = keys[i] if keys is not None else None
+                # Positions 0..L: the prefix and the first token, written by the first step.
+                assigned.append(self.pages.assign(slot, prefix.true_length + 1, key))
+        except PagesExhaustedError:
+            for slot in slots[: len(assigned)]:
+                self.pages.release(slot)
+            raise
+        self.state = self.engine.bulk_insert(
+            prefixes, self.state, np.asarray(slots, np.int32), assigned
+        )
+        for prefix, slot in zip(prefixes, slots, strict=True):
+            self._lengths[slot] = prefix.true_length
+            self._admitted[slot] = next(self._order)
+
+    def release(self, slot: int) -> None:
+        """End `slot`: it leaves the batch and its pages go back to the pool. Idempotent."""
+        if self._lengths.pop(slot, None) is not None:
+            self._admitted.pop(slot, None)
+            self.state = self.engine.release(self.state, slot)
+        self.pages.release(slot)
+
+    def step(self, params: Params) -> tuple[dict[int, int], list[int]]:
+        """One token for every live slot -> ({slot: token}, preempted slots)."""
+        preempted = self._grow_or_preempt()
+        rows = self.live_slots
+        if not rows:
+            return {}, preempted
+        new_pages = np.full((len(rows),), -1, np.int32)
+        for i, slot in enumerate(rows):
+            page = self._pending.pop(slot, None)
+            if page is not None:
+                new_pages[i] = page
+        self.state, tokens = self.engine.generate(params, self.state, rows, new_pages)
+        tokens = np.asarray(tokens)
+        for slot in rows:
+            self._lengths[slot] += 1
+        return {slot: int(tokens[i]) for i, slot in enumerate(rows)}, preempted
+
+    def _grow_or_preempt(self) -> list[int]:
+        """Every live slot gets the page for its next position; youngest out when dry."""
+        self._pending: dict[int, int] = {}
+        preempted: list[int] = []
+        for slot in sorted(self._lengths, key=self._admitted.__getitem__):
+            while slot in self._lengths:
+                try:
+                    page = self.pages.grow(slot, self._lengths[slot])
+                except PagesExhaustedError:
+                    victim = max(self._lengths, key=self._admitted.__getitem__)
+                    self.release(victim)
+                    self._pending.pop(victim, None)
+                    preempted.append(victim)
+                    self.preemptions += 1
+                    continue
+                if page is not None:
+                    self._pending[slot] = page
+                break
+        return preempted
