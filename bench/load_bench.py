@@ -152,18 +152,19 @@ import json, statistics, sys, time
 import jax
 from shared.weights.checkpoint import load_model
 from shared.config import EngineConfig
+from shared.engine.batch import DecodeBatch
 from shared.engine.engine import Engine
 
 engine_config = EngineConfig(max_slots=8, prefill_buckets=(16,), max_seq_len=256)
 loaded = load_model(sys.argv[3], engine_config=engine_config, quantize=sys.argv[1] or None)
 engine = Engine(loaded.model_config, engine_config)
 prefix = engine.prefill(loaded.params, list(range(1, 13)))
-state = engine.bulk_insert([prefix] * 8, engine.init_decode_state(), list(range(8)))
+batch = DecodeBatch(engine)
+batch.insert([prefix] * 8, list(range(8)))
 samples = []
 for i in range(int(sys.argv[2]) + 3):  # 3 warm-up steps, compile included
     start = time.perf_counter()
-    state, tokens = engine.generate(loaded.params, state)
-    jax.block_until_ready(tokens)
+    batch.step(loaded.params)  # reads the tokens back
     if i >= 3:
         samples.append(time.perf_counter() - start)
 print(json.dumps(statistics.median(samples) * 1e3))

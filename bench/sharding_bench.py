@@ -25,7 +25,6 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import jax
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_bench import timed
 
 from shared.config import ConfigError, EngineConfig, model_preset
+from shared.engine.batch import DecodeBatch
 from shared.engine.engine import Engine
 from shared.engine.mesh import make_mesh
 
@@ -57,14 +57,11 @@ def bench_engine(
     prefill of PREFILL_LEN tokens."""
     prompt = [1 + i % 250 for i in range(CONTEXT)]
     prefix = engine.prefill(params, prompt)
-    state = engine.bulk_insert(
-        [prefix] * batch, engine.init_decode_state(), np.arange(batch, dtype=np.int32)
-    )
-    holder = {"state": state}
+    decode = DecodeBatch(engine)
+    decode.insert([prefix] * batch, list(range(batch)))
 
     def step() -> None:
-        holder["state"], tokens = engine.generate(params, holder["state"])
-        tokens.block_until_ready()
+        decode.step(params)  # reads the tokens back
 
     row = {
         "config": config_name,
@@ -72,7 +69,7 @@ def bench_engine(
         "batch": batch,
         "step_ms": timed(step, repeats=steps) * 1e3,
         "param_bytes_per_device": per_device_bytes(params),
-        "kv_bytes_per_device": per_device_bytes(holder["state"].cache),
+        "kv_bytes_per_device": per_device_bytes(decode.state.cache),
     }
     if prefill:
         long_prompt = [1 + i % 250 for i in range(PREFILL_LEN)]

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from shared.config import EngineConfig, model_preset
+from shared.engine.batch import DecodeBatch
 from shared.engine.engine import Engine
 from shared.engine.sampling import SamplingParams
 from shared.transport.grpc_transport import GrpcDecodeClient, GrpcPrefillClient
@@ -44,14 +45,13 @@ def engine_tokens_per_s(config_name: str, batch: int, steps: int) -> float:
     engine = Engine(model_preset(config_name), EngineConfig(batch, (PROMPT_LEN,), MAX_SEQ_LEN))
     params = engine.init_params(seed=0)
     prefix = engine.prefill(params, list(range(1, PROMPT_LEN + 1)))
-    state = engine.bulk_insert([prefix] * batch, engine.init_decode_state(), np.arange(batch))
+    decode = DecodeBatch(engine)
+    decode.insert([prefix] * batch, list(range(batch)))
     for _ in range(3):
-        state, tokens = engine.generate(params, state)
-    np.asarray(tokens)
+        decode.step(params)
     start = time.perf_counter()
     for _ in range(steps):
-        state, tokens = engine.generate(params, state)
-        np.asarray(tokens)  # the server also reads every step's tokens back
+        decode.step(params)  # reads every step's tokens back, as the server does
     return batch * steps / (time.perf_counter() - start)
 
 

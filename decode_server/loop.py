@@ -1,16 +1,28 @@
 """The decode worker's engine thread: continuous batching over the slot table.
 
 The life of a request inside the decode worker:
-1. A gRPC handler reserves a slot (`SlotTable.reserve`): the lease is RESERVED.
+1. A gRPC handler reserves a slot (`SlotTable.reserve`) and the KV pages its prompt and
+   first token need (a promise in the `PageAllocator`): the lease is RESERVED. No pages:
+   RESOURCE_EXHAUSTED, nothing held.
 2. The KV arrives on TransferKV and is validated by the codec off this thread; the handler
    calls `DecodeLoop.submit(lease_id, prefix)`: the lease is FILLING and the prefix waits
    in `_arrivals`.
-3. Between two steps this thread `bulk_insert`s every waiting prefix in one call: the
-   leases are DECODING.
-4. Each step generates one token for every slot; each live slot's token goes to its
-   lease's channel through `emit`, and a slot that hit EOS, a stop token or its length
-   limit is released.
-5. Cancels, deadlines and lease expiries are applied at the next step boundary.
+3. Between two steps this thread inserts every waiting prefix in one call, into the pages
+   promised to it: the leases are DECODING.
+4. Each step generates one token for every live slot (the live rows only); a slot whose
+   next token starts a page gets one first. When the pool is dry the youngest requests are
+   preempted: their streams end PREEMPTED and the orchestrator resumes them exactly
+   elsewhere. Each token goes to its lease's channel through `emit`; a slot that hit EOS,
+   a stop token or its length limit is released, and its pages go back to the pool.
+5. Cancels, deadlines and lease expiries are applied at the next step boundary; whatever
+   ends a lease, its slot and its pages (or its page promise) are freed.
+
+Growth policy: pages on demand, one page at a time, with preemption of the youngest
+request when the pool runs dry. Reserving `prompt + max_tokens` up front would never
+preempt, but would hold pages for tokens most requests never generate (they stop at EOS);
+on demand, the pool holds live tokens only. A preempted request is never failed: its
+stream ends with a finish the orchestrator resumes from (sampling depends only on seed and
+position, so the resumed tokens are the same).
 
 This thread alone owns the device and the decode state; gRPC handlers never run JAX work.
 When no slot is live it sleeps on a condition variable (no busy spin), waking for new work
@@ -24,10 +36,10 @@ import threading
 import time
 from collections.abc import Callable
 
-import numpy as np
-
 from decode_server.slots import Lease, SlotState, SlotTable
-from shared.engine.engine import DecodeState, Engine, Params, Prefix
+from shared.engine.batch import DecodeBatch
+from shared.engine.engine import Engine, Params, Prefix
+from shared.engine.pages import PageAllocator, PagesExhaustedError
 from shared.metrics import WorkerMetrics
 from shared.transport.types import DecodeFinish, GenerationLimits, TokenBatch
 
@@ -49,7 +61,10 @@ class DecodeLoop:
         emit: Emit,
         metrics: WorkerMetrics,
         on_fatal: Callable[[BaseException], None],
+        pages: PageAllocator | None = None,
     ) -> None:
+        """`pages`: the page allocator over the engine's pool (by default all of it; a
+        test may hand out fewer pages to exhaust the pool quickly)."""
         self._engine, self._params, self._table = engine, params, table
         self._emit, self._metrics, self._on_fatal = emit, metrics, on_fatal
         self._eos = engine.model_config.eos_id
@@ -59,22 +74,40 @@ class DecodeLoop:
         self._stopping = False
         self._live: dict[int, Lease] = {}  # slot -> lease; engine thread only
         self._outbox: list[tuple[str, TokenBatch]] = []  # engine thread only
-        self._state: DecodeState | None = None
+        config = engine.config
+        self.pages = pages or PageAllocator(
+            config.total_pages, config.page_size, config.max_pages_per_slot
+        )  # thread-safe: admission checks it from gRPC handlers
+        self._batch: DecodeBatch | None = None  # built by start(), on this thread's device
         self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
         self.steps = 0
 
     # Called from other threads ------------------------------------------------------------
 
     def start(self) -> None:
-        self._state = self._engine.init_decode_state()
+        self._batch = DecodeBatch(self._engine, self.pages)
+        self._publish_pages()
         self._thread.start()
 
     def reserve(
-        self, request_id: str, limits: GenerationLimits, ttl_s: float, deadline: float | None
+        self,
+        request_id: str,
+        limits: GenerationLimits,
+        ttl_s: float,
+        deadline: float | None,
+        prompt_length: int,
     ) -> Lease:
-        """Lease a free slot (SlotsExhaustedError when none); wakes the loop so that it
-        watches the new lease's expiry."""
+        """Lease a free slot and promise the pages of the prompt and its first token
+        (SlotsExhaustedError / PagesExhaustedError when either is short: nothing is held);
+        wakes the loop so that it watches the new lease's expiry."""
         lease = self._table.reserve(request_id, limits, ttl_s, deadline)
+        try:
+            self.pages.reserve(lease.lease_id, prompt_length + 1)
+        except PagesExhaustedError:
+            self._table.free(lease.lease_id)
+            self._metrics.page_allocation_failures.labels("admission").inc()
+            raise
+        lease.prompt_length = prompt_length
         with self._cond:
             self._cond.notify()
         return lease
@@ -151,9 +184,7 @@ class DecodeLoop:
             lease = self._table.free(lease_id)
             if lease is None:
                 continue  # already finished
-            if self._live.get(lease.slot) is lease:
-                del self._live[lease.slot]
-                self._state = self._engine.release(self._state, lease.slot)
+            self._free_kv(lease)
             self._close(lease, (), reason, detail)
 
     def _insert_arrivals(self) -> None:
@@ -165,8 +196,19 @@ class DecodeLoop:
             self._table.advance(lid, SlotState.FILLING, SlotState.DECODING) for lid, _ in arrivals
         ]
         prefixes = [prefix for _, prefix in arrivals]
-        slots = np.asarray([lease.slot for lease in leases], np.int32)
-        self._state = self._engine.bulk_insert(prefixes, self._state, slots)
+        batch = self._batch
+        assert batch is not None
+        try:
+            batch.insert(prefixes, [lease.slot for lease in leases],
+                         [lease.lease_id for lease in leases])  # fmt: skip
+        except PagesExhaustedError as err:
+            # The promise covered the prompt the orchestrator announced; a longer KV
+            # (a misbehaving sender) is refused, its slot freed.
+            for lease in leases:
+                self._table.free(lease.lease_id)
+                self.pages.unreserve(lease.lease_id)
+                self._close(lease, (), DecodeFinish.ERROR, f"KV larger than reserved: {err}")
+            return
         for lease, prefix in zip(leases, prefixes, strict=True):
             lease.generated = 1  # the prefill's first token, already sent by the prefill side
             lease.prompt_length = prefix.true_length
@@ -176,14 +218,21 @@ class DecodeLoop:
                 self._retire(lease, (), reason)
 
     def _step(self) -> None:
+        batch = self._batch
+        assert batch is not None
         start = time.perf_counter()
-        self._state, tokens = self._engine.generate(self._params, self._state)
-        tokens = np.asarray(tokens)  # waits for the step
+        tokens, preempted = batch.step(self._params)
         self._metrics.decode_step_seconds.observe(time.perf_counter() - start)
-        self._metrics.batch_occupancy.observe(len(self._live) / self._table.total)
+        self._metrics.batch_occupancy.observe(len(tokens) / self._table.total)
         self.steps += 1
-        for slot, lease in list(self._live.items()):
-            token = int(tokens[slot])
+        for slot in preempted:
+            lease = self._live.pop(slot)
+            self._table.free(lease.lease_id)
+            self._metrics.preemptions.inc()
+            self._metrics.page_allocation_failures.labels("growth").inc()
+            self._close(lease, (), DecodeFinish.PREEMPTED, "KV page pool ran dry")
+        for slot, token in tokens.items():
+            lease = self._live[slot]
             lease.generated += 1
             reason = self._finish_reason(lease, token)
             streamed = () if reason is DecodeFinish.STOP else (token,)
@@ -192,6 +241,7 @@ class DecodeLoop:
                 self._outbox.append((lease.lease_id, TokenBatch(streamed)))
             else:
                 self._retire(lease, streamed, reason)
+        self._publish_pages()
 
     def _finish_reason(self, lease: Lease, token: int) -> DecodeFinish | None:
         limits = lease.limits
@@ -206,11 +256,25 @@ class DecodeLoop:
 
     def _retire(self, lease: Lease, tokens: tuple[int, ...], reason: DecodeFinish) -> None:
         """A live lease finished on its own: free the slot and close its stream."""
-        del self._live[lease.slot]
-        self._state = self._engine.release(self._state, lease.slot)
+        self._free_kv(lease)
         self._table.free(lease.lease_id)
         self._metrics.tokens_generated.inc(len(tokens))
         self._close(lease, tokens, reason, "")
+
+    def _free_kv(self, lease: Lease) -> None:
+        """Whatever ended the lease: its pages (if inserted) or its page promise go back."""
+        if self._live.get(lease.slot) is lease:
+            del self._live[lease.slot]
+            assert self._batch is not None
+            self._batch.release(lease.slot)
+        self.pages.unreserve(lease.lease_id)
+
+    def _publish_pages(self) -> None:
+        counts = self.pages.counts()
+        self._metrics.kv_pages_total.set(counts.total)
+        self._metrics.kv_pages.labels("free").set(counts.free - counts.reserved)
+        self._metrics.kv_pages.labels("used").set(counts.used)
+        self._metrics.kv_pages.labels("reserved").set(counts.reserved)
 
     def _close(
         self, lease: Lease, tokens: tuple[int, ...], reason: DecodeFinish, detail: str
@@ -221,6 +285,8 @@ class DecodeLoop:
     def _fail_everything(self, detail: str) -> None:
         for lease in self._table.leases():
             if self._table.free(lease.lease_id) is not None:
+                self.pages.release(lease.slot)
+                self.pages.unreserve(lease.lease_id)
                 self._outbox.append((lease.lease_id, TokenBatch((), DecodeFinish.ERROR, detail)))
         self._flush()
 

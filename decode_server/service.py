@@ -24,6 +24,7 @@ from decode_server.slots import (
     UnknownLeaseError,
 )
 from shared.engine.engine import Prefix
+from shared.engine.pages import PagesExhaustedError
 from shared.kv.codec import KvError
 from shared.kv.inbox import KvInbox
 from shared.metrics import WorkerMetrics
@@ -106,9 +107,10 @@ class DecodeService:
         deadline = None if request.deadline is None else now_mono + request.deadline - now_wall
         try:
             lease = self._loop.reserve(
-                request.request_id, request.limits, request.ttl_seconds, deadline
-            )
-        except SlotsExhaustedError as err:
+                request.request_id, request.limits, request.ttl_seconds, deadline,
+                request.prompt_length,
+            )  # fmt: skip
+        except (SlotsExhaustedError, PagesExhaustedError) as err:
             raise TransportError(StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
         self._channels[lease.lease_id] = _Channel()
         self._inbox.open(lease.lease_id)
@@ -174,9 +176,13 @@ class DecodeService:
 
     async def get_load(self) -> LoadReport:
         counts = self._table.counts()
+        pages = self._loop.pages.counts()
         return LoadReport(
             free_slots=counts[SlotState.FREE],
             total_slots=self._table.total,
             queue_depth=counts[SlotState.RESERVED] + counts[SlotState.FILLING],
             live_requests=self._table.total - counts[SlotState.FREE],
+            free_pages=pages.free - pages.reserved,
+            total_pages=pages.total,
+            page_size=self._loop.pages.page_size,
         )

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from decode_server.loop import DecodeLoop
 from decode_server.service import DecodeService
 from decode_server.slots import SlotState, SlotTable
+from shared.engine.pages import PageAllocator
 from shared.kv.codec import KvRejection, KvSpec
 from shared.kv.inbox import KvInbox
 from shared.metrics import WorkerMetrics
@@ -47,7 +48,9 @@ def build_decode_worker(
     config: WorkerConfig,
     metrics: WorkerMetrics,
     on_fatal: Callable[[BaseException], None],
+    pages: PageAllocator | None = None,
 ) -> DecodeWorker:
+    """`pages`: the KV page allocator (by default over the engine's whole pool)."""
     engine = runtime.engine
 
     def on_transition(old: SlotState, new: SlotState) -> None:
@@ -67,7 +70,7 @@ def build_decode_worker(
         assert service is not None
         service.emit(events)
 
-    loop = DecodeLoop(engine, runtime.params, table, emit, metrics, on_fatal)
+    loop = DecodeLoop(engine, runtime.params, table, emit, metrics, on_fatal, pages)
     # A resumed request's prefix may be longer than the largest prefill bucket.
     spec = KvSpec.from_cache(
         engine.abstract_prefix_cache(engine.config.max_seq_len - 1),

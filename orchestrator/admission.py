@@ -69,13 +69,19 @@ class SlotBroker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def acquire(self, request: ReserveRequest) -> tuple[Worker, Lease]:
-        """Wait in line for a lease. Cancelling the caller leaves the line (and releases a
-        lease that was granted at that very moment)."""
-        if len(self._waiting) >= self._max_queue:
+    async def acquire(
+        self, request: ReserveRequest, *, first: bool = False
+    ) -> tuple[Worker, Lease]:
+        """Wait in line for a lease; `first` (a preempted request resuming) goes to the head
+        of the line, so that preemption does not cost it its turn. Cancelling the caller
+        leaves the line (and releases a lease that was granted at that very moment)."""
+        if len(self._waiting) >= self._max_queue and not first:
             raise QueueFullError(len(self._waiting))
         waiter = _Waiter(request, asyncio.get_running_loop().create_future())
-        self._waiting.append(waiter)
+        if first:
+            self._waiting.appendleft(waiter)
+        else:
+            self._waiting.append(waiter)
         self._metrics.queue_depth.set(len(self._waiting))
         self._kick.set()
         try:
@@ -140,8 +146,8 @@ class SlotBroker:
         candidates = self._registry.up(WorkerRole.DECODE)
         if not candidates:
             raise NoWorkersError("no healthy decode worker is left")
-        for worker in self._policy.rank_decode(candidates):
-            worker.leases += 1
+        for worker in self._policy.rank_decode(candidates, request.prompt_length):
+            worker.granted(request.prompt_length)  # counted now: placement runs ahead
             try:
                 return worker, await worker.decode.reserve(request)
             except TransportError as err:

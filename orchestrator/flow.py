@@ -89,6 +89,11 @@ class _DecodeLost(Exception):
     """The decode side failed; the request can resume elsewhere."""
 
 
+class _Preempted(Exception):
+    """The decode worker ran out of KV pages and took the request's slot back: resume it
+    (not a failure; bounded by `max_preemptions` so a request cannot bounce forever)."""
+
+
 class _PrefillLost(Exception):
     """The prefill side failed before answering; retry with a fresh lease."""
 
@@ -106,6 +111,7 @@ class FlowSettings:
     lease_ttl_s: float
     prefill_retries: int
     decode_retries: int
+    max_preemptions: int = 16
 
 
 class GenerateFlow:
@@ -125,12 +131,13 @@ class GenerateFlow:
         """Deltas of generated tokens; the last one has `finish` set. Raises
         RequestFailed, QueueFullError."""
         generated: list[int] = []
-        prefill_tries = decode_resumes = 0
+        prefill_tries = decode_resumes = preemptions = 0
         while True:
             try:
                 # aclosing: when our caller stops early, the attempt's cleanup (release the
                 # lease, cancel on the workers) runs now, not whenever the GC finalizes it.
-                async with contextlib.aclosing(self._attempt(job, generated)) as deltas:
+                attempt = self._attempt(job, generated, resuming=preemptions > 0)
+                async with contextlib.aclosing(attempt) as deltas:
                     async for delta in deltas:
                         generated.extend(delta.token_ids)
                         yield delta
@@ -143,6 +150,17 @@ class GenerateFlow:
                         f"prefill failed on {prefill_tries} workers; last: {err}",
                     ) from None
                 self._metrics.retries.labels("prefill").inc()
+            except _Preempted as err:
+                preemptions += 1
+                if preemptions > self._settings.max_preemptions:
+                    raise RequestFailed(
+                        StatusCode.UNAVAILABLE,
+                        f"preempted {preemptions} times after {len(generated)} tokens: the "
+                        f"decode workers' KV pools are too full; last: {err}",
+                    ) from None
+                self._metrics.retries.labels("preempted").inc()
+                log.info("request %s: preempted after %d tokens, resuming: %s",
+                         job.request_id, len(generated), err)  # fmt: skip
             except _DecodeLost as err:
                 decode_resumes += 1
                 if decode_resumes > self._settings.decode_retries:
@@ -157,7 +175,9 @@ class GenerateFlow:
             except NoWorkersError as err:
                 raise RequestFailed(StatusCode.UNAVAILABLE, str(err)) from None
 
-    async def _attempt(self, job: GenerateJob, generated: list[int]) -> AsyncIterator[Delta]:
+    async def _attempt(
+        self, job: GenerateJob, generated: list[int], *, resuming: bool = False
+    ) -> AsyncIterator[Delta]:
         prompt = job.prompt_ids + tuple(generated)
         limits = GenerationLimits(
             job.max_tokens - len(generated), job.stop_token_ids, job.stop_on_eos
@@ -167,7 +187,7 @@ class GenerateFlow:
         )
         queued = time.perf_counter()
         try:
-            worker, lease = await self._broker.acquire(reserve)
+            worker, lease = await self._broker.acquire(reserve, first=resuming)
         except TransportError as err:  # this request cannot fit any decode slot
             raise RequestFailed(err.code, err.message) from None
         if not generated:
@@ -192,6 +212,10 @@ class GenerateFlow:
                     yield Delta(item.token_ids)
                     continue
                 done = True
+                if item.finish is DecodeFinish.PREEMPTED:
+                    if item.token_ids:
+                        yield Delta(item.token_ids)
+                    raise _Preempted(f"{worker.address}: {item.detail}")
                 if item.finish not in _DECODE_FINISH:  # ERROR, LEASE_EXPIRED, CANCELLED
                     raise _DecodeLost(f"{worker.address} ended the lease: "
                                       f"{item.finish.name} {item.detail}".strip())  # fmt: skip

@@ -61,6 +61,7 @@ class Worker:
     others: int = 0  # slots busy with work that is not ours, as of the last report
     outstanding: int = 0  # our prefill calls in flight on it now
     failed_checks: int = 0  # consecutive failed health checks
+    pending_pages: int = 0  # pages our leases were promised since the last load report
 
     @property
     def free_slots(self) -> int:
@@ -70,14 +71,37 @@ class Worker:
             return 0
         return max(0, self.load.total_slots - self.leases - self.others)
 
+    @property
+    def free_pages(self) -> int | None:
+        """KV pages free for new requests, as of the last report minus what our leases were
+        promised since; None when the worker reports no pages."""
+        if self.load is None or not self.load.total_pages:
+            return None
+        return max(0, self.load.free_pages - self.pending_pages)
+
+    def pages_for(self, prompt_length: int) -> int:
+        """Pages a request of `prompt_length` takes at admission (prompt + first token)."""
+        return self.load.pages_for(prompt_length + 1) if self.load is not None else 0
+
+    def fits(self, prompt_length: int) -> bool:
+        free = self.free_pages
+        return self.free_slots > 0 and (free is None or free >= self.pages_for(prompt_length))
+
+    def granted(self, prompt_length: int) -> None:
+        """A lease was granted here: count its slot and its promised pages."""
+        self.leases += 1
+        self.pending_pages += self.pages_for(prompt_length)
+
     def set_load(self, load: LoadReport) -> None:
         self.load = load
         self.others = max(0, load.total_slots - load.free_slots - self.leases)
+        self.pending_pages = 0  # the report counts every promise made so far
 
     def mark_full(self) -> None:
         """Reserve said RESOURCE_EXHAUSTED: assume no room until the next report."""
         if self.load is not None:
             self.others = max(0, self.load.total_slots - self.leases)
+            self.pending_pages = self.load.free_pages
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -187,6 +211,8 @@ class WorkerRegistry:
         total = sum(w.load.total_slots for w in decode)
         self._metrics.decode_slots_total.set(total)
         self._metrics.decode_slots_in_use.set(total - sum(w.free_slots for w in decode))
+        self._metrics.decode_pages_total.set(sum(w.load.total_pages for w in decode))
+        self._metrics.decode_pages_free.set(sum(w.free_pages or 0 for w in decode))
         self.changed.set()
 
     # Discovery ------------------------------------------------------------------------------

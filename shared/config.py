@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 DType = Literal["float32", "bfloat16"]
 ModelMode = Literal["prefill", "autoregressive"]
+AttentionImpl = Literal["auto", "xla", "pallas"]
 
 
 class ConfigError(ValueError):
@@ -207,16 +208,35 @@ def model_preset(name: str) -> ModelConfig:
 
 @dataclasses.dataclass(slots=True, frozen=True)
 class EngineConfig:
-    """How an engine is laid out: slots, prefill buckets, cache length and dtype."""
+    """How an engine is laid out: slots, prefill buckets, cache length, dtype, and the
+    paged KV cache of its decode state.
+
+    `max_slots` bounds the requests decoded together; `max_seq_len` bounds one request
+    (prompt + generated). The KV of every slot lives in one pool of `num_pages` pages of
+    `page_size` positions (None: enough for every slot at `max_seq_len`, plus the scratch
+    page; fewer pages hold fewer *live* tokens, not fewer slots). `attention`: the decode
+    attention kernel, `auto` = Pallas on TPU, XLA elsewhere.
+    """
 
     max_slots: int = 8
     prefill_buckets: tuple[int, ...] = (16, 32, 64, 128)
     max_seq_len: int = 256
     dtype: DType = "float32"
+    page_size: int = 16
+    num_pages: int | None = None
+    attention: AttentionImpl = "auto"
 
     def __post_init__(self) -> None:
         if self.max_slots <= 0:
             raise ConfigError(f"max_slots={self.max_slots} must be > 0")
+        if self.page_size <= 0 or self.page_size & (self.page_size - 1):
+            raise ConfigError(f"page_size={self.page_size} must be a power of two")
+        if self.num_pages is not None and self.num_pages < 2:
+            raise ConfigError(
+                f"num_pages={self.num_pages} must be >= 2 (one scratch page and one to use)"
+            )
+        if self.attention not in ("auto", "xla", "pallas"):
+            raise ConfigError(f"attention={self.attention!r}: choose auto, xla or pallas")
         if not self.prefill_buckets:
             raise ConfigError("prefill_buckets must name at least one length")
         if list(self.prefill_buckets) != sorted(set(self.prefill_buckets)):
@@ -235,6 +255,24 @@ class EngineConfig:
     @property
     def max_prompt_len(self) -> int:
         return self.prefill_buckets[-1]
+
+    @property
+    def pages_per_block(self) -> int:
+        """Pages the XLA decode attention reads per loop iteration (about 128 positions)."""
+        return max(1, 128 // self.page_size)
+
+    @property
+    def max_pages_per_slot(self) -> int:
+        """Page-table width: `max_seq_len` positions, rounded up to whole blocks."""
+        pages = -(-self.max_seq_len // self.page_size)
+        return -(-pages // self.pages_per_block) * self.pages_per_block
+
+    @property
+    def total_pages(self) -> int:
+        """Pages in the pool, the scratch page included."""
+        if self.num_pages is not None:
+            return self.num_pages
+        return self.max_slots * -(-self.max_seq_len // self.page_size) + 1
 
     def bucket_for(self, length: int) -> int:
         """The smallest bucket that holds `length` tokens."""

@@ -99,6 +99,30 @@ class WorkerMetrics:
         self.tokens_generated = Counter(
             "pdserve_tokens_generated", "Tokens generated (streamed).", registry=registry
         )
+        self.kv_pages = Gauge(
+            "pdserve_kv_pages",
+            "KV cache pages of the decode pool by state: free, used, or reserved (promised "
+            "to admitted requests whose KV has not arrived).",
+            ["state"],
+            registry=registry,
+        )
+        self.kv_pages_total = Gauge(
+            "pdserve_kv_pages_total", "KV cache pages in the decode pool.", registry=registry
+        )
+        self.preemptions = Counter(
+            "pdserve_preemptions",
+            "Live requests preempted because the KV page pool ran dry (they resume elsewhere).",
+            registry=registry,
+        )
+        self.page_allocation_failures = Counter(
+            "pdserve_page_allocation_failures",
+            "Times pages were not there: at admission (Reserve refused), or for a growing "
+            "request (a preemption followed).",
+            ["stage"],
+            registry=registry,
+        )
+        for stage in ("admission", "growth"):
+            self.page_allocation_failures.labels(stage)
 
     def finished(self, outcome: str) -> None:
         self.requests.labels(self.role, outcome).inc()
@@ -174,6 +198,16 @@ class OrchestratorMetrics:
             "Decode slots of healthy decode workers.",
             registry=registry,
         )
+        self.decode_pages_free = Gauge(
+            "pdserve_decode_kv_pages_free",
+            "Free KV pages, summed over healthy decode workers (last load reports).",
+            registry=registry,
+        )
+        self.decode_pages_total = Gauge(
+            "pdserve_decode_kv_pages_total",
+            "KV pages of healthy decode workers.",
+            registry=registry,
+        )
         self.retries = Counter(
             "pdserve_retries",
             "Work moved to another worker after a failure, by stage.",
@@ -182,5 +216,5 @@ class OrchestratorMetrics:
         )
         for role in ("prefill", "decode"):
             self.workers_up.labels(role).set(0)
-        for stage in ("prefill", "decode_resume"):
+        for stage in ("prefill", "decode_resume", "preempted"):
             self.retries.labels(stage)

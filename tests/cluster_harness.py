@@ -25,6 +25,7 @@ from orchestrator.servicer import input_from_proto
 from prefill_server.kv_push import RemoteKvSink
 from shared.client.generator import AsyncGeneratorClient, Chunk, GenerateError, build_request
 from shared.engine.engine import Engine, Params
+from shared.engine.pages import PageAllocator
 from shared.metrics import WorkerMetrics
 from shared.serving.orchestrator_config import parse_orchestrator_args
 from shared.serving.prefill_loop import PrefillLoop, PrefillService
@@ -168,21 +169,31 @@ class InProcessCluster:
         fingerprint: str,
         decode_workers: int = 1,
         orchestrator_flags: Sequence[str] = (),
+        decode_pages: int | None = None,
     ) -> None:
+        """`decode_pages`: each decode worker hands out only this many KV pages (a small
+        pool that runs dry), instead of the engine's whole pool."""
         self.network = FakeNetwork()
         self.fatal: list[BaseException] = []
         runtime = ModelRuntime(engine, params, fingerprint, None)
         config = parse_worker_args(["--port", "0", *ENGINE_FLAGS], Role.DECODE)
         loop = asyncio.get_running_loop()
         self.decode = {}
+        self.decode_registries: dict[str, CollectorRegistry] = {}
         for i in range(decode_workers):
+            pages = None
+            if decode_pages is not None:
+                c = engine.config
+                pages = PageAllocator(decode_pages + 1, c.page_size, c.max_pages_per_slot)
+            registry = CollectorRegistry()
             worker = build_decode_worker(
-                runtime, config, WorkerMetrics(CollectorRegistry(), "decode"), self.fatal.append
+                runtime, config, WorkerMetrics(registry, "decode"), self.fatal.append, pages
             )
             worker.start(loop)
             address = f"decode-{i}:1"
             self.network.serve(address, worker.service)
             self.decode[address] = worker
+            self.decode_registries[address] = registry
         self.sink = RemoteKvSink(TRANSPORT, fingerprint, self.network.decode_client)
         self.prefill_loop = PrefillLoop(
             engine,

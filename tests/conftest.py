@@ -19,12 +19,20 @@ import sys
 import threading
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# JAX's persistent compilation cache, shared by this process and every worker process the
+# tests start (they inherit the environment): the suite compiles the same tiny programs in
+# many processes, and a hit costs milliseconds instead of seconds. Traces still happen, so
+# the compile-count assertions are unaffected.
+_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "jax")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-import jax
-import pytest
+import jax  # noqa: E402 (the cache settings above must come first)
+import pytest  # noqa: E402 (the cache settings above must come first)
 
-from shared.config import EngineConfig, ModelConfig
-from shared.engine.engine import Engine, Params
+from shared.config import EngineConfig, ModelConfig  # noqa: E402 (the cache settings above must come first)
+from shared.engine.engine import Engine, Params  # noqa: E402 (the cache settings above must come first)
 
 # Eight simulated CPU devices for the tensor-parallel tests, set before JAX initialises its
 # backend (importing pdserve does not). Engines use one device unless given a mesh; worker
@@ -106,7 +114,9 @@ def tiny_config() -> ModelConfig:
 
 @pytest.fixture(scope="session")
 def engine_config() -> EngineConfig:
-    return EngineConfig(max_slots=4, prefill_buckets=(8, 16, 32), max_seq_len=64)
+    # Pages of 8: prompts at the bucket edges (8, 16, 32) fill whole pages, so their first
+    # decode step starts a new page.
+    return EngineConfig(max_slots=4, prefill_buckets=(8, 16, 32), max_seq_len=64, page_size=8)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import pathlib
 
 import numpy as np
 
+from shared.engine.batch import DecodeBatch
 from shared.engine.engine import Engine, Params
 
 HF_FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf"
@@ -48,13 +49,15 @@ def greedy(
     ([steps - 1, V]: the positions right after the prompt).
     """
     prefixes = [engine.prefill(params, p) for p in prompts]
-    state = engine.bulk_insert(prefixes, engine.init_decode_state(), list(range(len(prompts))))
+    batch = DecodeBatch(engine)
+    slots = list(range(len(prompts)))
+    batch.insert(prefixes, slots)
     out = [[p.first_token] for p in prefixes]
     step_logits = []
     for _ in range(steps - 1):
-        step_logits.append(engine.decode_logits(params, state)[: len(prompts)])
-        state, tokens = engine.generate(params, state)
-        for row, token in zip(out, np.asarray(tokens)[: len(prompts)], strict=True):
-            row.append(int(token))
+        step_logits.append(batch.logits(params, slots))
+        tokens, _ = batch.step(params)
+        for slot, row in zip(slots, out, strict=True):
+            row.append(tokens[slot])
     per_prompt = [np.stack([s[i] for s in step_logits]) for i in range(len(prompts))]
     return out, per_prompt

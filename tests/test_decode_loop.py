@@ -54,16 +54,31 @@ def running(engine: Engine, params: Params):
     assert not fatal
 
 
+def wait_no_pages_held(loop: DecodeLoop, timeout: float = 5.0) -> None:
+    """Every page back in the pool and no promise left (a lease's end frees them in the
+    same engine-thread iteration that closes its stream)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = loop.pages.counts()
+        if counts.used == 0 and counts.reserved == 0:
+            loop.pages.check()
+            return
+        assert time.monotonic() < deadline, counts
+        time.sleep(0.01)
+
+
 def test_tokens_equal_reference_and_slot_is_freed(running, engine: Engine, params: Params):
     loop, table, collector = running
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
-    lease = loop.reserve("r1", GenerationLimits(max_tokens=7, stop_on_eos=False), 10.0, None)
+    limits = GenerationLimits(max_tokens=7, stop_on_eos=False)
+    lease = loop.reserve("r1", limits, 10.0, None, prompt_length=len(prompt))
     prefix = engine.prefill(params, prompt).trimmed()
     loop.submit(lease.lease_id, prefix)
     streamed = collector.wait_finished(lease.lease_id)
     assert [prefix.first_token, *streamed] == reference_greedy(engine, params, prompt, 7)
     assert collector.finish_of(lease.lease_id) is DecodeFinish.LENGTH
     assert table.counts()[SlotState.FREE] == engine.config.max_slots
+    wait_no_pages_held(loop)
 
 
 def test_stop_token_ends_without_streaming_it(running, engine: Engine, params: Params):
@@ -71,24 +86,27 @@ def test_stop_token_ends_without_streaming_it(running, engine: Engine, params: P
     prompt = [7, 7, 7, 1]
     expected = reference_greedy(engine, params, prompt, 6)
     stop = expected[3]
-    lease = loop.reserve("r", GenerationLimits(10, (stop,), stop_on_eos=False), 10.0, None)
+    limits = GenerationLimits(10, (stop,), stop_on_eos=False)
+    lease = loop.reserve("r", limits, 10.0, None, prompt_length=len(prompt))
     loop.submit(lease.lease_id, engine.prefill(params, prompt))
     streamed = collector.wait_finished(lease.lease_id)
     assert streamed == expected[1 : expected.index(stop)]
     assert collector.finish_of(lease.lease_id) is DecodeFinish.STOP
+    wait_no_pages_held(loop)
 
 
 def test_lease_expiry_frees_a_reserved_slot(running, engine: Engine):
     loop, table, collector = running
-    lease = loop.reserve("r", GenerationLimits(4), ttl_s=0.2, deadline=None)
+    lease = loop.reserve("r", GenerationLimits(4), ttl_s=0.2, deadline=None, prompt_length=4)
     assert collector.wait_finished(lease.lease_id, timeout=5) == []
     assert collector.finish_of(lease.lease_id) is DecodeFinish.LEASE_EXPIRED
     assert table.counts()[SlotState.FREE] == engine.config.max_slots
+    wait_no_pages_held(loop)  # the page promise made at reserve is withdrawn
 
 
 def test_cancel_mid_stream_frees_within_one_step(running, engine: Engine, params: Params):
     loop, table, collector = running
-    lease = loop.reserve("r", GenerationLimits(50, stop_on_eos=False), 10.0, None)
+    lease = loop.reserve("r", GenerationLimits(50, stop_on_eos=False), 10.0, None, prompt_length=3)
     loop.submit(lease.lease_id, engine.prefill(params, [1, 2, 3]))
     deadline = time.monotonic() + 10
     while not collector.events.get(lease.lease_id) and time.monotonic() < deadline:
@@ -99,6 +117,7 @@ def test_cancel_mid_stream_frees_within_one_step(running, engine: Engine, params
     assert collector.finish_of(lease.lease_id) is DecodeFinish.CANCELLED
     assert loop.steps - steps <= 1
     assert table.counts()[SlotState.FREE] == engine.config.max_slots
+    wait_no_pages_held(loop)
 
 
 def test_no_free_slot_is_resource_exhausted(engine: Engine):
@@ -118,7 +137,7 @@ class BrokenEngine:
     def __getattr__(self, name: str):
         return getattr(self._engine, name)
 
-    def generate(self, params, state):
+    def generate(self, *args, **kwargs):
         raise RuntimeError("device lost")
 
 
@@ -129,8 +148,8 @@ def test_engine_thread_death_is_loud_and_fails_every_lease(engine: Engine, param
     metrics = WorkerMetrics(CollectorRegistry(), "decode")
     loop = DecodeLoop(BrokenEngine(engine), params, table, collector, metrics, fatal.append)
     loop.start()
-    live = loop.reserve("a", GenerationLimits(5), 10.0, None)
-    waiting = loop.reserve("b", GenerationLimits(5), 10.0, None)
+    live = loop.reserve("a", GenerationLimits(5), 10.0, None, prompt_length=3)
+    waiting = loop.reserve("b", GenerationLimits(5), 10.0, None, prompt_length=3)
     loop.submit(live.lease_id, engine.prefill(params, [1, 2, 3]))
     collector.wait_finished(live.lease_id)
     collector.wait_finished(waiting.lease_id)
@@ -140,3 +159,4 @@ def test_engine_thread_death_is_loud_and_fails_every_lease(engine: Engine, param
     assert [str(e) for e in fatal] == ["device lost"]
     assert not loop.alive
     assert table.counts()[SlotState.FREE] == engine.config.max_slots
+    wait_no_pages_held(loop)

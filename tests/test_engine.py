@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from shared.engine.batch import DecodeBatch
 from shared.engine.engine import Engine, Params, Prefix
 from shared.engine.sampling import SamplingParams
 from tests.reference import reference_greedy
@@ -19,11 +20,11 @@ PROMPTS = {n: [(37 * i + 11 * n) % 250 + 1 for i in range(n)] for n in (1, 7, 8,
 def decode_greedy(
     engine: Engine, params: Params, prefix: Prefix, steps: int, slot: int = 0
 ) -> list[int]:
-    state = engine.insert(prefix, engine.init_decode_state(), slot)
+    batch = DecodeBatch(engine)
+    batch.insert([prefix], [slot])
     out = [prefix.first_token]
     for _ in range(steps - 1):
-        state, tokens = engine.generate(params, state)
-        out.append(int(tokens[slot]))
+        out.append(batch.step(params)[0][slot])
     return out
 
 
@@ -34,15 +35,15 @@ def test_cached_decode_matches_uncached_forward(engine: Engine, params: Params, 
     expected = reference_greedy(engine, params, prompt, steps)
 
     prefix = engine.prefill(params, prompt)
-    state = engine.insert(prefix, engine.init_decode_state(), slot=1)
+    batch = DecodeBatch(engine)
+    batch.insert([prefix], [1])
     seq = [*prompt, prefix.first_token]
     got = [prefix.first_token]
     for _ in range(steps - 1):
-        cached = engine.decode_logits(params, state)[1]
+        cached = batch.logits(params, [1])[0]
         uncached = engine.reference_logits(params, seq)[-1]
         np.testing.assert_allclose(cached, uncached, rtol=1e-5, atol=1e-4 * np.abs(uncached).max())
-        state, tokens = engine.generate(params, state)
-        got.append(int(tokens[1]))
+        got.append(batch.step(params)[0][1])
         seq.append(got[-1])
     assert got == expected
 
@@ -79,27 +80,28 @@ def test_insert_into_every_slot_with_busy_neighbours(engine: Engine, params: Par
     assert all(leaf.shape[1] == 9 for leaf in jax.tree.leaves(target.cache))
 
     for k in range(slots):
-        state = engine.init_decode_state()
+        batch = DecodeBatch(engine)
         neighbours = [s for s in range(slots) if s != k]
         got = {s: [] for s in neighbours}
         for s, prompt in zip(neighbours, neighbour_prompts, strict=False):
             prefix = engine.prefill(params, prompt)
-            state = engine.insert(prefix, state, s)
+            batch.insert([prefix], [s])
             got[s].append(prefix.first_token)
         for _ in range(3):  # neighbours are mid-generation when the target arrives
-            state, tokens = engine.generate(params, state)
+            tokens, _ = batch.step(params)
             for s in neighbours:
-                got[s].append(int(tokens[s]))
-        state = engine.insert(target, state, k)
+                got[s].append(tokens[s])
+        batch.insert([target], [k])
         target_tokens = [target.first_token]
         for _ in range(steps - 1):
-            state, tokens = engine.generate(params, state)
-            target_tokens.append(int(tokens[k]))
+            tokens, _ = batch.step(params)
+            target_tokens.append(tokens[k])
             for s in neighbours:
-                got[s].append(int(tokens[s]))
+                got[s].append(tokens[s])
         assert target_tokens == expected, f"slot {k}"
         for i, s in enumerate(neighbours):
             assert got[s] == neighbour_expected[i][: len(got[s])], f"neighbour {s} of slot {k}"
+        batch.pages.check()
 
 
 def test_bulk_insert_equals_one_by_one(engine: Engine, params: Params):
@@ -110,25 +112,29 @@ def test_bulk_insert_equals_one_by_one(engine: Engine, params: Params):
         for p, s in zip(prompts, sampling, strict=True)
     ]
     slots = [3, 0, 2]
-    one_by_one = engine.init_decode_state()
+    one_by_one = DecodeBatch(engine)
     for prefix, slot in zip(prefixes, slots, strict=True):
-        one_by_one = engine.insert(prefix, one_by_one, slot)
-    bulk = engine.bulk_insert(prefixes, engine.init_decode_state(), np.asarray(slots, np.int32))
-    for a, b in zip(jax.tree.leaves(one_by_one), jax.tree.leaves(bulk), strict=True):
+        one_by_one.insert([prefix], [slot])
+    bulk = DecodeBatch(engine)
+    bulk.insert(prefixes, slots)
+    assert [one_by_one.pages.pages_of(s) for s in slots] == [bulk.pages.pages_of(s) for s in slots]
+    for a, b in zip(jax.tree.leaves(one_by_one.state), jax.tree.leaves(bulk.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for _ in range(4):
-        one_by_one, t1 = engine.generate(params, one_by_one)
-        bulk, t2 = engine.generate(params, bulk)
-        np.testing.assert_array_equal(np.asarray(t1), np.asarray(t2))
+        assert one_by_one.step(params) == bulk.step(params)
 
 
 def test_release_stops_a_slot_and_keeps_the_others(engine: Engine, params: Params):
-    state = engine.init_decode_state()
-    state = engine.insert(engine.prefill(params, PROMPTS[7]), state, 0)
-    state = engine.insert(engine.prefill(params, PROMPTS[8]), state, 1)
-    state = engine.release(state, 0)
-    before = np.asarray(state.lengths).copy()
-    state, _ = engine.generate(params, state)
-    lengths = np.asarray(state.lengths)
+    batch = DecodeBatch(engine)
+    batch.insert([engine.prefill(params, PROMPTS[7])], [0])
+    batch.insert([engine.prefill(params, PROMPTS[8])], [1])
+    owned = batch.pages.pages_of(0)
+    batch.release(0)
+    assert batch.pages.pages_of(0) == [] and owned
+    before = np.asarray(batch.state.lengths).copy()
+    tokens, _ = batch.step(params)
+    assert set(tokens) == {1}
+    lengths = np.asarray(batch.state.lengths)
     assert lengths[0] == before[0] and lengths[1] == before[1] + 1
-    assert not bool(state.active[0]) and bool(state.active[1])
+    assert not bool(batch.state.active[0]) and bool(batch.state.active[1])
+    batch.pages.check()

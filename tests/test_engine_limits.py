@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from shared.config import ConfigError, EngineConfig, ModelConfig
+from shared.engine.batch import DecodeBatch
 from shared.engine.engine import (
     Engine,
     EngineError,
@@ -16,30 +17,37 @@ from shared.engine.engine import (
 )
 
 
-def test_generate_compiles_once_while_slots_fill_and_empty(engine: Engine, params: Params):
-    """100 steps with requests arriving and leaving: one trace of `generate`; prefill once per
-    bucket used."""
+def test_generate_compiles_once_per_batch_bucket_while_slots_fill_and_empty(
+    engine: Engine, params: Params
+):
+    """100 steps with requests arriving and leaving: one trace of `generate` per batch
+    bucket (the live rows, padded to a power of two); prefill once per bucket used."""
     before = engine.compile_counts.copy()
     rng = np.random.default_rng(0)
-    state = engine.init_decode_state()
+    batch = DecodeBatch(engine)
     remaining = {}
-    buckets_used = set()
+    buckets_used, batch_sizes = set(), set()
     for _ in range(100):
         free = [s for s in range(engine.config.max_slots) if s not in remaining]
         if free and rng.random() < 0.4:
             n = int(rng.integers(1, engine.config.max_prompt_len + 1))
             buckets_used.add(engine.config.bucket_for(n))
-            prefix = engine.prefill(params, rng.integers(0, 256, n))
-            state = engine.insert(prefix, state, free[0])
+            batch.insert([engine.prefill(params, rng.integers(0, 256, n))], [free[0]])
             remaining[free[0]] = int(rng.integers(1, 12))
-        state, _ = engine.generate(params, state)
+        if remaining:
+            batch_sizes.add(engine.batch_bucket(len(remaining)))
+            batch.step(params)
         for slot in [s for s, left in remaining.items() if left <= 1]:
-            state = engine.release(state, slot)
+            batch.release(slot)
             del remaining[slot]
         remaining = {s: left - 1 for s, left in remaining.items()}
     traced = engine.compile_counts - before
-    assert engine.compile_counts["generate"] == 1
+    assert engine.batch_buckets == (1, 2, 4)
+    assert batch_sizes == {1, 2, 4}, "the scenario should visit every bucket"
+    for size in batch_sizes:
+        assert engine.compile_counts[f"generate[{size}]"] == 1
     assert engine.compile_counts["release"] == 1
+    batch.pages.check()
     for bucket in buckets_used:
         assert engine.compile_counts[f"prefill[{bucket}]"] == 1
     assert not {k for k in traced if k.startswith("prefill")} - {
@@ -49,11 +57,12 @@ def test_generate_compiles_once_while_slots_fill_and_empty(engine: Engine, param
 
 def test_bulk_insert_compiles_per_power_of_two_not_per_slot_set(engine: Engine, params: Params):
     prefix = engine.prefill(params, [1, 2, 3])
-    engine.bulk_insert([prefix, prefix], engine.init_decode_state(), [0, 1])
+    pages = [[1], [2]]
+    engine.bulk_insert([prefix, prefix], engine.init_decode_state(), [0, 1], pages)
     key = "insert[2x8]"
     count = engine.compile_counts[key]
     for slots in ([2, 3], [3, 0], [1, 2]):
-        engine.bulk_insert([prefix, prefix], engine.init_decode_state(), slots)
+        engine.bulk_insert([prefix, prefix], engine.init_decode_state(), slots, pages)
     assert engine.compile_counts[key] == count
 
 
@@ -77,7 +86,7 @@ def test_empty_prompt(engine: Engine, params: Params):
 def test_slot_out_of_range(engine: Engine, params: Params, slot: int):
     prefix = engine.prefill(params, [1, 2, 3])
     with pytest.raises(SlotError, match=rf"slot {slot} is out of range \[0, 4\)"):
-        engine.insert(prefix, engine.init_decode_state(), slot)
+        engine.insert(prefix, engine.init_decode_state(), slot, [1])
     with pytest.raises(SlotError, match="out of range"):
         engine.release(engine.init_decode_state(), slot)
 
@@ -85,7 +94,13 @@ def test_slot_out_of_range(engine: Engine, params: Params, slot: int):
 def test_duplicate_slots_in_bulk_insert(engine: Engine, params: Params):
     prefix = engine.prefill(params, [1, 2, 3])
     with pytest.raises(SlotError, match="same slot twice"):
-        engine.bulk_insert([prefix, prefix], engine.init_decode_state(), [1, 1])
+        engine.bulk_insert([prefix, prefix], engine.init_decode_state(), [1, 1], [[1], [2]])
+
+
+def test_insert_needs_pages_for_the_prefix_and_its_first_step(engine: Engine, params: Params):
+    prefix = engine.prefill(params, list(range(1, 9)))  # 8 tokens: a whole page of 8
+    with pytest.raises(SlotError, match=r"8 tokens needs 2 pages .* got 1"):
+        engine.insert(prefix, engine.init_decode_state(), 0, [1])
 
 
 @pytest.mark.parametrize(
@@ -95,6 +110,9 @@ def test_duplicate_slots_in_bulk_insert(engine: Engine, params: Params):
         ({"prefill_buckets": (16, 8)}, "strictly increasing"),
         ({"prefill_buckets": (64,), "max_seq_len": 64}, "largest prefill bucket (64)"),
         ({"dtype": "float16"}, "dtype='float16'"),
+        ({"page_size": 12}, "page_size=12 must be a power of two"),
+        ({"num_pages": 1}, "num_pages=1 must be >= 2"),
+        ({"attention": "flash"}, "attention='flash'"),
     ],
 )
 def test_engine_config_validation(kwargs: dict, message: str):
@@ -125,11 +143,12 @@ def test_prompts_past_the_largest_bucket_only_for_resumes(engine: Engine, params
         engine.prefill(params, prompt)
     prefix = engine.prefill(params, prompt, allow_long=True)
     assert prefix.first_token == int(np.argmax(engine.reference_logits(params, prompt)[-1]))
-    state = engine.insert(prefix.trimmed(), engine.init_decode_state(), 1)
+    batch = DecodeBatch(engine)
+    batch.insert([prefix.trimmed()], [1])
     seq = [*prompt, prefix.first_token]
     for _ in range(5):
-        state, tokens = engine.generate(params, state)
-        assert int(tokens[1]) == int(np.argmax(engine.reference_logits(params, seq)[-1]))
-        seq.append(int(tokens[1]))
+        token = batch.step(params)[0][1]
+        assert token == int(np.argmax(engine.reference_logits(params, seq)[-1]))
+        seq.append(token)
     with pytest.raises(PromptTooLongError, match="leaves no room in max_seq_len"):
         engine.prefill(params, [1] * 64, allow_long=True)

@@ -71,7 +71,8 @@ def test_engine_prefix_round_trip_trims_padding(engine: Engine, params: Params) 
     received = decode_messages(spec, payload.messages())
     _assert_same_prefix(prefix, received)
     # The received prefix is what decode inserts: it must round-trip through the engine.
-    state = engine.insert(received, engine.init_decode_state(), slot=1)
+    pages = list(range(1, 2 + prefix.true_length // engine.config.page_size))
+    state = engine.insert(received, engine.init_decode_state(), 1, pages)
     assert (
         int(state.lengths[1]) == prefix.true_length and int(state.tokens[1]) == prefix.first_token
     )

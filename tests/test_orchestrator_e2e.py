@@ -14,6 +14,7 @@ from prometheus_client import generate_latest
 
 from shared.client.generator import GenerateError
 from shared.config import EngineConfig
+from shared.engine.batch import DecodeBatch
 from shared.engine.engine import Engine, Params
 from shared.engine.sampling import SamplingParams
 from shared.tokenizer import ByteTokenizer
@@ -137,11 +138,11 @@ def test_seeded_sampling_is_reproducible_and_matches_the_engine(run, kind, engin
     prompt = [256, 9, 9, 9, 9]
     sampling = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=2**33 + 5)
     prefix = engine.prefill(params, prompt, sampling=sampling)
-    state = engine.insert(prefix, engine.init_decode_state(), 2)
+    batch = DecodeBatch(engine)
+    batch.insert([prefix], [2])
     expected = [prefix.first_token]
     for _ in range(11):
-        state, tokens = engine.generate(params, state)
-        expected.append(int(tokens[2]))
+        expected.append(batch.step(params)[0][2])
     options = dict(
         max_tokens=12, temperature=0.9, top_k=40, top_p=0.95, seed=2**33 + 5, ignore_eos=True
     )
@@ -367,6 +368,38 @@ def test_decode_killed_mid_stream_resumes_exactly_in_process(
             assert tokens_of(chunks) == expected
             resumes = generate_latest(cluster.registry).decode()
             assert 'pdserve_retries_total{stage="decode_resume"} 1.0' in resumes
+        finally:
+            await cluster.close()
+
+    asyncio.run(body())
+
+
+def test_pool_running_dry_preempts_and_resumes_exactly_in_process(engine, params, tiny_fingerprint):
+    """A decode worker with 10 KV pages (page 8) and 4 slots: four requests growing to 50
+    tokens each need 28 pages, so the youngest are preempted again and again and resumed
+    through the orchestrator; every answer equals the unpreempted greedy reference, and
+    all pages come back."""
+    prompts = [[256, *range(1 + i, 9 + i)] for i in range(4)]
+    expected = [reference_greedy(engine, params, p, 50) for p in prompts]
+
+    async def body() -> None:
+        cluster = InProcessCluster(engine, params, tiny_fingerprint, decode_pages=10)
+        await cluster.start()
+        try:
+            results = await asyncio.gather(
+                *(cluster.api.generate(p, max_tokens=50, ignore_eos=True) for p in prompts)
+            )
+            for chunks, want in zip(results, expected, strict=True):
+                assert chunks[-1].finish_reason == "length"
+                assert tokens_of(chunks) == want
+            text = generate_latest(cluster.registry).decode()
+            preempted = metric_samples(text)["pdserve_retries_total{stage=preempted}"]
+            assert preempted >= 1
+            ((address, worker),) = cluster.decode.items()
+            assert worker.loop.pages.counts().used == 0
+            worker.loop.pages.check()
+            worker_text = generate_latest(cluster.decode_registries[address]).decode()
+            assert metric_samples(worker_text)["pdserve_preemptions_total{}"] == preempted
         finally:
             await cluster.close()
 

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from shared.engine.batch import DecodeBatch
 from shared.engine.engine import Engine, Params, Prefix
 from shared.engine.sampling import SamplingError, SamplingParams, sample
 
@@ -20,16 +21,16 @@ def run_slots(
     steps: int,
 ) -> dict[int, list[int]]:
     """Serve several requests together; return each slot's generated tokens."""
-    state = engine.init_decode_state()
+    batch = DecodeBatch(engine)
     out: dict[int, list[int]] = {}
     for slot, (prompt, sampling) in requests.items():
         prefix: Prefix = engine.prefill(params, prompt, sampling=sampling)
-        state = engine.insert(prefix, state, slot)
+        batch.insert([prefix], [slot])
         out[slot] = [prefix.first_token]
     for _ in range(steps - 1):
-        state, tokens = engine.generate(params, state)
+        tokens, _ = batch.step(params)
         for slot in requests:
-            out[slot].append(int(tokens[slot]))
+            out[slot].append(tokens[slot])
     return out
 
 

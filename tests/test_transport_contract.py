@@ -71,6 +71,7 @@ class InboxDecodeHandler:
         self.delivered: dict[str, Prefix] = {}
         self.rejected: dict[str, KvError] = {}
         self.live_transfers = 0
+        self.finish_on_delivery = DecodeFinish.LENGTH
         self._streams: dict[str, asyncio.Queue[TokenBatch]] = {}  # every lease ever granted
         self._held: set[str] = set()  # leases holding a slot
         self._ids = itertools.count()
@@ -108,12 +109,14 @@ class InboxDecodeHandler:
 
     async def get_load(self) -> LoadReport:
         held = len(self._held)
-        return LoadReport(self.slots - held, self.slots, self.inbox.receiving, held)
+        # Pages as a paged decode worker reports them: 8 per lease of a 9-page pool.
+        return LoadReport(self.slots - held, self.slots, self.inbox.receiving, held,
+                          free_pages=9 - 8 * held, total_pages=9, page_size=16)  # fmt: skip
 
     def _deliver(self, lease_id: str, prefix: Prefix) -> None:
         self.delivered[lease_id] = prefix
         self._streams[lease_id].put_nowait(TokenBatch((prefix.first_token,)))
-        self._finish(lease_id, TokenBatch((), DecodeFinish.LENGTH))
+        self._finish(lease_id, TokenBatch((), self.finish_on_delivery))
 
     def _reject(self, lease_id: str, error: KvError) -> None:
         self.rejected[lease_id] = error
@@ -264,11 +267,13 @@ class StalledSender:
 # Round trips ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("finish", [DecodeFinish.LENGTH, DecodeFinish.PREEMPTED])
 @pytest.mark.parametrize("kind", TRANSPORTS)
-def test_kv_round_trip_and_token_stream(kind: str) -> None:
+def test_kv_round_trip_and_token_stream(kind: str, finish: DecodeFinish) -> None:
     prefix = synthetic_prefix()
 
     async def body(h: Harness) -> None:
+        h.handler.finish_on_delivery = finish
         lease = await h.decode.reserve(reserve_request())
         stream = h.decode.stream_tokens(lease.lease_id)  # opened before the KV is sent
         first = asyncio.ensure_future(anext(stream))
@@ -282,7 +287,7 @@ def test_kv_round_trip_and_token_stream(kind: str) -> None:
                 assert (got.cache["layers"][layer]["attn"][name] == sent).all()
         assert (got.true_length, got.first_token, got.sampling) == (11, 42, prefix.sampling)
         batches = [await first] + [b async for b in stream]
-        assert batches == [TokenBatch((42,)), TokenBatch((), DecodeFinish.LENGTH)]
+        assert batches == [TokenBatch((42,)), TokenBatch((), finish)]
         assert h.handler.inbox.buffered_bytes == 0
 
     run(kind, body)
@@ -325,7 +330,9 @@ def test_unary_calls_carry_every_field(kind: str) -> None:
         assert await h.prefill.get_load() == LoadReport(1, 1, 0, 1)
         lease = await h.decode.reserve(reserve_request())
         assert lease.slot == 0 and lease.expire_time > time.time() + 20
-        assert await h.decode.get_load() == LoadReport(1, 2, 0, 1)
+        load = await h.decode.get_load()
+        assert load == LoadReport(1, 2, 0, 1, free_pages=1, total_pages=9, page_size=16)
+        assert load.pages_for(17) == 2
         assert await h.decode.cancel(lease.lease_id)
         assert not await h.decode.cancel(lease.lease_id)  # idempotent
 

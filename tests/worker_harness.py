@@ -49,7 +49,9 @@ from shared.transport.types import (
 
 REPO = Path(__file__).resolve().parent.parent
 # The test engine's layout (tests/conftest.py), as worker flags.
-ENGINE_FLAGS = ("--slots", "4", "--prefill-buckets", "8,16,32", "--max-seq-len", "64")
+ENGINE_FLAGS = (
+    "--slots", "4", "--prefill-buckets", "8,16,32", "--max-seq-len", "64", "--page-size", "8",
+)  # fmt: skip
 SERVING = re.compile(r"serving on (\S+):(\d+) metrics_port=(-?\d+)")
 TRANSPORT = TransportConfig(rpc_timeout_s=10.0, transfer_timeout_s=20.0)
 

@@ -26,14 +26,21 @@ from shared.engine.pages import PageAllocator, PagesExhaustedError
 
 
 class DecodeBatch:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, pages: PageAllocator | None = None) -> None:
+        """`pages`: the allocator admission already promises pages from (the decode
+        worker's); by default a new one over the engine's pool."""
         self.engine = engine
         config = engine.config
-        self.pages = PageAllocator(config.num_pages, config.page_size, engine.max_pages_per_slot)
+        self.pages = pages or PageAllocator(
+            config.total_pages, config.page_size, config.max_pages_per_slot
+        )
         self.state: DecodeState = engine.init_decode_state()
         self._lengths: dict[int, int] = {}  # live slot -> tokens in its cache (next position)
         self._admitted: dict[int, int] = {}  # live slot -> admission order (preemption)
         self._order = itertools.count()
+        # Pages allocated on the host whose page-table entry the device has not recorded
+        # yet: the next `generate` writes them (slot -> page for its current position).
+        self._pending: dict[int, int] = {}
         self.preemptions = 0
 
     @property
@@ -71,6 +78,7 @@ class DecodeBatch:
         """End `slot`: it leaves the batch and its pages go back to the pool. Idempotent."""
         if self._lengths.pop(slot, None) is not None:
             self._admitted.pop(slot, None)
+            self._pending.pop(slot, None)
             self.state = self.engine.release(self.state, slot)
         self.pages.release(slot)
 
@@ -80,20 +88,28 @@ class DecodeBatch:
         rows = self.live_slots
         if not rows:
             return {}, preempted
-        new_pages = np.full((len(rows),), -1, np.int32)
-        for i, slot in enumerate(rows):
-            page = self._pending.pop(slot, None)
-            if page is not None:
-                new_pages[i] = page
+        new_pages = self._new_pages(rows)
+        self._pending.clear()  # recorded in the device page table by this step
         self.state, tokens = self.engine.generate(params, self.state, rows, new_pages)
         tokens = np.asarray(tokens)
         for slot in rows:
             self._lengths[slot] += 1
         return {slot: int(tokens[i]) for i, slot in enumerate(rows)}, preempted
 
+    def logits(self, params: Params, slots: Sequence[int]) -> np.ndarray:
+        """The logits the next step samples from for `slots` [len(slots), V] (tests and
+        debugging; nothing is stepped)."""
+        for slot in slots:
+            page = self.pages.grow(slot, self._lengths[slot])
+            if page is not None:
+                self._pending[slot] = page
+        return self.engine.decode_logits(params, self.state, slots, self._new_pages(slots))
+
+    def _new_pages(self, rows: Sequence[int]) -> np.ndarray:
+        return np.asarray([self._pending.get(slot, -1) for slot in rows], np.int32)
+
     def _grow_or_preempt(self) -> list[int]:
         """Every live slot gets the page for its next position; youngest out when dry."""
-        self._pending: dict[int, int] = {}
         preempted: list[int] = []
         for slot in sorted(self._lengths, key=self._admitted.__getitem__):
             while slot in self._lengths:
@@ -102,7 +118,6 @@ class DecodeBatch:
                 except PagesExhaustedError:
                     victim = max(self._lengths, key=self._admitted.__getitem__)
                     self.release(victim)
-                    self._pending.pop(victim, None)
                     preempted.append(victim)
                     self.preemptions += 1
                     continue

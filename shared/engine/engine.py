@@ -3,19 +3,26 @@
 Who calls what:
 * A prefill worker calls `prefill` once per request (engine thread only). Prompts are padded
   to the smallest bucket that holds them, so `prefill` compiles once per bucket.
-* A decode worker calls `init_decode_state` once at start; then, on its engine thread,
-  between two steps, `bulk_insert` for every prefix that arrived, `generate` once per step
-  and `release` for every slot that finished. `generate` compiles once and serves any mix
-  of live and empty slots; the decode state passed to `generate`, `bulk_insert`, `insert`
-  and `release` is donated: the caller must use the returned state and drop the old one.
+* A decode worker's engine thread owns a `DecodeBatch` (shared/engine/batch.py), which
+  calls `init_decode_state` once, then between two steps `bulk_insert` for every prefix
+  that arrived, `generate` once per step over the live rows only, and `release` for every
+  slot that finished. The decode state passed to `generate`, `bulk_insert`, `insert` and
+  `release` is donated: the caller must use the returned state and drop the old one.
 * The colocated worker does both, handing `Prefix` objects over in memory.
+
+The decode KV lives in pages: each layer's pool is [C, pages, page_size, H] and the decode
+state holds each slot's page table; which page is whose is decided on the host
+(shared/engine/pages.py), and the jitted functions only see the resulting arrays.
+`generate` runs the live rows only, padded to a batch bucket (powers of two up to the slot
+count): one compile per bucket, and a step costs what its live rows and their live pages
+cost, not what the slots could hold.
 
 Params (an `nnx.State` of `nnx.Param`s) are passed in explicitly, never captured, so that
 one compiled function serves any weights of the same shapes.
 
 Tensor parallelism: an engine runs on a `jax.sharding.Mesh` (shared/engine/mesh.py; one
 device unless given more). Params live sharded as `param_shardings` says, the decode state
-as `state_sharding` says (the KV cache by heads, everything else replicated), and every
+as `state_sharding` says (the KV pools by heads, everything else replicated), and every
 jitted function keeps them so (outputs pinned to the same shardings, donation intact). A
 `Prefix` is layout-neutral: its leaves are the model's logical KV heads, whatever the
 tensor-parallel size of the engine that made it or will insert it.
@@ -36,8 +43,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from shared.config import EngineConfig, ModelConfig
-from shared.engine.mesh import CACHE_AXES, Parallelism, make_mesh, named, replicated, spec
+from shared.engine.mesh import CACHE_AXES, Parallelism, make_mesh, named, replicated
+from shared.engine.model.attention import PagedInputs
 from shared.engine.model.llama import Transformer
+from shared.engine.pages import SCRATCH_PAGE
+from shared.engine.params import init_params, param_shardings, with_shardings
 from shared.engine.sampling import SamplingParams, sample
 
 Params = nnx.State
@@ -86,7 +96,8 @@ class Prefix:
 class DecodeState:
     """Everything the decode step reads and writes; one row per slot. [B] = max_slots."""
 
-    cache: CacheDict  # leaves [C, B, max_seq_len, H]; C cache heads (sharded)
+    cache: CacheDict  # leaves [C, P, page_size, H]: the page pools (C cache heads, sharded)
+    page_table: jax.Array  # [B, W] int32: each slot's pages in position order, then scratch
     lengths: jax.Array  # [B] int32: tokens in the cache = position of `tokens`
     tokens: jax.Array  # [B] int32: the last sampled token, fed to the next step
     active: jax.Array  # [B] bool
@@ -122,7 +133,7 @@ class Engine:
         )
         self.param_shardings = param_shardings(self._abstract_params, self.mesh, self.rules)
         self._decode_graph, _, self._abstract_decode_cache = self._abstract(
-            "autoregressive", engine_config.max_slots, engine_config.max_seq_len
+            "autoregressive", engine_config.total_pages, engine_config.page_size
         )
         self._replicated = replicated(self.mesh)
         cache_sharding = named(self.mesh, CACHE_AXES, self.rules)
@@ -146,6 +157,7 @@ class Engine:
             donate_argnums=(1,),
             out_shardings=(self.state_sharding, self._replicated),
         )
+        self._decode_logits_jit = jax.jit(self._decode_logits_impl)
         self._insert_jit = jax.jit(
             self._insert_impl, donate_argnums=(0,), out_shardings=self.state_sharding
         )
@@ -153,7 +165,6 @@ class Engine:
             self._release_impl, donate_argnums=(0,), out_shardings=self.state_sharding
         )
         self._init_state_jit = jax.jit(self._init_state_impl, out_shardings=self.state_sharding)
-        self._decode_logits_jit = jax.jit(lambda params, state: self._step(params, state)[1])
         self._reference_jit = jax.jit(self._reference_impl)
 
     def _abstract(self, mode: str, batch: int, cache_len: int) -> tuple[Any, Params, nnx.State]:
@@ -165,10 +176,35 @@ class Engine:
                 cache_len=cache_len,
                 dtype=self.dtype,
                 parallelism=self.parallelism,
+                attention=self.attention,
+                pages_per_block=self.config.pages_per_block,
                 rngs=nnx.Rngs(0),
             )
         )
         return nnx.split(model, nnx.Param, nnx.Cache)
+
+    @property
+    def attention(self) -> str:
+        """The decode attention kernel: Pallas on TPU unless configured otherwise."""
+        if self.config.attention != "auto":
+            return self.config.attention
+        return "pallas" if self.mesh.devices.flat[0].platform == "tpu" else "xla"
+
+    @property
+    def max_pages_per_slot(self) -> int:
+        return self.config.max_pages_per_slot
+
+    @functools.cached_property
+    def batch_buckets(self) -> tuple[int, ...]:
+        """The row counts `generate` is compiled for: powers of two, then max_slots."""
+        n, buckets, b = self.config.max_slots, [], 1
+        while b < n:
+            buckets.append(b)
+            b *= 2
+        return (*buckets, n)
+
+    def batch_bucket(self, rows: int) -> int:
+        return next(b for b in self.batch_buckets if b >= rows)
 
     @property
     def tp(self) -> int:
@@ -181,6 +217,11 @@ class Engine:
     def abstract_params(self) -> Params:
         """ShapeDtypeStruct targets for checkpoint restores, each with its sharding."""
         return with_shardings(self._abstract_params, self.param_shardings)
+
+    @functools.cached_property
+    def kv_bytes_per_token(self) -> int:
+        """Pool bytes one cached position takes (all layers, K and V, every cache head)."""
+        return self.decode_cache_bytes // (self.config.total_pages * self.config.page_size)
 
     def init_params(self, seed: int = 0) -> Params:
         """Seeded random weights (the embedded presets), created already sharded."""
@@ -195,7 +236,7 @@ class Engine:
         ShapeDtypeStructs, [num_kv_heads, length, head_dim]): what a KV receiver expects."""
         kv, h = self.model_config.num_kv_heads, self.model_config.head_dim
         leaf = jax.ShapeDtypeStruct((kv, length, h), self.dtype)
-        return jax.tree.map(lambda _: leaf, nnx.to_pure_dict(self._abstract_decode_cache))
+        return jax.tree.map(lambda _: leaf, nnx.to_pure_dict(self._prefill_cache_1))
 
     # Prefill ----------------------------------------------------------------------------
 
@@ -283,10 +324,11 @@ class Engine:
             return self._init_state_jit()
 
     def _init_state_impl(self) -> DecodeState:
-        b = self.config.max_slots
+        b, w = self.config.max_slots, self.max_pages_per_slot
         cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self._abstract_decode_cache)
         return DecodeState(
             cache=nnx.to_pure_dict(cache),
+            page_table=jnp.full((b, w), SCRATCH_PAGE, jnp.int32),
             lengths=jnp.zeros((b,), jnp.int32),
             tokens=jnp.zeros((b,), jnp.int32),
             active=jnp.zeros((b,), bool),
@@ -296,27 +338,52 @@ class Engine:
             seeds=jnp.zeros((b, 2), jnp.uint32),
         )
 
-    def insert(self, prefix: Prefix, state: DecodeState, slot: int) -> DecodeState:
-        """Write one prefix into `slot`; the slot becomes live. Donates `state`."""
-        return self.bulk_insert([prefix], state, np.asarray([slot], np.int32))
+    def insert(
+        self, prefix: Prefix, state: DecodeState, slot: int, pages: Sequence[int]
+    ) -> DecodeState:
+        """Write one prefix into `slot`'s pages; the slot becomes live. Donates `state`."""
+        return self.bulk_insert([prefix], state, np.asarray([slot], np.int32), [pages])
 
     def bulk_insert(
-        self, prefixes: Sequence[Prefix], state: DecodeState, slots: Sequence[int] | np.ndarray
+        self,
+        prefixes: Sequence[Prefix],
+        state: DecodeState,
+        slots: Sequence[int] | np.ndarray,
+        pages: Sequence[Sequence[int]],
     ) -> DecodeState:
-        """Write every prefix into its slot in one call. Donates `state`.
+        """Write every prefix into the pages its slot was given, in one call. Donates
+        `state`.
 
-        The batch is padded to a power of two (padding rows target slot `max_slots`, which the
-        scatter drops) and every cache to the largest bucket among them, so this compiles once
-        per (power of two, bucket), never per slot set.
+        `pages[i]` lists slot i's pages in position order (shared/engine/pages.py): enough
+        for the prefix and the position of its first decode step. The batch is padded to a
+        power of two (padding rows target slot `max_slots` and page `total_pages`, which the
+        scatters drop) and every cache to the largest insert length among them, so this
+        compiles once per (power of two, length), never per slot set.
         """
         slots = np.asarray(slots, np.int32).reshape(-1)
         self._check_slots(slots, len(prefixes))
+        if len(pages) != len(prefixes):
+            raise SlotError(f"{len(prefixes)} prefixes but {len(pages)} page lists")
         if not prefixes:
             return state
         length = max(self._insert_length(p) for p in prefixes)
         count = 1 << (len(prefixes) - 1).bit_length()
+        page_size, width = self.config.page_size, self.max_pages_per_slot
+        written = length // page_size
         padded_slots = np.full((count,), self.config.max_slots, np.int32)
         padded_slots[: len(slots)] = slots
+        write_pages = np.full((count, written), self.config.total_pages, np.int32)  # dropped
+        tables = np.full((count, width), SCRATCH_PAGE, np.int32)
+        for i, (prefix, owned) in enumerate(zip(prefixes, pages, strict=True)):
+            needed = -(-(prefix.true_length + 1) // page_size)
+            if len(owned) < needed or len(owned) > width:
+                raise SlotError(
+                    f"a prefix of {prefix.true_length} tokens needs {needed} pages (its first "
+                    f"step included), got {len(owned)}; a slot holds at most {width}"
+                )
+            tables[i, : len(owned)] = owned
+            n = min(len(owned), written)
+            write_pages[i, :n] = owned[:n]
         stacked = self._stacked_caches(prefixes, length, count)  # leaves [N, KV, L, H]
         filler = SamplingParams()
         pad = count - len(prefixes)
@@ -325,8 +392,9 @@ class Engine:
         firsts = np.array([p.first_token for p in prefixes] + [0] * pad, np.int32)
         with jax.set_mesh(self.mesh):
             return self._insert_jit(
-                state, stacked, padded_slots, lengths, firsts, *self._sampling_rows(rows)
-            )
+                state, stacked, padded_slots, write_pages, tables, lengths, firsts,
+                *self._sampling_rows(rows),
+            )  # fmt: skip
 
     def _stacked_caches(self, prefixes: Sequence[Prefix], length: int, count: int) -> CacheDict:
         """Every prefix's leaves padded to `length` and stacked (padding rows are zeros),
@@ -359,22 +427,26 @@ class Engine:
             raise SlotError(f"slots {slots.tolist()} name the same slot twice")
 
     def _insert_length(self, prefix: Prefix) -> int:
-        """Cache columns an insert writes: the bucket holding the prefix (or max_seq_len)."""
+        """Cache columns an insert writes: the bucket holding the prefix (or max_seq_len),
+        in whole pages."""
         if prefix.true_length >= self.config.max_seq_len:
             raise PromptTooLongError(
                 f"prefix of {prefix.true_length} tokens does not fit max_seq_len "
                 f"({self.config.max_seq_len}) with room for one more token"
             )
+        page = self.config.page_size
         for bucket in (*self.config.prefill_buckets, self.config.max_seq_len):
             if prefix.true_length <= bucket:
-                return bucket
+                return -(-bucket // page) * page
         raise AssertionError("unreachable: max_seq_len bounds every prefix")
 
     def _insert_impl(
         self,
         state: DecodeState,
-        stacked: CacheDict,  # leaves [N, KV, L, H]
+        stacked: CacheDict,  # leaves [N, KV, L, H], L a multiple of page_size
         slots: jax.Array,  # [N]; == max_slots for padding rows
+        pages: jax.Array,  # [N, L / page_size]; == total_pages where nothing is written
+        tables: jax.Array,  # [N, W]: the rows' page tables
         lengths: jax.Array,
         firsts: jax.Array,
         temperature: jax.Array,
@@ -382,20 +454,23 @@ class Engine:
         top_p: jax.Array,
         seeds: jax.Array,
     ) -> DecodeState:
-        length = jax.tree.leaves(stacked)[0].shape[2]
-        self.compile_counts[f"insert[{len(slots)}x{length}]"] += 1
-        r = self.parallelism.kv_replication
+        n, length = len(slots), jax.tree.leaves(stacked)[0].shape[2]
+        self.compile_counts[f"insert[{n}x{length}]"] += 1
+        r, page = self.parallelism.kv_replication, self.config.page_size
 
-        def write(cache: jax.Array, new: jax.Array) -> jax.Array:
-            # [N, KV, L, H] -> cache heads [C, N, L, H]; rows of padding slots are dropped.
-            heads = jnp.repeat(new, r, axis=1).transpose(1, 0, 2, 3).astype(cache.dtype)
-            return cache.at[:, slots, :length].set(heads, mode="drop")
+        def write(pool: jax.Array, new: jax.Array) -> jax.Array:
+            # [N, KV, L, H] -> cache heads in pages [C, N, L / page, page, H].
+            heads = jnp.repeat(new, r, axis=1).astype(pool.dtype)
+            c, h = heads.shape[1], heads.shape[3]
+            paged = heads.reshape(n, c, length // page, page, h).transpose(1, 0, 2, 3, 4)
+            return pool.at[:, pages].set(paged, mode="drop")
 
         def put(old: jax.Array, new: jax.Array) -> jax.Array:
             return old.at[slots].set(new, mode="drop")
 
         return DecodeState(
             cache=jax.tree.map(write, state.cache, stacked),
+            page_table=put(state.page_table, tables),
             lengths=put(state.lengths, lengths),
             tokens=put(state.tokens, firsts),
             active=put(state.active, jnp.ones_like(slots, bool)),
@@ -406,9 +481,8 @@ class Engine:
         )
 
     def release(self, state: DecodeState, slot: int) -> DecodeState:
-        """Mark `slot` empty. Its cache rows stay as they are and are overwritten by the next
-        insert; an empty slot is still computed by `generate` (fixed shapes) but never
-        advances. Donates `state`."""
+        """Mark `slot` empty; steps stop reading it. Its pages go back to the pool on the
+        host (shared/engine/pages.py); the next owner overwrites them. Donates `state`."""
         self._check_slots(np.asarray([slot], np.int32), 1)
         with jax.set_mesh(self.mesh):
             return self._release_jit(state, np.int32(slot))
@@ -424,45 +498,104 @@ class Engine:
 
     # Generate -----------------------------------------------------------------------------
 
-    def generate(self, params: Params, state: DecodeState) -> tuple[DecodeState, jax.Array]:
-        """One decode step for every slot -> (new state, [max_slots] int32 next tokens).
+    def generate(
+        self,
+        params: Params,
+        state: DecodeState,
+        rows: Sequence[int] | np.ndarray,
+        new_pages: Sequence[int] | np.ndarray | None = None,
+    ) -> tuple[DecodeState, jax.Array]:
+        """One decode step for the live slots `rows` -> (new state, next tokens [bucket]).
 
-        Tokens of empty slots are meaningless. Donates `state`. A live slot must have
-        lengths < max_seq_len; the caller finishes slots before they reach it.
+        `new_pages[i]` (or -1) is the page row i's token is written to when it starts a new
+        page (its length a multiple of page_size); the host allocated it. The rows are padded
+        to the smallest batch bucket; token i belongs to `rows[i]`, the rest is padding.
+        Donates `state`. A live slot must have lengths < max_seq_len.
         """
+        rows = np.asarray(rows, np.int32).reshape(-1)
+        bucket = self.batch_bucket(len(rows))
+        padded = np.full((bucket,), self.config.max_slots, np.int32)
+        padded[: len(rows)] = rows
+        pages = np.full((bucket,), -1, np.int32)
+        if new_pages is not None:
+            pages[: len(rows)] = new_pages
         with jax.set_mesh(self.mesh):
-            return self._generate_jit(params, state)
+            return self._generate_jit(params, state, padded, pages)
 
-    def _generate_impl(self, params: Params, state: DecodeState) -> tuple[DecodeState, jax.Array]:
-        self.compile_counts["generate"] += 1
-        cache, logits = self._step(params, state)
+    def _generate_impl(
+        self, params: Params, state: DecodeState, rows: jax.Array, new_pages: jax.Array
+    ) -> tuple[DecodeState, jax.Array]:
+        self.compile_counts[f"generate[{len(rows)}]"] += 1
+        live, table, cache, logits = self._step(params, state, rows, new_pages)
+        r = jnp.minimum(rows, self.config.max_slots - 1)
+        lengths, tokens = state.lengths[r], state.tokens[r]
         # The new token lands right after the one fed in.
-        next_tokens = sample(
-            logits, state.temperature, state.top_k, state.top_p, state.seeds, state.lengths + 1
-        )
-        next_tokens = jnp.where(state.active, next_tokens, state.tokens)
+        next_tokens = sample(logits, state.temperature[r], state.top_k[r], state.top_p[r],
+                             state.seeds[r], lengths + 1)  # fmt: skip
+        next_tokens = jnp.where(live, next_tokens, tokens)
+
+        def put(old: jax.Array, new: jax.Array) -> jax.Array:
+            return old.at[rows].set(new, mode="drop")  # padding rows (max_slots) dropped
+
         new_state = dataclasses.replace(
             state,
             cache=cache,
-            lengths=state.lengths + state.active.astype(jnp.int32),
-            tokens=next_tokens,
+            page_table=put(state.page_table, table),
+            lengths=put(state.lengths, lengths + live.astype(jnp.int32)),
+            tokens=put(state.tokens, next_tokens),
         )
         return new_state, next_tokens
 
-    def _step(self, params: Params, state: DecodeState) -> tuple[CacheDict, jax.Array]:
-        """The model on every slot's last token -> (updated cache, logits [B, V])."""
+    def _step(
+        self, params: Params, state: DecodeState, rows: jax.Array, new_pages: jax.Array
+    ) -> tuple[jax.Array, jax.Array, CacheDict, jax.Array]:
+        """The model on each row's last token -> (live [R], page tables [R, W], updated
+        cache, logits [R, V]). Padding and idle rows write to the scratch page only."""
+        page = self.config.page_size
+        valid = rows < self.config.max_slots
+        r = jnp.minimum(rows, self.config.max_slots - 1)
+        live = valid & state.active[r]
+        lengths = jnp.where(live, state.lengths[r], 0)
+        col = lengths // page
+        table = state.page_table[r]  # [R, W]
+        starts_page = (new_pages >= 0)[:, None] & (jnp.arange(table.shape[1])[None] == col[:, None])
+        table = jnp.where(starts_page, new_pages[:, None], table)
+        table = jnp.where(live[:, None], table, SCRATCH_PAGE)
+        paged = PagedInputs(
+            page_table=table,
+            q_positions=lengths[:, None],
+            kv_lengths=lengths + 1,
+            write_pages=jnp.take_along_axis(table, col[:, None], axis=1),
+            write_offsets=(lengths % page)[:, None],
+        )
         cache = jax.tree.map(lambda x: x, self._abstract_decode_cache)
         nnx.replace_by_pure_dict(cache, state.cache)
         model = nnx.merge(self._decode_graph, params, cache)
-        logits = model(state.tokens[:, None], state.lengths[:, None])[:, 0]  # [B, V]
-        return nnx.to_pure_dict(nnx.state(model, nnx.Cache)), logits
+        tokens = jnp.where(live, state.tokens[r], 0)
+        logits = model(tokens[:, None], lengths[:, None], paged=paged)[:, 0]  # [R, V]
+        return live, table, nnx.to_pure_dict(nnx.state(model, nnx.Cache)), logits
 
     # References for tests and debugging (not on the serving path) ------------------------
 
-    def decode_logits(self, params: Params, state: DecodeState) -> np.ndarray:
-        """The logits `generate` would sample from, [max_slots, V]; `state` is not donated."""
+    def decode_logits(
+        self,
+        params: Params,
+        state: DecodeState,
+        rows: Sequence[int] | np.ndarray,
+        new_pages: Sequence[int] | np.ndarray | None = None,
+    ) -> np.ndarray:
+        """The logits `generate` would sample from for `rows` [len(rows), V], with the same
+        `new_pages`; `state` is not donated, nothing is recorded."""
+        rows = np.asarray(rows, np.int32).reshape(-1)
+        pages = np.full_like(rows, -1) if new_pages is None else np.asarray(new_pages, np.int32)
         with jax.set_mesh(self.mesh):
-            return np.asarray(self._decode_logits_jit(params, state))
+            logits = self._decode_logits_jit(params, state, rows, pages)
+        return np.asarray(logits)
+
+    def _decode_logits_impl(
+        self, params: Params, state: DecodeState, rows: jax.Array, new_pages: jax.Array
+    ) -> jax.Array:
+        return self._step(params, state, rows, new_pages)[3]
 
     def reference_logits(self, params: Params, tokens: Sequence[int]) -> np.ndarray:
         """Uncached full-sequence forward: logits [len(tokens), V] at every position.
@@ -508,45 +641,9 @@ class Engine:
 
     @functools.cached_property
     def decode_cache_bytes(self) -> int:
-        """Bytes of the whole decode KV cache (every slot, every position, every cache head:
-        replicated KV heads count each copy)."""
+        """Bytes of the whole decode KV pool (every page, every cache head: replicated KV
+        heads count each copy)."""
         return sum(
             int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize
             for s in jax.tree.leaves(self._abstract_decode_cache)
         )
-
-
-# Params and their shardings (also used by the loaders in shared/weights) -----------------
-
-
-def param_shardings(abstract: Params, mesh: Mesh, rules: dict[str, str | None]) -> Params:
-    """The NamedSharding of every param, from its logical axis names and the rules."""
-
-    def one(variable: nnx.Variable) -> nnx.Variable:
-        names = variable.get_metadata().get("out_sharding") or (None,) * variable.ndim
-        return variable.replace(NamedSharding(mesh, spec(names, rules)))
-
-    return jax.tree.map(one, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def with_shardings(abstract: Params, shardings: Params) -> Params:
-    """ShapeDtypeStructs that carry their target sharding (orbax restores into them)."""
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-
-
-def init_params(
-    model_config: ModelConfig, dtype: jnp.dtype, seed: int, shardings: Params | None = None
-) -> Params:
-    """A preset's seeded random params. Created inside one jit whose outputs are already
-    sharded, so no device ever holds the whole model; the values do not depend on the
-    sharding (JAX's partitionable threefry), so every tensor-parallel size serves the very
-    same weights."""
-
-    def create() -> Params:
-        model = Transformer(model_config, "prefill", batch=1, cache_len=1, dtype=dtype,
-                            rngs=nnx.Rngs(seed))  # fmt: skip
-        return nnx.state(model, nnx.Param)
-
-    return jax.jit(create, out_shardings=shardings)()

@@ -113,3 +113,21 @@ def plan_capacity(
             f"--kv-memory-fraction ({dataclasses.replace(plan, max_seq_len=seq).describe()})"
         )
     return dataclasses.replace(plan, slots=int(fitted_slots), max_seq_len=seq)
+
+
+def plan_pages(
+    *,
+    device_bytes: int,
+    params_bytes: int,
+    bytes_per_token: int,
+    fraction: float,
+    headroom_bytes: int,
+    page_size: int,
+) -> int:
+    """`--kv-pages auto`: the KV pages the budget holds (the scratch page included)."""
+    plan = CapacityPlan(device_bytes, fraction, params_bytes, headroom_bytes, bytes_per_token,
+                        0, 0)  # fmt: skip
+    pages = plan.budget_bytes // (page_size * bytes_per_token)
+    if pages < 2:
+        raise ConfigError(f"no room for a KV page pool: {plan.describe()}")
+    return int(pages)

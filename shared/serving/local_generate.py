@@ -58,9 +58,12 @@ def stream_tokens(
     The same ends as a decode worker's: EOS ends with "stop" and is not yielded; the
     `max_tokens`-th token, or a token that would not fit the cache, ends with "length".
     """
+    from shared.engine.batch import DecodeBatch
+
     eos = engine.model_config.eos_id
     prefix = engine.prefill(params, prompt_ids, sampling=sampling)
-    state = engine.insert(prefix, engine.init_decode_state(), slot=0)
+    batch = DecodeBatch(engine)
+    batch.insert([prefix], [0])
     token, produced = prefix.first_token, 0
     while True:
         if token == eos:
@@ -72,8 +75,7 @@ def stream_tokens(
         if produced == max_tokens or prefix.true_length + produced > engine.config.max_seq_len:
             yield None, "length"
             return
-        state, tokens = engine.generate(params, state)
-        token = int(tokens[0])
+        token = batch.step(params)[0][0]
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:

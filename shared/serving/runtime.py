@@ -30,9 +30,15 @@ from prometheus_client import CollectorRegistry
 from shared.config import ConfigError, EngineConfig
 from shared.engine.engine import Engine, Params, Prefix
 from shared.engine.mesh import Parallelism, make_mesh
+from shared.engine.pages import SCRATCH_PAGE, pages_for
 from shared.engine.sampling import SamplingParams
 from shared.metrics import MetricsServer
-from shared.serving.capacity import device_memory, kv_bytes_per_token, plan_capacity
+from shared.serving.capacity import (
+    device_memory,
+    kv_bytes_per_token,
+    plan_capacity,
+    plan_pages,
+)
 from shared.serving.worker_config import Role, WorkerConfig, parse_worker_args
 from shared.transport.server import RunningServer, Service, start_server
 from shared.weights.checkpoint import CheckpointError, LoadedModel, load_model
@@ -69,7 +75,9 @@ def load_runtime(config: WorkerConfig) -> ModelRuntime:
     engine_config = size_engine(config, loaded, mesh)
     engine = Engine(loaded.model_config, engine_config, mesh)
     progress(f"{config.role.value}: loaded in {time.perf_counter() - start:.1f}s; "
-             f"{engine_config.max_slots} slots x {engine_config.max_seq_len} tokens")  # fmt: skip
+             f"{engine_config.max_slots} slots of up to {engine_config.max_seq_len} tokens, "
+             f"{engine_config.total_pages - 1} KV pages of {engine_config.page_size}; "
+             f"{engine.attention} attention")  # fmt: skip
     return ModelRuntime(engine, loaded.params, model_fingerprint(loaded), loaded.tokenizer_path)
 
 
@@ -99,19 +107,25 @@ def size_engine(config: WorkerConfig, loaded: LoadedModel, mesh: Mesh) -> Engine
     if not config.auto_capacity:
         return config.engine_config()
     devices = list(mesh.devices.flat)
-    plan = plan_capacity(
-        device_bytes=device_memory([d.memory_stats() for d in devices], devices[0].platform),
-        params_bytes=params,
-        bytes_per_token=per_token,
-        fraction=config.kv_memory_fraction,
-        headroom_bytes=config.memory_headroom_bytes,
-        slots=config.slots,
-        max_seq_len=config.max_seq_len,
-        context_limit=model.max_position_embeddings,
-        min_seq_len=config.prefill_buckets[-1],
-    )
-    progress(f"{config.role.value}: {plan.describe()}")
-    return config.engine_config(plan.slots, plan.max_seq_len)
+    memory = device_memory([d.memory_stats() for d in devices], devices[0].platform)
+    budget = dict(device_bytes=memory, params_bytes=params, bytes_per_token=per_token,
+                  fraction=config.kv_memory_fraction,
+                  headroom_bytes=config.memory_headroom_bytes)  # fmt: skip
+    slots, max_seq_len = config.slots, config.max_seq_len
+    if slots is None or max_seq_len is None:
+        plan = plan_capacity(
+            **budget, slots=slots, max_seq_len=max_seq_len,
+            context_limit=model.max_position_embeddings, min_seq_len=config.prefill_buckets[-1],
+        )  # fmt: skip
+        progress(f"{config.role.value}: {plan.describe()}")
+        slots, max_seq_len = plan.slots, plan.max_seq_len
+    kv_pages = config.kv_pages
+    if kv_pages is None:
+        kv_pages = plan_pages(**budget, page_size=config.page_size)
+        progress(f"{config.role.value}: KV pool of {kv_pages} pages x {config.page_size} "
+                 f"positions ({kv_pages * config.page_size * per_token / mib:.1f} MiB per "
+                 "device)")  # fmt: skip
+    return config.engine_config(slots, max_seq_len, kv_pages)
 
 
 def model_fingerprint(loaded: LoadedModel) -> str:
@@ -120,8 +134,9 @@ def model_fingerprint(loaded: LoadedModel) -> str:
 
 
 def warm_up(runtime: ModelRuntime, *, prefill: bool, decode: bool) -> None:
-    """Compile what serving will run: every prefill bucket; the decode step, release, and
-    bulk_insert for every power-of-two batch and every insert length."""
+    """Compile what serving will run: every prefill bucket; the decode step for every
+    batch bucket, release, and bulk_insert for every power-of-two batch and insert length.
+    Everything is written to the scratch page, so no page is taken."""
     engine, params = runtime.engine, runtime.params
     start = time.perf_counter()
     if prefill:
@@ -129,16 +144,20 @@ def warm_up(runtime: ModelRuntime, *, prefill: bool, decode: bool) -> None:
             progress(f"compiling prefill bucket {bucket}")
             engine.prefill(params, np.zeros(bucket, np.int32))
     if decode:
-        progress("compiling the decode step and inserts")
+        progress(f"compiling inserts and the decode step for batches {engine.batch_buckets}")
         state = engine.init_decode_state()
         lengths = (*engine.config.prefill_buckets, engine.config.max_seq_len - 1)
         count = 1
         while count <= engine.config.max_slots:
             for length in lengths:
                 fake = _zero_prefix(engine, length)
-                state = engine.bulk_insert([fake] * count, state, np.arange(count, dtype=np.int32))
+                scratch = [SCRATCH_PAGE] * pages_for(length + 1, engine.config.page_size)
+                state = engine.bulk_insert(
+                    [fake] * count, state, np.arange(count, dtype=np.int32), [scratch] * count
+                )
             count *= 2
-        state, tokens = engine.generate(params, state)
+        for bucket in engine.batch_buckets:
+            state, tokens = engine.generate(params, state, np.arange(bucket, dtype=np.int32))
         state = engine.release(state, 0)
         jax.block_until_ready((state, tokens))
     progress(f"compiled in {time.perf_counter() - start:.1f}s")

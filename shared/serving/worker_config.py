@@ -45,6 +45,9 @@ class WorkerConfig:
     tensor_parallel: int | None  # devices to shard over; None: every local device
     kv_memory_fraction: float  # with auto sizing: the share of device memory pdserve uses
     memory_headroom_bytes: int  # with auto sizing: left for compiled programs
+    page_size: int  # positions per KV page
+    kv_pages: int | None  # pages in the pool; None: from memory (auto); 0: every slot full
+    attention: str  # decode attention kernel: auto | xla | pallas
     transport: TransportConfig
     max_queue: int  # prefill requests waiting before RESOURCE_EXHAUSTED
     max_kv_bytes: int  # largest KV payload a decode worker accepts
@@ -68,22 +71,30 @@ class WorkerConfig:
             raise ConfigError(f"--kv-memory-fraction={self.kv_memory_fraction} must be in (0, 1]")
         if self.memory_headroom_bytes < 0:
             raise ConfigError("--memory-headroom-mib must be >= 0")
+        if self.kv_pages is not None and self.kv_pages < 0:
+            raise ConfigError(f"--kv-pages={self.kv_pages} must be >= 0 (0: every slot full)")
         # Whatever is fixed must already make a valid engine (auto parts: any valid value).
-        self.engine_config(self.slots or 1, self.max_seq_len or self.prefill_buckets[-1] + 1)
+        self.engine_config(
+            self.slots or 1, self.max_seq_len or self.prefill_buckets[-1] + 1, self.kv_pages or 2
+        )
 
     @property
     def auto_capacity(self) -> bool:
-        return self.slots is None or self.max_seq_len is None
+        return self.slots is None or self.max_seq_len is None or self.kv_pages is None
 
     def engine_config(
-        self, slots: int | None = None, max_seq_len: int | None = None
+        self, slots: int | None = None, max_seq_len: int | None = None, kv_pages: int | None = None
     ) -> EngineConfig:
         """The engine layout, with auto-sized values filled in by the caller."""
         slots = self.slots if slots is None else slots
         max_seq_len = self.max_seq_len if max_seq_len is None else max_seq_len
-        if slots is None or max_seq_len is None:
-            raise ConfigError("slots and max_seq_len are auto: size them first (capacity.py)")
-        return EngineConfig(slots, self.prefill_buckets, max_seq_len, self.dtype)
+        kv_pages = self.kv_pages if kv_pages is None else kv_pages
+        if slots is None or max_seq_len is None or kv_pages is None:
+            raise ConfigError("some sizes are auto: size them first (capacity.py)")
+        return EngineConfig(
+            slots, self.prefill_buckets, max_seq_len, self.dtype, page_size=self.page_size,
+            num_pages=kv_pages or None, attention=self.attention,
+        )  # fmt: skip
 
     @property
     def address(self) -> str:
@@ -155,6 +166,20 @@ def worker_parser(role: Role | str | None) -> argparse.ArgumentParser:
         default=256,
         help="prompt + generated tokens, or auto (from memory, at most the model's context)",
     )
+    p.add_argument("--page-size", type=int, default=16, help="positions per KV cache page")
+    p.add_argument(
+        "--kv-pages",
+        type=_int_or_auto,
+        default=0,
+        help="KV cache pages in the decode pool: a number, auto (from the devices' memory), "
+        "or 0 (default: enough for every slot at --max-seq-len)",
+    )
+    p.add_argument(
+        "--attention",
+        choices=["auto", "xla", "pallas"],
+        default="auto",
+        help="decode attention kernel; auto: Pallas on TPU, XLA elsewhere",
+    )
     p.add_argument(
         "--tensor-parallel",
         type=int,
@@ -222,6 +247,9 @@ def parse_worker_args(argv: Sequence[str], role: Role | None) -> WorkerConfig:
         tensor_parallel=args.tensor_parallel,
         kv_memory_fraction=args.kv_memory_fraction,
         memory_headroom_bytes=int(args.memory_headroom_mib * 2**20),
+        page_size=args.page_size,
+        kv_pages=args.kv_pages,
+        attention=args.attention,
         transport=transport,
         max_queue=args.max_queue,
         max_kv_bytes=int(args.max_kv_mib * 2**20),

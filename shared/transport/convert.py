@@ -28,6 +28,7 @@ _FINISH_TO_PROTO = {
     DecodeFinish.DEADLINE: worker_pb2.DECODE_FINISH_REASON_DEADLINE,
     DecodeFinish.LEASE_EXPIRED: worker_pb2.DECODE_FINISH_REASON_LEASE_EXPIRED,
     DecodeFinish.ERROR: worker_pb2.DECODE_FINISH_REASON_ERROR,
+    DecodeFinish.PREEMPTED: worker_pb2.DECODE_FINISH_REASON_PREEMPTED,
 }
 _FINISH_FROM_PROTO = {v: k for k, v in _FINISH_TO_PROTO.items()}
 
@@ -109,12 +110,21 @@ def load_to_proto(load: LoadReport) -> worker_pb2.LoadReport:
         total_slots=load.total_slots,
         queue_depth=load.queue_depth,
         live_requests=load.live_requests,
+        free_pages=load.free_pages,
+        total_pages=load.total_pages,
+        page_size=load.page_size,
     )
 
 
 def load_from_proto(message: worker_pb2.LoadReport) -> LoadReport:
     return LoadReport(
-        message.free_slots, message.total_slots, message.queue_depth, message.live_requests
+        message.free_slots,
+        message.total_slots,
+        message.queue_depth,
+        message.live_requests,
+        message.free_pages,
+        message.total_pages,
+        message.page_size,
     )
 
 

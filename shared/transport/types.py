@@ -53,6 +53,7 @@ class DecodeFinish(enum.Enum):
     DEADLINE = enum.auto()
     LEASE_EXPIRED = enum.auto()
     ERROR = enum.auto()
+    PREEMPTED = enum.auto()  # the KV page pool ran dry: resume the request elsewhere
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -105,6 +106,13 @@ class LoadReport:
     total_slots: int
     queue_depth: int
     live_requests: int
+    free_pages: int = 0  # KV pages free and not promised (decode workers)
+    total_pages: int = 0
+    page_size: int = 0
+
+    def pages_for(self, tokens: int) -> int:
+        """KV pages `tokens` positions take on this worker (0 where it has no pages)."""
+        return -(-tokens // self.page_size) if self.page_size else 0
 
 
 @dataclasses.dataclass(slots=True, frozen=True)

@@ -33,8 +33,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from shared.config import MODEL_PRESETS, EngineConfig, ModelConfig, Quantization, model_preset
-from shared.engine.engine import init_params, param_shardings
 from shared.engine.mesh import Parallelism
+from shared.engine.params import init_params, param_shardings
 from shared.weights import hf
 from shared.weights.hf import CheckpointError
 from shared.weights.tree import (
@@ -124,14 +124,24 @@ def load_model(
 def _load_preset(
     name: str, quant: Quantization | None, dtype: jnp.dtype, seed: int, mesh: Mesh | None
 ) -> LoadedModel:
-    config = dataclasses.replace(model_preset(name), quantization=quant)
-    # Engine.init_params' construction; int8 Dense/Embed quantize their seeded float init,
-    # so `tiny --quantize int8` is the float `tiny`, quantized.
+    """A preset's seeded weights. int8 is the float preset, quantized on load leaf by leaf
+    exactly as `convert --quantize int8` would (one quantizer, so `tiny --quantize int8`
+    serves the very numbers a converted `tiny` does)."""
+    float_config = model_preset(name)
     shardings = None
     if mesh is not None:
-        rules = Parallelism.of(config, mesh.size).rules()
-        shardings = param_shardings(abstract_params(config, dtype), mesh, rules)
-    params = init_params(config, dtype, seed, shardings)
+        rules = Parallelism.of(float_config, mesh.size).rules()
+        shardings = param_shardings(abstract_params(float_config, dtype), mesh, rules)
+    params = init_params(float_config, dtype, seed, shardings)
+    config = dataclasses.replace(float_config, quantization=quant)
+    if quant is not None:
+        float_flat = flatten(params)
+        abstract = abstract_params(config, dtype, mesh)
+        targets = flatten(abstract)
+        flat: Flat = {}
+        for path in list(float_paths(targets)):
+            flat.update(place(path, float_flat.pop(path), targets))
+        params = unflatten(abstract, flat)
     return LoadedModel(config, params, None, weights_id(flatten(params)), ModelSource.PRESET)
 
 

@@ -19,9 +19,9 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from shared.config import ModelConfig
-from shared.engine.engine import param_shardings, with_shardings
 from shared.engine.mesh import Parallelism
 from shared.engine.model.llama import Transformer
+from shared.engine.params import param_shardings, with_shardings
 from shared.engine.quantization import SCALE_SUFFIX, quantize_jit
 
 Flat = dict[str, jax.Array]

@@ -19,6 +19,7 @@ Two implementations of the read, with one contract:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -27,9 +28,19 @@ import jax.numpy as jnp
 _MASKED = -1e30  # finite: a row with nothing visible gives no NaN
 
 
-def write_pages(
-    pool: jax.Array, new: jax.Array, pages: jax.Array, offsets: jax.Array
-) -> jax.Array:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedInputs:
+    """Where each row of a decode (or chunk) step reads and writes the paged cache."""
+
+    page_table: jax.Array  # [B, W] int32: the row's pages in position order, then scratch
+    q_positions: jax.Array  # [B, T] int32: absolute position of each query token
+    kv_lengths: jax.Array  # [B] int32: positions [0, kv_length) are valid after the write
+    write_pages: jax.Array  # [B, T] int32: page each new token's K/V goes to
+    write_offsets: jax.Array  # [B, T] int32: its offset in that page
+
+
+def write_pages(pool: jax.Array, new: jax.Array, pages: jax.Array, offsets: jax.Array) -> jax.Array:
     """pool [C, P, S, H]; new [C, B, T, H] at (pages [B, T], offsets [B, T]) -> pool.
 
     A scatter over (page, offset) that leaves the heads axis alone: each device writes

@@ -2,15 +2,15 @@
 
 * `prefill`: a batch of padded prompts [B, T]; causal attention over the prompt; the
   K/V of every position is written to the layer's `nnx.Cache` ([C, B, T, H]).
-* `autoregressive`: one token per decode slot [B, 1]; each slot attends over its own
-  cached prefix (positions < its length) and its K/V is written at that length.
+* `autoregressive`: one token per live decode row [B, 1]; the layer's cache is a pool of
+  pages ([C, P, page_size, H]); each row writes its new K/V into its page and attends over
+  the pages its page table lists (shared/engine/model/attention.py).
 
-The cache is head-major, [C, B, S, H] with C the cache heads (the model's KV heads, or the
-tensor-parallel size when KV heads are replicated: shared/engine/mesh.py), so that the
-heads axis is the sharded one and each device's shard is contiguous. Slots and positions
-follow, and the per-slot write is a scatter over (slot, position) that leaves the heads
-axis alone: XLA partitions it without communication and updates the donated buffer in
-place (tests/test_sharding.py checks the compiled step for a cache-sized copy).
+Caches are head-major, C first: the cache heads (the model's KV heads, or the
+tensor-parallel size when KV heads are replicated: shared/engine/mesh.py), the sharded
+axis. Writes are scatters over the other axes, which XLA partitions without communication
+and performs in place on the donated buffer (tests/test_sharding.py checks the compiled
+step for a cache-sized copy).
 """
 
 from __future__ import annotations
@@ -21,6 +21,12 @@ from flax import nnx
 
 from shared.config import ModelConfig, ModelMode
 from shared.engine.mesh import CACHE_AXES, Parallelism, constrain
+from shared.engine.model.attention import (
+    PagedInputs,
+    paged_attention_pallas,
+    paged_attention_xla,
+    write_pages,
+)
 from shared.engine.model.layers import MLP, Dense, Embed, RMSNorm
 from shared.engine.model.rope import apply_rope, inverse_frequencies
 
@@ -37,10 +43,13 @@ class Attention(nnx.Module):
         cache_len: int,
         dtype: jnp.dtype,
         parallelism: Parallelism,
+        attention: str = "xla",
+        pages_per_block: int = 1,
         rngs: nnx.Rngs,
     ) -> None:
         c = config
         self.mode = mode
+        self.attention, self.pages_per_block = attention, pages_per_block  # static
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.parallelism = parallelism  # frozen: static structure, not state
         # A tuple, not an array: static model structure, not state that nnx.split would carry.
@@ -57,8 +66,11 @@ class Attention(nnx.Module):
         self.cache_k = nnx.Cache(jnp.zeros(cache_shape, dtype))
         self.cache_v = nnx.Cache(jnp.zeros(cache_shape, dtype))
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x [B, T, D]; positions [B, T] (prefill: 0..T-1; autoregressive: each slot's length)."""
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, paged: PagedInputs | None = None
+    ) -> jax.Array:
+        """x [B, T, D]; positions [B, T] (prefill: 0..T-1; autoregressive: each row's
+        length, with `paged` saying where its K/V go and come from)."""
         b, t, _ = x.shape
         n, h = self.num_heads, self.head_dim
         c, rules = self.parallelism.cache_heads, self.parallelism.rules()
@@ -76,7 +88,8 @@ class Attention(nnx.Module):
         if self.mode == "prefill":
             out = self._prefill_attention(q, k, v)
         else:
-            out = self._decode_attention(q, k, v, positions[:, 0])
+            assert paged is not None, "autoregressive mode reads a paged cache"
+            out = self._paged_attention(q, k, v, paged)
         out = out.transpose(1, 2, 0, 3, 4).reshape(b, t, n * h)  # heads back in q order
         return self.o_proj(out)
 
@@ -90,27 +103,30 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(jnp.where(causal, scores, _MASKED), axis=-1).astype(v.dtype)
         return jnp.einsum("cbgts,cbsh->cbtgh", probs, v)
 
-    def _decode_attention(
-        self, q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array
+    def _paged_attention(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, paged: PagedInputs
     ) -> jax.Array:
-        """q [C, B, 1, G, H]; k, v [C, B, 1, H]; each slot writes at its length."""
-        b, h = q.shape[1], q.shape[-1]
+        """q [C, B, T, G, H]; k, v [C, B, T, H] written at (write_pages, write_offsets),
+        then every row reads its live pages only."""
         rules = self.parallelism.rules()
-        slots = jnp.arange(b)
-        # mode="drop": a slot already at the end of the cache writes nothing (the caller stops
-        # such slots; this only keeps an idle slot from corrupting memory).
-        cache_k = self.cache_k[...].at[:, slots, lengths].set(k[:, :, 0], mode="drop")
-        cache_v = self.cache_v[...].at[:, slots, lengths].set(v[:, :, 0], mode="drop")
-        cache_k = constrain(cache_k, CACHE_AXES, rules)
-        cache_v = constrain(cache_v, CACHE_AXES, rules)
-        self.cache_k[...] = cache_k
-        self.cache_v[...] = cache_v
-        s = cache_k.shape[2]
-        scores = jnp.einsum("cbgh,cbsh->cbgs", q[:, :, 0], cache_k).astype(jnp.float32)
-        scores = scores / jnp.sqrt(h)
-        visible = (jnp.arange(s)[None, :] <= lengths[:, None])[None, :, None, :]  # [1,B,1,S]
-        probs = jax.nn.softmax(jnp.where(visible, scores, _MASKED), axis=-1).astype(v.dtype)
-        return jnp.einsum("cbgs,cbsh->cbgh", probs, cache_v)[:, :, None]  # [C, B, 1, G, H]
+        pool_k = write_pages(self.cache_k[...], k, paged.write_pages, paged.write_offsets)
+        pool_v = write_pages(self.cache_v[...], v, paged.write_pages, paged.write_offsets)
+        self.cache_k[...] = pool_k = constrain(pool_k, CACHE_AXES, rules)
+        self.cache_v[...] = pool_v = constrain(pool_v, CACHE_AXES, rules)
+        # Scaled in float32, as the prefill path scales its scores.
+        scaled = q.astype(jnp.float32) / jnp.sqrt(jnp.float32(q.shape[-1]))
+        if self.attention == "pallas" and q.shape[2] == 1:
+            head_axis = rules["cache_heads"] if self.parallelism.tp > 1 else None
+            out = paged_attention_pallas(
+                scaled, pool_k, pool_v, paged.page_table, paged.kv_lengths,
+                pages_per_block=self.pages_per_block, head_axis=head_axis,
+            )  # fmt: skip
+        else:
+            out = paged_attention_xla(
+                scaled, pool_k, pool_v, paged.page_table, paged.q_positions, paged.kv_lengths,
+                pages_per_block=self.pages_per_block,
+            )  # fmt: skip
+        return out.astype(q.dtype)
 
 
 class Block(nnx.Module):
@@ -123,12 +139,15 @@ class Block(nnx.Module):
         cache_len: int,
         dtype: jnp.dtype,
         parallelism: Parallelism,
+        attention: str = "xla",
+        pages_per_block: int = 1,
         rngs: nnx.Rngs,
     ) -> None:
         self.input_norm = RMSNorm(config.d_model, eps=config.rms_eps, dtype=dtype)
         self.attn = Attention(
             config, mode, batch=batch, cache_len=cache_len, dtype=dtype,
-            parallelism=parallelism, rngs=rngs,
+            parallelism=parallelism, attention=attention, pages_per_block=pages_per_block,
+            rngs=rngs,
         )  # fmt: skip
         self.post_attn_norm = RMSNorm(config.d_model, eps=config.rms_eps, dtype=dtype)
         self.mlp = MLP(
@@ -140,14 +159,18 @@ class Block(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        x = x + self.attn(self.input_norm(x), positions)
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, paged: PagedInputs | None = None
+    ) -> jax.Array:
+        x = x + self.attn(self.input_norm(x), positions, paged)
         return x + self.mlp(self.post_attn_norm(x))
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM. `batch` and `cache_len` size the KV cache for this mode;
-    `parallelism` decides its cache heads (default: one device)."""
+    """Decoder-only LM. The cache of each layer is [C, batch, cache_len, H]: prompts x
+    positions in prefill mode, pages x page_size in autoregressive mode. `parallelism`
+    decides its cache heads (default: one device); `attention` the paged-attention
+    implementation ("xla" or "pallas") and `pages_per_block` its block."""
 
     def __init__(
         self,
@@ -158,12 +181,15 @@ class Transformer(nnx.Module):
         cache_len: int,
         dtype: jnp.dtype = jnp.float32,
         parallelism: Parallelism | None = None,
+        attention: str = "xla",
+        pages_per_block: int = 1,
         rngs: nnx.Rngs,
     ) -> None:
         parallelism = parallelism or Parallelism.of(config, 1)
         block_kw = dict(
-            batch=batch, cache_len=cache_len, dtype=dtype, parallelism=parallelism, rngs=rngs
-        )
+            batch=batch, cache_len=cache_len, dtype=dtype, parallelism=parallelism,
+            attention=attention, pages_per_block=pages_per_block, rngs=rngs,
+        )  # fmt: skip
         self.config = config
         self.mode = mode
         quant = config.quantization
@@ -191,16 +217,21 @@ class Transformer(nnx.Module):
         )
 
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array, logits_at: jax.Array | None = None
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        logits_at: jax.Array | None = None,
+        paged: PagedInputs | None = None,
     ) -> jax.Array:
         """tokens, positions [B, T] -> float32 logits [B, T, V].
 
         With `logits_at` [B] only those positions go through the LM head -> [B, V]; prefill
         uses it so a 512-token prompt does not pay for 512 vocabulary projections.
+        `paged`: where autoregressive rows read and write the paged cache.
         """
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x, positions)
+            x = layer(x, positions, paged)
         x = self.final_norm(x)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [B, D]

@@ -22,6 +22,7 @@ class DecodeFinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DECODE_FINISH_REASON_DEADLINE: _ClassVar[DecodeFinishReason]
     DECODE_FINISH_REASON_LEASE_EXPIRED: _ClassVar[DecodeFinishReason]
     DECODE_FINISH_REASON_ERROR: _ClassVar[DecodeFinishReason]
+    DECODE_FINISH_REASON_PREEMPTED: _ClassVar[DecodeFinishReason]
 DECODE_FINISH_REASON_UNSPECIFIED: DecodeFinishReason
 DECODE_FINISH_REASON_STOP: DecodeFinishReason
 DECODE_FINISH_REASON_LENGTH: DecodeFinishReason
@@ -29,6 +30,7 @@ DECODE_FINISH_REASON_CANCELLED: DecodeFinishReason
 DECODE_FINISH_REASON_DEADLINE: DecodeFinishReason
 DECODE_FINISH_REASON_LEASE_EXPIRED: DecodeFinishReason
 DECODE_FINISH_REASON_ERROR: DecodeFinishReason
+DECODE_FINISH_REASON_PREEMPTED: DecodeFinishReason
 
 class GenerationLimits(_message.Message):
     __slots__ = ("max_tokens", "stop_token_ids", "stop_on_eos")
@@ -103,16 +105,22 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("free_slots", "total_slots", "queue_depth", "live_requests")
+    __slots__ = ("free_slots", "total_slots", "queue_depth", "live_requests", "free_pages", "total_pages", "page_size")
     FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SLOTS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     LIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     free_slots: int
     total_slots: int
     queue_depth: int
     live_requests: int
-    def __init__(self, free_slots: _Optional[int] = ..., total_slots: _Optional[int] = ..., queue_depth: _Optional[int] = ..., live_requests: _Optional[int] = ...) -> None: ...
+    free_pages: int
+    total_pages: int
+    page_size: int
+    def __init__(self, free_slots: _Optional[int] = ..., total_slots: _Optional[int] = ..., queue_depth: _Optional[int] = ..., live_requests: _Optional[int] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_target", "lease_id", "deadline", "model_fingerprint", "resume")
