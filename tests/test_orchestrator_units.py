@@ -25,10 +25,15 @@ from shared.transport.types import (
 DECODE = frozenset({WorkerRole.DECODE})
 
 
-def decode_worker(address: str, total: int, free: int, leases: int = 0) -> Worker:
+def decode_worker(
+    address: str, total: int, free: int, leases: int = 0, pages: tuple[int, int] | None = None
+) -> Worker:
+    """`pages`: (free, total) KV pages of 16 positions; None: a worker without pages."""
     worker = Worker(address, DECODE, decode=None, prefill=None, health=Health.UP)
     worker.leases = leases
-    worker.set_load(LoadReport(free, total, 0, total - free))
+    free_pages, total_pages = pages or (0, 0)
+    page_size = 16 if pages else 0
+    worker.set_load(LoadReport(free, total, 0, total - free, free_pages, total_pages, page_size))
     return worker
 
 
@@ -40,7 +45,36 @@ def test_decode_goes_to_the_most_free_slots_ties_by_address():
     b = decode_worker("b:1", total=8, free=6)
     c = decode_worker("c:1", total=8, free=6)
     full = decode_worker("d:1", total=8, free=0)
-    assert LeastLoadedPolicy().rank_decode([a, full, c, b]) == [b, c, a]
+    assert LeastLoadedPolicy().rank_decode([a, full, c, b], prompt_length=10) == [b, c, a]
+
+
+def test_decode_goes_to_the_largest_free_share_of_kv_pages():
+    """Pages, not slots, are what decode capacity is made of: a worker with fewer free
+    slots but a larger free share of its pool goes first; one without the pages the prompt
+    needs (prompt + first token) is left out, whatever its slots."""
+    roomy = decode_worker("a:1", total=8, free=2, pages=(90, 100))
+    busy = decode_worker("b:1", total=8, free=7, pages=(30, 100))
+    big_pool = decode_worker("c:1", total=8, free=7, pages=(300, 1000))
+    short = decode_worker("d:1", total=8, free=8, pages=(2, 100))
+    policy = LeastLoadedPolicy()
+    assert policy.rank_decode([short, busy, big_pool, roomy], prompt_length=40) == [
+        roomy,
+        busy,
+        big_pool,
+    ]
+    # 2 free pages hold 32 positions: a 31-token prompt and its first token fit, 32 do not.
+    assert short in policy.rank_decode([short], prompt_length=31)
+    assert policy.rank_decode([short], prompt_length=32) == []
+
+
+def test_pages_promised_since_the_last_report_count_at_once():
+    w = decode_worker("a:1", total=4, free=4, pages=(10, 10))
+    w.granted(prompt_length=40)  # 41 positions: 3 pages
+    assert w.free_pages == 7 and w.free_slots == 3
+    w.set_load(LoadReport(3, 4, 0, 1, free_pages=7, total_pages=10, page_size=16))
+    assert w.free_pages == 7  # the report includes the promise; not counted twice
+    w.mark_full()  # Reserve said RESOURCE_EXHAUSTED: no pages until the next report
+    assert w.free_pages == 0 and not w.fits(1)
 
 
 def test_our_own_leases_count_at_once_and_others_at_each_report():
