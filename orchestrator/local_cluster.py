@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shared.serving.lifetime import child_environment
+from shared.weights.packaged import default_model
 
 SERVING = re.compile(r"serving on (\S+):(\d+) metrics_port=(-?\d+)")
 
@@ -39,7 +40,11 @@ class Child:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdserve serve", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny")
+    p.add_argument(
+        "--model",
+        default=default_model(),
+        help="any worker --model; default: smollm2 when its package is installed, else tiny",
+    )
     p.add_argument("--prefill-workers", type=int, default=1)
     p.add_argument("--decode-workers", type=int, default=1)
     p.add_argument("--colocated", action="store_true", help="one colocated worker (baseline)")
@@ -51,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-token-file")
     p.add_argument("--startup-timeout-s", type=float, default=600.0)
     p.add_argument("--once", metavar="PROMPT", help="stream one answer, then shut down")
+    p.add_argument(
+        "--chat", action="store_true", help="with --once: send PROMPT as a user chat message"
+    )
     p.add_argument("--max-tokens", type=int, default=48, help="with --once")
     return p
 
@@ -155,7 +163,8 @@ def _once(target: str, args: argparse.Namespace) -> int:
 
     token = Path(args.auth_token_file).read_text().strip() if args.auth_token_file else None
     with GeneratorClient(target, token) as client:
-        for chunk in client.generate(args.once, max_tokens=args.max_tokens):
+        prompt = [{"role": "user", "content": args.once}] if args.chat else args.once
+        for chunk in client.generate(prompt, max_tokens=args.max_tokens):
             print(chunk.text, end="", flush=True)
             if chunk.finish_reason:
                 print(f"\n[finish: {chunk.finish_reason}, {chunk.completion_tokens} tokens]")

