@@ -19,8 +19,10 @@ install: $(STAMP)
 
 # The main job: a local cluster (orchestrator + prefill + decode processes) on SmolLM2-135M
 # (the packaged GGUF), answering one real question as a chat, then shutting down cleanly.
+# One prefill bucket and two slots: each shape of its 30 layers takes a while to compile.
 run: $(STAMP)
 	JAX_PLATFORMS=cpu $(BIN)/pdserve serve --model smollm2 --port 0 --metrics-port 0 \
+		--prefill-buckets 64 --slots 2 --max-seq-len 128 \
 		--chat --once "What is the capital of France?"
 
 lint: $(STAMP)

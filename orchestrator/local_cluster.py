@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--colocated", action="store_true", help="one colocated worker (baseline)")
     p.add_argument("--port", type=int, default=50051, help="the orchestrator's public port")
     p.add_argument("--metrics-port", type=int, default=9160, help="the orchestrator's /metrics")
+    p.add_argument(
+        "--http-port", type=int, default=-1, help="the OpenAI-compatible HTTP API (-1: off)"
+    )
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--prefill-buckets", default="16,32,64,128")
     p.add_argument("--max-seq-len", type=int, default=256)
@@ -134,7 +137,8 @@ def main(argv: Sequence[str]) -> int:
         for child, ready in launched:
             wait_ready(child, ready, args.startup_timeout_s)
         orch = ["orchestrator", "--host", "127.0.0.1", "--port", str(args.port),
-                "--metrics-port", str(args.metrics_port), "--model", args.model]  # fmt: skip
+                "--metrics-port", str(args.metrics_port), "--http-port", str(args.http_port),
+                "--model", args.model]  # fmt: skip
         for role in ("prefill", "decode", "colocated"):
             addresses = [c.address for c in children if c.name.startswith(role)]
             if addresses:

@@ -56,13 +56,14 @@ def load_model_info(spec: str) -> ModelInfo:
             "Hugging Face directory (config.json)"
         )
     tokenizer_file = path / TOKENIZER_FILE
-    if not tokenizer_file.is_file():
-        tokenizer = ByteTokenizer(config.vocab_size, config.bos_id, config.eos_id)
-        return ModelInfo(config, tokenizer, None)
     settings = _tokenizer_config(path)
-    add_bos = settings.get("add_bos_token", True)
-    hf = HFTokenizer(tokenizer_file, config.bos_id if add_bos else None, config.eos_id)
-    return ModelInfo(config, hf, _chat_format(path, settings, hf, config))
+    bos = config.bos_id if settings.get("add_bos_token", True) else None
+    tokenizer: Tokenizer = (
+        HFTokenizer(tokenizer_file, bos, config.eos_id)
+        if tokenizer_file.is_file()
+        else ByteTokenizer(config.vocab_size, bos, config.eos_id)
+    )
+    return ModelInfo(config, tokenizer, _chat_format(path, settings, tokenizer, config))
 
 
 def _tokenizer_config(path: pathlib.Path) -> dict[str, Any]:
@@ -86,7 +87,7 @@ def _token_text(value: Any) -> str:
 
 
 def _chat_format(
-    path: pathlib.Path, settings: dict[str, Any], tokenizer: HFTokenizer, config: ModelConfig
+    path: pathlib.Path, settings: dict[str, Any], tokenizer: Tokenizer, config: ModelConfig
 ) -> ChatFormat | None:
     template = settings.get("chat_template")
     if (path / CHAT_TEMPLATE_FILE).is_file():
@@ -94,7 +95,8 @@ def _chat_format(
     if not isinstance(template, str) or not template:
         return None  # absent, or a list of named templates (tool use): not supported
     eot = {config.eos_id}
-    eot.update(tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS if t in template)
+    if isinstance(tokenizer, HFTokenizer):
+        eot.update(tokenizer.token_to_id(t) for t in END_OF_TURN_TOKENS if t in template)
     return ChatFormat(
         template=template,
         bos_token=_token_text(settings.get("bos_token")),
