@@ -15,13 +15,14 @@ import httpx
 import openai
 import pytest
 
+import pdserve_cli
 from shared.client.generator import GeneratorClient
 from shared.weights import convert_cli
 from tests.cluster_harness import spawn_orchestrator
 from tests.reference import scrape
 from tests.worker_harness import WorkerProcess, spawn_worker, stop_worker
 
-pytestmark = pytest.mark.timeout(120)  # the module's orchestrator may start the cluster
+pytestmark = pytest.mark.timeout(240)  # the first test starts two workers and an orchestrator
 MAX_SEQ_LEN = 1024
 TOKEN = "sesame"
 MODEL = "tiny"
@@ -238,3 +239,20 @@ def test_the_asyncio_client_streams_too(server):
         await client.close()
 
     asyncio.run(body())
+
+
+def test_pdserve_bench_drives_the_openai_api(server, tmp_path):
+    """`pdserve bench --api openai`: the same workload through the HTTP door, every request
+    completed with its exact output length (the usage event's count)."""
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--api", "openai", "--target", server[1], "--token-file", str(token),
+            "--concurrency", "2", "--num-requests", "4", "--prompt-len", "8",
+            "--output-len", "5", "--no-progress", "--out", str(out)]  # fmt: skip
+    assert pdserve_cli.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["report"]["completed"] == 4
+    assert [r["output_tokens"] for r in result["requests"]] == [5] * 4
+    assert all(0 < r["ttft_ms"] <= r["e2e_ms"] for r in result["requests"])
+    assert all(r["finish_reason"] == "length" and r["prompt_len"] == 8 for r in result["requests"])
