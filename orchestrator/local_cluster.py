@@ -27,7 +27,7 @@ from pathlib import Path
 from shared.serving.lifetime import child_environment
 from shared.weights.packaged import default_model
 
-SERVING = re.compile(r"serving on (\S+):(\d+) metrics_port=(-?\d+)")
+SERVING = re.compile(r"serving on (\S+):(\d+) metrics_port=(-?\d+)(?: http_port=(-?\d+))?")
 
 
 @dataclasses.dataclass
@@ -36,6 +36,7 @@ class Child:
     proc: subprocess.Popen
     address: str = ""
     metrics_port: int = -1
+    http_port: int = -1  # the orchestrator's OpenAI-compatible API (-1: off)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +84,7 @@ def launch(name: str, argv: Sequence[str]) -> tuple[Child, threading.Event]:
             if not ready.is_set() and (match := SERVING.search(line)):
                 child.address = f"{match[1]}:{match[2]}"
                 child.metrics_port = int(match[3])
+                child.http_port = int(match[4] or -1)
                 ready.set()
             print(f"[{name}] {line}", end="", file=sys.stderr, flush=True)
         ready.set()
@@ -150,6 +152,9 @@ def main(argv: Sequence[str]) -> int:
         target = orchestrator.address.replace("0.0.0.0", "127.0.0.1")
         print(f"pdserve cluster ready on {target}: pdserve generate --target {target} "
               '"Hello"', flush=True)  # fmt: skip
+        if orchestrator.http_port >= 0:
+            print(f"OpenAI-compatible API: http://127.0.0.1:{orchestrator.http_port}/v1",
+                  flush=True)  # fmt: skip
         if args.once is not None:
             return _once(target, args)
         while not stopping.is_set():

@@ -28,7 +28,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -145,14 +145,35 @@ def build_openai_app(
         return ModelList(data=[ModelCard(id=model_name, created=created)])
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> object:
-        return await api.completions(body)
+    async def completions(body: CompletionRequest, request: Request) -> object:
+        return await _until_disconnected(request, api.completions(body))
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> object:
-        return await api.chat_completions(body)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> object:
+        return await _until_disconnected(request, api.chat_completions(body))
 
     return app
+
+
+DISCONNECT_POLL_S = 0.1
+
+
+async def _until_disconnected(request: Request, work: Awaitable[object]) -> object:
+    """`work`, cancelled if the client goes away first. A streamed response is cancelled by
+    Starlette itself once it runs; this covers the wait before it (the first token) and the
+    whole of a non-streamed one, which would otherwise run to its end for nobody."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()  # Frontend.generate sees the cancel: the slot is freed
+                raise ApiError(StatusCode.CANCELLED, "the client disconnected")
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 class _Api:

@@ -5,6 +5,7 @@ process with `--http-port 0` in front of the session's tiny workers."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import http.client
 import json
 import re
@@ -23,7 +24,7 @@ from tests.reference import scrape
 from tests.worker_harness import WorkerProcess, spawn_worker, stop_worker
 
 pytestmark = pytest.mark.timeout(240)  # the first test starts two workers and an orchestrator
-MAX_SEQ_LEN = 1024
+MAX_SEQ_LEN = 512
 TOKEN = "sesame"
 MODEL = "tiny"
 CHAT = "{% for m in messages %}{{ m.role[0] }}:{{ m.content }}|{% endfor %}"
@@ -46,8 +47,10 @@ def server(tmp_path_factory):
     (tmp / "token").write_text(TOKEN)
     assert convert_cli.main(["--preset", "tiny", "--out", str(tmp / "tiny")]) == 0
     (tmp / "tiny" / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT}))
-    processes = [spawn_worker(role, "--max-seq-len", str(MAX_SEQ_LEN))
-                 for role in ("prefill", "decode")]  # fmt: skip
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # they load and compile together
+        spawns = [pool.submit(spawn_worker, role, "--max-seq-len", str(MAX_SEQ_LEN))
+                  for role in ("prefill", "decode")]  # fmt: skip
+    processes = [s.result() for s in spawns]
     try:
         processes.append(spawn_orchestrator(
             "--prefill", processes[0].address, "--decode", processes[1].address,
@@ -187,26 +190,36 @@ def test_models_and_health(server, client):
 # 5. Disconnect frees the slot ------------------------------------------------------------
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
+def cancelled_count(metrics_port: int) -> float:
+    key = "pdserve_requests_total{code=CANCELLED,finish_reason=cancelled}"
+    return scrape(metrics_port).get(key, 0.0)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "no-stream"])
+def test_a_client_that_disconnects_mid_request_frees_its_slot(server, stream):
     base = server[1].removeprefix("http://")
     host, port = base.split(":")
+    metrics_port = server[0].metrics_port
+    before = cancelled_count(metrics_port)
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    # ~1000 decode steps: seconds of generation left when the client goes away.
+    # ~500 decode steps: seconds of generation left when the client goes away.
     body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": MAX_SEQ_LEN - 24,
-                       "stream": True, "ignore_eos": True})  # fmt: skip
+                       "stream": stream, "ignore_eos": True})  # fmt: skip
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     conn.request("POST", "/v1/completions", body, headers)
-    response = conn.getresponse()
-    assert response.status == 200
-    assert response.readline().startswith(b"data: ")  # the stream is live
-    conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-stream (the response
-    conn.close()  # object still holds the socket's file: shut it down, not just close it)
-    metrics_port = server[0].metrics_port
+    if stream:
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.readline().startswith(b"data: ")  # the stream is live
+    else:
+        time.sleep(0.5)  # no bytes come back before the end: let it get going
+    conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-request (a response
+    conn.close()  # object may still hold the socket's file: shut it down, not just close)
     deadline = time.monotonic() + 20
     while True:
         samples = scrape(metrics_port)
-        cancelled = samples.get("pdserve_requests_total{code=CANCELLED,finish_reason=cancelled}")
-        if cancelled and samples["pdserve_decode_slots_in_use{}"] == 0:
+        freed = samples["pdserve_decode_slots_in_use{}"] == 0
+        if cancelled_count(metrics_port) == before + 1 and freed:
             break
         assert time.monotonic() < deadline, {
             k: v for k, v in samples.items() if "slots" in k or "requests_total" in k
