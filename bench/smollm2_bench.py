@@ -6,9 +6,13 @@
    default engine flags, one after the other (each alone on the machine), timed from
    spawn to the "serving" line; the worker's own progress lines split load from compile.
 2. int8 agreement: greedy tokens of the AQT int8 model (weight-only, quantized on load
-   from the dequantized float32 weights) against float32, over PROMPTS chat prompts of
-   NEW_TOKENS tokens each: the fraction of tokens before the first divergence, averaged
-   (the goal is >= 0.90), and the fraction of prompts that agree entirely.
+   from the dequantized float32 weights) against float32, over 20 chat prompts of
+   NEW_TOKENS tokens each (past the end of turn too): the fraction of tokens before the
+   first divergence, averaged (the goal is >= 0.90), and the prompts that agree entirely;
+   for every kernel int8 (`--quantize int8`) and with the embedding table and the tied LM
+   head kept in float (`--quantize int8 --float-lm-head`).
+
+`--skip-startup` keeps the startup figures already in `--out`.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def int8_agreement() -> dict:
     import numpy as np
 
     from shared.chat import ChatMessage, render_chat
-    from shared.config import EngineConfig
+    from shared.config import EngineConfig, Quantization
     from shared.engine.engine import Engine
     from shared.weights.checkpoint import load_model
     from shared.weights.model_info import load_model_info
@@ -81,7 +85,12 @@ def int8_agreement() -> dict:
         for q in QUESTIONS
     ]
     tokens = {}
-    for quantize in (None, "int8"):
+    variants = {
+        "float32": None,
+        "int8": Quantization(),
+        "int8_float_embedding_and_head": Quantization(embedding=False, lm_head=False),
+    }
+    for name, quantize in variants.items():
         loaded = load_model("smollm2", engine_config=engine_config, quantize=quantize)
         engine = Engine(loaded.model_config, engine_config)
         prefixes = [engine.prefill(loaded.params, p) for p in prompts]
@@ -91,11 +100,18 @@ def int8_agreement() -> dict:
         for _ in range(NEW_TOKENS - 1):  # greedy past EOS too: every prompt gets 32 tokens
             state, step = engine.generate(loaded.params, state)
             steps.append(np.asarray(step))
-        tokens[quantize or "float32"] = np.stack(steps, axis=1)  # [prompts, NEW_TOKENS]
-    same = tokens["float32"] == tokens["int8"]
+        tokens[name] = np.stack(steps, axis=1)  # [prompts, NEW_TOKENS]
+    reference = tokens.pop("float32")
+    return {name: _agreement(reference, other) for name, other in tokens.items()}
+
+
+def _agreement(reference, other) -> dict:
+    import numpy as np
+
+    same = reference == other
     before_divergence = [int(np.argmin(row)) if not row.all() else NEW_TOKENS for row in same]
     return {
-        "prompts": len(prompts),
+        "prompts": len(same),
         "new_tokens": NEW_TOKENS,
         "mean_fraction_before_first_divergence": statistics.mean(
             n / NEW_TOKENS for n in before_divergence
@@ -112,16 +128,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-startup", action="store_true")
     args = parser.parse_args(argv)
     result: dict = {"load_average_at_start": os.getloadavg()}
+    if args.skip_startup and args.out.is_file():
+        previous = json.loads(args.out.read_text())
+        result["startup"] = previous.get("startup")
+        result["startup_load_average_at_start"] = previous.get("load_average_at_start")
     if not args.skip_startup:
         result["startup"] = [startup("prefill"), startup("decode")]
         for r in result["startup"]:
             print(f"{r['role']:<8} startup {r['total_s']:6.1f} s  (load {r['load_s']:.1f} s, "
                   f"compile + process start {r['compile_s']:.1f} s)")  # fmt: skip
-    result["int8_agreement"] = agreement = int8_agreement()
-    print(f"int8 vs float32 over {agreement['prompts']} prompts x {NEW_TOKENS} tokens: "
-          f"{agreement['mean_fraction_before_first_divergence']:.3f} of tokens before the first "
-          f"divergence (goal >= 0.90); {agreement['fully_agreeing_prompts']} prompts agree "
-          f"entirely; per-position agreement {agreement['position_agreement']:.3f}")  # fmt: skip
+    result["int8_agreement"] = agreements = int8_agreement()
+    for name, agreement in agreements.items():
+        a = agreement
+        print(f"{name} vs float32 over {a['prompts']} prompts x {NEW_TOKENS} tokens: "
+              f"{a['mean_fraction_before_first_divergence']:.3f} of tokens before the first "
+              f"divergence (goal >= 0.90); {a['fully_agreeing_prompts']} prompts agree "
+              f"entirely; per-position agreement {a['position_agreement']:.3f}")  # fmt: skip
     result["load_average_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -311,12 +311,16 @@ def _api_error(err: BaseException) -> BaseException:
 async def _collect(choice: _Choice) -> tuple[str, str, int, int]:
     """(text, finish_reason, prompt_tokens, completion_tokens) of a whole choice."""
     parts: list[str] = []
+    last: GenerateOutput | None = None
+    # Read to the end (the finish is the last response), so that the Frontend's stream
+    # ends by itself and is accounted as finished, not closed early.
     async with contextlib.aclosing(choice.outputs()) as outputs:
         async for out in outputs:
             parts.append(out.text)
-            if out.finish is not None:
-                return "".join(parts), _finish(out), out.prompt_tokens, out.completion_tokens
-    raise ApiError(StatusCode.INTERNAL, "the stream ended without a finish reason")
+            last = out
+    if last is None or last.finish is None:
+        raise ApiError(StatusCode.INTERNAL, "the stream ended without a finish reason")
+    return "".join(parts), _finish(last), last.prompt_tokens, last.completion_tokens
 
 
 def _finish(out: GenerateOutput) -> str:
