@@ -1,7 +1,11 @@
 """Engine benchmark: prefill latency per bucket, decode step latency against its floor.
 
-    python bench/engine_bench.py --out FILE.json [--configs tiny,small] [--batches 8,32]
+    python bench/engine_bench.py --out FILE.json [--configs tiny,small,smollm2] [--batches 8,32]
         [--contexts 128,512,1024]
+
+`tiny` and `small` are presets with seeded weights; `smollm2` is the real SmolLM2-135M
+(the packaged GGUF, float32), prefilled at 128 and 512 only, with its load time and peak
+RSS (float32 and int8, each load in a fresh process).
 
 The decode floor counts only the bytes a step must read: every parameter once, and the KV
 of the live positions of every live request (batch x context x KV bytes per token), at a
@@ -14,6 +18,7 @@ noisy.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -28,15 +33,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shared.config import EngineConfig, model_preset
+from shared.config import MODEL_PRESETS, EngineConfig, model_preset
 from shared.engine.batch import DecodeBatch
-from shared.engine.engine import Engine, Prefix
+from shared.engine.engine import Engine, Params, Prefix
 from shared.engine.sampling import SamplingParams
 
 MAX_SEQ_LEN = 4096  # the capacity a request may grow to; the live contexts are far shorter
 PREFILL_MAX_SEQ_LEN = 1024
 PREFILL_BUCKETS = (64, 128, 256, 512)
 PAGE_SIZE = 16
+# A real model's buckets cost ~a minute of compiling each on a 2-core CPU: the two that
+# bracket chat prompts and documents.
+REAL_MODEL_BUCKETS = {"smollm2": (128, 512)}
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -63,6 +71,23 @@ def param_bytes(params: object) -> int:
     return sum(leaf.nbytes for leaf in jax.tree.leaves(params))
 
 
+@functools.lru_cache(maxsize=1)
+def _real_model(name: str) -> tuple[object, Params]:
+    from shared.weights.checkpoint import load_model
+
+    loaded = load_model(name, engine_config=EngineConfig(1, (64,), PREFILL_MAX_SEQ_LEN))
+    return loaded.model_config, loaded.params
+
+
+def engine_and_params(config_name: str, engine_config: EngineConfig) -> tuple[Engine, Params]:
+    """A preset's seeded weights, or a real model's (loaded once per process)."""
+    if config_name in MODEL_PRESETS:
+        engine = Engine(model_preset(config_name), engine_config)
+        return engine, engine.init_params(seed=0)
+    model_config, params = _real_model(config_name)
+    return Engine(model_config, engine_config), params
+
+
 def synthetic_prefix(engine: Engine, length: int, seed: int) -> Prefix:
     """A prefix of `length` positions with random KV: a step's cost does not depend on the
     values, and a prefill of 1024 tokens per slot would only slow the benchmark down."""
@@ -82,8 +107,7 @@ def bench_decode(
     longest = max(contexts) + steps + 8
     pages = batch * -(-longest // PAGE_SIZE) + 1
     config = EngineConfig(batch, (64,), MAX_SEQ_LEN, page_size=PAGE_SIZE, num_pages=pages)
-    engine = Engine(model_preset(config_name), config)
-    params = engine.init_params(seed=0)
+    engine, params = engine_and_params(config_name, config)
     weights = param_bytes(params)
     rows = []
     for context in contexts:
@@ -143,6 +167,21 @@ def load_results() -> dict:
         return json.loads(out.read_text())
 
 
+def real_model_load(name: str, repeats: int = 1) -> dict:
+    """Load seconds and peak RSS of a real model, float32 and int8, each in a fresh process
+    (bench/load_bench.py's child)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import load_bench
+
+    from shared.weights.packaged import packaged_path
+
+    path = packaged_path(name)
+    return {
+        dtype: {"config": name, **load_bench.measure_load(path, quantize, repeats)}
+        for dtype, quantize in (("float32", ""), ("int8", "int8"))
+    }
+
+
 def print_table(result: dict) -> None:
     print(f"\nread bandwidth: {result['read_bandwidth_gbps']:.1f} GB/s")
     print(f"floor: {result['floor']}")
@@ -156,6 +195,10 @@ def print_table(result: dict) -> None:
     print(f"\n{'config':<8}{'bucket':>7}{'prefill ms':>12}")
     for r in result["prefill"]:
         print(f"{r['config']:<8}{r['bucket']:>7}{r['ms']:>12.2f}")
+    for name, loads in result.get("real_model_load", {}).items():
+        for dtype, r in loads.items():
+            print(f"\n{name} {dtype}: load {r['seconds']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} "
+                  f"MiB, params {r['param_mib']:.0f} MiB")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -185,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         for batch in (int(b) for b in args.batches.split(",")):
             result["decode"] += bench_decode(name, batch, contexts, bandwidth, args.steps)
         result["prefill"] += bench_prefill(name, repeats=5)
+        if name not in MODEL_PRESETS:
+            result.setdefault("real_model_load", {})[name] = real_model_load(name)
     print_table(result)
     if not args.skip_load:
         result.update(load_results())

@@ -1,7 +1,9 @@
 """`pdserve orchestrator`: the public Generate API in front of the workers.
 
 1. Load the model's config and tokenizer (no weights) and find the workers.
-2. Serve `pdserve.v1.Generator` (+ health + reflection) and `/metrics`.
+2. Serve `pdserve.v1.Generator` (+ health + reflection), `/metrics`, and with
+   `--http-port` the OpenAI-compatible HTTP API in the same event loop (one `Frontend`:
+   one admission queue, one auth token, the same metrics).
 3. SIGTERM/SIGINT: NOT_SERVING, refuse new requests, let live ones finish within
    `--drain-grace-s`, then stop.
 """
@@ -20,6 +22,8 @@ from prometheus_client import CollectorRegistry
 from orchestrator.app import build_orchestrator
 from orchestrator.auth import BearerTokenInterceptor
 from orchestrator.connect import GrpcConnector
+from orchestrator.http_server import HttpServer
+from orchestrator.openai_api import build_openai_app
 from orchestrator.servicer import GeneratorServicer
 from shared.config import ConfigError
 from shared.metrics import MetricsServer
@@ -39,11 +43,11 @@ def generator_service(servicer: GeneratorServicer) -> Service:
 
 
 async def serve(config: OrchestratorConfig) -> int:
-    model, tokenizer = load_model_info(config.model)
+    model_info = load_model_info(config.model)
     transport = TransportConfig()
     connector = GrpcConnector(transport)
     registry = CollectorRegistry()
-    orch = build_orchestrator(config, connector, model, tokenizer, registry)
+    orch = build_orchestrator(config, connector, model_info, registry)
     await orch.start()
     token = config.auth_token()
     interceptors = [BearerTokenInterceptor(token)] if token else []
@@ -56,12 +60,17 @@ async def serve(config: OrchestratorConfig) -> int:
         if config.metrics_port >= 0
         else None
     )
+    http = None
+    if config.http_port >= 0:
+        app = build_openai_app(orch.frontend, config.model_name, token, orch.metrics)
+        http = HttpServer(app, config.host, config.http_port)
+        await http.start()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     print(
         f"pdserve orchestrator serving on {config.host}:{server.port} "
-        f"metrics_port={metrics.port if metrics else -1}",
+        f"metrics_port={metrics.port if metrics else -1} http_port={http.port if http else -1}",
         flush=True,
     )
     await stop.wait()
@@ -72,6 +81,8 @@ async def serve(config: OrchestratorConfig) -> int:
     while orch.frontend.in_flight and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     await server.stop(grace=1.0)
+    if http:
+        await http.stop()
     await orch.stop()
     await connector.close()
     if metrics:

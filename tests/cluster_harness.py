@@ -33,7 +33,7 @@ from shared.serving.runtime import ModelRuntime
 from shared.serving.worker_config import Role, parse_worker_args
 from shared.transport.fake import FakeNetwork
 from shared.transport.types import TransportError
-from shared.weights.model_info import load_model_info
+from shared.weights.model_info import ModelInfo, load_model_info
 from tests.worker_harness import (
     ENGINE_FLAGS,
     TRANSPORT,
@@ -170,6 +170,7 @@ class InProcessCluster:
         decode_workers: int = 1,
         orchestrator_flags: Sequence[str] = (),
         decode_pages: int | None = None,
+        model_info: ModelInfo | None = None,
     ) -> None:
         """`decode_pages`: each decode worker hands out only this many KV pages (a small
         pool that runs dry), instead of the engine's whole pool."""
@@ -216,11 +217,11 @@ class InProcessCluster:
                 *orchestrator_flags,
             ]
         )
-        model, tokenizer = load_model_info("tiny")
         self.registry = CollectorRegistry()
         self.orchestrator = build_orchestrator(
-            orch_config, FakeConnector(self.network), model, tokenizer, self.registry
-        )
+            orch_config, FakeConnector(self.network), model_info or load_model_info("tiny"),
+            self.registry,
+        )  # fmt: skip
         self.api = InProcessApi(self.orchestrator)
 
     async def start(self) -> None:

@@ -32,7 +32,9 @@ class OrchestratorConfig:
     host: str
     port: int
     metrics_port: int  # 0: any free port; -1: no /metrics
+    http_port: int  # the OpenAI-compatible HTTP API; 0: any free port; -1: off
     model: str  # for the tokenizer and the vocabulary; no weights are loaded
+    served_model_name: str | None  # the HTTP API's model id (None: the --model value)
     prefill: tuple[str, ...]
     decode: tuple[str, ...]
     colocated: tuple[str, ...]  # each serves both roles
@@ -67,6 +69,11 @@ class OrchestratorConfig:
             raise ConfigError(f"--auth-token-file {self.auth_token_file} does not exist")
 
     @property
+    def model_name(self) -> str:
+        """The model id the HTTP API serves and expects in requests."""
+        return self.served_model_name or self.model
+
+    @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
@@ -85,7 +92,16 @@ def orchestrator_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="public gRPC port")
     p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=-1,
+        help="OpenAI-compatible HTTP API port (0: any free port; -1: off, the default)",
+    )
     p.add_argument("--model", default="tiny", help="model spec (tokenizer and vocabulary)")
+    p.add_argument(
+        "--served-model-name", help="the model id of the HTTP API (default: the --model value)"
+    )
     p.add_argument("--prefill", type=_addresses, default=(), help="HOST:PORT[,HOST:PORT...]")
     p.add_argument("--decode", type=_addresses, default=())
     p.add_argument("--colocated", type=_addresses, default=())
