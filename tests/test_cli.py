@@ -46,6 +46,12 @@ def test_worker_help_lists_its_roles(capsys: pytest.CaptureFixture[str]):
         # No abbreviations: a typo must not silently match a longer flag.
         (["orchestrator", "--prefil", "a:1"], "unrecognized arguments: --prefil"),
         (["decode", "--slots", "many"], "expected an integer or 'auto', got 'many'"),
+        (["decode", "--page-size", "12"], "page_size=12 must be a power of two"),
+        (["decode", "--kv-pages", "-1"], "--kv-pages=-1 must be >= 0"),
+        (
+            ["decode", "--max-seq-len", "256", "--page-size", "16", "--kv-pages", "9"],
+            "num_pages=9 holds 8 pages of 16, fewer than one request of max_seq_len=256",
+        ),
     ],
 )
 def test_usage_errors_exit_2_and_say_what_was_wrong(argv, message, capsys):

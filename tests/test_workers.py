@@ -312,10 +312,51 @@ def test_drain_cancels_what_outlives_the_grace_period(engine, params, tiny_finge
         batches = await asyncio.wait_for(stream, 10)
         assert batches[-1].finish is DecodeFinish.CANCELLED
         assert workers.decode.all_free()
+        pages = workers.decode.loop.pages  # the drained request's KV pages came back
+        assert pages.counts().used == 0 and pages.counts().reserved == 0
+        pages.check()
         workers.prefill_loop.stop()
         assert not workers.fatal
 
     asyncio.run(body())
+
+
+@pytest.mark.timeout(120)
+def test_reserve_without_kv_pages_is_resource_exhausted_over_grpc():
+    """A decode process with a pool of 4 pages of 8 positions (one request at max_seq_len
+    32): a 20-token prompt (21 positions, 3 pages) is admitted; a second one finds 1 page and
+    is refused RESOURCE_EXHAUSTED with the numbers, holding nothing; GetLoad reports the
+    pages; once the first lease is cancelled the second is admitted."""
+    flags = ("--prefill-buckets", "8,16", "--max-seq-len", "32", "--kv-pages", "5")
+    decode = spawn_worker("decode", *flags)
+
+    async def body() -> None:
+        from shared.transport.grpc_transport import GrpcDecodeClient
+
+        client = GrpcDecodeClient(decode.address, TRANSPORT)
+        try:
+            limits = GenerationLimits(8, (), False)
+            first = await client.reserve(ReserveRequest("a", 20, limits, 30))
+            load = await client.get_load()
+            assert (load.free_pages, load.total_pages, load.page_size) == (1, 4, 8)
+            with pytest.raises(TransportError) as refused:
+                await client.reserve(ReserveRequest("b", 20, limits, 30))
+            assert refused.value.code is StatusCode.RESOURCE_EXHAUSTED
+            assert "KV pages exhausted: 3 needed, 1 free of 4" in refused.value.message
+            assert (await client.get_load()).free_slots == 3  # the refusal held no slot
+            assert await client.cancel(first.lease_id)
+            deadline = time.monotonic() + 10
+            while (await client.get_load()).free_pages < 4:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+            await client.reserve(ReserveRequest("c", 20, limits, 30))
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(body())
+    finally:
+        stop_worker(decode)
 
 
 def test_params_of_processes_match_the_test_engine(engine, params, engine_config):

@@ -73,10 +73,14 @@ class WorkerConfig:
             raise ConfigError("--memory-headroom-mib must be >= 0")
         if self.kv_pages is not None and self.kv_pages < 0:
             raise ConfigError(f"--kv-pages={self.kv_pages} must be >= 0 (0: every slot full)")
-        # Whatever is fixed must already make a valid engine (auto parts: any valid value).
-        self.engine_config(
-            self.slots or 1, self.max_seq_len or self.prefill_buckets[-1] + 1, self.kv_pages or 2
-        )
+        # Whatever is fixed must already make a valid engine (auto parts: any valid value; a
+        # fixed pool against an auto max_seq_len is checked once that is sized).
+        if self.max_seq_len is not None or self.kv_pages == 0:
+            self.engine_config(
+                self.slots or 1,
+                self.max_seq_len or self.prefill_buckets[-1] + 1,
+                self.kv_pages or 0,
+            )
 
     @property
     def auto_capacity(self) -> bool:
