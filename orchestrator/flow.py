@@ -26,6 +26,7 @@ import dataclasses
 import enum
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 from orchestrator.admission import NoWorkersError, SlotBroker
@@ -69,6 +70,10 @@ class GenerateJob:
     stop_token_ids: tuple[int, ...]
     stop_on_eos: bool
     deadline: float | None  # unix time; None: no deadline
+    # The id workers know this call by (reserve, prefill, cancel): unique per call, never the
+    # client's request_id, so that two clients choosing the same id cannot cancel or block
+    # each other's work.
+    worker_key: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -163,7 +168,7 @@ class GenerateFlow:
             job.max_tokens - len(generated), job.stop_token_ids, job.stop_on_eos
         )
         reserve = ReserveRequest(
-            job.request_id, len(prompt), limits, self._settings.lease_ttl_s, job.deadline
+            job.worker_key, len(prompt), limits, self._settings.lease_ttl_s, job.deadline
         )
         queued = time.perf_counter()
         try:
@@ -224,7 +229,7 @@ class GenerateFlow:
     ) -> int:  # fmt: skip
         """The first token, from `prefill`, which pushed the KV to `decode`."""
         request = PrefillRequest(
-            job.request_id,
+            job.worker_key,
             prompt,
             job.sampling,
             decode.address,
@@ -283,7 +288,7 @@ class GenerateFlow:
                     await worker.decode.cancel(lease.lease_id)
                 if prefill is not None:
                     with contextlib.suppress(TransportError):
-                        await prefill.prefill.cancel(job.request_id)
+                        await prefill.prefill.cancel(job.worker_key)
             self._broker.release(worker)
 
         task = asyncio.get_running_loop().create_task(run())

@@ -20,37 +20,37 @@ from prometheus_client import CollectorRegistry
 from orchestrator.app import build_orchestrator
 from orchestrator.auth import BearerTokenInterceptor
 from orchestrator.connect import GrpcConnector
-from orchestrator.servicer import GeneratorServicer
+from orchestrator.frontend import Frontend
+from orchestrator.limits import StreamsPerConnection
+from orchestrator.servicer import GeneratorServicer, generator_service
 from shared.config import ConfigError
 from shared.metrics import MetricsServer
-from shared.rpc.pdserve.v1 import generate_pb2, generate_pb2_grpc
 from shared.serving.orchestrator_config import OrchestratorConfig, parse_orchestrator_args
-from shared.transport.server import Service, start_server
-from shared.transport.types import TransportConfig
+from shared.transport.server import RunningServer, start_server
 from shared.weights.checkpoint import CheckpointError
 from shared.weights.model_info import load_model_info
 
 log = logging.getLogger("pdserve.orchestrator")
 
 
-def generator_service(servicer: GeneratorServicer) -> Service:
-    name = generate_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
-    return Service(name, lambda s: generate_pb2_grpc.add_GeneratorServicer_to_server(servicer, s))
+async def start_public_server(config: OrchestratorConfig, frontend: Frontend) -> RunningServer:
+    """The public port: Generator (+ health, reflection) with TLS and client certificates
+    and/or the bearer token as configured, and every limit of `config.public_transport()`."""
+    token = config.auth_token()
+    interceptors = [BearerTokenInterceptor(token)] if token else []
+    servicer = GeneratorServicer(frontend, StreamsPerConnection(config.max_streams_per_connection))
+    return await start_server(
+        config.address, [generator_service(servicer)], config.public_transport(), interceptors
+    )
 
 
 async def serve(config: OrchestratorConfig) -> int:
     model, tokenizer = load_model_info(config.model)
-    transport = TransportConfig()
-    connector = GrpcConnector(transport)
+    connector = GrpcConnector(config.internal_transport())
     registry = CollectorRegistry()
     orch = build_orchestrator(config, connector, model, tokenizer, registry)
     await orch.start()
-    token = config.auth_token()
-    interceptors = [BearerTokenInterceptor(token)] if token else []
-    server = await start_server(
-        config.address, [generator_service(GeneratorServicer(orch.frontend))], transport,
-        interceptors,
-    )  # fmt: skip
+    server = await start_public_server(config, orch.frontend)
     metrics = (
         MetricsServer(registry, config.metrics_port, config.host)
         if config.metrics_port >= 0

@@ -174,6 +174,12 @@ class OrchestratorMetrics:
             "Decode slots of healthy decode workers.",
             registry=registry,
         )
+        self.slow_consumers = Counter(
+            "pdserve_slow_consumer_cancels",
+            "Streams cancelled because their client left too many tokens unsent "
+            "(--max-unsent-tokens).",
+            registry=registry,
+        )
         self.retries = Counter(
             "pdserve_retries",
             "Work moved to another worker after a failure, by stage.",

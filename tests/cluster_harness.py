@@ -205,6 +205,7 @@ class InProcessCluster:
                 *orchestrator_flags,
             ]
         )
+        self.config = orch_config
         model, tokenizer = load_model_info("tiny")
         self.registry = CollectorRegistry()
         self.orchestrator = build_orchestrator(

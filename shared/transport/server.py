@@ -1,11 +1,14 @@
 """Build a grpc.aio server the way every pdserve process serves: the given services, the
 standard `grpc.health.v1` health service and server reflection (so `grpcurl` works),
-message-size and keepalive options from `TransportConfig`, bound to one address.
+message-size, keepalive and connection-age options from `TransportConfig`, bound to one
+address, with TLS (reloading certificates, client certificates when required) or, for
+local runs, plaintext (logged loudly when the address is not loopback).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 
 import grpc
@@ -15,7 +18,10 @@ from grpc_reflection.v1alpha import reflection
 from shared.rpc.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from shared.transport.base import DecodeHandler, PrefillHandler
 from shared.transport.grpc_servicers import DecodeServicer, PrefillServicer
+from shared.transport.tls import plaintext_warning, server_credentials
 from shared.transport.types import TransportConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -40,17 +46,27 @@ def prefill_service(handler: PrefillHandler) -> Service:
 
 
 def server_options(config: TransportConfig) -> list[tuple[str, int]]:
-    return [
+    receive = config.max_receive_bytes or config.max_message_bytes
+    options = [
         ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", receive),
         ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
         # Let clients ping as often as their keepalive does, even between calls; the
-        # default (5 min) would answer their pings with GOAWAY "too_many_pings".
+        # default (5 min) would answer their pings with GOAWAY "too_many_pings". A client
+        # pinging faster than half that is sent GOAWAY after 2 strikes (ping floods).
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", int(config.keepalive_time_s * 500)),
+        ("grpc.http2.max_ping_strikes", 2),
         ("grpc.http2.max_pings_without_data", 0),
+        # Old connections are sent GOAWAY (clients reconnect: a fresh TLS handshake picks
+        # up rotated certificates); calls still running after the grace are ended.
+        ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(config.max_connection_age_grace_s * 1000)),
     ]
+    if config.max_concurrent_streams:
+        options.append(("grpc.max_concurrent_streams", config.max_concurrent_streams))
+    return options
 
 
 @dataclasses.dataclass(slots=True)
@@ -90,7 +106,12 @@ async def start_server(
     names = tuple(s.name for s in services)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection((*names, health_name, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    if config.tls is not None:
+        port = server.add_secure_port(address, server_credentials(config.tls))
+    else:
+        if (warning := plaintext_warning(address)) is not None:
+            log.warning("!" * 20 + " %s " + "!" * 20, warning)
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
     await server.start()
