@@ -40,8 +40,9 @@ async def start_public_server(config: OrchestratorConfig, frontend: Frontend) ->
     interceptors = [BearerTokenInterceptor(token)] if token else []
     servicer = GeneratorServicer(frontend, StreamsPerConnection(config.max_streams_per_connection))
     return await start_server(
-        config.address, [generator_service(servicer)], config.public_transport(), interceptors
-    )
+        config.address, [generator_service(servicer)], config.public_transport(), interceptors,
+        health_address=config.health_address,
+    )  # fmt: skip
 
 
 async def serve(config: OrchestratorConfig) -> int:
@@ -61,7 +62,7 @@ async def serve(config: OrchestratorConfig) -> int:
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     print(
         f"pdserve orchestrator serving on {config.host}:{server.port} "
-        f"metrics_port={metrics.port if metrics else -1}",
+        f"metrics_port={metrics.port if metrics else -1} health_port={server.health_port}",
         flush=True,
     )
     await stop.wait()

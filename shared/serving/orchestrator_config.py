@@ -63,6 +63,7 @@ class OrchestratorConfig:
     max_stop_strings: int
     max_stop_chars: int
     max_unsent_tokens: int  # tokens a stream may leave unsent before it is cancelled
+    health_port: int  # plaintext grpc.health.v1 only (probes, with --tls-cert); -1: none
     keepalive_time_s: float
     keepalive_timeout_s: float
     max_connection_age_s: float
@@ -109,6 +110,10 @@ class OrchestratorConfig:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def health_address(self) -> str | None:
+        return f"{self.host}:{self.health_port}" if self.health_port >= 0 else None
 
     def public_transport(self) -> TransportConfig:
         """The public port's server settings (README: Reliability)."""

@@ -39,6 +39,7 @@ class WorkerConfig:
     host: str
     port: int
     metrics_port: int  # 0: pick a free port; -1: no /metrics
+    health_port: int  # plaintext grpc.health.v1 only (probes, when --tls-*); -1: none
     slots: int | None  # None: as many as the devices' memory holds (--slots auto)
     prefill_buckets: tuple[int, ...]
     max_seq_len: int | None  # None: sized from memory (--max-seq-len auto)
@@ -58,6 +59,8 @@ class WorkerConfig:
             raise ConfigError(f"--port={self.port} must be in [0, 65535]")
         if not -1 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port={self.metrics_port} must be in [-1, 65535]")
+        if not -1 <= self.health_port <= 65535:
+            raise ConfigError(f"--health-port={self.health_port} must be in [-1, 65535]")
         if self.max_queue <= 0:
             raise ConfigError(f"--max-queue={self.max_queue} must be > 0")
         if self.drain_grace_s < 0:
@@ -92,6 +95,10 @@ class WorkerConfig:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def health_address(self) -> str | None:
+        return f"{self.host}:{self.health_port}" if self.health_port >= 0 else None
 
 
 def resolve_dtype(flag: str) -> str:
@@ -217,7 +224,14 @@ def worker_parser(role: Role | str | None) -> argparse.ArgumentParser:
 
 
 def add_connection_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Connection lifetime flags every server has (README: Reliability)."""
+    """Connection flags every server has (README: Reliability)."""
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=-1,
+        help="also serve grpc.health.v1 alone, plaintext, on this port (Kubernetes' gRPC "
+        "probes cannot speak TLS); -1: none",
+    )
     p.add_argument(
         "--keepalive-time-s", type=float, default=10.0, help="ping an idle connection this often"
     )
@@ -294,6 +308,7 @@ def parse_worker_args(argv: Sequence[str], role: Role | None) -> WorkerConfig:
         metrics_port=DEFAULT_METRICS_PORTS[role]
         if args.metrics_port is None
         else args.metrics_port,
+        health_port=args.health_port,
         slots=args.slots,
         prefill_buckets=args.prefill_buckets,
         max_seq_len=args.max_seq_len,

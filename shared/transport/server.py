@@ -75,6 +75,8 @@ class RunningServer:
     port: int  # the bound port (the real one when asked for port 0)
     health: health.aio.HealthServicer
     services: tuple[str, ...]
+    health_server: grpc.aio.Server | None = None  # the plaintext health-only port, if any
+    health_port: int = -1
 
     async def set_serving(self, serving: bool) -> None:
         """Every service's health (and the server's, ""): SERVING or NOT_SERVING."""
@@ -89,6 +91,8 @@ class RunningServer:
     async def stop(self, grace: float | None = None) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(None)
 
 
 async def start_server(
@@ -96,8 +100,13 @@ async def start_server(
     services: Sequence[Service],
     config: TransportConfig,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    health_address: str | None = None,
 ) -> RunningServer:
-    """Serve `services` on `address` ("127.0.0.1:0" picks a free port), healthy at once."""
+    """Serve `services` on `address` ("127.0.0.1:0" picks a free port), healthy at once.
+
+    `health_address`: also serve `grpc.health.v1` alone, in plaintext, there (the same
+    statuses). Kubernetes' gRPC probes cannot speak TLS, let alone present a client
+    certificate; health statuses are not secret, and nothing else is served there."""
     server = grpc.aio.server(options=server_options(config), interceptors=list(interceptors))
     for service in services:
         service.register(server)
@@ -116,5 +125,12 @@ async def start_server(
         raise OSError(f"could not bind {address}")
     await server.start()
     running = RunningServer(server, port, health_servicer, names)
+    if health_address is not None:
+        running.health_server = grpc.aio.server(options=server_options(config))
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, running.health_server)
+        running.health_port = running.health_server.add_insecure_port(health_address)
+        if running.health_port == 0:
+            raise OSError(f"could not bind {health_address}")
+        await running.health_server.start()
     await running.set_serving(True)
     return running
