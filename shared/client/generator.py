@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -119,13 +120,18 @@ _OPTIONS = [
 
 
 class GeneratorClient:
-    """Blocking client; one channel, reused across calls; `tls` None: plaintext."""
+    """Blocking client; one channel, reused across calls; `tls` None: plaintext.
+    `options`: more gRPC channel arguments."""
 
-    def __init__(self, target: str, token: str | None = None, tls: ClientTls | None = None) -> None:
+    def __init__(
+        self, target: str, token: str | None = None, tls: ClientTls | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:  # fmt: skip
+        options = [*_OPTIONS, *options]
         if tls is None:
-            self._channel = grpc.insecure_channel(target, options=_OPTIONS)
+            self._channel = grpc.insecure_channel(target, options=options)
         else:
-            options = _OPTIONS + tls.options()
+            options += tls.options()
             self._channel = grpc.secure_channel(target, tls.credentials(), options=options)
         self._stub = generate_pb2_grpc.GeneratorStub(self._channel)
         self._metadata = _metadata(token)
@@ -158,11 +164,15 @@ class GeneratorClient:
 class AsyncGeneratorClient:
     """asyncio client; create and use it inside one event loop."""
 
-    def __init__(self, target: str, token: str | None = None, tls: ClientTls | None = None) -> None:
+    def __init__(
+        self, target: str, token: str | None = None, tls: ClientTls | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:  # fmt: skip
+        options = [*_OPTIONS, *options]
         if tls is None:
-            self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+            self._channel = grpc.aio.insecure_channel(target, options=options)
         else:
-            options = _OPTIONS + tls.options()
+            options += tls.options()
             self._channel = grpc.aio.secure_channel(target, tls.credentials(), options=options)
         self._stub = generate_pb2_grpc.GeneratorStub(self._channel)
         self._metadata = _metadata(token)
