@@ -270,6 +270,76 @@ def test_a_half_written_rotation_keeps_the_current_certificate(pki, tmp_path: Pa
     asyncio.run(main())
 
 
+# Flags -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tls-cert", "C"], "mTLS needs --tls-cert, --tls-key, --tls-ca together; missing"),
+        (["--tls-server-name", "n"], "--tls-server-name needs --tls-cert, --tls-key and --tls-ca"),
+        (["--tls-cert", "C", "--tls-key", "K", "--tls-ca", "nowhere"], "--tls-ca nowhere does"),
+    ],
+)
+def test_worker_tls_flags_come_together(tmp_path: Path, monkeypatch, flags, message) -> None:
+    from shared.config import ConfigError
+    from shared.serving.worker_config import Role, parse_worker_args
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "C").write_text("c")
+    (tmp_path / "K").write_text("k")
+    with pytest.raises(ConfigError) as err:
+        parse_worker_args(["--port", "0", *flags], Role.DECODE)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tls-cert", "C"], "--tls-cert and --tls-key go together"),
+        (["--tls-client-ca", "C"], "--tls-client-ca needs --tls-cert and --tls-key"),
+        (["--internal-tls-cert", "C", "--internal-tls-key", "K"], "missing --internal-tls-ca"),
+        (["--max-unsent-tokens", "0"], "--max-unsent-tokens=0 must be > 0"),
+    ],
+)
+def test_orchestrator_tls_flags_come_together(tmp_path: Path, monkeypatch, flags, message):
+    from shared.config import ConfigError
+    from shared.serving.orchestrator_config import parse_orchestrator_args
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "C").write_text("c")
+    (tmp_path / "K").write_text("k")
+    with pytest.raises(ConfigError) as err:
+        parse_orchestrator_args(["--prefill", "h:1", "--decode", "h:2", *flags])
+    assert message in str(err.value)
+
+
+# 3. Connection lifetimes -------------------------------------------------------------------
+
+
+def test_old_connections_are_closed_and_clients_reconnect(pki) -> None:
+    """max_connection_age (+ grace) is really applied: a stream still open past age + grace
+    is ended (UNAVAILABLE), and the same client's next call reconnects."""
+    handler = ScriptedDecode()
+
+    async def main() -> None:
+        config = TransportConfig(max_connection_age_s=0.5, max_connection_age_grace_s=0.5)
+        server = await start_server("127.0.0.1:0", [decode_service(handler)], config)
+        client = GrpcDecodeClient(f"127.0.0.1:{server.port}", client_config(None))
+        try:
+            stream = client.stream_tokens("lease-1")
+            await read_one(stream, handler, 1)
+            with pytest.raises(TransportError) as err:
+                await asyncio.wait_for(anext(stream), 10)  # no more tokens ever come
+            assert err.value.code is StatusCode.UNAVAILABLE
+            assert await client.get_load() == LOAD
+        finally:
+            await client.close()
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
 # 4. Plaintext ------------------------------------------------------------------------------
 
 
