@@ -121,7 +121,8 @@ async def fault_loop(
         names = sorted(n for n in cluster.workers if not once or n.startswith("decode"))
         name = rng.choice(names)
         action = "kill" if once else rng.choice(["kill", "stop"])
-        entry = {"worker": name, "action": action, "at_s": round(time.perf_counter(), 3)}
+        at = time.perf_counter() - timeline.points[0][0]
+        entry = {"worker": name, "action": action, "at_s": round(at, 1)}
         if action == "kill":
             await asyncio.to_thread(cluster.kill, name)
             timeline.mark()

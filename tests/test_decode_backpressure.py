@@ -41,9 +41,10 @@ def test_a_reader_that_stops_is_cut_and_its_slot_freed(
         worker.start(asyncio.get_running_loop())
         service = worker.service
         limits = GenerationLimits(40, stop_on_eos=False)
+        short = GenerationLimits(12, stop_on_eos=False)  # outlives the stalled one's bound
         try:
             stalled = await service.reserve(ReserveRequest("stalled", 3, limits, 30.0))
-            reading = await service.reserve(ReserveRequest("reading", 4, limits, 30.0))
+            reading = await service.reserve(ReserveRequest("reading", 4, short, 30.0))
             stalled_stream = service.stream_tokens(stalled.lease_id)
             reading_stream = service.stream_tokens(reading.lease_id)
             first = asyncio.create_task(anext(stalled_stream))  # reads one batch, no more
@@ -52,7 +53,7 @@ def test_a_reader_that_stops_is_cut_and_its_slot_freed(
             assert len((await first).token_ids) == 1
             got = [t async for batch in reading_stream for t in batch.token_ids]
             # The reader got every token (the first came from the prefill, not the stream).
-            assert got == reference_greedy(engine, params, [256, 3, 4, 5], 40)[1:]
+            assert got == reference_greedy(engine, params, [256, 3, 4, 5], 12)[1:]
             deadline = time.monotonic() + 10
             while not worker.all_free():  # the stalled lease was cancelled at a step boundary
                 assert time.monotonic() < deadline
