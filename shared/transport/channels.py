@@ -33,7 +33,8 @@ def channel_options(config: TransportConfig) -> list[tuple[str, Any]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.initial_reconnect_backoff_ms", backoff_ms),
         ("grpc.min_reconnect_backoff_ms", backoff_ms),
-        ("grpc.max_reconnect_backoff_ms", backoff_ms * 10),
+        # Short: a restarted peer is found again within ~2 backoffs, not after 10.
+        ("grpc.max_reconnect_backoff_ms", backoff_ms * 2),
     ]
 
 
@@ -87,6 +88,18 @@ class RotatingChannel(Generic[Stub]):
             task = asyncio.get_running_loop().create_task(entry.channel.close())
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
+
+    async def connected(self, timeout: float) -> bool:
+        """Whether the current channel is (or within `timeout` becomes) connected; starts a
+        connection attempt when idle, waits out a reconnect backoff otherwise."""
+        channel = self._current.channel
+        if channel.get_state(try_to_connect=True) is grpc.ChannelConnectivity.READY:
+            return True
+        try:
+            await asyncio.wait_for(channel.channel_ready(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     async def close(self) -> None:
         """Close every channel; calls in flight are cancelled. Idempotent."""

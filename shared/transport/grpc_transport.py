@@ -2,10 +2,11 @@
 
 One channel per worker address (shared/transport/channels.py: with TLS, replaced when the
 certificate files change), created with every limit configured (message sizes, keepalive,
-reconnect backoff). Calls never wait for a connection (`wait_for_ready` is off):
-a peer that refuses connections fails the call at once with UNAVAILABLE, and every unary
-call and every KV transfer carries a deadline, so a peer that stops answering ends the
-call with DEADLINE_EXCEEDED, and a dead TCP peer on a long stream is found by keepalive.
+reconnect backoff). Calls never wait for a connection (`wait_for_ready` is off): a peer
+that refuses connections fails the call with UNAVAILABLE, at once (a KV push first gives a
+reconnecting channel a bounded moment, see `transfer_kv`), and every unary call and every
+KV transfer carries a deadline, so a peer that stops answering ends the call with
+DEADLINE_EXCEEDED, and a dead TCP peer on a long stream is found by keepalive.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from shared.transport.types import (
 )
 
 T = TypeVar("T")
+# A KV push waits at most this many reconnect backoffs for its channel to connect.
+CONNECT_WAIT_BACKOFFS = 3
 
 
 def transport_error(error: grpc.aio.AioRpcError) -> TransportError:
@@ -91,6 +94,11 @@ class GrpcDecodeClient(_Client):
                 call.cancel()  # no-op once finished; ends the RPC when the caller stops early
 
     async def transfer_kv(self, messages: KvStream) -> KvReceipt:
+        # The decode worker granted this lease moments ago, so it is up; if it was just
+        # restarted, our channel may still be waiting out its reconnect backoff and would
+        # fail the push at once: give it a bounded moment to connect first (a peer that is
+        # really gone still fails, UNAVAILABLE, within that moment).
+        await self._channel.connected(CONNECT_WAIT_BACKOFFS * self.config.reconnect_backoff_s)
         with self._channel.call() as stub:
             call = stub.TransferKV(timeout=self.config.transfer_timeout_s)
             return await self._transfer(call, messages)
