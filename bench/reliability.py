@@ -417,7 +417,7 @@ def greedy_references(
     from shared.engine.engine import Engine
     from shared.serving.worker_config import Role, parse_worker_args
 
-    shape = parse_worker_args(["--port", "0", *worker_flags], Role.DECODE).engine
+    shape = parse_worker_args(["--port", "0", *worker_flags], Role.DECODE).engine_config()
     engine = Engine(ModelConfig.tiny(), EngineConfig(1, shape.prefill_buckets, shape.max_seq_len))
     return engine_references(engine, engine.init_params(seed=0), prompts, max_tokens)
 
