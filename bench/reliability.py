@@ -313,8 +313,8 @@ class Cluster:
 
     def leaks(self, settle_s: float = 15.0) -> dict[str, object]:
         """What is still held once the load is over (waits up to `settle_s` for lease
-        cancels and step boundaries). Pages: this build has no paged KV cache (slots hold
-        the whole KV), so there are none to count: reported as null."""
+        cancels and step boundaries). Pages: null (not measured): the decode worker does
+        not report its KV pages yet, neither in GetLoad nor in /metrics."""
         deadline = time.monotonic() + settle_s
         while True:
             loads = asyncio.run(self._decode_loads())
