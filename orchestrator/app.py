@@ -11,10 +11,9 @@ from orchestrator.flow import FlowSettings, GenerateFlow
 from orchestrator.frontend import Frontend, FrontendLimits
 from orchestrator.policy import LeastLoadedPolicy, PlacementPolicy
 from orchestrator.registry import Connector, Sources, WorkerRegistry
-from shared.config import ModelConfig
 from shared.metrics import OrchestratorMetrics
 from shared.serving.orchestrator_config import OrchestratorConfig
-from shared.tokenizer import Tokenizer
+from shared.weights.model_info import ModelInfo
 
 
 @dataclasses.dataclass(slots=True)
@@ -36,8 +35,7 @@ class Orchestrator:
 def build_orchestrator(
     config: OrchestratorConfig,
     connector: Connector,
-    model: ModelConfig,
-    tokenizer: Tokenizer,
+    model_info: ModelInfo,
     registry: CollectorRegistry,
     policy: PlacementPolicy | None = None,
 ) -> Orchestrator:
@@ -52,6 +50,7 @@ def build_orchestrator(
     )  # fmt: skip
     policy = policy or LeastLoadedPolicy()
     broker = SlotBroker(workers, policy, metrics, config.max_queue)
+    model = model_info.config
     settings = FlowSettings(
         model.eos_id, config.lease_ttl_s, config.prefill_retries, config.decode_retries
     )
@@ -62,5 +61,5 @@ def build_orchestrator(
         max_stop_chars=config.max_stop_chars,
         max_unsent_tokens=config.max_unsent_tokens,
     )
-    frontend = Frontend(flow, tokenizer, model, limits, metrics)
+    frontend = Frontend(flow, model_info.tokenizer, model, limits, metrics, model_info.chat)
     return Orchestrator(workers, broker, frontend, metrics)

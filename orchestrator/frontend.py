@@ -16,10 +16,11 @@ from orchestrator.admission import QueueFullError
 from orchestrator.flow import Delta, FinishReason, GenerateFlow, GenerateJob, RequestFailed
 from orchestrator.outbox import ConsumerTooSlow, Outbox
 from orchestrator.text import TextStream
+from shared.chat import ChatError, ChatMessage, render_chat
 from shared.config import ModelConfig
 from shared.engine.sampling import SamplingError, SamplingParams
 from shared.metrics import OrchestratorMetrics
-from shared.tokenizer import Tokenizer
+from shared.tokenizer import ChatFormat, Tokenizer
 from shared.transport.types import StatusCode
 
 MAX_REQUEST_ID_CHARS = 128
@@ -40,6 +41,7 @@ class GenerateInput:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     timeout_seconds: float = 0.0  # 0: none beyond the call's deadline
+    messages: tuple[ChatMessage, ...] | None = None  # the third prompt form: chat
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -69,8 +71,9 @@ class Frontend:
         model: ModelConfig,
         limits: FrontendLimits,
         metrics: OrchestratorMetrics,
+        chat: ChatFormat | None = None,
     ) -> None:
-        self._flow, self._tok, self._model = flow, tokenizer, model
+        self._flow, self._tok, self._model, self._chat = flow, tokenizer, model, chat
         self._limits, self._metrics = limits, metrics
         self.draining = False
         self.in_flight = 0
@@ -189,6 +192,10 @@ class Frontend:
                     f"stop string {shown!r} must have 1 to {limits.max_stop_chars} characters"
                 )
         self._check_ids("stop_token_ids", r.stop_token_ids)
+        stop_ids = tuple(r.stop_token_ids)
+        if r.messages is not None and not r.ignore_eos:
+            # The end of the assistant's turn ends a chat answer, as EOS does.
+            stop_ids += tuple(i for i in self._chat.end_of_turn_ids if i not in stop_ids)
         if not r.timeout_seconds >= 0:
             raise InvalidRequest(f"timeout_seconds={r.timeout_seconds} must be >= 0")
         timeouts = [t for t in (r.timeout_seconds or None, call_time_left) if t is not None]
@@ -199,7 +206,7 @@ class Frontend:
             prompt_ids=prompt,
             max_tokens=max_tokens,
             sampling=r.sampling or SamplingParams(),
-            stop_token_ids=tuple(r.stop_token_ids),
+            stop_token_ids=stop_ids,
             stop_on_eos=not r.ignore_eos,
             deadline=deadline,
         )
@@ -208,16 +215,30 @@ class Frontend:
         return job, r.timeout_seconds or None
 
     def _prompt(self, r: GenerateInput) -> tuple[int, ...]:
-        if r.text is None and r.token_ids is None:
-            raise InvalidRequest("the prompt is missing: set `text` or `tokens`")
+        if r.text is None and r.token_ids is None and r.messages is None:
+            raise InvalidRequest("the prompt is missing: set `text`, `tokens` or `chat`")
         if r.token_ids is not None:
             ids = tuple(r.token_ids)
             self._check_ids("tokens.ids", ids)
+        elif r.messages is not None:
+            ids = tuple(self._tok.encode(self.render_chat(r.messages), add_bos=False))
         else:
             ids = tuple(self._tok.encode(r.text))
         if not ids:
             raise InvalidRequest("the prompt is empty")
         return ids
+
+    def render_chat(self, messages: tuple[ChatMessage, ...]) -> str:
+        """The prompt text of a chat; InvalidRequest when the model has no template or the
+        template refuses the messages."""
+        if self._chat is None:
+            raise InvalidRequest(
+                f"model {self._model.name!r} has no chat template: send `text` or `tokens`"
+            )
+        try:
+            return render_chat(self._chat, messages)
+        except ChatError as err:
+            raise InvalidRequest(f"chat: {err}") from None
 
     def _check_ids(self, field: str, ids: tuple[int, ...]) -> None:
         vocab = self._model.vocab_size

@@ -25,8 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shared.serving.lifetime import child_environment
+from shared.weights.packaged import default_model
 
-SERVING = re.compile(r"serving on (\S+):(\d+) metrics_port=(-?\d+)")
+SERVING = re.compile(r"serving on (\S+):(\d+) metrics_port=(-?\d+)(?: http_port=(-?\d+))?")
 
 
 @dataclasses.dataclass
@@ -35,22 +36,33 @@ class Child:
     proc: subprocess.Popen
     address: str = ""
     metrics_port: int = -1
+    http_port: int = -1  # the orchestrator's OpenAI-compatible API (-1: off)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdserve serve", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny")
+    p.add_argument(
+        "--model",
+        default=default_model(),
+        help="any worker --model; default: smollm2 when its package is installed, else tiny",
+    )
     p.add_argument("--prefill-workers", type=int, default=1)
     p.add_argument("--decode-workers", type=int, default=1)
     p.add_argument("--colocated", action="store_true", help="one colocated worker (baseline)")
     p.add_argument("--port", type=int, default=50051, help="the orchestrator's public port")
     p.add_argument("--metrics-port", type=int, default=9160, help="the orchestrator's /metrics")
+    p.add_argument(
+        "--http-port", type=int, default=-1, help="the OpenAI-compatible HTTP API (-1: off)"
+    )
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--prefill-buckets", default="16,32,64,128")
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--auth-token-file")
     p.add_argument("--startup-timeout-s", type=float, default=600.0)
     p.add_argument("--once", metavar="PROMPT", help="stream one answer, then shut down")
+    p.add_argument(
+        "--chat", action="store_true", help="with --once: send PROMPT as a user chat message"
+    )
     p.add_argument("--max-tokens", type=int, default=48, help="with --once")
     return p
 
@@ -72,6 +84,7 @@ def launch(name: str, argv: Sequence[str]) -> tuple[Child, threading.Event]:
             if not ready.is_set() and (match := SERVING.search(line)):
                 child.address = f"{match[1]}:{match[2]}"
                 child.metrics_port = int(match[3])
+                child.http_port = int(match[4] or -1)
                 ready.set()
             print(f"[{name}] {line}", end="", file=sys.stderr, flush=True)
         ready.set()
@@ -126,7 +139,8 @@ def main(argv: Sequence[str]) -> int:
         for child, ready in launched:
             wait_ready(child, ready, args.startup_timeout_s)
         orch = ["orchestrator", "--host", "127.0.0.1", "--port", str(args.port),
-                "--metrics-port", str(args.metrics_port), "--model", args.model]  # fmt: skip
+                "--metrics-port", str(args.metrics_port), "--http-port", str(args.http_port),
+                "--model", args.model]  # fmt: skip
         for role in ("prefill", "decode", "colocated"):
             addresses = [c.address for c in children if c.name.startswith(role)]
             if addresses:
@@ -138,6 +152,9 @@ def main(argv: Sequence[str]) -> int:
         target = orchestrator.address.replace("0.0.0.0", "127.0.0.1")
         print(f"pdserve cluster ready on {target}: pdserve generate --target {target} "
               '"Hello"', flush=True)  # fmt: skip
+        if orchestrator.http_port >= 0:
+            print(f"OpenAI-compatible API: http://127.0.0.1:{orchestrator.http_port}/v1",
+                  flush=True)  # fmt: skip
         if args.once is not None:
             return _once(target, args)
         while not stopping.is_set():
@@ -155,7 +172,8 @@ def _once(target: str, args: argparse.Namespace) -> int:
 
     token = Path(args.auth_token_file).read_text().strip() if args.auth_token_file else None
     with GeneratorClient(target, token) as client:
-        for chunk in client.generate(args.once, max_tokens=args.max_tokens):
+        prompt = [{"role": "user", "content": args.once}] if args.chat else args.once
+        for chunk in client.generate(prompt, max_tokens=args.max_tokens):
             print(chunk.text, end="", flush=True)
             if chunk.finish_reason:
                 print(f"\n[finish: {chunk.finish_reason}, {chunk.completion_tokens} tokens]")

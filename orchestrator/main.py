@@ -1,7 +1,9 @@
 """`pdserve orchestrator`: the public Generate API in front of the workers.
 
 1. Load the model's config and tokenizer (no weights) and find the workers.
-2. Serve `pdserve.v1.Generator` (+ health + reflection) and `/metrics`.
+2. Serve `pdserve.v1.Generator` (+ health + reflection), `/metrics`, and with
+   `--http-port` the OpenAI-compatible HTTP API in the same event loop (one `Frontend`:
+   one admission queue, one auth token, the same metrics).
 3. SIGTERM/SIGINT: NOT_SERVING, refuse new requests, let live ones finish within
    `--drain-grace-s`, then stop.
 """
@@ -21,10 +23,12 @@ from orchestrator.app import build_orchestrator
 from orchestrator.auth import BearerTokenInterceptor
 from orchestrator.connect import GrpcConnector
 from orchestrator.frontend import Frontend
+from orchestrator.http_server import HttpServer
 from orchestrator.limits import StreamsPerConnection
+from orchestrator.openai_api import build_openai_app
 from orchestrator.servicer import GeneratorServicer, generator_service
 from shared.config import ConfigError
-from shared.metrics import MetricsServer
+from shared.metrics import MetricsServer, OrchestratorMetrics
 from shared.serving.orchestrator_config import OrchestratorConfig, parse_orchestrator_args
 from shared.transport.server import RunningServer, start_server
 from shared.weights.checkpoint import CheckpointError
@@ -45,11 +49,24 @@ async def start_public_server(config: OrchestratorConfig, frontend: Frontend) ->
     )  # fmt: skip
 
 
+async def start_http_server(
+    config: OrchestratorConfig, frontend: Frontend, metrics: OrchestratorMetrics
+) -> HttpServer | None:
+    """The OpenAI-compatible HTTP API (None without --http-port): the same bearer token,
+    and the public port's TLS and client-certificate requirement (HTTPS)."""
+    if config.http_port < 0:
+        return None
+    app = build_openai_app(frontend, config.model_name, config.auth_token(), metrics)
+    http = HttpServer(app, config.host, config.http_port, config.public_tls())
+    await http.start()
+    return http
+
+
 async def serve(config: OrchestratorConfig) -> int:
-    model, tokenizer = load_model_info(config.model)
+    model_info = load_model_info(config.model)
     connector = GrpcConnector(config.internal_transport())
     registry = CollectorRegistry()
-    orch = build_orchestrator(config, connector, model, tokenizer, registry)
+    orch = build_orchestrator(config, connector, model_info, registry)
     await orch.start()
     server = await start_public_server(config, orch.frontend)
     metrics = (
@@ -57,12 +74,14 @@ async def serve(config: OrchestratorConfig) -> int:
         if config.metrics_port >= 0
         else None
     )
+    http = await start_http_server(config, orch.frontend, orch.metrics)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     print(
         f"pdserve orchestrator serving on {config.host}:{server.port} "
-        f"metrics_port={metrics.port if metrics else -1} health_port={server.health_port}",
+        f"metrics_port={metrics.port if metrics else -1} http_port={http.port if http else -1} "
+        f"health_port={server.health_port}",
         flush=True,
     )
     await stop.wait()
@@ -73,6 +92,8 @@ async def serve(config: OrchestratorConfig) -> int:
     while orch.frontend.in_flight and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     await server.stop(grace=1.0)
+    if http:
+        await http.stop()
     await orch.stop()
     await connector.close()
     if metrics:

@@ -23,6 +23,7 @@ from orchestrator.frontend import (
     sampling_from_fields,
 )
 from orchestrator.limits import StreamsPerConnection, TooManyStreams
+from shared.chat import ChatMessage
 from shared.rpc.pdserve.v1 import generate_pb2, generate_pb2_grpc
 from shared.transport.server import Service
 
@@ -61,6 +62,11 @@ def input_from_proto(request: generate_pb2.GenerateRequest) -> GenerateInput:
         request_id=request.request_id,
         text=request.text if prompt == "text" else None,
         token_ids=tuple(request.tokens.ids) if prompt == "tokens" else None,
+        messages=(
+            tuple(ChatMessage(m.role, m.content) for m in request.chat.messages)
+            if prompt == "chat"
+            else None
+        ),
         max_tokens=request.max_tokens,
         sampling=sampling,
         stop=tuple(request.stop),

@@ -3,6 +3,7 @@
 config.py     frozen model and engine configuration (presets included)
 metrics.py    every Prometheus metric, one module, one prefix (`pdserve_`)
 tokenizer.py  text <-> token ids, incremental detokenization
+chat.py       chat messages -> prompt text with a model's chat template (Jinja)
 
 engine/       what a worker runs on its device: the engine, the model, sampling, int8
 weights/      where params come from: orbax checkpoints, Hugging Face import, `pdserve convert`

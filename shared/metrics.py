@@ -180,6 +180,12 @@ class OrchestratorMetrics:
             "(--max-unsent-tokens).",
             registry=registry,
         )
+        self.http_requests = Counter(
+            "pdserve_http_requests",
+            "Requests to the OpenAI-compatible HTTP API by path and HTTP status.",
+            ["path", "status"],
+            registry=registry,
+        )
         self.retries = Counter(
             "pdserve_retries",
             "Work moved to another worker after a failure, by stage.",

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class Tokenizer(Protocol):
@@ -40,7 +41,8 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face `tokenizer.json`, through the `tokenizers` library."""
+    """A Hugging Face `tokenizer.json`, through the `tokenizers` library. BOS is prepended
+    by `encode` (unless add_bos=False) when `bos_id` is set."""
 
     def __init__(self, path: str | Path, bos_id: int | None = None, eos_id: int | None = None):
         from tokenizers import Tokenizer as _HF  # imported here: only HF models need it
@@ -48,9 +50,28 @@ class HFTokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
-        self._tok = _HF.from_file(str(path))
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._init(_HF.from_file(str(path)), bos_id, eos_id)
+
+    @classmethod
+    def from_str(cls, json_text: str, bos_id: int | None, eos_id: int | None) -> HFTokenizer:
+        """From `tokenizer.json` text (a GGUF file's tokenizer is built in memory)."""
+        from tokenizers import Tokenizer as _HF
+
+        tokenizer = cls.__new__(cls)
+        tokenizer._init(_HF.from_str(json_text), bos_id, eos_id)
+        return tokenizer
+
+    def _init(self, tok: Any, bos_id: int | None, eos_id: int | None) -> None:
+        self._tok = tok
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         self.bos_id, self.eos_id = bos_id, eos_id
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def to_str(self) -> str:
+        """`tokenizer.json` text (what `pdserve convert` writes beside the params)."""
+        return self._tok.to_str()
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
@@ -58,6 +79,19 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChatFormat:
+    """A model's chat template (Jinja, as in Hugging Face's `tokenizer_config.json`) and the
+    special tokens it may name; shared/chat.py renders it."""
+
+    template: str
+    bos_token: str = ""
+    eos_token: str = ""
+    # Tokens that end an assistant turn (`<|im_end|>`): a chat generation stops on them
+    # as on EOS, and they are not returned.
+    end_of_turn_ids: tuple[int, ...] = ()
 
 
 class IncrementalDetokenizer:

@@ -32,7 +32,7 @@ from shared.serving.runtime import ModelRuntime
 from shared.serving.worker_config import Role, parse_worker_args
 from shared.transport.fake import FakeNetwork
 from shared.transport.types import TransportError
-from shared.weights.model_info import load_model_info
+from shared.weights.model_info import ModelInfo, load_model_info
 from tests.worker_harness import (
     ENGINE_FLAGS,
     TRANSPORT,
@@ -168,6 +168,7 @@ class InProcessCluster:
         fingerprint: str,
         decode_workers: int = 1,
         orchestrator_flags: Sequence[str] = (),
+        model_info: ModelInfo | None = None,
     ) -> None:
         self.network = FakeNetwork()
         self.fatal: list[BaseException] = []
@@ -206,11 +207,11 @@ class InProcessCluster:
             ]
         )
         self.config = orch_config
-        model, tokenizer = load_model_info("tiny")
         self.registry = CollectorRegistry()
         self.orchestrator = build_orchestrator(
-            orch_config, FakeConnector(self.network), model, tokenizer, self.registry
-        )
+            orch_config, FakeConnector(self.network), model_info or load_model_info("tiny"),
+            self.registry,
+        )  # fmt: skip
         self.api = InProcessApi(self.orchestrator)
 
     async def start(self) -> None:

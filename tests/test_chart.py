@@ -355,6 +355,8 @@ def test_orchestrator_args_parse_and_agree_with_the_pod(rendered: Rendered, tmp_
     pod = orchestrator_pod(rendered)
     config = parse_orchestrator(pod, tmp_path)
     assert (config.port, config.metrics_port) == (pod.port("grpc"), pod.port("metrics"))
+    http = rendered.values["orchestrator"]["http"]
+    assert config.http_port == (pod.port("http") if http["enabled"] else -1)
     assert config.model == rendered.values["model"]["path"]
     assert (config.auth_token_file is not None) == rendered.values["orchestrator"]["auth"][
         "enabled"
@@ -398,9 +400,14 @@ def test_frontend_service_points_at_the_orchestrator(rendered: Rendered):
         if s["spec"].get("clusterIP") != "None" and selects(s["spec"]["selector"], pod.labels)
     ]
     (service,) = frontends
-    (port,) = service["spec"]["ports"]
-    assert port["port"] == pod.port("grpc") and port["targetPort"] == "grpc"
-    assert port.get("appProtocol") == "grpc"
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    http = rendered.values["orchestrator"]["http"]["enabled"]
+    assert set(ports) == ({"grpc", "http"} if http else {"grpc"})
+    tls = rendered.values["tls"]["public"]["enabled"]
+    for name, port in ports.items():
+        assert port["port"] == pod.port(name) and port["targetPort"] == name
+        # The HTTP API serves HTTPS with the public certificate under public TLS.
+        assert port.get("appProtocol") == ("https" if tls and name == "http" else name)
 
 
 def test_every_service_selects_pods_and_named_ports(rendered: Rendered):
@@ -424,8 +431,17 @@ def test_probes_are_grpc_health_on_the_numeric_grpc_port(rendered: Rendered, tmp
         port = pod.port("grpc") if tls is None else pod.port("health")
         assert tls is None or config.health_port == port
         budget = rendered.values[pod.component]["startupBudgetSeconds"]
+        # With the HTTP API on, readiness is its /health (503 while draining): HTTPS under
+        # public TLS, and not at all when client certificates are required (the kubelet
+        # has none), where readiness stays gRPC on the health port.
+        http_probe = is_orchestrator and config.http_port >= 0 and config.tls_client_ca is None
         for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
             probe = pod.container[kind]
+            if kind == "readinessProbe" and http_probe:
+                scheme = "HTTP" if tls is None else "HTTPS"
+                expected = {"path": "/health", "port": pod.port("http"), "scheme": scheme}
+                assert probe["httpGet"] == expected
+                continue
             assert probe["grpc"] == {"port": port}, (pod.component, kind)
         startup = pod.container["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= budget
@@ -627,6 +643,9 @@ def test_network_policy_admits_only_the_expected_peers(rendered: Rendered):
             if {"port": pod.port("metrics"), "protocol": "TCP"} in r.get("ports", [])
         ]
         assert len(grpc_rules) == 1 and len(metrics_rules) == 1
+        if pod.component == "orchestrator" and rendered.values["orchestrator"]["http"]["enabled"]:
+            # The HTTP API is a front door like gRPC: the same rule admits both.
+            assert {"port": pod.port("http"), "protocol": "TCP"} in grpc_rules[0]["ports"]
         if pod.component in expected_grpc_peers:
             peers = set()
             for peer in grpc_rules[0]["from"]:

@@ -45,7 +45,7 @@ def test_worker_help_lists_its_roles(capsys: pytest.CaptureFixture[str]):
         (["worker", "--role", "cook"], "invalid choice: 'cook'"),
         # No abbreviations: a typo must not silently match a longer flag.
         (["orchestrator", "--prefil", "a:1"], "unrecognized arguments: --prefil"),
-        (["decode", "--slots", "many"], "invalid int value: 'many'"),
+        (["decode", "--slots", "many"], "expected an integer or 'auto', got 'many'"),
     ],
 )
 def test_usage_errors_exit_2_and_say_what_was_wrong(argv, message, capsys):

@@ -29,6 +29,7 @@ def cli_engine() -> Engine:
 
 def run_cli(argv: list[str]) -> list[dict]:
     out = io.StringIO()
+    argv = argv if "--model" in argv else ["--model", "tiny", *argv]
     args = local_generate.build_parser().parse_args(argv)
     assert local_generate.run(args, out=out) == 0
     return [json.loads(line) for line in out.getvalue().splitlines()]
@@ -55,7 +56,7 @@ def test_text_output_is_the_detokenized_token_stream(capsys: pytest.CaptureFixtu
     rows = run_cli([*flags, "--json", "hi"])
     tokens = [r["token_id"] for r in rows if "token_id" in r]
     assert "".join(r["text"] for r in rows) == ByteTokenizer(320).decode(tokens)
-    assert pdserve_cli.main(["generate-local", *flags, "hi"]) == 0
+    assert pdserve_cli.main(["generate-local", "--model", "tiny", *flags, "hi"]) == 0
     expected = ByteTokenizer(320).decode(tokens)
     printed = capsys.readouterr()
     assert printed.out == expected + "\n"
@@ -83,11 +84,11 @@ def test_eos_ends_the_stream_as_stop_and_is_never_a_token(cli_engine: Engine):
         (["--max-tokens", "0", "x"], "--max-tokens=0 must be > 0"),
         (["--model", "huge", "x"], "--model 'huge': not a preset"),
         (["--prompt-token-ids", "1,999", "--max-seq-len", "64"], "token id 999"),
-        ([], "give a prompt or --prompt-token-ids"),
+        ([], "give a prompt, --prompt-token-ids or --messages"),
     ],
 )
 def test_bad_input_exits_2_with_message(argv: list[str], message: str, capsys):
-    assert local_generate.main(argv) == 2
+    assert local_generate.main(argv if "--model" in argv else ["--model", "tiny", *argv]) == 2
     assert message in capsys.readouterr().err
 
 
@@ -129,7 +130,8 @@ def test_generate_and_generate_local_print_the_same_lines(process_cluster, promp
     target = process_cluster.orchestrator.address
     assert pdserve_cli.main(["generate", "--target", target, *flags]) == 0
     served = capsys.readouterr().out.splitlines()
-    assert pdserve_cli.main(["generate-local", "--max-seq-len", "64", *flags]) == 0
+    local_flags = ["--model", "tiny", "--max-seq-len", "64"]
+    assert pdserve_cli.main(["generate-local", *local_flags, *flags]) == 0
     local = capsys.readouterr().out.splitlines()
     assert served == local
     rows = [json.loads(line) for line in local]

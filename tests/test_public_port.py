@@ -2,7 +2,8 @@
 gRPC server (the one `pdserve orchestrator` starts: `start_public_server`) in front of
 in-process workers (fake transport behind it, so no process starts here).
 
-1. TLS, client certificates and the bearer token, in every combination.
+1. TLS, client certificates and the bearer token, in every combination; the HTTP API
+   (`start_http_server`) under the same TLS, client-certificate and rotation rules.
 2. Limits, each with a status that names it: request size, stop strings (count, length),
    concurrent streams per connection, request bytes that are not a GenerateRequest.
 3. Clients that never read: their streams are cancelled once too far behind (slot freed,
@@ -14,13 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
-from orchestrator.main import start_public_server
+from orchestrator.main import start_http_server, start_public_server
 from shared.client.generator import AsyncGeneratorClient, ClientTls, GenerateError, build_request
 from shared.rpc.pdserve.v1 import generate_pb2
 from tests.cluster_harness import InProcessCluster
@@ -76,6 +79,7 @@ def public_pki(tmp_path: Path) -> dict[str, object]:
     return {
         "server": public.issue("orchestrator", server=True, client=False),
         "public": public,
+        "other": other,
         "clients": clients,
         "frontend": clients.issue("frontend", ("frontend",), server=False),
         "stranger": other.issue("stranger", ("stranger",), server=False),
@@ -119,6 +123,102 @@ def test_public_port_tls_modes(engine, params, tiny_fingerprint, public_pki, mod
                 assert err.code == "UNAUTHENTICATED" and "missing bearer token" in err.message
                 err = await refused(target, token="wrong", tls=good)
                 assert err.code == "UNAUTHENTICATED" and "wrong bearer token" in err.message
+
+    asyncio.run(main())
+
+
+def _https_client(pki, trust: Path, client: str | None = None) -> httpx.AsyncClient:
+    context = ssl.create_default_context(cafile=trust)
+    if client is not None:
+        context.load_cert_chain(pki[client].cert, pki[client].key)
+    return httpx.AsyncClient(verify=context, timeout=20)
+
+
+async def _complete(client: httpx.AsyncClient, base: str, n: int = 3) -> httpx.Response:
+    body = {"model": "tiny", "prompt": [256, 1, 2], "max_tokens": n, "temperature": 0,
+            "ignore_eos": True}  # fmt: skip
+    return await client.post(base + "/v1/completions", json=body,
+                             headers={"authorization": "Bearer s3cret"})  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["tls", "client-cert"])
+def test_http_api_serves_the_public_tls(
+    engine, params, tiny_fingerprint, public_pki, tmp_path: Path, mode: str
+) -> None:
+    """--http-port takes the public port's TLS: HTTPS only, client certificates required
+    as for gRPC, and a rotated server certificate is served to new connections while a
+    connection opened before goes on with the one it negotiated."""
+    pki = public_pki
+    served = pki["public"].issue("orchestrator", into=tmp_path / "served", filename="served",
+                                 server=True, client=False)  # fmt: skip
+    flags = ["--tls-cert", str(served.cert), "--tls-key", str(served.key), "--http-port", "0",
+             "--auth-token-file", str(pki["token"])]  # fmt: skip
+    me = None
+    if mode == "client-cert":
+        flags += ["--tls-client-ca", str(pki["clients"].cert)]
+        me = "frontend"
+
+    async def main() -> None:
+        async with public_port(engine, params, tiny_fingerprint, *flags) as (cluster, _):
+            orch = cluster.orchestrator
+            http = await start_http_server(cluster.config, orch.frontend, orch.metrics)
+            assert http is not None and http.scheme == "https"
+            base = f"https://127.0.0.1:{http.port}"
+            try:
+                async with _https_client(pki, pki["public"].cert, me) as early:
+                    response = await _complete(early, base)
+                    assert response.status_code == 200, response.text
+                    assert response.json()["usage"]["completion_tokens"] == 3
+                    # Rotation: the files now hold a certificate from another CA. The
+                    # connection made before (kept alive) goes on with the old one.
+                    pki["other"].issue("orchestrator", into=tmp_path / "served",
+                                       filename="served", server=True, client=False)  # fmt: skip
+                    assert (await _complete(early, base, 2)).status_code == 200
+                async with _https_client(pki, pki["other"].cert, me) as fresh:
+                    assert (await _complete(fresh, base, 2)).status_code == 200
+                async with _https_client(pki, pki["public"].cert, me) as stale:
+                    with pytest.raises(httpx.ConnectError):
+                        await _complete(stale, base)
+                async with httpx.AsyncClient(timeout=20) as plain:  # plaintext: refused
+                    with pytest.raises(httpx.TransportError):
+                        await plain.get(f"http://127.0.0.1:{http.port}/health")
+                if mode == "client-cert":
+                    for who in (None, "stranger"):  # no certificate; another CA's
+                        async with _https_client(pki, pki["other"].cert, who) as client:
+                            with pytest.raises(httpx.TransportError):
+                                await _complete(client, base)
+            finally:
+                await http.stop()
+
+    asyncio.run(main())
+
+
+def test_http_api_refuses_a_half_written_rotation(
+    engine, params, tiny_fingerprint, public_pki, tmp_path: Path
+) -> None:
+    """A key that does not match its certificate is not taken; the next whole pair is."""
+    pki = public_pki
+    served = pki["public"].issue("orchestrator", into=tmp_path, filename="served",
+                                 server=True, client=False)  # fmt: skip
+    flags = ["--tls-cert", str(served.cert), "--tls-key", str(served.key), "--http-port", "0",
+             "--auth-token-file", str(pki["token"])]  # fmt: skip
+
+    async def main() -> None:
+        async with public_port(engine, params, tiny_fingerprint, *flags) as (cluster, _):
+            orch = cluster.orchestrator
+            http = await start_http_server(cluster.config, orch.frontend, orch.metrics)
+            base = f"https://127.0.0.1:{http.port}"
+            try:
+                fresh = pki["other"].issue("orchestrator", into=tmp_path / "next",
+                                           server=True, client=False)  # fmt: skip
+                served.key.write_bytes(fresh.key.read_bytes())  # new key, old certificate
+                async with _https_client(pki, pki["public"].cert) as client:
+                    assert (await _complete(client, base, 1)).status_code == 200
+                served.cert.write_bytes(fresh.cert.read_bytes())  # whole again: other CA
+                async with _https_client(pki, pki["other"].cert) as client:
+                    assert (await _complete(client, base, 1)).status_code == 200
+            finally:
+                await http.stop()
 
     asyncio.run(main())
 

@@ -6,6 +6,7 @@ Output: see shared/client/output.py (the same format as `pdserve generate-local`
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -25,6 +26,48 @@ def parse_token_ids(text: str) -> list[int]:
         ) from None
 
 
+def add_chat_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--chat` and `--messages FILE` (also `pdserve generate-local`'s)."""
+    chat = parser.add_mutually_exclusive_group()
+    chat.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as one user message, rendered with the model's chat template",
+    )
+    chat.add_argument(
+        "--messages",
+        type=Path,
+        metavar="FILE",
+        help='chat messages from a JSON file: [{"role": "user", "content": "..."}, ...]',
+    )
+
+
+def chat_messages(args: argparse.Namespace) -> list[dict[str, str]] | None:
+    """The chat the flags ask for, or None for a plain prompt. Raises ValueError saying
+    what is wrong with a messages file."""
+    if args.messages is not None:
+        try:
+            messages = json.loads(args.messages.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"--messages {args.messages}: {err}") from None
+        ok = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in messages
+        )  # fmt: skip
+        if not ok:
+            raise ValueError(
+                f"--messages {args.messages}: expected a non-empty JSON list of "
+                '{"role": str, "content": str} objects'
+            )
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if args.chat:
+        if args.prompt is None:
+            raise ValueError("--chat needs a prompt (the user's message)")
+        return [{"role": "user", "content": args.prompt}]
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pdserve generate", description=__doc__.splitlines()[0], allow_abbrev=False
@@ -32,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?")
     p.add_argument("--target", default="localhost:50051", help="orchestrator HOST:PORT")
     p.add_argument("--prompt-token-ids", type=parse_token_ids)
+    add_chat_arguments(p)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -59,12 +103,21 @@ def client_tls(args: argparse.Namespace) -> ClientTls | None:
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
-    if args.prompt is None and args.prompt_token_ids is None:
-        print("pdserve generate: error: give a prompt or --prompt-token-ids", file=sys.stderr)
+    try:
+        messages = chat_messages(args)
+    except ValueError as err:
+        print(f"pdserve generate: error: {err}", file=sys.stderr)
+        return 2
+    if args.prompt is None and args.prompt_token_ids is None and messages is None:
+        print(
+            "pdserve generate: error: give a prompt, --prompt-token-ids or --messages",
+            file=sys.stderr,
+        )
         return 2
     token = args.token_file.read_text().strip() if args.token_file else None
     token = token or os.environ.get("PDSERVE_TOKEN")
     prompt = args.prompt_token_ids if args.prompt_token_ids is not None else args.prompt
+    prompt = messages if messages is not None else prompt
     printer = StreamPrinter(sys.stdout, sys.stderr, json_lines=args.json)
     try:
         tls = client_tls(args)

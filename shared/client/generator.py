@@ -9,7 +9,7 @@ with GeneratorClient("localhost:50051") as client:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,10 @@ import grpc
 from shared.rpc.pdserve.v1 import generate_pb2, generate_pb2_grpc, sampling_pb2
 
 MAX_MESSAGE_BYTES = 8 << 20
+
+# A prompt: text, token ids, or chat messages ({"role": ..., "content": ...} each), which
+# the server renders with the model's chat template.
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
 
 
 class GenerateError(Exception):
@@ -39,7 +43,7 @@ class Chunk:
 
 
 def build_request(
-    prompt: str | Sequence[int],
+    prompt: Prompt,
     *,
     max_tokens: int = 0,
     temperature: float = 0.0,
@@ -65,6 +69,9 @@ def build_request(
     )
     if isinstance(prompt, str):
         request.text = prompt
+    elif prompt and all(isinstance(m, Mapping) for m in prompt):
+        messages = [generate_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in prompt]
+        request.chat.messages.extend(messages)
     else:
         request.tokens.ids.extend(prompt)
     return request
@@ -137,7 +144,7 @@ class GeneratorClient:
         self._metadata = _metadata(token)
 
     def generate(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: object
+        self, prompt: Prompt, *, timeout: float | None = None, **options: object
     ) -> Iterator[Chunk]:
         """Stream chunks; `timeout` is the call's gRPC deadline. Raises GenerateError."""
         call = self._stub.Generate(
@@ -178,7 +185,7 @@ class AsyncGeneratorClient:
         self._metadata = _metadata(token)
 
     async def generate(
-        self, prompt: str | Sequence[int], *, timeout: float | None = None, **options: object
+        self, prompt: Prompt, *, timeout: float | None = None, **options: object
     ) -> AsyncIterator[Chunk]:
         call = self._stub.Generate(
             build_request(prompt, **options), timeout=timeout, metadata=self._metadata

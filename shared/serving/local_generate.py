@@ -12,10 +12,11 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, TextIO
 
-from shared.client.cli import parse_token_ids
+from shared.client.cli import add_chat_arguments, chat_messages, parse_token_ids
 from shared.client.generator import Chunk
 from shared.client.output import StreamPrinter
 from shared.weights.flags import add_model_arguments, quantization_from_args
+from shared.weights.packaged import default_model
 
 if TYPE_CHECKING:
     from shared.engine.engine import Engine, Params
@@ -27,9 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pdserve generate-local", description=__doc__.splitlines()[0], allow_abbrev=False
     )
     p.add_argument("prompt", nargs="?", help="prompt text (or use --prompt-token-ids)")
-    add_model_arguments(p)  # --model (preset, checkpoint or HF dir), --quantize
+    # --model (preset, packaged model, GGUF, checkpoint or HF dir), --quantize
+    add_model_arguments(p, default=default_model())
     p.add_argument("--tokenizer", help="a Hugging Face tokenizer.json (default: the model's)")
     p.add_argument("--prompt-token-ids", type=parse_token_ids, help="e.g. 1,2,3")
+    add_chat_arguments(p)  # --chat, --messages FILE
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -52,18 +55,20 @@ def stream_tokens(
     prompt_ids: Sequence[int],
     sampling: SamplingParams,
     max_tokens: int,
+    stop_ids: Sequence[int] = (),
 ) -> Iterator[tuple[int | None, str | None]]:
     """`(token, None)` for each generated token, then `(None, finish_reason)` once.
 
-    The same ends as a decode worker's: EOS ends with "stop" and is not yielded; the
-    `max_tokens`-th token, or a token that would not fit the cache, ends with "length".
+    The same ends as a decode worker's: EOS (or one of `stop_ids`, e.g. a chat template's
+    end-of-turn token) ends with "stop" and is not yielded; the `max_tokens`-th token, or a
+    token that would not fit the cache, ends with "length".
     """
-    eos = engine.model_config.eos_id
+    stops = {engine.model_config.eos_id, *stop_ids}
     prefix = engine.prefill(params, prompt_ids, sampling=sampling)
     state = engine.insert(prefix, engine.init_decode_state(), slot=0)
     token, produced = prefix.first_token, 0
     while True:
-        if token == eos:
+        if token in stops:
             yield None, "stop"
             return
         yield token, None
@@ -80,17 +85,22 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     # JAX only now, once the flags parsed: `pdserve generate-local --help` stays instant.
     import jax
 
+    from shared.chat import ChatError, ChatMessage, render_chat
     from shared.config import EngineConfig
     from shared.engine.engine import Engine, EngineError
     from shared.engine.mesh import make_mesh
     from shared.engine.sampling import SamplingParams
     from shared.serving.worker_config import resolve_dtype
-    from shared.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDetokenizer, Tokenizer
+    from shared.tokenizer import HFTokenizer, IncrementalDetokenizer, Tokenizer
     from shared.weights.checkpoint import load_model
+    from shared.weights.model_info import load_model_info
 
     out, err = out or sys.stdout, err or sys.stderr
     if args.max_tokens <= 0:
         raise EngineError(f"--max-tokens={args.max_tokens} must be > 0")
+    messages = chat_messages(args)
+    if args.prompt is None and args.prompt_token_ids is None and messages is None:
+        raise EngineError("give a prompt, --prompt-token-ids or --messages")
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     # One slot, and buckets that cover prompts up to half the cache.
     buckets = tuple(b for b in (16, 32, 64, 128, 256, 512, 1024) if b < args.max_seq_len)
@@ -100,24 +110,32 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         args.model, engine_config=engine_config, quantize=quantization_from_args(args), mesh=mesh
     )
     model_config = loaded.model_config
-    tokenizer_path = args.tokenizer or loaded.tokenizer_path
+    info = load_model_info(args.model)
     tokenizer: Tokenizer = (
-        HFTokenizer(tokenizer_path, model_config.bos_id, model_config.eos_id)
-        if tokenizer_path
-        else ByteTokenizer(model_config.vocab_size, model_config.bos_id, model_config.eos_id)
+        HFTokenizer(args.tokenizer, model_config.bos_id, model_config.eos_id)
+        if args.tokenizer
+        else info.tokenizer
     )
-    if args.prompt_token_ids is not None:
+    stop_ids: tuple[int, ...] = ()
+    if messages is not None:
+        if info.chat is None:
+            raise EngineError(f"--model {args.model}: the model has no chat template")
+        try:
+            text = render_chat(info.chat, [ChatMessage(**m) for m in messages])
+        except ChatError as err:
+            raise EngineError(str(err)) from None
+        prompt_ids = tokenizer.encode(text, add_bos=False)
+        stop_ids = info.chat.end_of_turn_ids
+    elif args.prompt_token_ids is not None:
         prompt_ids = args.prompt_token_ids
-    elif args.prompt is not None:
-        prompt_ids = tokenizer.encode(args.prompt)
     else:
-        raise EngineError("give a prompt or --prompt-token-ids")
+        prompt_ids = tokenizer.encode(args.prompt)
     engine = Engine(model_config, engine_config, mesh)
     detok = IncrementalDetokenizer(tokenizer, list(prompt_ids))
     printer = StreamPrinter(out, err, json_lines=args.json)
     completion = 0
     for token, finish in stream_tokens(engine, loaded.params, prompt_ids, sampling,
-                                       args.max_tokens):  # fmt: skip
+                                       args.max_tokens, stop_ids):  # fmt: skip
         if token is not None:
             completion += 1
             printer.write(Chunk("", (token,), detok.push(token), None))
@@ -135,6 +153,8 @@ def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (ConfigError, CheckpointError, EngineError, SamplingError, FileNotFoundError) as err:
+    except (
+        ConfigError, CheckpointError, EngineError, SamplingError, FileNotFoundError, ValueError,
+    ) as err:  # fmt: skip
         print(f"pdserve generate-local: error: {err}", file=sys.stderr)
         return 2

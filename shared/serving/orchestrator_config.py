@@ -17,7 +17,7 @@ from shared.config import ConfigError
 from shared.serving.worker_config import add_connection_arguments, tls_from_args
 
 if TYPE_CHECKING:
-    from shared.transport.types import TransportConfig
+    from shared.transport.types import TlsConfig, TransportConfig
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9160
@@ -37,7 +37,9 @@ class OrchestratorConfig:
     host: str
     port: int
     metrics_port: int  # 0: any free port; -1: no /metrics
+    http_port: int  # the OpenAI-compatible HTTP API (TLS as --tls-*); 0: any free port; -1: off
     model: str  # for the tokenizer and the vocabulary; no weights are loaded
+    served_model_name: str | None  # the HTTP API's model id (None: the --model value)
     prefill: tuple[str, ...]
     decode: tuple[str, ...]
     colocated: tuple[str, ...]  # each serves both roles
@@ -108,6 +110,11 @@ class OrchestratorConfig:
             raise ConfigError("--internal-tls-server-name needs the --internal-tls-* files")
 
     @property
+    def model_name(self) -> str:
+        """The model id the HTTP API serves and expects in requests."""
+        return self.served_model_name or self.model
+
+    @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
@@ -115,16 +122,22 @@ class OrchestratorConfig:
     def health_address(self) -> str | None:
         return f"{self.host}:{self.health_port}" if self.health_port >= 0 else None
 
+    def public_tls(self) -> TlsConfig | None:
+        """TLS of the public ports, gRPC and HTTP alike (None: plaintext)."""
+        from shared.transport.types import TlsConfig
+
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return TlsConfig(
+            self.tls_cert, self.tls_key, self.tls_client_ca,
+            require_client_cert=self.tls_client_ca is not None,
+        )  # fmt: skip
+
     def public_transport(self) -> TransportConfig:
         """The public port's server settings (README: Reliability)."""
-        from shared.transport.types import TlsConfig, TransportConfig
+        from shared.transport.types import TransportConfig
 
-        tls = None
-        if self.tls_cert is not None and self.tls_key is not None:
-            tls = TlsConfig(
-                self.tls_cert, self.tls_key, self.tls_client_ca,
-                require_client_cert=self.tls_client_ca is not None,
-            )  # fmt: skip
+        tls = self.public_tls()
         try:
             return TransportConfig(
                 max_receive_bytes=self.max_request_kib * 1024,
@@ -167,7 +180,16 @@ def orchestrator_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="public gRPC port")
     p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=-1,
+        help="OpenAI-compatible HTTP API port (0: any free port; -1: off, the default)",
+    )
     p.add_argument("--model", default="tiny", help="model spec (tokenizer and vocabulary)")
+    p.add_argument(
+        "--served-model-name", help="the model id of the HTTP API (default: the --model value)"
+    )
     p.add_argument("--prefill", type=_addresses, default=(), help="HOST:PORT[,HOST:PORT...]")
     p.add_argument("--decode", type=_addresses, default=())
     p.add_argument("--colocated", type=_addresses, default=())
@@ -188,7 +210,7 @@ def orchestrator_parser() -> argparse.ArgumentParser:
         "the public port",
         "TLS, client authentication (a client certificate, the bearer token of "
         "--auth-token-file, or both) and the limits every caller meets, each refused with "
-        "a status that says which limit",
+        "a status that says which limit. The TLS flags apply to --http-port too (HTTPS)",
     )
     public.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate chain")
     public.add_argument("--tls-key", type=Path, help="and this private key")

@@ -8,6 +8,9 @@ the certificate (a half-written rotation is refused, the old pair stays in use),
 the new pair to gRPC. Connections already open keep the session they negotiated, so live
 streams are never dropped by a rotation.
 
+The HTTP API (`server_ssl_context`): an `ssl.SSLContext` that checks the same stamps on
+every handshake and moves the new connection onto a context made from the new files.
+
 Client side (`ChannelTls`): gRPC's channel credentials are fixed when a channel is made, so
 a client asks `changed()` before each call and opens a new channel when the files changed;
 the old channel is closed once its last call ends (shared/transport/channels.py).
@@ -46,13 +49,13 @@ def is_loopback(host: str) -> bool:
         return False  # a DNS name other than localhost: assume reachable from outside
 
 
-def plaintext_warning(address: str) -> str | None:
+def plaintext_warning(address: str, protocol: str = "gRPC") -> str | None:
     """The warning a server logs when it serves plaintext on `address`; None on loopback."""
     host = address.rpartition(":")[0]
     if is_loopback(host):
         return None
     return (
-        f"PLAINTEXT gRPC on {address}: not loopback, so anyone who can reach this port can "
+        f"PLAINTEXT {protocol} on {address}: not loopback, so anyone who can reach this port can "
         "read and forge its traffic. Give --tls-cert/--tls-key (and the CA flags) to serve "
         "TLS; plaintext is meant for local runs only."
     )
@@ -125,6 +128,65 @@ def server_credentials(config: TlsConfig) -> grpc.ServerCredentials:
     return grpc.dynamic_ssl_server_credentials(
         files.initial, files.fetch, require_client_authentication=config.require_client_cert
     )
+
+
+class _HttpsFiles:
+    """The same files behind an `ssl.SSLContext` (the HTTP API's uvicorn server).
+
+    asyncio makes every connection's TLS object from the one context it was given (`base`);
+    its SNI callback, which OpenSSL runs on every ClientHello (with or without a server
+    name), checks the files' stamp and moves the connection onto the newest context. A new
+    context is only made from a pair whose key matches its certificate; connections already
+    open keep what they negotiated."""
+
+    def __init__(self, config: TlsConfig) -> None:
+        self._config = config
+        self._paths = config.paths
+        self._lock = threading.Lock()
+        self._stamp = _stamp(self._paths)
+        self.reloads = 0
+        self.base = self._context()
+        self.base.sni_callback = self._on_client_hello
+        self.current = self.base
+
+    def _context(self) -> ssl.SSLContext:
+        config = self._config
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(config.cert, config.key)  # SSLError unless the key matches
+        if config.ca is not None:
+            context.load_verify_locations(cafile=config.ca)
+        if config.require_client_cert:
+            context.verify_mode = ssl.CERT_REQUIRED
+        context.set_alpn_protocols(["http/1.1"])
+        return context
+
+    def _on_client_hello(
+        self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
+    ) -> None:
+        stamp = _stamp(self._paths)
+        with self._lock:
+            if stamp != self._stamp:
+                try:
+                    fresh = self._context()
+                except (OSError, ssl.SSLError) as err:
+                    log.warning("TLS files %s unusable, keeping the current certificate: %s",
+                                [str(p) for p in self._paths], err)  # fmt: skip
+                else:
+                    if _stamp(self._paths) == stamp:  # else: take it on the next handshake
+                        self._stamp, self.current = stamp, fresh
+                        self.reloads += 1
+                        log.info("TLS certificate reloaded from %s", self._config.cert)
+            current = self.current
+        if current is not context:
+            connection.context = current
+
+
+def server_ssl_context(config: TlsConfig) -> ssl.SSLContext:
+    """An `ssl.SSLContext` for an asyncio server (uvicorn) that serves the files of `config`
+    and picks up rotated ones on the next handshake, as `server_credentials` does for gRPC;
+    client certificates chaining to `config.ca` are required when `require_client_cert`."""
+    return _HttpsFiles(config).base
 
 
 class ChannelTls:

@@ -35,8 +35,9 @@ from jax.sharding import Mesh
 from shared.config import MODEL_PRESETS, EngineConfig, ModelConfig, Quantization, model_preset
 from shared.engine.engine import init_params, param_shardings
 from shared.engine.mesh import Parallelism
-from shared.weights import hf
+from shared.weights import gguf_import, hf
 from shared.weights.hf import CheckpointError
+from shared.weights.packaged import PACKAGED_MODELS, resolve_packaged
 from shared.weights.tree import (
     AbstractFlat,
     Flat,
@@ -60,6 +61,7 @@ class ModelSource(enum.Enum):
     PRESET = "preset"  # seeded random weights of a named config
     ORBAX = "orbax"  # a directory written by `pdserve convert`
     HF = "hf"  # a Hugging Face directory, converted on load
+    GGUF = "gguf"  # a llama.cpp GGUF file, dequantized on load
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,7 +96,8 @@ def load_model(
     seed: int = 0,
     mesh: Mesh | None = None,
 ) -> LoadedModel:
-    """Resolve `--model`: a preset name, a `pdserve convert` checkpoint, or an HF directory.
+    """Resolve `--model`: a preset name, a packaged model (`smollm2`), a GGUF file, a
+    `pdserve convert` checkpoint, or an HF directory.
 
     Params come in `engine_config.dtype` (int8 kernels and float32 scales when quantized),
     and with a `mesh`, already sharded over it (each tensor placed on its shards as it is
@@ -106,7 +109,9 @@ def load_model(
     dtype = jnp.dtype(engine_config.dtype)
     if spec in MODEL_PRESETS:
         return _load_preset(spec, quant, dtype, seed, mesh)
-    path = pathlib.Path(spec).expanduser().resolve()
+    path = resolve_packaged(spec) or pathlib.Path(spec).expanduser().resolve()
+    if gguf_import.is_gguf(path):
+        return load_gguf(path, quant, dtype, mesh)
     if (path / METADATA_FILE).is_file():
         return load_checkpoint(path, quant, dtype, mesh)
     if (path / "config.json").is_file():
@@ -117,7 +122,8 @@ def load_model(
             "Face directory (config.json missing)"
         )
     raise CheckpointError(
-        f"--model {spec!r}: not a preset ({', '.join(sorted(MODEL_PRESETS))}) and no such directory"
+        f"--model {spec!r}: not a preset ({', '.join(sorted(MODEL_PRESETS))}), a packaged "
+        f"model ({', '.join(PACKAGED_MODELS)}), a .gguf file or a directory"
     )
 
 
@@ -150,6 +156,19 @@ def load_hf(
         weights_id(flat),
         ModelSource.HF,
     )
+
+
+def load_gguf(
+    path: pathlib.Path, quant: Quantization | None, dtype: jnp.dtype, mesh: Mesh | None = None
+) -> LoadedModel:
+    """A GGUF file, dequantized (and quantized to int8, if asked) tensor by tensor, each
+    placed on its shards when there is a mesh."""
+    reader = gguf_import.open_gguf(path)
+    config = dataclasses.replace(gguf_import.read_config(reader, path), quantization=quant)
+    abstract = abstract_params(config, dtype, mesh)
+    flat = gguf_import.read_params(reader, path, config, flatten(abstract))
+    # The tokenizer lives in the file's metadata (shared/weights/gguf_tokenizer.py).
+    return LoadedModel(config, unflatten(abstract, flat), None, weights_id(flat), ModelSource.GGUF)
 
 
 # Orbax ---------------------------------------------------------------------------------------

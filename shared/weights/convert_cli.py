@@ -1,9 +1,11 @@
-"""`pdserve convert`: an HF directory (or a preset) -> a pdserve orbax checkpoint.
+"""`pdserve convert`: an HF directory, a GGUF file (or a preset) -> a pdserve orbax checkpoint.
 
     pdserve convert --hf-dir DIR --out CKPT [--quantize int8] [--float-lm-head]
+    pdserve convert --gguf FILE.gguf --out CKPT [--quantize int8]
 
 The checkpoint holds the params (int8 + per-channel scales with --quantize int8), the
-model config and the tokenizer, so a server started with `--model CKPT` needs nothing else.
+model config, the tokenizer and the chat template, so a server started with
+`--model CKPT` needs nothing else.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf-dir", type=pathlib.Path, help="Hugging Face model directory")
+    source.add_argument(
+        "--gguf", type=pathlib.Path, help="a llama.cpp GGUF file (llama architecture)"
+    )
     source.add_argument("--preset", help="a preset's seeded weights (tiny, small)")
     parser.add_argument("--out", type=pathlib.Path, required=True, help="new checkpoint dir")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -34,10 +39,11 @@ def main(argv: Sequence[str]) -> int:
     # JAX and orbax only once the flags parsed: `pdserve convert --help` stays instant.
     from shared.config import EngineConfig
     from shared.weights.checkpoint import CheckpointError, load_model, param_bytes, save_checkpoint
+    from shared.weights.model_info import load_model_info, save_text_files
 
     args = build_parser().parse_args(list(argv))
     start = time.perf_counter()
-    spec = str(args.hf_dir) if args.hf_dir is not None else args.preset
+    spec = str(args.hf_dir or args.gguf or args.preset)
     try:
         loaded = load_model(
             spec,
@@ -51,6 +57,7 @@ def main(argv: Sequence[str]) -> int:
             tokenizer=loaded.tokenizer_path,
             weights=loaded.weights_id,
         )
+        save_text_files(load_model_info(spec), args.out.expanduser().resolve())
     except CheckpointError as err:
         print(f"pdserve convert: {err}", file=sys.stderr)
         return 1

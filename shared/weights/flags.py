@@ -9,12 +9,13 @@ import argparse
 from shared.config import Quantization
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, default: str = "tiny") -> None:
     """`--model` and the quantization flags; read them back with `quantization_from_args`."""
     parser.add_argument(
         "--model",
-        default="tiny",
-        help="preset name (tiny, small), a `pdserve convert` checkpoint dir, or an HF dir",
+        default=default,
+        help="preset name (tiny, small), packaged model (smollm2), a .gguf file, a "
+        f"`pdserve convert` checkpoint dir, or an HF dir (default: {default})",
     )
     add_quantize_arguments(parser)
 

@@ -150,8 +150,17 @@ livenessProbe:
   timeoutSeconds: 5
   failureThreshold: 3
 readinessProbe:
+  {{- if .httpPort }}
+  # The HTTP API's own health (503 while draining), so that a pod whose HTTP server is
+  # not serving leaves the Service too.
+  httpGet:
+    path: /health
+    port: {{ .httpPort }}
+    scheme: {{ .httpScheme | default "HTTP" }}
+  {{- else }}
   grpc:
     port: {{ .port }}
+  {{- end }}
   periodSeconds: 5
   timeoutSeconds: 5
   failureThreshold: 2

@@ -26,7 +26,17 @@ from shared.client.loadgen.workload import LengthDist, WorkloadError, from_file,
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdserve bench", description=__doc__.splitlines()[0])
-    p.add_argument("--target", default="127.0.0.1:50051", help="orchestrator HOST:PORT")
+    p.add_argument(
+        "--target",
+        default="127.0.0.1:50051",
+        help="orchestrator HOST:PORT (gRPC), or its HTTP API's HOST:PORT with --api openai",
+    )
+    p.add_argument(
+        "--api",
+        choices=("grpc", "openai"),
+        default="grpc",
+        help="grpc: the Generate API; openai: the OpenAI-compatible /v1/completions (SSE)",
+    )
     p.add_argument("--token-file", type=Path, help="bearer token for an authenticated server")
     load = p.add_mutually_exclusive_group(required=True)
     load.add_argument("--rate", type=float, help="open loop: Poisson arrivals per second")
@@ -103,6 +113,7 @@ def config_from_args(args: argparse.Namespace, target: str | None = None) -> Run
         ignore_eos=args.ignore_eos,
         request_timeout_s=args.request_timeout_s,
         token=token,
+        api=args.api,
     )
 
 

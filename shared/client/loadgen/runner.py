@@ -2,6 +2,8 @@
 
 1. The run starts its clock (t=0) and opens one gRPC channel to the orchestrator; every
    request is a stream on it (HTTP/2 multiplexes them, so no per-request connect cost).
+   With `--api openai` it opens an HTTP connection pool to the OpenAI-compatible API
+   instead (shared/client/loadgen/openai_client.py): the same workload, the other door.
 2. Open loop: request i is sent at its Poisson offset whether or not earlier ones have
    finished (the arrival process ignores the server, so queueing shows up as latency, not
    as a lower send rate). Closed loop: N coroutines each send, wait for the end, send again.
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from shared.client.generator import AsyncGeneratorClient, GenerateError
+from shared.client.loadgen.openai_client import AsyncOpenAIClient
 from shared.client.loadgen.workload import RequestSpec, WorkloadError, poisson_offsets
 
 # Finish reasons of a request that ended as asked; any other one is an error.
@@ -37,8 +40,11 @@ class RunConfig:
     ignore_eos: bool = True  # so every request generates exactly its output_len
     request_timeout_s: float | None = None
     token: str | None = None
+    api: str = "grpc"  # "grpc": the Generate API at `target`; "openai": HTTP at `target`
 
     def __post_init__(self) -> None:
+        if self.api not in ("grpc", "openai"):
+            raise WorkloadError(f"--api {self.api!r}: choose 'grpc' or 'openai'")
         if (self.rate is None) == (self.concurrency is None):
             raise WorkloadError("give exactly one of --rate (open loop) or --concurrency")
         if self.concurrency is not None and self.concurrency < 1:
@@ -104,7 +110,11 @@ async def run(
     records: list[RequestRecord] = []
     started_unix = time.time()
     t0 = time.perf_counter()
-    async with AsyncGeneratorClient(config.target, config.token) as client:
+    client_class = AsyncOpenAIClient if config.api == "openai" else AsyncGeneratorClient
+    target = config.target
+    if config.api == "openai" and not target.startswith(("http://", "https://")):
+        target = f"http://{target}"
+    async with client_class(target, config.token) as client:
 
         async def one(index: int, spec: RequestSpec) -> None:
             record = await _send(client, config, spec, index, t0)
@@ -152,7 +162,11 @@ async def _closed_loop(config, workload, one, t0: float) -> None:
 
 
 async def _send(
-    client: AsyncGeneratorClient, config: RunConfig, spec: RequestSpec, index: int, t0: float
+    client: AsyncGeneratorClient | AsyncOpenAIClient,
+    config: RunConfig,
+    spec: RequestSpec,
+    index: int,
+    t0: float,
 ) -> RequestRecord:
     prompt_len = len(spec.prompt) if isinstance(spec.prompt, tuple) else 0
     record = RequestRecord(index, time.perf_counter() - t0, prompt_len, spec.output_len)

@@ -1,0 +1,154 @@
+"""SmolLM2-135M (the packaged GGUF): worker startup (load + compile) and int8 agreement.
+
+    python bench/smollm2_bench.py --out bench/results/smollm2_bench.json [--skip-startup]
+
+1. Startup: `pdserve worker --role prefill` and `--role decode` with `pdserve serve`'s
+   default engine flags, one after the other (each alone on the machine), timed from
+   spawn to the "serving" line; the worker's own progress lines split load from compile.
+2. int8 agreement: greedy tokens of the AQT int8 model (weight-only, quantized on load
+   from the dequantized float32 weights) against float32, over 20 chat prompts of
+   NEW_TOKENS tokens each (past the end of turn too): the fraction of tokens before the
+   first divergence, averaged (the goal is >= 0.90), and the prompts that agree entirely;
+   for every kernel int8 (`--quantize int8`) and with the embedding table and the tied LM
+   head kept in float (`--quantize int8 --float-lm-head`).
+
+`--skip-startup` keeps the startup figures already in `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+REPO = Path(__file__).resolve().parents[1]
+SERVE_ENGINE_FLAGS = ("--slots", "8", "--prefill-buckets", "16,32,64,128", "--max-seq-len", "256")
+NEW_TOKENS = 32
+QUESTIONS = [
+    "What is the capital of France?", "Name three primary colors.",
+    "Write a haiku about autumn.", "What is 12 times 7?", "Who wrote Romeo and Juliet?",
+    "Explain photosynthesis in one sentence.", "Give me a synonym for happy.",
+    "What is the boiling point of water in Celsius?", "List the planets of the solar system.",
+    "Translate 'good morning' into Spanish.", "What does a CPU do?",
+    "Tell me a fun fact about octopuses.", "How many days are in a leap year?",
+    "What is the largest ocean on Earth?", "Suggest a name for a pet cat.",
+    "Why is the sky blue?", "What is Python used for?", "Describe a rainbow.",
+    "What is the square root of 81?", "Recommend a book for a long flight.",
+]  # fmt: skip
+
+
+def startup(role: str) -> dict:
+    """Seconds from spawn to SERVING, and the worker's own load / compile split."""
+    argv = [sys.executable, "-m", "pdserve_cli", "worker", "--role", role, "--model", "smollm2",
+            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+            *SERVE_ENGINE_FLAGS]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    loaded_s = None
+    try:
+        for line in proc.stdout:
+            if (match := re.search(r"loaded in ([\d.]+)s", line)) and loaded_s is None:
+                loaded_s = float(match[1])
+            if "serving on" in line:
+                total = time.perf_counter() - start
+                return {"role": role, "total_s": total, "load_s": loaded_s,
+                        "compile_s": total - (loaded_s or 0.0)}  # fmt: skip
+        raise RuntimeError(f"{role} exited with {proc.wait()} before serving")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def int8_agreement() -> dict:
+    import numpy as np
+
+    from shared.chat import ChatMessage, render_chat
+    from shared.config import EngineConfig, Quantization
+    from shared.engine.engine import Engine
+    from shared.weights.checkpoint import load_model
+    from shared.weights.model_info import load_model_info
+
+    engine_config = EngineConfig(max_slots=len(QUESTIONS), prefill_buckets=(64,), max_seq_len=128)
+    info = load_model_info("smollm2")
+    prompts = [
+        info.tokenizer.encode(render_chat(info.chat, [ChatMessage("user", q)]), add_bos=False)
+        for q in QUESTIONS
+    ]
+    tokens = {}
+    variants = {
+        "float32": None,
+        "int8": Quantization(),
+        "int8_float_embedding_and_head": Quantization(embedding=False, lm_head=False),
+    }
+    for name, quantize in variants.items():
+        loaded = load_model("smollm2", engine_config=engine_config, quantize=quantize)
+        engine = Engine(loaded.model_config, engine_config)
+        prefixes = [engine.prefill(loaded.params, p) for p in prompts]
+        slots = np.arange(len(prompts), dtype=np.int32)
+        state = engine.bulk_insert(prefixes, engine.init_decode_state(), slots)
+        steps = [np.array([p.first_token for p in prefixes])]
+        for _ in range(NEW_TOKENS - 1):  # greedy past EOS too: every prompt gets 32 tokens
+            state, step = engine.generate(loaded.params, state)
+            steps.append(np.asarray(step))
+        tokens[name] = np.stack(steps, axis=1)  # [prompts, NEW_TOKENS]
+    reference = tokens.pop("float32")
+    return {name: _agreement(reference, other) for name, other in tokens.items()}
+
+
+def _agreement(reference, other) -> dict:
+    import numpy as np
+
+    same = reference == other
+    before_divergence = [int(np.argmin(row)) if not row.all() else NEW_TOKENS for row in same]
+    return {
+        "prompts": len(same),
+        "new_tokens": NEW_TOKENS,
+        "mean_fraction_before_first_divergence": statistics.mean(
+            n / NEW_TOKENS for n in before_divergence
+        ),
+        "tokens_before_first_divergence": before_divergence,
+        "fully_agreeing_prompts": sum(n == NEW_TOKENS for n in before_divergence),
+        "position_agreement": float(same.mean()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--skip-startup", action="store_true")
+    args = parser.parse_args(argv)
+    result: dict = {"load_average_at_start": os.getloadavg()}
+    if args.skip_startup and args.out.is_file():
+        previous = json.loads(args.out.read_text())
+        result["startup"] = previous.get("startup")
+        result["startup_load_average_at_start"] = previous.get("load_average_at_start")
+    if not args.skip_startup:
+        result["startup"] = [startup("prefill"), startup("decode")]
+        for r in result["startup"]:
+            print(f"{r['role']:<8} startup {r['total_s']:6.1f} s  (load {r['load_s']:.1f} s, "
+                  f"compile + process start {r['compile_s']:.1f} s)")  # fmt: skip
+    result["int8_agreement"] = agreements = int8_agreement()
+    for name, agreement in agreements.items():
+        a = agreement
+        print(f"{name} vs float32 over {a['prompts']} prompts x {NEW_TOKENS} tokens: "
+              f"{a['mean_fraction_before_first_divergence']:.3f} of tokens before the first "
+              f"divergence (goal >= 0.90); {a['fully_agreeing_prompts']} prompts agree "
+              f"entirely; per-position agreement {a['position_agreement']:.3f}")  # fmt: skip
+    result["load_average_at_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

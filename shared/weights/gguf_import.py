@@ -1,0 +1,229 @@
+"""GGUF files (llama.cpp's format) of Llama-architecture models -> ModelConfig + flat params.
+
+Read with the `gguf` package: the file is memory-mapped, and each tensor is dequantized
+in numpy (llama.cpp's block formats) one at a time, then cast (or int8-quantized) to its
+target, so loading never holds the float model twice.
+
+Mapping notes:
+* GGUF stores a weight with `ne = [in, out]`, i.e. a row-major numpy array [out, in]
+  (HF's layout); our kernels are [in, out]: transposed here.
+* llama.cpp's converter permutes the rows of `attn_q` and `attn_k` (per head, from HF's
+  rotate_half layout to the interleaved pairs its rope kernel uses). Our RoPE uses HF's
+  layout, so the permutation is undone here (`unpermute_rope_rows`).
+* The model config comes from the `llama.*` metadata keys; BOS/EOS from
+  `tokenizer.ggml.*`. A model without `output.weight` ties its LM head to the embedding.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from shared.config import ConfigError, ModelConfig
+from shared.weights.hf import CheckpointError
+from shared.weights.tree import AbstractFlat, Flat, float_paths, place
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+# Block formats the `gguf` package dequantizes and that we accept; anything else (the
+# IQ*, TQ* and FP4 formats, integer tensors) is refused by name.
+SUPPORTED_TYPES = (
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+)  # fmt: skip
+_REQUIRED_KEYS = (
+    "block_count",
+    "embedding_length",
+    "feed_forward_length",
+    "attention.head_count",
+)
+
+
+def is_gguf(path: pathlib.Path) -> bool:
+    """`--model` names a GGUF file: by its suffix, or by its magic bytes."""
+    if path.suffix == ".gguf":
+        return True
+    if not path.is_file():
+        return False
+    with path.open("rb") as handle:
+        return handle.read(4) == b"GGUF"
+
+
+def open_gguf(path: pathlib.Path) -> Any:
+    """A `gguf.GGUFReader` on `path` (memory-mapped); CheckpointError if it is not GGUF."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such GGUF file")
+    stat = path.stat()
+    return _reader(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _reader(path: str, size: int, mtime_ns: int) -> Any:
+    """Cached per file version: parsing the metadata (tens of thousands of vocabulary
+    strings) takes seconds, and a process that loads weights and tokenizer reads it twice."""
+    import gguf  # imported here: only GGUF models need it
+
+    del size, mtime_ns  # only part of the cache key
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError, KeyError, IndexError) as err:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({err})") from None
+
+
+def metadata(reader: Any, key: str, default: Any = None) -> Any:
+    """One metadata value as a Python value (str, int, float, bool or list), or `default`."""
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+# Config ------------------------------------------------------------------------------------
+
+
+def read_config(reader: Any, path: pathlib.Path) -> ModelConfig:
+    """`general.architecture` + `llama.*` keys -> ModelConfig (float)."""
+    arch = metadata(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(
+            f"{path}: architecture {arch!r} is not supported; pdserve imports GGUF files of "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (use a Hugging Face directory for others)"
+        )
+    missing = [k for k in _REQUIRED_KEYS if metadata(reader, f"{arch}.{k}") is None]
+    if missing:
+        raise CheckpointError(f"{path}: metadata keys missing: {[f'{arch}.{k}' for k in missing]}")
+    scaling = metadata(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling != "none" or "rope_freqs.weight" in _tensor_index(reader):
+        raise CheckpointError(f"{path}: rope scaling ({scaling!r}, rope_freqs) is not supported")
+
+    def key(name: str, default: Any = None) -> Any:
+        return metadata(reader, f"{arch}.{name}", default)
+
+    heads = int(key("attention.head_count"))
+    d_model = int(key("embedding_length"))
+    tokens = metadata(reader, "tokenizer.ggml.tokens")
+    vocab = key("vocab_size") or (len(tokens) if tokens else None)
+    if vocab is None:
+        raise CheckpointError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens")
+    try:
+        return ModelConfig(
+            name=str(metadata(reader, "general.name") or path.stem),
+            vocab_size=int(vocab),
+            d_model=d_model,
+            num_layers=int(key("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(key("attention.head_count_kv") or heads),
+            head_dim=int(key("attention.key_length") or d_model // heads),
+            ffn_dim=int(key("feed_forward_length")),
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            rms_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            tie_embeddings="output.weight" not in _tensor_index(reader),
+            max_position_embeddings=int(key("context_length", 2048)),
+            bos_id=metadata(reader, "tokenizer.ggml.bos_token_id"),
+            eos_id=metadata(reader, "tokenizer.ggml.eos_token_id"),
+        )
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+# Tensors -----------------------------------------------------------------------------------
+
+
+def tensor_names(config: ModelConfig) -> dict[str, tuple[str, int | None]]:
+    """GGUF tensor name -> (our dotted path, heads to un-permute the rows by, or None)."""
+    names: dict[str, tuple[str, int | None]] = {
+        "token_embd.weight": ("embed.embedding", None),
+        "output_norm.weight": ("final_norm.scale", None),
+    }
+    if not config.tie_embeddings:
+        names["output.weight"] = ("lm_head.kernel", None)
+    for i in range(config.num_layers):
+        g, ours = f"blk.{i}.", f"layers.{i}."
+        names[g + "attn_norm.weight"] = (ours + "input_norm.scale", None)
+        names[g + "ffn_norm.weight"] = (ours + "post_attn_norm.scale", None)
+        names[g + "attn_q.weight"] = (ours + "attn.q_proj.kernel", config.num_heads)
+        names[g + "attn_k.weight"] = (ours + "attn.k_proj.kernel", config.num_kv_heads)
+        names[g + "attn_v.weight"] = (ours + "attn.v_proj.kernel", None)
+        names[g + "attn_output.weight"] = (ours + "attn.o_proj.kernel", None)
+        for ffn in ("gate", "up", "down"):
+            names[f"{g}ffn_{ffn}.weight"] = (f"{ours}mlp.{ffn}_proj.kernel", None)
+    return names
+
+
+def permute_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """What llama.cpp's converter does to HF q/k weights [heads * head_dim, in]: within each
+    head, row order (first half, second half) becomes interleaved pairs (0, h/2, 1, ...)."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def unpermute_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """The inverse of `permute_rope_rows`: GGUF q/k rows back to HF's rotate_half layout."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def read_params(
+    reader: Any, path: pathlib.Path, config: ModelConfig, targets: AbstractFlat
+) -> Flat:
+    """Dequantize, check, un-permute, transpose, cast (or quantize) every tensor."""
+    names = tensor_names(config)
+    index = _tensor_index(reader)
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise CheckpointError(
+            f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)"
+        )
+    extra = sorted(set(index) - set(names))
+    if extra:
+        raise CheckpointError(
+            f"{path}: unexpected tensor {extra[0]!r} for a {config.num_layers}-layer llama "
+            f"({len(extra)} unexpected in all)"
+        )
+    covered = {ours for ours, _ in names.values()}
+    uncovered = [p for p in float_paths(targets) if p not in covered]
+    if uncovered:
+        raise AssertionError(f"tensor_names() does not cover params {uncovered}")
+    flat: Flat = {}
+    for name, (ours, heads) in names.items():
+        value = dequantized(index[name], path)  # [out, in] (HF layout); norms: [D]
+        want = targets[ours].shape
+        expected = tuple(reversed(want)) if value.ndim == 2 and ours != "embed.embedding" else want
+        if tuple(value.shape) != tuple(expected):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {list(value.shape)}, the metadata implies "
+                f"{list(expected)}"
+            )
+        if heads is not None:
+            value = unpermute_rope_rows(value, heads)
+        if value.ndim == 2 and ours != "embed.embedding":
+            value = np.ascontiguousarray(value.T)
+        flat.update(place(ours, value, targets))
+        del value
+    return flat
+
+
+def dequantized(tensor: Any, path: pathlib.Path) -> np.ndarray:
+    """One GGUF tensor as float32 numpy, in row-major [.., out, in] order."""
+    from gguf.quants import dequantize
+
+    kind = tensor.tensor_type.name
+    if kind not in SUPPORTED_TYPES:
+        raise CheckpointError(
+            f"{path}: tensor {tensor.name!r} has type {kind}, which pdserve does not load; "
+            f"supported: {', '.join(SUPPORTED_TYPES)}"
+        )
+    shape = tuple(int(n) for n in reversed(tensor.shape))  # ne is fastest-first
+    return np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
+
+
+def _tensor_index(reader: Any) -> dict[str, Any]:
+    return {t.name: t for t in reader.tensors}

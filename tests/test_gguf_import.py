@@ -1,0 +1,201 @@
+"""GGUF import on small files written here the way llama.cpp lays them out (tests/gguf_support.py):
+the q/k row permutation, every accepted block format, refusals, the tokenizer and chat
+template from metadata, and `pdserve convert --gguf`. The real SmolLM2 file is tested
+in tests/test_smollm2.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from shared.config import EngineConfig, ModelConfig
+from shared.weights import convert_cli
+from shared.weights.checkpoint import CheckpointError, load_model
+from shared.weights.gguf_import import permute_rope_rows, unpermute_rope_rows
+from shared.weights.model_info import load_model_info
+from shared.weights.tree import flatten
+from tests.gguf_support import gpt2_byte_alphabet, params_as_gguf_tensors, write_gguf
+
+Q = gguf.GGMLQuantizationType
+ENGINE = EngineConfig(max_slots=1, prefill_buckets=(8,), max_seq_len=16)
+IM_START, IM_END = 256, 257
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer(add_bos: bool = False, model: str = "gpt2") -> dict:
+    """A byte-level BPE of exactly the tiny preset's 320 ids: the 256 byte symbols, two
+    control tokens, merges spelling "the" and " the", and unreachable fillers."""
+    tokens = [*gpt2_byte_alphabet(), "<|im_start|>", "<|im_end|>", "th", "the", "Ġthe"]
+    tokens += [f"<unused{i}>" for i in range(320 - len(tokens))]
+    types = [1] * 256 + [3, 3] + [1] * (len(tokens) - 258)
+    merges = ["t h", "th e", "Ġ the"]  # by rank: " the" is Ġ + t h -> th + e -> Ġ + the
+    V = gguf.GGUFValueType
+    return {
+        "tokenizer.ggml.model": (model, V.STRING),
+        "tokenizer.ggml.pre": ("smollm", V.STRING),
+        "tokenizer.ggml.tokens": (tokens, V.ARRAY, V.STRING),
+        "tokenizer.ggml.token_type": (types, V.ARRAY, V.INT32),
+        "tokenizer.ggml.merges": (merges, V.ARRAY, V.STRING),
+        "tokenizer.ggml.add_bos_token": (add_bos, V.BOOL),
+        "tokenizer.chat_template": (CHATML, V.STRING),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[ModelConfig, dict]:
+    loaded = load_model("tiny", engine_config=ENGINE, seed=0)
+    config = dataclasses.replace(loaded.model_config, bos_id=IM_START, eos_id=IM_END)
+    return config, {k: np.asarray(v) for k, v in flatten(loaded.params).items()}
+
+
+@pytest.fixture(scope="module")
+def f32_file(tmp_path_factory, tiny) -> pathlib.Path:
+    config, flat = tiny
+    path = tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf"
+    return write_gguf(
+        path, config, params_as_gguf_tensors(config, flat), tokenizer=tiny_tokenizer()
+    )
+
+
+def test_rope_permutation_matches_llama_cpp_on_a_hand_example():
+    # Two heads of head_dim 4, one input column: llama.cpp interleaves each head's halves,
+    # rows (0 1 | 2 3) -> (0 2 1 3).
+    rows = np.arange(8, dtype=np.float32)[:, None]
+    assert permute_rope_rows(rows, 2)[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert unpermute_rope_rows(permute_rope_rows(rows, 2), 2)[:, 0].tolist() == list(range(8))
+    # And on a real-sized shape: 3 KV heads of head_dim 8 over 5 inputs.
+    w = np.random.default_rng(0).standard_normal((24, 5)).astype(np.float32)
+    assert not np.array_equal(permute_rope_rows(w, 3), w)
+    np.testing.assert_array_equal(unpermute_rope_rows(permute_rope_rows(w, 3), 3), w)
+
+
+def test_f32_gguf_loads_the_exact_params_and_config(f32_file, tiny):
+    config, flat = tiny
+    loaded = load_model(str(f32_file), engine_config=ENGINE)
+    got = {k: np.asarray(v) for k, v in flatten(loaded.params).items()}
+    assert got.keys() == flat.keys()
+    for path, value in flat.items():
+        np.testing.assert_array_equal(got[path], value, err_msg=path)
+    c = loaded.model_config
+    shape = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+             "ffn_dim", "rope_theta", "tie_embeddings", "bos_id", "eos_id")  # fmt: skip
+    assert {f: getattr(c, f) for f in shape} == {f: getattr(config, f) for f in shape}
+    assert c.rms_eps == pytest.approx(config.rms_eps)
+
+
+# Largest error of each block format, as a fraction of the tensor's largest magnitude: one
+# quantization step of a block whose largest magnitude is the tensor's (symmetric formats
+# scale by amax / 2**(bits-1), offset ones by (max - min) / (2**bits - 1) <= 2 amax / ...).
+BOUNDS = {Q.F16: 2**-10, Q.BF16: 2**-7, Q.Q8_0: 1 / 127, Q.Q5_0: 1 / 16, Q.Q5_1: 2 / 31,
+          Q.Q4_0: 1 / 8, Q.Q4_1: 2 / 15}  # fmt: skip
+
+
+def test_every_block_format_dequantizes_within_its_step(tmp_path, tiny):
+    config, flat = tiny
+    tensors = params_as_gguf_tensors(config, flat)
+    kinds = list(BOUNDS)
+    matrices = [n for n, v in tensors.items() if v.ndim == 2]
+    type_of = {name: kinds[i % len(kinds)] for i, name in enumerate(matrices)}
+    path = write_gguf(tmp_path / "mixed.gguf", config, tensors, type_of=type_of.__getitem__)
+    loaded = flatten(load_model(str(path), engine_config=ENGINE).params)
+    reread = params_as_gguf_tensors(config, {k: np.asarray(v) for k, v in loaded.items()})
+    seen = set()
+    for name, kind in type_of.items():
+        error = np.abs(reread[name] - tensors[name]).max() / np.abs(tensors[name]).max()
+        assert 0 < error <= BOUNDS[kind], (name, kind.name, error)
+        seen.add(kind)
+    assert seen == set(BOUNDS)
+    # int8 on load from the dequantized floats (AQT), as for any float source.
+    int8 = flatten(load_model(str(path), engine_config=ENGINE, quantize="int8").params)
+    assert int8["layers.0.attn.q_proj.kernel"].dtype == jnp.int8
+
+
+def test_an_unsupported_block_format_is_refused_by_name(tmp_path, tiny):
+    config, flat = tiny
+    tensors = params_as_gguf_tensors(config, flat)
+    v = tensors.pop("blk.0.attn_v.weight")  # [64, 256]: one IQ2_XXS block of 256 per row
+    block_bytes = gguf.GGML_QUANT_SIZES[Q.IQ2_XXS][1]
+    raw = {"blk.0.attn_v.weight": (np.zeros((v.shape[0], block_bytes), np.uint8), Q.IQ2_XXS)}
+    path = write_gguf(tmp_path / "iq.gguf", config, tensors, raw=raw)
+    with pytest.raises(CheckpointError, match=r"'blk.0.attn_v.weight' has type IQ2_XXS"):
+        load_model(str(path), engine_config=ENGINE)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("arch", "architecture 'qwen3' is not supported"),
+        ("missing", "tensor 'blk.1.ffn_down.weight' is missing"),
+        ("shape", r"tensor 'blk.0.ffn_up.weight' has shape \[700, 256\]"),
+        ("extra", "unexpected tensor 'blk.9.attn_q.weight'"),
+    ],
+)
+def test_bad_files_are_refused_naming_what_is_wrong(tmp_path, tiny, change, message):
+    config, flat = tiny
+    tensors = params_as_gguf_tensors(config, flat)
+    arch = "qwen3" if change == "arch" else "llama"
+    if change == "missing":
+        del tensors["blk.1.ffn_down.weight"]
+    if change == "shape":
+        tensors["blk.0.ffn_up.weight"] = tensors["blk.0.ffn_up.weight"][:700]
+    if change == "extra":
+        tensors["blk.9.attn_q.weight"] = tensors["blk.0.attn_q.weight"]
+    path = write_gguf(tmp_path / "bad.gguf", config, tensors, arch=arch)
+    with pytest.raises(CheckpointError, match=message):
+        load_model(str(path), engine_config=ENGINE)
+
+
+def test_not_a_gguf_file(tmp_path):
+    path = tmp_path / "junk.gguf"
+    path.write_bytes(b"not gguf at all")
+    with pytest.raises(CheckpointError, match=r"junk\.gguf: not a readable GGUF file"):
+        load_model(str(path), engine_config=ENGINE)
+
+
+def test_tokenizer_and_chat_template_from_metadata(f32_file):
+    info = load_model_info(str(f32_file))
+    the, space_the = 259, 260  # "the" and "Ġthe" in tiny_tokenizer()
+    assert info.tokenizer.encode("the<|im_end|> the") == [the, IM_END, space_the]  # no BOS
+    assert info.tokenizer.encode(" th") == [32, 258]  # "Ġ" is byte 32's symbol
+    assert info.tokenizer.decode([the, space_the, ord("B")]) == "the theB"
+    assert info.chat is not None and info.chat.end_of_turn_ids == (IM_END,)
+    assert (info.chat.bos_token, info.chat.eos_token) == ("<|im_start|>", "<|im_end|>")
+
+
+def test_add_bos_token_and_tokenizer_model_are_honoured(tmp_path, tiny):
+    config, flat = tiny
+    tensors = params_as_gguf_tensors(config, flat)
+    with_bos = write_gguf(tmp_path / "bos.gguf", config, tensors, tokenizer=tiny_tokenizer(True))
+    assert load_model_info(str(with_bos)).tokenizer.encode("the") == [IM_START, 259]
+    spm = write_gguf(
+        tmp_path / "spm.gguf", config, tensors, tokenizer=tiny_tokenizer(model="llama")
+    )
+    with pytest.raises(CheckpointError, match="tokenizer model 'llama' is not supported"):
+        load_model_info(str(spm))
+
+
+def test_convert_gguf_writes_a_checkpoint_with_params_tokenizer_and_template(
+    f32_file, tmp_path, capsys
+):
+    out = tmp_path / "ckpt"
+    assert convert_cli.main(["--gguf", str(f32_file), "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    direct = load_model(str(f32_file), engine_config=ENGINE)
+    restored = load_model(str(out), engine_config=ENGINE)
+    assert restored.weights_id == direct.weights_id
+    assert restored.model_config == direct.model_config
+    info, original = load_model_info(str(out)), load_model_info(str(f32_file))
+    text = "the<|im_start|> the"
+    assert info.tokenizer.encode(text) == original.tokenizer.encode(text)
+    assert info.chat == original.chat
+    assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is False
