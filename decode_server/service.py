@@ -6,6 +6,11 @@ It ties the pieces together without doing engine work itself:
   `DecodeLoop.submit`; a rejection finishes the lease (slot freed, stream ends ERROR).
 * StreamTokens -> the lease's channel, fed by the engine thread once per step.
 * Cancel, or the stream's caller going away -> `DecodeLoop.finish` (next step boundary).
+
+Backpressure: the engine thread never waits for a reader. A channel holds at most
+`max_unsent_batches` batches (one per step) that its caller has not read; past that the
+lease is finished CANCELLED (slot freed at the next step boundary), the buffered batches are
+dropped, and the stream ends RESOURCE_EXHAUSTED when its caller reads again.
 """
 
 from __future__ import annotations
@@ -48,18 +53,20 @@ class _Channel:
     """One lease's token batches, buffered until its StreamTokens reads them."""
 
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[TokenBatch] = asyncio.Queue()
+        self.queue: asyncio.Queue[TokenBatch | TransportError] = asyncio.Queue()
         self.attached = False
         self.finished = False
+        self.overflowed = False
 
 
 class DecodeService:
     def __init__(
         self, loop: DecodeLoop, table: SlotTable, inbox: KvInbox, max_seq_len: int,
-        metrics: WorkerMetrics,
+        metrics: WorkerMetrics, max_unsent_batches: int = 256,
     ) -> None:  # fmt: skip
         self._loop, self._table, self._inbox = loop, table, inbox
         self._max_seq_len = max_seq_len
+        self._max_unsent = max_unsent_batches
         self._metrics = metrics
         self._channels: dict[str, _Channel] = {}
         self._event_loop: asyncio.AbstractEventLoop | None = None
@@ -79,8 +86,11 @@ class DecodeService:
     def _deliver(self, events: list[tuple[str, TokenBatch]]) -> None:
         for lease_id, batch in events:
             channel = self._channels.get(lease_id)
-            if channel is None:
-                continue  # its stream already went away
+            if channel is None or channel.overflowed:
+                continue  # its stream already went away, or was cut for falling behind
+            if channel.queue.qsize() >= self._max_unsent and batch.finish is None:
+                self._cut(lease_id, channel)
+                continue
             channel.queue.put_nowait(batch)
             if batch.finish is not None:
                 channel.finished = True
@@ -89,6 +99,27 @@ class DecodeService:
                     asyncio.get_running_loop().call_later(
                         UNCLAIMED_CHANNEL_TTL_S, self._channels.pop, lease_id, None
                     )
+
+    def _cut(self, lease_id: str, channel: _Channel) -> None:
+        """The lease's reader fell `max_unsent_batches` behind: end the lease, drop what it
+        left unread, and tell the reader why when it reads again."""
+        self._loop.finish(lease_id, DecodeFinish.CANCELLED, "stream reader too far behind")
+        self._inbox.close(lease_id)  # its finish batch is dropped below: close the entry now
+        channel.overflowed = True
+        while not channel.queue.empty():
+            channel.queue.get_nowait()
+        channel.queue.put_nowait(
+            TransportError(
+                StatusCode.RESOURCE_EXHAUSTED,
+                f"lease {lease_id!r}: the stream's reader left {self._max_unsent} token "
+                "batches unread (--max-unsent-batches); the lease was cancelled",
+            )
+        )
+        self._metrics.finished("reader_too_slow")
+        if not channel.attached:
+            asyncio.get_running_loop().call_later(
+                UNCLAIMED_CHANNEL_TTL_S, self._channels.pop, lease_id, None
+            )
 
     # DecodeHandler ----------------------------------------------------------------------------
 
@@ -129,6 +160,9 @@ class DecodeService:
         try:
             while not finished:
                 batch = await channel.queue.get()
+                if isinstance(batch, TransportError):
+                    finished = True  # the lease is already finished (cut for falling behind)
+                    raise batch
                 finished = batch.finish is not None
                 yield batch
         finally:

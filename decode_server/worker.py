@@ -79,5 +79,7 @@ def build_decode_worker(
     )
     inbox = KvInbox(spec, deliver=lambda lid, p: service.deliver_prefix(lid, p),
                     reject=lambda lid, err: service.reject_prefix(lid, err))  # fmt: skip
-    service = DecodeService(loop, table, inbox, engine.config.max_seq_len, metrics)
+    service = DecodeService(
+        loop, table, inbox, engine.config.max_seq_len, metrics, config.max_unsent_batches
+    )
     return DecodeWorker(table, loop, inbox, service)

@@ -55,6 +55,11 @@ def build_orchestrator(
         model.eos_id, config.lease_ttl_s, config.prefill_retries, config.decode_retries
     )
     flow = GenerateFlow(workers, broker, policy, metrics, settings)
-    limits = FrontendLimits(config.max_tokens_limit)
+    limits = FrontendLimits(
+        config.max_tokens_limit,
+        max_stop_strings=config.max_stop_strings,
+        max_stop_chars=config.max_stop_chars,
+        max_unsent_tokens=config.max_unsent_tokens,
+    )
     frontend = Frontend(flow, model_info.tokenizer, model, limits, metrics, model_info.chat)
     return Orchestrator(workers, broker, frontend, metrics)

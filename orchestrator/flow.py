@@ -26,6 +26,7 @@ import dataclasses
 import enum
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 
 from orchestrator.admission import NoWorkersError, SlotBroker
@@ -69,6 +70,10 @@ class GenerateJob:
     stop_token_ids: tuple[int, ...]
     stop_on_eos: bool
     deadline: float | None  # unix time; None: no deadline
+    # The id workers know this call by (reserve, prefill, cancel): unique per call, never the
+    # client's request_id, so that two clients choosing the same id cannot cancel or block
+    # each other's work.
+    worker_key: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -183,7 +188,7 @@ class GenerateFlow:
             job.max_tokens - len(generated), job.stop_token_ids, job.stop_on_eos
         )
         reserve = ReserveRequest(
-            job.request_id, len(prompt), limits, self._settings.lease_ttl_s, job.deadline
+            job.worker_key, len(prompt), limits, self._settings.lease_ttl_s, job.deadline
         )
         queued = time.perf_counter()
         try:
@@ -193,12 +198,13 @@ class GenerateFlow:
         if not generated:
             self._metrics.queue_seconds.observe(time.perf_counter() - queued)
         tokens: asyncio.Queue[TokenBatch | BaseException] = asyncio.Queue()
-        reader = asyncio.create_task(self._read(worker, lease, tokens))
+        broken = asyncio.Event()  # the decode stream failed
+        reader = asyncio.create_task(self._read(worker, lease, tokens, broken))
         done = False
         prefill: Worker | None = None
         try:
             prefill = self._prefill_worker(worker)
-            first = await self._prefill(job, prompt, prefill, worker, lease)
+            first = await self._prefill_unless_broken(job, prompt, prefill, worker, lease, broken)
             if first in job.stop_token_ids or (job.stop_on_eos and first == self._settings.eos_id):
                 yield Delta((), FinishReason.STOP)
                 return
@@ -225,12 +231,37 @@ class GenerateFlow:
             reader.cancel()
             self._cleanup(job, worker, lease, prefill, cancel=not done)
 
-    async def _read(self, worker: Worker, lease: Lease, out: asyncio.Queue) -> None:
+    async def _read(
+        self, worker: Worker, lease: Lease, out: asyncio.Queue, broken: asyncio.Event
+    ) -> None:
         try:
             async for batch in worker.decode.stream_tokens(lease.lease_id):
                 out.put_nowait(batch)
         except TransportError as err:
             out.put_nowait(err)
+            broken.set()
+
+    async def _prefill_unless_broken(
+        self, job: GenerateJob, prompt: tuple[int, ...], prefill: Worker, decode: Worker,
+        lease: Lease, broken: asyncio.Event,
+    ) -> int:  # fmt: skip
+        """`_prefill`, abandoned as soon as the decode worker's stream breaks: the KV push
+        waits for its connection to the decode worker (which may be reconnecting after a
+        restart), so a decode worker that died meanwhile must not hold the request until
+        the push's deadline. Raises _DecodeLost then."""
+        call = asyncio.ensure_future(self._prefill(job, prompt, prefill, decode, lease))
+        watch = asyncio.ensure_future(broken.wait())
+        try:
+            await asyncio.wait({call, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not call.done():  # the stream broke first (or we were cancelled)
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
+        if call.cancelled():
+            self._registry.eject(decode, "token stream failed during the prefill")
+            raise _DecodeLost(f"{decode.address}: the token stream failed during the prefill")
+        return call.result()
 
     def _prefill_worker(self, decode: Worker) -> Worker:
         if WorkerRole.PREFILL in decode.roles:
@@ -248,7 +279,7 @@ class GenerateFlow:
     ) -> int:  # fmt: skip
         """The first token, from `prefill`, which pushed the KV to `decode`."""
         request = PrefillRequest(
-            job.request_id,
+            job.worker_key,
             prompt,
             job.sampling,
             decode.address,
@@ -307,7 +338,7 @@ class GenerateFlow:
                     await worker.decode.cancel(lease.lease_id)
                 if prefill is not None:
                     with contextlib.suppress(TransportError):
-                        await prefill.prefill.cancel(job.request_id)
+                        await prefill.prefill.cancel(job.worker_key)
             self._broker.release(worker)
 
         task = asyncio.get_running_loop().create_task(run())

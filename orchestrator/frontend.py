@@ -7,7 +7,6 @@ everything a frontend can observe is decided here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 import uuid
@@ -15,6 +14,7 @@ from collections.abc import AsyncIterator
 
 from orchestrator.admission import QueueFullError
 from orchestrator.flow import Delta, FinishReason, GenerateFlow, GenerateJob, RequestFailed
+from orchestrator.outbox import ConsumerTooSlow, Outbox
 from orchestrator.text import TextStream
 from shared.chat import ChatError, ChatMessage, render_chat
 from shared.config import ModelConfig
@@ -23,8 +23,6 @@ from shared.metrics import OrchestratorMetrics
 from shared.tokenizer import ChatFormat, Tokenizer
 from shared.transport.types import StatusCode
 
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
 MAX_REQUEST_ID_CHARS = 128
 
 
@@ -60,6 +58,9 @@ class GenerateOutput:
 class FrontendLimits:
     max_tokens_limit: int
     default_max_tokens: int = 256
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256  # per stop string
+    max_unsent_tokens: int = 1024  # a stream's output waiting for a slow client (outbox.py)
 
 
 class Frontend:
@@ -95,7 +96,7 @@ class Frontend:
         loop = asyncio.get_running_loop()
         deadline = None if own_timeout is None else loop.time() + own_timeout
         try:
-            async with contextlib.aclosing(self._flow.run(job)) as deltas:
+            async with Outbox(self._flow.run(job), self._limits.max_unsent_tokens) as deltas:
                 while finish is None:
                     # The request's own timeout covers waiting for the flow, never a
                     # `yield`: while suspended there, the caller (grpc.aio writing the last
@@ -104,10 +105,9 @@ class Frontend:
                     # the RPC without a status and the client waits forever.
                     if deadline is not None and loop.time() >= deadline:
                         raise TimeoutError  # tokens may be queued: anext would not wait
-                    try:
-                        async with asyncio.timeout_at(deadline):
-                            delta = await anext(deltas)
-                    except StopAsyncIteration:
+                    async with asyncio.timeout_at(deadline):
+                        delta = await deltas.get()
+                    if delta is None:
                         break
                     token_times += [time.perf_counter()] * len(delta.token_ids)
                     completion += len(delta.token_ids)
@@ -129,6 +129,8 @@ class Frontend:
             raise
         except (RequestFailed, QueueFullError) as err:
             code = getattr(err, "code", StatusCode.RESOURCE_EXHAUSTED)
+            if isinstance(err, ConsumerTooSlow):
+                self._metrics.slow_consumers.inc()
             raise
         finally:
             self.in_flight -= 1
@@ -178,12 +180,16 @@ class Frontend:
         if r.max_tokens < 0 or r.max_tokens > limit:
             raise InvalidRequest(f"max_tokens={r.max_tokens} must be in [0, {limit}] (0: default)")
         max_tokens = r.max_tokens or min(self._limits.default_max_tokens, limit)
-        if len(r.stop) > MAX_STOP_STRINGS:
-            raise InvalidRequest(f"{len(r.stop)} stop strings; the limit is {MAX_STOP_STRINGS}")
+        limits = self._limits
+        if len(r.stop) > limits.max_stop_strings:
+            raise InvalidRequest(
+                f"{len(r.stop)} stop strings; the limit is {limits.max_stop_strings}"
+            )
         for s in r.stop:
-            if not s or len(s) > MAX_STOP_CHARS:
+            if not s or len(s) > limits.max_stop_chars:
+                shown = s if len(s) <= 40 else f"{s[:40]}... ({len(s)} characters)"
                 raise InvalidRequest(
-                    f"stop string {s!r} must have 1 to {MAX_STOP_CHARS} characters"
+                    f"stop string {shown!r} must have 1 to {limits.max_stop_chars} characters"
                 )
         self._check_ids("stop_token_ids", r.stop_token_ids)
         stop_ids = tuple(r.stop_token_ids)

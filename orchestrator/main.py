@@ -22,55 +22,66 @@ from prometheus_client import CollectorRegistry
 from orchestrator.app import build_orchestrator
 from orchestrator.auth import BearerTokenInterceptor
 from orchestrator.connect import GrpcConnector
+from orchestrator.frontend import Frontend
 from orchestrator.http_server import HttpServer
+from orchestrator.limits import StreamsPerConnection
 from orchestrator.openai_api import build_openai_app
-from orchestrator.servicer import GeneratorServicer
+from orchestrator.servicer import GeneratorServicer, generator_service
 from shared.config import ConfigError
-from shared.metrics import MetricsServer
-from shared.rpc.pdserve.v1 import generate_pb2, generate_pb2_grpc
+from shared.metrics import MetricsServer, OrchestratorMetrics
 from shared.serving.orchestrator_config import OrchestratorConfig, parse_orchestrator_args
-from shared.transport.server import Service, start_server
-from shared.transport.types import TransportConfig
+from shared.transport.server import RunningServer, start_server
 from shared.weights.checkpoint import CheckpointError
 from shared.weights.model_info import load_model_info
 
 log = logging.getLogger("pdserve.orchestrator")
 
 
-def generator_service(servicer: GeneratorServicer) -> Service:
-    name = generate_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
-    return Service(name, lambda s: generate_pb2_grpc.add_GeneratorServicer_to_server(servicer, s))
+async def start_public_server(config: OrchestratorConfig, frontend: Frontend) -> RunningServer:
+    """The public port: Generator (+ health, reflection) with TLS and client certificates
+    and/or the bearer token as configured, and every limit of `config.public_transport()`."""
+    token = config.auth_token()
+    interceptors = [BearerTokenInterceptor(token)] if token else []
+    servicer = GeneratorServicer(frontend, StreamsPerConnection(config.max_streams_per_connection))
+    return await start_server(
+        config.address, [generator_service(servicer)], config.public_transport(), interceptors,
+        health_address=config.health_address,
+    )  # fmt: skip
+
+
+async def start_http_server(
+    config: OrchestratorConfig, frontend: Frontend, metrics: OrchestratorMetrics
+) -> HttpServer | None:
+    """The OpenAI-compatible HTTP API (None without --http-port): the same bearer token,
+    and the public port's TLS and client-certificate requirement (HTTPS)."""
+    if config.http_port < 0:
+        return None
+    app = build_openai_app(frontend, config.model_name, config.auth_token(), metrics)
+    http = HttpServer(app, config.host, config.http_port, config.public_tls())
+    await http.start()
+    return http
 
 
 async def serve(config: OrchestratorConfig) -> int:
     model_info = load_model_info(config.model)
-    transport = TransportConfig()
-    connector = GrpcConnector(transport)
+    connector = GrpcConnector(config.internal_transport())
     registry = CollectorRegistry()
     orch = build_orchestrator(config, connector, model_info, registry)
     await orch.start()
-    token = config.auth_token()
-    interceptors = [BearerTokenInterceptor(token)] if token else []
-    server = await start_server(
-        config.address, [generator_service(GeneratorServicer(orch.frontend))], transport,
-        interceptors,
-    )  # fmt: skip
+    server = await start_public_server(config, orch.frontend)
     metrics = (
         MetricsServer(registry, config.metrics_port, config.host)
         if config.metrics_port >= 0
         else None
     )
-    http = None
-    if config.http_port >= 0:
-        app = build_openai_app(orch.frontend, config.model_name, token, orch.metrics)
-        http = HttpServer(app, config.host, config.http_port)
-        await http.start()
+    http = await start_http_server(config, orch.frontend, orch.metrics)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     print(
         f"pdserve orchestrator serving on {config.host}:{server.port} "
-        f"metrics_port={metrics.port if metrics else -1} http_port={http.port if http else -1}",
+        f"metrics_port={metrics.port if metrics else -1} http_port={http.port if http else -1} "
+        f"health_port={server.health_port}",
         flush=True,
     )
     await stop.wait()

@@ -28,12 +28,14 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from orchestrator.admission import QueueFullError
 from orchestrator.flow import FinishReason, RequestFailed
@@ -109,19 +111,10 @@ def build_openai_app(
     api = _Api(frontend, model_name)
     created = int(time.time())
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next: Callable) -> object:
-        path = request.url.path
-        if token is not None and path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                why = "missing bearer token" if not given else "wrong bearer token"
-                response = ApiError(UNAUTHENTICATED, why, error_code="invalid_api_key").response()
-                metrics.http_requests.labels(path, "401").inc()
-                return response
-        response = await call_next(request)
-        metrics.http_requests.labels(path, str(response.status_code)).inc()
-        return response
+    # A pure ASGI middleware, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware
+    # hides the client's disconnect from `request.is_disconnected()`, so a non-streamed
+    # request whose client went away would run to its end for nobody.
+    app.add_middleware(_AuthAndCount, token=token, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -153,6 +146,36 @@ def build_openai_app(
         return await _until_disconnected(request, api.chat_completions(body))
 
     return app
+
+
+class _AuthAndCount:
+    """`/v1/*` needs the bearer token (when one is set); every response is counted by path
+    and status (when it starts: a stream's body may run on long after)."""
+
+    def __init__(self, app: ASGIApp, token: str | None, metrics: OrchestratorMetrics) -> None:
+        self._app, self._token, self._metrics = app, token, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        path = scope["path"]
+        counter = self._metrics.http_requests
+        if self._token is not None and path.startswith("/v1/"):
+            given = Headers(scope=scope).get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self._token}".encode()):
+                why = "missing bearer token" if not given else "wrong bearer token"
+                response = ApiError(UNAUTHENTICATED, why, error_code="invalid_api_key").response()
+                counter.labels(path, "401").inc()
+                await response(scope, receive, send)
+                return
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                counter.labels(path, str(message["status"])).inc()
+            await send(message)
+
+        await self._app(scope, receive, counted)
 
 
 DISCONNECT_POLL_S = 0.1

@@ -1,16 +1,33 @@
-"""`pdserve.v1.Generator` over gRPC: proto <-> domain, errors -> status codes. Nothing else."""
+"""`pdserve.v1.Generator` over gRPC: proto <-> domain, errors -> status codes. Nothing else.
+
+The request is parsed here rather than by gRPC's generated deserializer: bytes that are not
+a valid GenerateRequest (invalid UTF-8 in `text` or `stop`, a truncated message) get
+INVALID_ARGUMENT naming the parse error, where gRPC's own would answer INTERNAL.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from orchestrator.admission import QueueFullError
 from orchestrator.flow import FinishReason, RequestFailed
-from orchestrator.frontend import Frontend, GenerateInput, InvalidRequest, sampling_from_fields
+from orchestrator.frontend import (
+    Frontend,
+    GenerateInput,
+    GenerateOutput,
+    InvalidRequest,
+    sampling_from_fields,
+)
+from orchestrator.limits import StreamsPerConnection, TooManyStreams
 from shared.chat import ChatMessage
 from shared.rpc.pdserve.v1 import generate_pb2, generate_pb2_grpc
+from shared.transport.server import Service
+
+SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
 
 _FINISH = {
     FinishReason.STOP: generate_pb2.FINISH_REASON_STOP,
@@ -19,6 +36,20 @@ _FINISH = {
     FinishReason.DEADLINE: generate_pb2.FINISH_REASON_DEADLINE,
     FinishReason.ERROR: generate_pb2.FINISH_REASON_ERROR,
 }
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
+class Unparsable:
+    """Request bytes that are not a GenerateRequest."""
+
+    error: str
+
+
+def parse_request(data: bytes) -> generate_pb2.GenerateRequest | Unparsable:
+    try:
+        return generate_pb2.GenerateRequest.FromString(data)
+    except DecodeError as err:
+        return Unparsable(str(err))
 
 
 def input_from_proto(request: generate_pb2.GenerateRequest) -> GenerateInput:
@@ -46,26 +77,61 @@ def input_from_proto(request: generate_pb2.GenerateRequest) -> GenerateInput:
 
 
 class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
-    def __init__(self, frontend: Frontend) -> None:
-        self._frontend = frontend
+    def __init__(self, frontend: Frontend, streams: StreamsPerConnection) -> None:
+        self._frontend, self._streams = frontend, streams
 
     async def Generate(
-        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self,
+        request: generate_pb2.GenerateRequest | Unparsable,
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        if isinstance(request, Unparsable):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"not a valid GenerateRequest: {request.error}"
+            )
         try:
-            stream = self._frontend.generate(input_from_proto(request), context.time_remaining())
-            async for out in stream:
-                response = generate_pb2.GenerateResponse(
-                    request_id=out.request_id, token_ids=out.token_ids, text=out.text
+            with self._streams.hold(context.peer()):
+                stream = self._frontend.generate(
+                    input_from_proto(request), context.time_remaining()
                 )
-                if out.finish is not None:
-                    response.finish_reason = _FINISH[out.finish]
-                    response.usage.prompt_tokens = out.prompt_tokens
-                    response.usage.completion_tokens = out.completion_tokens
-                yield response
-        except InvalidRequest as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+                async for out in stream:
+                    yield _response(out)
+        except (InvalidRequest, TooManyStreams) as err:
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            if isinstance(err, TooManyStreams):
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            await context.abort(code, str(err))
         except QueueFullError as err:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except RequestFailed as err:
             await context.abort(grpc.StatusCode[err.code.name], err.message)
+
+
+def _response(out: GenerateOutput) -> generate_pb2.GenerateResponse:
+    response = generate_pb2.GenerateResponse(
+        request_id=out.request_id, token_ids=out.token_ids, text=out.text
+    )
+    if out.finish is not None:
+        response.finish_reason = _FINISH[out.finish]
+        response.usage.prompt_tokens = out.prompt_tokens
+        response.usage.completion_tokens = out.completion_tokens
+    return response
+
+
+def generator_service(servicer: GeneratorServicer) -> Service:
+    """The Generator service with our own request parser (see the module docstring)."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=parse_request,
+            response_serializer=generate_pb2.GenerateResponse.SerializeToString,
+        )
+    }
+
+    def register(server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        )
+        server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+    return Service(SERVICE_NAME, register)

@@ -208,6 +208,12 @@ class OrchestratorMetrics:
             "KV pages of healthy decode workers.",
             registry=registry,
         )
+        self.slow_consumers = Counter(
+            "pdserve_slow_consumer_cancels",
+            "Streams cancelled because their client left too many tokens unsent "
+            "(--max-unsent-tokens).",
+            registry=registry,
+        )
         self.http_requests = Counter(
             "pdserve_http_requests",
             "Requests to the OpenAI-compatible HTTP API by path and HTTP status.",

@@ -217,6 +217,7 @@ class InProcessCluster:
                 *orchestrator_flags,
             ]
         )
+        self.config = orch_config
         self.registry = CollectorRegistry()
         self.orchestrator = build_orchestrator(
             orch_config, FakeConnector(self.network), model_info or load_model_info("tiny"),

@@ -45,9 +45,23 @@ _watchdog: threading.Timer | None = None
 _config: pytest.Config | None = None
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fuzz-examples",
+        type=int,
+        default=None,
+        help="a long fuzz run: this many examples per fuzz test (random, with hypothesis's "
+        "example database), and no time limit on those tests; default: each test's own "
+        "bounded, derandomized count",
+    )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     global _config
     _config = config
+    from tests import fuzzing
+
+    fuzzing.configure(config.getoption("--fuzz-examples"))
 
 
 def _hard_kill(nodeid: str, limit: float) -> None:
@@ -82,6 +96,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             limit = PROCESS_TEST_TIMEOUT_S if on_processes else default
         if marker is None or TIMEOUT_SCALE != 1:
             item.add_marker(pytest.mark.timeout(limit * TIMEOUT_SCALE), append=False)
+        if item.get_closest_marker("fuzz") and config.getoption("--fuzz-examples"):
+            item.add_marker(pytest.mark.timeout(0), append=False)  # bounded by its count
 
 
 @pytest.hookimpl

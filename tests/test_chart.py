@@ -186,7 +186,7 @@ def crd_validators() -> dict[tuple[str, str], jsonschema.protocols.Validator]:
 
 def test_manifests_validate_strictly(rendered: Rendered):
     crds = crd_validators()
-    assert len(crds) == 3
+    assert len(crds) == 4
     for doc in rendered.docs:
         key = (doc["apiVersion"], doc["kind"])
         where = f"{doc['kind']}/{doc['metadata']['name']}"
@@ -277,8 +277,42 @@ def assert_exact_flags(args: list[str], parser: argparse.ArgumentParser) -> None
     assert set(flags) <= known, sorted(set(flags) - known)
 
 
-def parse_worker(args: list[str]) -> WorkerConfig:
+# Flags that name a file the pod reads from a mounted Secret.
+FILE_FLAGS = (
+    "--auth-token-file", "--tls-cert", "--tls-key", "--tls-ca", "--tls-client-ca",
+    "--internal-tls-cert", "--internal-tls-key", "--internal-tls-ca",
+)  # fmt: skip
+
+
+def secret_file(pod: Pod, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The read-only mount and the Secret volume that put `path` in the pod: the mount is
+    the file's directory (never a subPath, which the kubelet never updates: a rotated
+    certificate would not reach the process)."""
+    (mount,) = [m for m in pod.container["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    assert mount.get("readOnly") is True and "subPath" not in mount, mount
+    (volume,) = [v for v in pod.spec["volumes"] if v["name"] == mount["name"]]
+    items = volume["secret"].get("items")
+    if items is not None:  # only these keys: the file must be one of them
+        assert path.name in [item["path"] for item in items]
+    return mount, volume
+
+
+def with_stand_ins(pod: Pod, args: list[str], tmp_path: Path) -> list[str]:
+    """`args` with every Secret file (checked to be mounted) pointed at a local stand-in:
+    the parsers check that the files exist."""
+    args = list(args)
+    for i, arg in enumerate(args[:-1]):
+        if arg in FILE_FLAGS:
+            secret_file(pod, Path(args[i + 1]))
+            stand_in = tmp_path / arg.lstrip("-")
+            stand_in.write_text("t")
+            args[i + 1] = str(stand_in)
+    return args
+
+
+def parse_worker(pod: Pod, tmp_path: Path) -> WorkerConfig:
     """What `pdserve ARGS` would run for a worker, parsed by the worker's own parser."""
+    args = with_stand_ins(pod, pod.container["args"], tmp_path)
     subcommand, rest = args[0], args[1:]
     assert subcommand in pdserve_cli.SUBCOMMANDS, subcommand
     role = None if subcommand == "worker" else Role(subcommand)
@@ -287,31 +321,18 @@ def parse_worker(args: list[str]) -> WorkerConfig:
 
 
 def parse_orchestrator(pod: Pod, tmp_path: Path) -> OrchestratorConfig:
-    """The orchestrator's args, parsed; the token file (a Secret mount in the pod) must
-    exist for the parser, so it is pointed at a local stand-in after checking the mount."""
-    args = list(pod.container["args"])
+    """The orchestrator's args, parsed (Secret files pointed at local stand-ins)."""
+    args = with_stand_ins(pod, pod.container["args"], tmp_path)
     assert args[0] == "orchestrator" and "orchestrator" in pdserve_cli.SUBCOMMANDS
-    if "--auth-token-file" in args:
-        i = args.index("--auth-token-file") + 1
-        token_path = Path(args[i])
-        (mount,) = [
-            m for m in pod.container["volumeMounts"] if m["mountPath"] == str(token_path.parent)
-        ]
-        (volume,) = [v for v in pod.spec["volumes"] if v["name"] == mount["name"]]
-        keys = [item["path"] for item in volume["secret"]["items"]]
-        assert token_path.name in keys
-        stand_in = tmp_path / "token"
-        stand_in.write_text("t")
-        args[i] = str(stand_in)
     assert_exact_flags(args[1:], orchestrator_parser())
     return parse_orchestrator_args(args[1:])
 
 
-def test_worker_args_parse_and_agree_with_the_pod(rendered: Rendered):
+def test_worker_args_parse_and_agree_with_the_pod(rendered: Rendered, tmp_path: Path):
     values = rendered.values
     seen = set()
     for pod in worker_pods(rendered):
-        config = parse_worker(pod.container["args"])
+        config = parse_worker(pod, tmp_path)
         role_values = values[pod.component]
         seen.add(config.role.value)
         assert config.role.value == pod.component
@@ -366,7 +387,7 @@ def test_orchestrator_discovers_the_charts_headless_services(rendered: Rendered,
         assert all(p.serving for p in selected)
         assert [p for p in worker_pods(rendered) if p.component == role and p.serving] == selected
         for pod in selected:
-            assert parse_worker(pod.container["args"]).port == int(port)
+            assert parse_worker(pod, tmp_path).port == int(port)
             assert svc_port["targetPort"] in ("grpc", int(port))
             assert pod.port("grpc") == int(port)
 
@@ -382,9 +403,11 @@ def test_frontend_service_points_at_the_orchestrator(rendered: Rendered):
     ports = {p["name"]: p for p in service["spec"]["ports"]}
     http = rendered.values["orchestrator"]["http"]["enabled"]
     assert set(ports) == ({"grpc", "http"} if http else {"grpc"})
+    tls = rendered.values["tls"]["public"]["enabled"]
     for name, port in ports.items():
         assert port["port"] == pod.port(name) and port["targetPort"] == name
-        assert port.get("appProtocol") == name
+        # The HTTP API serves HTTPS with the public certificate under public TLS.
+        assert port.get("appProtocol") == ("https" if tls and name == "http" else name)
 
 
 def test_every_service_selects_pods_and_named_ports(rendered: Rendered):
@@ -397,25 +420,101 @@ def test_every_service_selects_pods_and_named_ports(rendered: Rendered):
                     assert port["targetPort"] in [q["name"] for q in pod.container["ports"]]
 
 
-def test_probes_are_grpc_health_on_the_numeric_grpc_port(rendered: Rendered):
+def test_probes_are_grpc_health_on_the_numeric_grpc_port(rendered: Rendered, tmp_path: Path):
+    """On the gRPC port; with TLS there (Kubernetes' gRPC probes cannot speak TLS) on the
+    process's plaintext health-only port instead."""
     for pod in pods(rendered):
-        port = pod.port("grpc")
+        is_orchestrator = pod.component == "orchestrator"
+        parse = parse_orchestrator if is_orchestrator else parse_worker
+        config = parse(pod, tmp_path)
+        tls = config.tls_cert if is_orchestrator else config.transport.tls
+        port = pod.port("grpc") if tls is None else pod.port("health")
+        assert tls is None or config.health_port == port
         budget = rendered.values[pod.component]["startupBudgetSeconds"]
-        http = pod.component == "orchestrator" and rendered.values["orchestrator"]["http"]
+        # With the HTTP API on, readiness is its /health (503 while draining): HTTPS under
+        # public TLS, and not at all when client certificates are required (the kubelet
+        # has none), where readiness stays gRPC on the health port.
+        http_probe = is_orchestrator and config.http_port >= 0 and config.tls_client_ca is None
         for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
             probe = pod.container[kind]
-            if kind == "readinessProbe" and http and http["enabled"]:
-                # With the HTTP API on, readiness is its /health (503 while draining).
-                assert probe["httpGet"] == {"path": "/health", "port": pod.port("http")}
+            if kind == "readinessProbe" and http_probe:
+                scheme = "HTTP" if tls is None else "HTTPS"
+                expected = {"path": "/health", "port": pod.port("http"), "scheme": scheme}
+                assert probe["httpGet"] == expected
                 continue
             assert probe["grpc"] == {"port": port}, (pod.component, kind)
         startup = pod.container["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= budget
 
 
+def test_tls_files_come_from_their_certificates(rendered: Rendered, tmp_path: Path):
+    """With TLS on, every component reads its certificate from a read-only Secret mount;
+    with cert-manager, that Secret is the one its Certificate writes, for names the
+    clients verify (the internal name every worker is dialled by; the public Service)."""
+    values = rendered.values["tls"]
+    certificates = {c["spec"]["secretName"]: c for c in rendered.of_kind("Certificate")}
+    for pod in [*worker_pods(rendered), orchestrator_pod(rendered)]:
+        is_orchestrator = pod.component == "orchestrator"
+        config = (parse_orchestrator if is_orchestrator else parse_worker)(pod, tmp_path)
+        args = pod.container["args"]
+        internal = config.internal_tls_cert if is_orchestrator else config.transport.tls
+        assert (internal is not None) == values["internal"]["enabled"], pod.component
+        if internal is None:
+            continue
+        prefix = "--internal-tls" if is_orchestrator else "--tls"
+        cert = Path(args[args.index(f"{prefix}-cert") + 1])
+        _, volume = secret_file(pod, cert)
+        secret = volume["secret"]["secretName"]
+        name = args[args.index(f"{prefix}-server-name") + 1]
+        if values["internal"]["certManager"]["enabled"]:
+            certificate = certificates[secret]
+            assert name in certificate["spec"]["dnsNames"]
+            assert {"server auth", "client auth"} <= set(certificate["spec"]["usages"])
+        else:
+            assert secret == values["internal"]["existingSecrets"][pod.component]
+    pod = orchestrator_pod(rendered)
+    config = parse_orchestrator(pod, tmp_path)
+    assert (config.tls_cert is not None) == values["public"]["enabled"]
+    assert (config.tls_client_ca is not None) == values["public"]["clientCa"]["enabled"]
+    if values["public"]["enabled"] and values["public"]["certManager"]["enabled"]:
+        args = pod.container["args"]
+        _, volume = secret_file(pod, Path(args[args.index("--tls-cert") + 1]))
+        certificate = certificates[volume["secret"]["secretName"]]
+        service = f"{RELEASE}-pdserve-orchestrator.{NAMESPACE}.svc"
+        assert service in certificate["spec"]["dnsNames"]
+    # Internal certificates for every component, a public one when asked; no others.
+    expected = len(rendered.roles) + 1 if values["internal"]["certManager"]["enabled"] else 0
+    expected += bool(values["public"]["enabled"] and values["public"]["certManager"]["enabled"])
+    assert len(certificates) == expected
+
+
+def test_rollouts_drain_one_pod_at_a_time(rendered: Rendered, tmp_path: Path):
+    """What a rolling upgrade needs so that it loses no stream: replace one pod at a time
+    (CPU pods: the new one first), count a new pod available only after the orchestrators
+    can have found it, and a disruption budget for every component."""
+    dns_refresh = rendered.values["orchestrator"]["dnsRefreshS"]
+    budgets = rendered.of_kind("PodDisruptionBudget")
+    for doc in rendered.of_kind("Deployment"):
+        spec = doc["spec"]
+        component = spec["selector"]["matchLabels"]["app.kubernetes.io/component"]
+        rolling = spec["strategy"]["rollingUpdate"]
+        assert spec["strategy"]["type"] == "RollingUpdate"
+        assert rolling["maxUnavailable"] <= 1 and rolling["maxSurge"] <= 1
+        assert rolling["maxUnavailable"] + rolling["maxSurge"] >= 1
+        if component == "orchestrator":
+            assert rolling == {"maxSurge": 1, "maxUnavailable": 0}
+        else:
+            assert spec["minReadySeconds"] > dns_refresh
+            tpu = rendered.values[component]["tpu"]["enabled"]
+            assert rolling["maxUnavailable"] == (1 if tpu else 0)
+        if rendered.values[component]["pdb"]["enabled"]:
+            labels = spec["template"]["metadata"]["labels"]
+            assert any(selects(b["spec"]["selector"]["matchLabels"], labels) for b in budgets)
+
+
 def test_drain_fits_in_the_termination_grace_period(rendered: Rendered, tmp_path: Path):
     for pod in worker_pods(rendered):
-        drain = parse_worker(pod.container["args"]).drain_grace_s
+        drain = parse_worker(pod, tmp_path).drain_grace_s
         assert pod.spec["terminationGracePeriodSeconds"] >= drain + 5
     pod = orchestrator_pod(rendered)
     drain = parse_orchestrator(pod, tmp_path).drain_grace_s

@@ -12,9 +12,17 @@ client classes are re-exported here: `from shared.client import GeneratorClient`
 from shared.client.generator import (
     AsyncGeneratorClient,
     Chunk,
+    ClientTls,
     GenerateError,
     GeneratorClient,
     build_request,
 )
 
-__all__ = ["AsyncGeneratorClient", "Chunk", "GenerateError", "GeneratorClient", "build_request"]
+__all__ = [
+    "AsyncGeneratorClient",
+    "Chunk",
+    "ClientTls",
+    "GenerateError",
+    "GeneratorClient",
+    "build_request",
+]

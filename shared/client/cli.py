@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from shared.client.generator import GenerateError, GeneratorClient
+from shared.client.generator import ClientTls, GenerateError, GeneratorClient
 from shared.client.output import StreamPrinter
 
 
@@ -86,7 +86,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="the call's deadline in seconds")
     p.add_argument("--token-file", type=Path, help="bearer token (or $PDSERVE_TOKEN)")
     p.add_argument("--json", action="store_true", help="JSON lines: one per token, then the end")
+    tls = p.add_argument_group("TLS", "for an orchestrator serving TLS (--tls-cert)")
+    tls.add_argument("--tls", action="store_true", help="TLS, trusting the system's roots")
+    tls.add_argument("--tls-ca", type=Path, help="TLS, trusting this CA (PEM)")
+    tls.add_argument("--tls-cert", type=Path, help="a client certificate (PEM), if asked for")
+    tls.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    tls.add_argument("--tls-server-name", help="the name to verify instead of the target host")
     return p
+
+
+def client_tls(args: argparse.Namespace) -> ClientTls | None:
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name):
+        return None
+    return ClientTls.from_files(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -107,7 +119,12 @@ def main(argv: Sequence[str]) -> int:
     prompt = args.prompt_token_ids if args.prompt_token_ids is not None else args.prompt
     prompt = messages if messages is not None else prompt
     printer = StreamPrinter(sys.stdout, sys.stderr, json_lines=args.json)
-    with GeneratorClient(args.target, token) as client:
+    try:
+        tls = client_tls(args)
+    except (ValueError, OSError) as err:
+        print(f"pdserve generate: error: {err}", file=sys.stderr)
+        return 2
+    with GeneratorClient(args.target, token, tls) as client:
         try:
             for chunk in client.generate(
                 prompt, timeout=args.timeout, max_tokens=args.max_tokens,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -86,6 +88,34 @@ def _chunk(response: generate_pb2.GenerateResponse) -> Chunk:
     )  # fmt: skip
 
 
+@dataclasses.dataclass(slots=True, frozen=True)
+class ClientTls:
+    """TLS to the orchestrator: `ca` is the PEM the server's certificate must chain to (None:
+    the system's roots); `cert`/`key` a client certificate, for an orchestrator that asks
+    for one; `server_name` the name to verify instead of the target's host."""
+
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    server_name: str | None = None
+
+    @classmethod
+    def from_files(
+        cls, ca: Path | None = None, cert: Path | None = None, key: Path | None = None,
+        server_name: str | None = None,
+    ) -> ClientTls:  # fmt: skip
+        if (cert is None) != (key is None):
+            raise ValueError("a client certificate needs both its cert and its key file")
+        read = lambda p: p.read_bytes() if p is not None else None  # noqa: E731
+        return cls(read(ca), read(cert), read(key), server_name)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
+
+    def options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
@@ -97,10 +127,19 @@ _OPTIONS = [
 
 
 class GeneratorClient:
-    """Blocking client; one channel, reused across calls."""
+    """Blocking client; one channel, reused across calls; `tls` None: plaintext.
+    `options`: more gRPC channel arguments."""
 
-    def __init__(self, target: str, token: str | None = None) -> None:
-        self._channel = grpc.insecure_channel(target, options=_OPTIONS)
+    def __init__(
+        self, target: str, token: str | None = None, tls: ClientTls | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:  # fmt: skip
+        options = [*_OPTIONS, *options]
+        if tls is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            options += tls.options()
+            self._channel = grpc.secure_channel(target, tls.credentials(), options=options)
         self._stub = generate_pb2_grpc.GeneratorStub(self._channel)
         self._metadata = _metadata(token)
 
@@ -132,8 +171,16 @@ class GeneratorClient:
 class AsyncGeneratorClient:
     """asyncio client; create and use it inside one event loop."""
 
-    def __init__(self, target: str, token: str | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(target, options=_OPTIONS)
+    def __init__(
+        self, target: str, token: str | None = None, tls: ClientTls | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:  # fmt: skip
+        options = [*_OPTIONS, *options]
+        if tls is None:
+            self._channel = grpc.aio.insecure_channel(target, options=options)
+        else:
+            options += tls.options()
+            self._channel = grpc.aio.secure_channel(target, tls.credentials(), options=options)
         self._stub = generate_pb2_grpc.GeneratorStub(self._channel)
         self._metadata = _metadata(token)
 

@@ -90,6 +90,9 @@ class KvAssembler:
             self._feed(message)
         except KvError:
             self.release()
+            # Even after a complete stream (a message past the trailer): the buffer is gone,
+            # so `finish` must refuse too rather than hand out a prefix without its bytes.
+            self.state = AssemblyState.FAILED
             raise
 
     def _feed(self, message: kv_pb2.KvTransfer) -> None:

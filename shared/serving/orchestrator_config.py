@@ -11,8 +11,13 @@ import argparse
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.config import ConfigError
+from shared.serving.worker_config import add_connection_arguments, tls_from_args
+
+if TYPE_CHECKING:
+    from shared.transport.types import TlsConfig, TransportConfig
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9160
@@ -32,7 +37,7 @@ class OrchestratorConfig:
     host: str
     port: int
     metrics_port: int  # 0: any free port; -1: no /metrics
-    http_port: int  # the OpenAI-compatible HTTP API; 0: any free port; -1: off
+    http_port: int  # the OpenAI-compatible HTTP API (TLS as --tls-*); 0: any free port; -1: off
     model: str  # for the tokenizer and the vocabulary; no weights are loaded
     served_model_name: str | None  # the HTTP API's model id (None: the --model value)
     prefill: tuple[str, ...]
@@ -51,13 +56,35 @@ class OrchestratorConfig:
     prefill_retries: int  # other prefill workers tried after a failure
     decode_retries: int  # resumes on another decode worker after a failure
     drain_grace_s: float
+    # The public port: TLS, client certificates, and the limits a hostile client meets.
+    tls_cert: Path | None
+    tls_key: Path | None
+    tls_client_ca: Path | None  # set: every client must present a certificate chaining to it
+    max_request_kib: int  # largest GenerateRequest accepted (RESOURCE_EXHAUSTED past it)
+    max_streams_per_connection: int  # concurrent Generate calls on one connection
+    max_stop_strings: int
+    max_stop_chars: int
+    max_unsent_tokens: int  # tokens a stream may leave unsent before it is cancelled
+    health_port: int  # plaintext grpc.health.v1 only (probes, with --tls-cert); -1: none
+    keepalive_time_s: float
+    keepalive_timeout_s: float
+    max_connection_age_s: float
+    max_connection_age_grace_s: float
+    # Calls to workers: mTLS with the internal CA.
+    internal_tls_cert: Path | None
+    internal_tls_key: Path | None
+    internal_tls_ca: Path | None
+    internal_tls_server_name: str | None
 
     def __post_init__(self) -> None:
         if not (self.prefill or self.prefill_dns or self.colocated or self.colocated_dns):
             raise ConfigError("no prefill workers: give --prefill, --prefill-dns or --colocated")
         if not (self.decode or self.decode_dns or self.colocated or self.colocated_dns):
             raise ConfigError("no decode workers: give --decode, --decode-dns or --colocated")
-        for name in ("max_queue", "max_concurrency", "max_tokens_limit"):
+        positive = ("max_queue", "max_concurrency", "max_tokens_limit", "max_request_kib",
+                    "max_streams_per_connection", "max_stop_strings", "max_stop_chars",
+                    "max_unsent_tokens")  # fmt: skip
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)} must be > 0")
         for name in ("dns_refresh_s", "health_interval_s", "lease_ttl_s"):
@@ -67,6 +94,20 @@ class OrchestratorConfig:
             raise ConfigError("--prefill-retries and --decode-retries must be >= 0")
         if self.auth_token_file is not None and not self.auth_token_file.is_file():
             raise ConfigError(f"--auth-token-file {self.auth_token_file} does not exist")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key (TLS first)")
+        for flag in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, flag)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"--{flag.replace('_', '-')} {path} does not exist")
+        tls_from_args(
+            self.internal_tls_cert, self.internal_tls_key, self.internal_tls_ca,
+            flag="--internal-tls",
+        )  # fmt: skip
+        if self.internal_tls_server_name and self.internal_tls_cert is None:
+            raise ConfigError("--internal-tls-server-name needs the --internal-tls-* files")
 
     @property
     def model_name(self) -> str:
@@ -76,6 +117,53 @@ class OrchestratorConfig:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def health_address(self) -> str | None:
+        return f"{self.host}:{self.health_port}" if self.health_port >= 0 else None
+
+    def public_tls(self) -> TlsConfig | None:
+        """TLS of the public ports, gRPC and HTTP alike (None: plaintext)."""
+        from shared.transport.types import TlsConfig
+
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return TlsConfig(
+            self.tls_cert, self.tls_key, self.tls_client_ca,
+            require_client_cert=self.tls_client_ca is not None,
+        )  # fmt: skip
+
+    def public_transport(self) -> TransportConfig:
+        """The public port's server settings (README: Reliability)."""
+        from shared.transport.types import TransportConfig
+
+        tls = self.public_tls()
+        try:
+            return TransportConfig(
+                max_receive_bytes=self.max_request_kib * 1024,
+                keepalive_time_s=self.keepalive_time_s,
+                keepalive_timeout_s=self.keepalive_timeout_s,
+                max_connection_age_s=self.max_connection_age_s,
+                max_connection_age_grace_s=self.max_connection_age_grace_s,
+                # The hard HTTP/2 cap sits above our own per-connection limit, so a client
+                # past the limit gets RESOURCE_EXHAUSTED saying so, not a silent wait.
+                max_concurrent_streams=2 * self.max_streams_per_connection,
+                tls=tls,
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    def internal_transport(self) -> TransportConfig:
+        """How this orchestrator calls workers (mTLS when the --internal-tls-* files are set)."""
+        from shared.transport.types import TlsConfig, TransportConfig
+
+        tls = None
+        if self.internal_tls_cert and self.internal_tls_key and self.internal_tls_ca:
+            tls = TlsConfig(
+                self.internal_tls_cert, self.internal_tls_key, self.internal_tls_ca,
+                server_name=self.internal_tls_server_name,
+            )  # fmt: skip
+        return TransportConfig(tls=tls)
 
     def auth_token(self) -> str | None:
         """The bearer token frontends must present (None: no check)."""
@@ -118,6 +206,40 @@ def orchestrator_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-retries", type=int, default=2)
     p.add_argument("--decode-retries", type=int, default=2)
     p.add_argument("--drain-grace-s", type=float, default=30.0)
+    public = p.add_argument_group(
+        "the public port",
+        "TLS, client authentication (a client certificate, the bearer token of "
+        "--auth-token-file, or both) and the limits every caller meets, each refused with "
+        "a status that says which limit. The TLS flags apply to --http-port too (HTTPS)",
+    )
+    public.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate chain")
+    public.add_argument("--tls-key", type=Path, help="and this private key")
+    public.add_argument(
+        "--tls-client-ca", type=Path, help="require client certificates chaining to this CA"
+    )
+    public.add_argument("--max-request-kib", type=int, default=1024, help="largest request")
+    public.add_argument("--max-streams-per-connection", type=int, default=64)
+    public.add_argument("--max-stop-strings", type=int, default=16)
+    public.add_argument("--max-stop-chars", type=int, default=256, help="per stop string")
+    public.add_argument(
+        "--max-unsent-tokens",
+        type=int,
+        default=1024,
+        help="tokens a stream may have waiting for a client that does not read; past that "
+        "the request is cancelled (its slot freed) and the call ends RESOURCE_EXHAUSTED",
+    )
+    add_connection_arguments(public)
+    internal = p.add_argument_group(
+        "mTLS to the workers",
+        "All three files or none: this orchestrator's client certificate, its key, and the "
+        "internal CA the workers' certificates chain to (re-read when they change).",
+    )
+    internal.add_argument("--internal-tls-cert", type=Path)
+    internal.add_argument("--internal-tls-key", type=Path)
+    internal.add_argument("--internal-tls-ca", type=Path)
+    internal.add_argument(
+        "--internal-tls-server-name", help="the name workers' certificates carry (see workers)"
+    )
     return p
 
 

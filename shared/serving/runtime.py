@@ -194,13 +194,17 @@ class WorkerServer:
         metrics = None
         if self.config.metrics_port >= 0:
             metrics = MetricsServer(self.registry, self.config.metrics_port, self.config.host)
-        self._server = await start_server(self.config.address, services, self.config.transport)
+        self._server = await start_server(
+            self.config.address, services, self.config.transport,
+            health_address=self.config.health_address,
+        )  # fmt: skip
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
         metrics_port = metrics.port if metrics else -1
         print(
             f"pdserve {self.config.role.value} serving on {self.config.host}:"
-            f"{self._server.port} metrics_port={metrics_port}",
+            f"{self._server.port} metrics_port={metrics_port} "
+            f"health_port={self._server.health_port}",
             flush=True,
         )
         await self._stop.wait()

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import enum
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shared.config import ConfigError, EngineConfig, Quantization
@@ -38,6 +39,7 @@ class WorkerConfig:
     host: str
     port: int
     metrics_port: int  # 0: pick a free port; -1: no /metrics
+    health_port: int  # plaintext grpc.health.v1 only (probes, when --tls-*); -1: none
     slots: int | None  # None: as many as the devices' memory holds (--slots auto)
     prefill_buckets: tuple[int, ...]
     max_seq_len: int | None  # None: sized from memory (--max-seq-len auto)
@@ -51,6 +53,7 @@ class WorkerConfig:
     transport: TransportConfig
     max_queue: int  # prefill requests waiting before RESOURCE_EXHAUSTED
     max_kv_bytes: int  # largest KV payload a decode worker accepts
+    max_unsent_batches: int  # decode: token batches a stream may leave unread before it is cut
     drain_grace_s: float  # SIGTERM: how long live work may run before it is cancelled
     weights_seed: int  # presets only: the seed of their random weights
 
@@ -59,12 +62,16 @@ class WorkerConfig:
             raise ConfigError(f"--port={self.port} must be in [0, 65535]")
         if not -1 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port={self.metrics_port} must be in [-1, 65535]")
+        if not -1 <= self.health_port <= 65535:
+            raise ConfigError(f"--health-port={self.health_port} must be in [-1, 65535]")
         if self.max_queue <= 0:
             raise ConfigError(f"--max-queue={self.max_queue} must be > 0")
         if self.drain_grace_s < 0:
             raise ConfigError(f"--drain-grace-s={self.drain_grace_s} must be >= 0")
         if self.max_kv_bytes <= 0:
             raise ConfigError(f"--max-kv-mib must be > 0 (got {self.max_kv_bytes} bytes)")
+        if self.max_unsent_batches <= 0:
+            raise ConfigError(f"--max-unsent-batches={self.max_unsent_batches} must be > 0")
         if self.tensor_parallel is not None and self.tensor_parallel < 1:
             raise ConfigError(f"--tensor-parallel={self.tensor_parallel} must be >= 1")
         if not 0 < self.kv_memory_fraction <= 1:
@@ -103,6 +110,10 @@ class WorkerConfig:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def health_address(self) -> str | None:
+        return f"{self.host}:{self.health_port}" if self.health_port >= 0 else None
 
 
 def resolve_dtype(flag: str) -> str:
@@ -215,23 +226,105 @@ def worker_parser(role: Role | str | None) -> argparse.ArgumentParser:
     p.add_argument("--transfer-timeout-s", type=float, default=60.0)
     p.add_argument("--drain-grace-s", type=float, default=30.0)
     p.add_argument("--weights-seed", type=int, default=0)
+    p.add_argument(
+        "--max-unsent-batches",
+        type=int,
+        default=256,
+        help="decode: token batches (one per step) a StreamTokens caller may leave unread; "
+        "past that its lease is cancelled, its slot freed, the stream ends RESOURCE_EXHAUSTED",
+    )
+    add_connection_arguments(p)
+    tls = p.add_argument_group(
+        "mTLS between components",
+        "All three files, or none (plaintext, for local runs). With them this worker serves "
+        "TLS, accepts only clients whose certificate chains to --tls-ca, and presents its "
+        "own certificate to the decode workers it pushes KV to. Files are re-read when they "
+        "change (certificate rotation) without dropping live streams.",
+    )
+    tls.add_argument("--tls-cert", type=Path, help="this worker's certificate chain (PEM)")
+    tls.add_argument("--tls-key", type=Path, help="its private key (PEM)")
+    tls.add_argument("--tls-ca", type=Path, help="the internal CA every peer must chain to")
+    tls.add_argument(
+        "--tls-server-name",
+        help="the name other workers' certificates carry, when they are dialled by IP "
+        "(e.g. the headless Service's DNS name); default: the dialled host",
+    )
     return p
+
+
+def add_connection_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Connection flags every server has (README: Reliability)."""
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=-1,
+        help="also serve grpc.health.v1 alone, plaintext, on this port (Kubernetes' gRPC "
+        "probes cannot speak TLS); -1: none",
+    )
+    p.add_argument(
+        "--keepalive-time-s", type=float, default=10.0, help="ping an idle connection this often"
+    )
+    p.add_argument(
+        "--keepalive-timeout-s",
+        type=float,
+        default=5.0,
+        help="drop a connection whose ping gets no answer this long",
+    )
+    p.add_argument(
+        "--max-connection-age-s",
+        type=float,
+        default=3600.0,
+        help="send GOAWAY to connections this old (clients reconnect: new TLS handshake)",
+    )
+    p.add_argument(
+        "--max-connection-age-grace-s",
+        type=float,
+        default=600.0,
+        help="then end the calls still running on them after this long",
+    )
+
+
+def tls_from_args(
+    cert: Path | None, key: Path | None, ca: Path | None, *, flag: str = "--tls"
+) -> tuple[Path, Path, Path] | None:
+    """The three mTLS files, or None; ConfigError when only some are given."""
+    given = {f"{flag}-cert": cert, f"{flag}-key": key, f"{flag}-ca": ca}
+    if not any(given.values()):
+        return None
+    missing = [name for name, path in given.items() if path is None]
+    if missing:
+        raise ConfigError(f"mTLS needs {', '.join(given)} together; missing {', '.join(missing)}")
+    for name, path in given.items():
+        if not path.is_file():
+            raise ConfigError(f"{name} {path} does not exist")
+    return cert, key, ca
 
 
 def parse_worker_args(argv: Sequence[str], role: Role | None) -> WorkerConfig:
     """Flags -> WorkerConfig; ConfigError (or SystemExit from argparse) on bad values."""
     # Here, not at module level: the transport imports JAX, and `pdserve --help` builds
     # this parser without it.
-    from shared.transport.types import TransportConfig
+    from shared.transport.types import TlsConfig, TransportConfig
 
     args = worker_parser(role).parse_args(list(argv))
     role = role or Role(args.role)
+    files = tls_from_args(args.tls_cert, args.tls_key, args.tls_ca)
+    tls = None
+    if files is not None:
+        tls = TlsConfig(*files, require_client_cert=True, server_name=args.tls_server_name)
+    elif args.tls_server_name:
+        raise ConfigError("--tls-server-name needs --tls-cert, --tls-key and --tls-ca")
     try:
         transport = TransportConfig(
             max_message_bytes=int(args.max_message_mib * 2**20),
             kv_chunk_bytes=args.kv_chunk_kib * 1024,
             rpc_timeout_s=args.rpc_timeout_s,
             transfer_timeout_s=args.transfer_timeout_s,
+            keepalive_time_s=args.keepalive_time_s,
+            keepalive_timeout_s=args.keepalive_timeout_s,
+            max_connection_age_s=args.max_connection_age_s,
+            max_connection_age_grace_s=args.max_connection_age_grace_s,
+            tls=tls,
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -244,6 +337,7 @@ def parse_worker_args(argv: Sequence[str], role: Role | None) -> WorkerConfig:
         metrics_port=DEFAULT_METRICS_PORTS[role]
         if args.metrics_port is None
         else args.metrics_port,
+        health_port=args.health_port,
         slots=args.slots,
         prefill_buckets=args.prefill_buckets,
         max_seq_len=args.max_seq_len,
@@ -257,6 +351,7 @@ def parse_worker_args(argv: Sequence[str], role: Role | None) -> WorkerConfig:
         transport=transport,
         max_queue=args.max_queue,
         max_kv_bytes=int(args.max_kv_mib * 2**20),
+        max_unsent_batches=args.max_unsent_batches,
         drain_grace_s=args.drain_grace_s,
         weights_seed=args.weights_seed,
     )

@@ -1,16 +1,18 @@
 """grpc.aio implementations of `DecodeClient` and `PrefillClient`.
 
-One channel per worker address, created with every limit configured (message sizes,
-keepalive, reconnect backoff). Calls never wait for a connection (`wait_for_ready` is off):
-a peer that refuses connections fails the call at once with UNAVAILABLE, and every unary
-call and every KV transfer carries a deadline, so a peer that stops answering ends the
-call with DEADLINE_EXCEEDED, and a dead TCP peer on a long stream is found by keepalive.
+One channel per worker address (shared/transport/channels.py: with TLS, replaced when the
+certificate files change), created with every limit configured (message sizes, keepalive,
+reconnect backoff). Calls never wait for a connection (`wait_for_ready` is off): a peer
+that refuses connections fails the call with UNAVAILABLE, at once (a KV push first gives a
+reconnecting channel a bounded moment, see `transfer_kv`), and every unary call and every
+KV transfer carries a deadline, so a peer that stops answering ends the call with
+DEADLINE_EXCEEDED, and a dead TCP peer on a long stream is found by keepalive.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -19,6 +21,7 @@ from shared.kv.codec import KvRejection
 from shared.rpc.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from shared.transport import convert
 from shared.transport.base import KvStream, as_async_iterator
+from shared.transport.channels import RotatingChannel
 from shared.transport.errors import KV_REJECTION_KEY
 from shared.transport.types import (
     KvReceipt,
@@ -34,21 +37,8 @@ from shared.transport.types import (
 )
 
 T = TypeVar("T")
-
-
-def channel_options(config: TransportConfig) -> list[tuple[str, int]]:
-    backoff_ms = int(config.reconnect_backoff_s * 1000)
-    return [
-        ("grpc.max_send_message_length", config.max_message_bytes),
-        ("grpc.max_receive_message_length", config.max_message_bytes),
-        ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.initial_reconnect_backoff_ms", backoff_ms),
-        ("grpc.min_reconnect_backoff_ms", backoff_ms),
-        ("grpc.max_reconnect_backoff_ms", backoff_ms * 10),
-    ]
+# A KV push waits at most this many reconnect backoffs for its channel to connect.
+CONNECT_WAIT_BACKOFFS = 3
 
 
 def transport_error(error: grpc.aio.AioRpcError) -> TransportError:
@@ -63,16 +53,16 @@ def transport_error(error: grpc.aio.AioRpcError) -> TransportError:
 
 
 class _Client:
-    def __init__(self, address: str, config: TransportConfig) -> None:
+    def __init__(self, address: str, config: TransportConfig, make_stub: Callable) -> None:
         self.address = address
         self.config = config
-        self._channel = grpc.aio.insecure_channel(address, options=channel_options(config))
+        self._channel = RotatingChannel(address, config, make_stub)
 
-    async def _unary(
-        self, method: Callable[..., Awaitable[Any]], request: Any, timeout: float | None = None
-    ) -> Any:
+    async def _unary(self, method: str, request: Any, timeout: float | None = None) -> Any:
         try:
-            return await method(request, timeout=timeout or self.config.rpc_timeout_s)
+            with self._channel.call() as stub:
+                call = getattr(stub, method)
+                return await call(request, timeout=timeout or self.config.rpc_timeout_s)
         except grpc.aio.AioRpcError as error:
             raise transport_error(error) from None
 
@@ -84,27 +74,36 @@ class GrpcDecodeClient(_Client):
     """`DecodeClient` over gRPC."""
 
     def __init__(self, address: str, config: TransportConfig) -> None:
-        super().__init__(address, config)
-        self._stub = worker_pb2_grpc.DecodeWorkerStub(self._channel)
+        super().__init__(address, config, worker_pb2_grpc.DecodeWorkerStub)
 
     async def reserve(self, request: ReserveRequest) -> Lease:
-        reply = await self._unary(self._stub.Reserve, convert.reserve_to_proto(request))
+        reply = await self._unary("Reserve", convert.reserve_to_proto(request))
         return convert.lease_from_proto(reply)
 
     async def stream_tokens(self, lease_id: str) -> AsyncIterator[TokenBatch]:
         # No deadline: the stream lasts as long as the generation; keepalive finds a dead
         # peer, and the decode worker ends the stream at the request's own deadline.
-        call = self._stub.StreamTokens(worker_pb2.StreamTokensRequest(lease_id=lease_id))
-        try:
-            async for message in call:
-                yield convert.tokens_from_proto(message)
-        except grpc.aio.AioRpcError as error:
-            raise transport_error(error) from None
-        finally:
-            call.cancel()  # no-op once finished; ends the RPC when the caller stops early
+        with self._channel.call() as stub:
+            call = stub.StreamTokens(worker_pb2.StreamTokensRequest(lease_id=lease_id))
+            try:
+                async for message in call:
+                    yield convert.tokens_from_proto(message)
+            except grpc.aio.AioRpcError as error:
+                raise transport_error(error) from None
+            finally:
+                call.cancel()  # no-op once finished; ends the RPC when the caller stops early
 
     async def transfer_kv(self, messages: KvStream) -> KvReceipt:
-        call = self._stub.TransferKV(timeout=self.config.transfer_timeout_s)
+        # The decode worker granted this lease moments ago, so it is up; if it was just
+        # restarted, our channel may still be waiting out its reconnect backoff and would
+        # fail the push at once: give it a bounded moment to connect first (a peer that is
+        # really gone still fails, UNAVAILABLE, within that moment).
+        await self._channel.connected(CONNECT_WAIT_BACKOFFS * self.config.reconnect_backoff_s)
+        with self._channel.call() as stub:
+            call = stub.TransferKV(timeout=self.config.transfer_timeout_s)
+            return await self._transfer(call, messages)
+
+    async def _transfer(self, call: grpc.aio.StreamUnaryCall, messages: KvStream) -> KvReceipt:
         # We write the stream ourselves (not via a request iterator) so that when the call
         # ends early (a rejection, a cancelled lease, a dead peer) the writer is cancelled
         # and the source stream closed at once, even while it waits for its next message.
@@ -129,10 +128,10 @@ class GrpcDecodeClient(_Client):
 
     async def cancel(self, lease_id: str) -> bool:
         request = worker_pb2.CancelLeaseRequest(lease_id=lease_id)
-        return (await self._unary(self._stub.Cancel, request)).found
+        return (await self._unary("Cancel", request)).found
 
     async def get_load(self) -> LoadReport:
-        reply = await self._unary(self._stub.GetLoad, worker_pb2.GetLoadRequest())
+        reply = await self._unary("GetLoad", worker_pb2.GetLoadRequest())
         return convert.load_from_proto(reply)
 
 
@@ -165,17 +164,16 @@ class GrpcPrefillClient(_Client):
     """`PrefillClient` over gRPC."""
 
     def __init__(self, address: str, config: TransportConfig) -> None:
-        super().__init__(address, config)
-        self._stub = worker_pb2_grpc.PrefillWorkerStub(self._channel)
+        super().__init__(address, config, worker_pb2_grpc.PrefillWorkerStub)
 
     async def prefill(self, request: PrefillRequest, timeout: float | None = None) -> PrefillResult:
-        reply = await self._unary(self._stub.Prefill, convert.prefill_to_proto(request), timeout)
+        reply = await self._unary("Prefill", convert.prefill_to_proto(request), timeout)
         return convert.prefill_result_from_proto(reply)
 
     async def cancel(self, request_id: str) -> bool:
         request = worker_pb2.CancelPrefillRequest(request_id=request_id)
-        return (await self._unary(self._stub.Cancel, request)).found
+        return (await self._unary("Cancel", request)).found
 
     async def get_load(self) -> LoadReport:
-        reply = await self._unary(self._stub.GetLoad, worker_pb2.GetLoadRequest())
+        reply = await self._unary("GetLoad", worker_pb2.GetLoadRequest())
         return convert.load_from_proto(reply)

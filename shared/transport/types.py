@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from pathlib import Path
 
 from shared.engine.sampling import SamplingParams
 from shared.kv.codec import KvReceipt as KvReceipt  # re-exported: a call's result type
@@ -142,17 +143,59 @@ class PrefillResult:
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
+class TlsConfig:
+    """Certificate files of one end of a TLS connection (shared/transport/tls.py reads and
+    reloads them).
+
+    As a server: `cert`/`key` are served; with `require_client_cert`, clients must present a
+    certificate that chains to `ca`. As a client: `cert`/`key` are presented (mTLS) and the
+    server's certificate must chain to `ca` (None: the system's roots) and carry
+    `server_name` (None: the host dialled).
+    """
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+    require_client_cert: bool = False
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.require_client_cert and self.ca is None:
+            raise ValueError("requiring client certificates needs the CA they must chain to")
+        for path in self.paths:
+            if not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return (self.cert, self.key) + ((self.ca,) if self.ca is not None else ())
+
+
+@dataclasses.dataclass(slots=True, frozen=True)
 class TransportConfig:
-    """Message sizes, chunking and timeouts of worker-to-worker calls; none left to the
-    gRPC defaults (4 MiB receive limit, no deadline, keepalive off)."""
+    """Message sizes, chunking, timeouts, connection lifetimes and TLS of a process's gRPC
+    servers and of its calls to other workers; none left to the gRPC defaults (4 MiB
+    receive limit, no deadline, keepalive off, connections kept forever).
+
+    Connection lifetimes (every server): keepalive pings an idle connection every
+    `keepalive_time_s` and drops it without an answer in `keepalive_timeout_s` (a dead peer,
+    a cut network); a connection older than `max_connection_age_s` is sent GOAWAY, so that
+    clients reconnect (new TLS handshake: rotated certificates; rebalancing across
+    replicas), and its calls still running `max_connection_age_grace_s` later are ended.
+    """
 
     max_message_bytes: int = 8 << 20
+    max_receive_bytes: int | None = None  # a server's request limit; None: max_message_bytes
     kv_chunk_bytes: int = 1 << 20
     rpc_timeout_s: float = 10.0  # every unary call (Reserve, Prefill's caller sets its own)
     transfer_timeout_s: float = 60.0  # one whole TransferKV stream
     keepalive_time_s: float = 10.0  # ping an idle connection this often...
     keepalive_timeout_s: float = 5.0  # ...and declare the peer dead without an answer
     reconnect_backoff_s: float = 1.0  # first retry of a failed connection
+    max_connection_age_s: float = 3600.0
+    max_connection_age_grace_s: float = 600.0
+    max_concurrent_streams: int = 0  # HTTP/2 streams per connection a server allows; 0: gRPC's
+    tls: TlsConfig | None = None  # None: plaintext (loud unless on loopback)
 
     # Room for the chunk's own fields and framing around `kv_chunk_bytes` of data.
     CHUNK_OVERHEAD_BYTES = 1024
@@ -166,7 +209,8 @@ class TransportConfig:
                 f"{self.max_message_bytes} with {self.CHUNK_OVERHEAD_BYTES} bytes of framing; "
                 "raise max_message_bytes or lower kv_chunk_bytes"
             )
-        for name in ("rpc_timeout_s", "transfer_timeout_s", "keepalive_time_s"):
+        names = ("rpc_timeout_s", "transfer_timeout_s", "keepalive_time_s", "max_connection_age_s")
+        for name in names:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
         if not 0 < self.keepalive_timeout_s <= self.keepalive_time_s:
@@ -174,3 +218,10 @@ class TransportConfig:
                 f"keepalive_timeout_s={self.keepalive_timeout_s} must be in "
                 f"(0, keepalive_time_s={self.keepalive_time_s}]"
             )
+        if self.max_connection_age_grace_s < 0 or self.max_concurrent_streams < 0:
+            raise ValueError(
+                f"max_connection_age_grace_s={self.max_connection_age_grace_s} and "
+                f"max_concurrent_streams={self.max_concurrent_streams} must be >= 0"
+            )
+        if self.max_receive_bytes is not None and self.max_receive_bytes <= 0:
+            raise ValueError(f"max_receive_bytes={self.max_receive_bytes} must be > 0")

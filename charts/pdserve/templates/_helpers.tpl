@@ -156,6 +156,7 @@ readinessProbe:
   httpGet:
     path: /health
     port: {{ .httpPort }}
+    scheme: {{ .httpScheme | default "HTTP" }}
   {{- else }}
   grpc:
     port: {{ .port }}
@@ -207,6 +208,10 @@ readinessProbe:
 {{- end }}
 - --drain-grace-s
 - {{ $cfg.drainGraceS | quote }}
+{{ include "pdserve.connectionArgs" (dict "root" .root "tls" $v.tls.internal.enabled "healthPort" $cfg.healthPort) }}
+{{- if $v.tls.internal.enabled }}
+{{ include "pdserve.internalTlsArgs" (dict "root" .root "flag" "--tls") }}
+{{- end }}
 {{- range $cfg.extraArgs }}
 - {{ . | quote }}
 {{- end }}
@@ -279,7 +284,13 @@ spec:
         - name: metrics
           containerPort: {{ $cfg.metricsPort }}
           protocol: TCP
-      {{- include "pdserve.probes" (dict "port" $cfg.port "startupBudgetSeconds" $cfg.startupBudgetSeconds) | nindent 6 }}
+        {{- if $v.tls.internal.enabled }}
+        - name: health
+          containerPort: {{ $cfg.healthPort }}
+          protocol: TCP
+        {{- end }}
+      {{- $probePort := ternary $cfg.healthPort $cfg.port $v.tls.internal.enabled }}
+      {{- include "pdserve.probes" (dict "port" $probePort "startupBudgetSeconds" $cfg.startupBudgetSeconds) | nindent 6 }}
       {{- $resources := deepCopy ($cfg.resources | default dict) }}
       {{- if $cfg.tpu.enabled }}
       {{- $requests := merge (dict "google.com/tpu" (int $cfg.tpu.chipsPerHost)) ($resources.requests | default dict) }}
@@ -294,6 +305,84 @@ spec:
         {{- include "pdserve.containerSecurityContext" $root | nindent 8 }}
       volumeMounts:
         {{- include "pdserve.volumeMounts" $root | nindent 8 }}
+        {{- if $v.tls.internal.enabled }}
+        {{- include "pdserve.internalTlsMount" $root | nindent 8 }}
+        {{- end }}
   volumes:
     {{- include "pdserve.volumes" $root | nindent 4 }}
+    {{- if $v.tls.internal.enabled }}
+    {{- include "pdserve.internalTlsVolume" (dict "root" $root "component" .role) | nindent 4 }}
+    {{- end }}
+{{- end -}}
+
+{{/* TLS: where each Secret is mounted (read-only, whole directory: no subPath, so the
+kubelet's atomic updates reach the pod and pdserve re-reads the files). */}}
+{{- define "pdserve.internalTlsDir" -}}/var/run/secrets/pdserve/internal-tls{{- end -}}
+{{- define "pdserve.publicTlsDir" -}}/var/run/secrets/pdserve/public-tls{{- end -}}
+{{- define "pdserve.clientCaDir" -}}/var/run/secrets/pdserve/client-ca{{- end -}}
+
+{{/* The DNS name every component's internal certificate carries (clients verify it). */}}
+{{- define "pdserve.internalServerName" -}}
+{{- default (printf "%s-internal.%s.svc" (include "pdserve.fullname" .) .Release.Namespace) .Values.tls.internal.serverName -}}
+{{- end -}}
+
+{{/* The Secret holding a component's internal certificate (tls.crt, tls.key, ca.crt). */}}
+{{- define "pdserve.internalTlsSecret" -}}
+{{- $t := .root.Values.tls.internal -}}
+{{- if $t.certManager.enabled -}}
+{{- printf "%s-%s-internal-tls" (include "pdserve.fullname" .root) .component -}}
+{{- else -}}
+{{- index $t.existingSecrets .component -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pdserve.publicTlsSecret" -}}
+{{- if .Values.tls.public.certManager.enabled -}}
+{{- printf "%s-public-tls" (include "pdserve.fullname" .) -}}
+{{- else -}}
+{{- .Values.tls.public.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Connection flags every server takes. */}}
+{{- define "pdserve.connectionArgs" -}}
+{{- $c := .root.Values.connections -}}
+- --keepalive-time-s
+- {{ $c.keepaliveTimeS | quote }}
+- --keepalive-timeout-s
+- {{ $c.keepaliveTimeoutS | quote }}
+- --max-connection-age-s
+- {{ $c.maxConnectionAgeS | quote }}
+- --max-connection-age-grace-s
+- {{ $c.maxConnectionAgeGraceS | quote }}
+{{- if .tls }}
+- --health-port
+- {{ .healthPort | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* A worker's mTLS flags (its certificate, its key, the internal CA, the name). */}}
+{{- define "pdserve.internalTlsArgs" -}}
+{{- $dir := include "pdserve.internalTlsDir" . -}}
+- {{ .flag }}-cert
+- {{ printf "%s/tls.crt" $dir }}
+- {{ .flag }}-key
+- {{ printf "%s/tls.key" $dir }}
+- {{ .flag }}-ca
+- {{ printf "%s/ca.crt" $dir }}
+- {{ .flag }}-server-name
+- {{ include "pdserve.internalServerName" .root }}
+{{- end -}}
+
+{{- define "pdserve.internalTlsVolume" -}}
+- name: internal-tls
+  secret:
+    secretName: {{ include "pdserve.internalTlsSecret" . }}
+    defaultMode: 0440
+{{- end -}}
+
+{{- define "pdserve.internalTlsMount" -}}
+- name: internal-tls
+  mountPath: {{ include "pdserve.internalTlsDir" . }}
+  readOnly: true
 {{- end -}}
