@@ -425,15 +425,15 @@ def greedy_references(
 def engine_references(engine, params, prompts: Sequence[tuple[int, ...]], max_tokens: int):
     """`greedy_references` with an engine already built (and compiled): prefill, insert
     into slot 0, step."""
-    import numpy as np
+    from shared.engine.batch import DecodeBatch
 
     out = {}
     for prompt in dict.fromkeys(prompts):
         prefix = engine.prefill(params, list(prompt))
-        state = engine.insert(prefix, engine.init_decode_state(), 0)
+        batch = DecodeBatch(engine)
+        batch.insert([prefix], [0])
         tokens = [prefix.first_token]
         while len(tokens) < max_tokens:
-            state, step = engine.generate(params, state)
-            tokens.append(int(np.asarray(step)[0]))
+            tokens.append(batch.step(params)[0][0])
         out[prompt] = tokens
     return out

@@ -251,13 +251,14 @@ class EngineConfig:
             )
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
-        if self.num_pages is not None and self.num_pages - 1 < self.max_pages_per_slot:
+        request_pages = -(-self.max_seq_len // self.page_size)
+        if self.num_pages is not None and self.num_pages - 1 < request_pages:
             # Smaller, and a request admitted by the length limit could never finish: it
             # would be preempted over and over once it outgrew the pool.
             raise ConfigError(
                 f"num_pages={self.num_pages} holds {self.num_pages - 1} pages of "
                 f"{self.page_size}, fewer than one request of max_seq_len={self.max_seq_len} "
-                f"needs ({self.max_pages_per_slot} + the scratch page): raise the pages or "
+                f"needs ({request_pages} + the scratch page): raise the pages or "
                 "lower max_seq_len"
             )
 
