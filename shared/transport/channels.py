@@ -96,7 +96,11 @@ class RotatingChannel(Generic[Stub]):
         if channel.get_state(try_to_connect=True) is grpc.ChannelConnectivity.READY:
             return True
         try:
-            await asyncio.wait_for(channel.channel_ready(), timeout)
+            # asyncio.timeout, not wait_for, which on Python 3.11 can lose a cancel that
+            # arrives just as the channel connects (the push would go on after its caller
+            # gave up).
+            async with asyncio.timeout(timeout):
+                await channel.channel_ready()
         except TimeoutError:
             return False
         return True
