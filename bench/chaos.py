@@ -14,8 +14,10 @@
 4. Report (JSON): every stream either completed with exactly its reference tokens or ended
    with a status; `mismatched_streams` counts completed streams whose tokens differ;
    `unexplained_errors` counts every error except UNAVAILABLE while no worker of a role
-   was available; `leaked` what decode workers and the orchestrator still hold at the end;
-   `rss_growth_fraction` over the processes that ran the whole time.
+   was available; `leaked` what decode workers (slots, leases, KV pages used or promised)
+   and the orchestrator still hold at the end, `leaks` the nonzero ones;
+   `rss_growth_fraction` over the processes that ran the whole time. Pass (exit 0): no
+   mismatched stream, no unexplained error, nothing leaked.
 
 Bounded: the run stops after --duration-s (or --max-streams), faults included. Loopback
 only. The README's "Reliability" section records the figures of a run.
@@ -40,6 +42,7 @@ from bench.reliability import (
     Outcome,
     client_pool,
     greedy_references,
+    held,
     load_average,
     percentile,
     run_stream,
@@ -182,6 +185,7 @@ def report(outcomes: list[Outcome], refs: dict, timeline: Timeline, faults: list
         "readmitted": sum(bool(f.get("readmitted") or f.get("readmitted_after_s")) for f in faults),
         "faults": faults,
         "leaked": leaked,
+        "leaks": held(leaked),
         "rss_bytes_start": rss_start,
         "rss_bytes_end": rss_end,
         "rss_growth_fraction": max(growth.values()) if growth else None,
@@ -265,15 +269,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_average_after": load_average(),
         **result,
     }
+    result["passed"] = bool(
+        not result["mismatched_streams"] and not result["unexplained_errors"]
+        and not result["leaks"]
+    )  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     keys = ("streams", "completed", "mismatched_streams", "errors_by_status",
             "unexplained_errors", "kills", "stops", "drain_restarts", "readmitted", "leaked",
-            "rss_growth_fraction")  # fmt: skip
+            "leaks", "rss_growth_fraction", "passed")  # fmt: skip
     print(json.dumps({k: result[k] for k in keys}, indent=2))
-    ok = not result["mismatched_streams"] and not result["unexplained_errors"]
-    ok = ok and not any(v for k, v in result["leaked"].items() if k != "pages")
-    return 0 if ok else 1
+    return 0 if result["passed"] else 1
 
 
 if __name__ == "__main__":

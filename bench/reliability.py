@@ -8,9 +8,10 @@ one, and the end-of-run accounting (leaks, RSS, errors).
    public port (certificates made for the run). Every process dies with this one.
 2. `Load` runs streams through the public API: each request's outcome (tokens, finish, or
    the status it ended with) and client-side TTFT/TPOT.
-3. `Cluster.leaks()` asks every decode worker what it still holds (slots, leases) and the
-   orchestrator what it still counts (slots in use, queue), once the load has stopped.
-   `rss()` reads every process's resident memory from /proc.
+3. `Cluster.leaks()` asks every decode worker what it still holds (slots, leases, KV
+   pages used or promised) and the orchestrator what it still counts (slots in use, queue),
+   once the load has stopped; `held()` says whether anything is. `rss()` reads every
+   process's resident memory from /proc.
 
 Loopback only: every address here is 127.0.0.1.
 """
@@ -313,25 +314,56 @@ class Cluster:
 
     def leaks(self, settle_s: float = 15.0) -> dict[str, object]:
         """What is still held once the load is over (waits up to `settle_s` for lease
-        cancels and step boundaries). Pages: null (not measured): the decode worker does
-        not report its KV pages yet, neither in GetLoad nor in /metrics."""
+        cancels and step boundaries). `pages`: KV pages every live decode worker still has
+        used or promised (GetLoad: total_pages - free_pages, where free_pages excludes the
+        promised ones), the sum over workers; `pages_by_worker` says which worker holds
+        them, split into used and reserved from its /metrics where this cluster started it
+        (a shared worker's metrics port is not known here)."""
         deadline = time.monotonic() + settle_s
         while True:
             loads = asyncio.run(self._decode_loads())
             orch = self.metrics(self.orchestrator)
             slots = sum(load.total_slots - load.free_slots for load in loads.values())
             leases = sum(load.live_requests for load in loads.values())
+            pages = sum(load.total_pages - load.free_pages for load in loads.values())
             in_use = int(orch.get("pdserve_decode_slots_in_use{}", 0))
             queued = int(orch.get("pdserve_queue_depth{}", 0))
-            if (slots, leases, in_use, queued) == (0, 0, 0, 0) or time.monotonic() > deadline:
+            idle = (slots, leases, pages, in_use, queued) == (0, 0, 0, 0, 0)
+            if idle or time.monotonic() > deadline:
                 return {
                     "slots": slots,
                     "leases": leases,
-                    "pages": None,
+                    "pages": pages,
+                    "pages_total": sum(load.total_pages for load in loads.values()),
+                    "pages_by_worker": self._pages_by_worker(loads),
                     "orchestrator_slots_in_use": in_use,
                     "orchestrator_queue": queued,
                 }
             time.sleep(0.5)
+
+    def _pages_by_worker(self, loads: dict[str, object]) -> dict[str, dict[str, int]]:
+        own = {w.address: w for w in self.workers.values() if w.role == "decode"}
+        out: dict[str, dict[str, int]] = {}
+        for address, load in loads.items():
+            entry = {"held": load.total_pages - load.free_pages, "total": load.total_pages}
+            if address in own:
+                samples = self.metrics(own[address])
+                for state in ("used", "reserved"):
+                    entry[state] = int(samples.get(f"pdserve_kv_pages{{state={state}}}", 0))
+            out[address] = entry
+        return out
+
+
+# Counts in `Cluster.leaks()`'s report that must all be zero at the end of a run (the rest
+# of it is detail: the pool sizes, which worker holds what).
+LEAK_COUNTS = ("slots", "leases", "pages", "orchestrator_slots_in_use", "orchestrator_queue")
+
+
+def held(leaked: dict[str, object]) -> dict[str, object]:
+    """The nonzero leak counts of a `leaks()` report; empty when nothing leaked. A count
+    that is missing or None (not measured) counts as held: a pass mark never passes on
+    what it did not measure."""
+    return {k: leaked.get(k) for k in LEAK_COUNTS if leaked.get(k) != 0}
 
 
 def load_average() -> list[float]:
@@ -411,20 +443,23 @@ def greedy_references(
     prompts: Sequence[tuple[int, ...]], max_tokens: int, worker_flags: Sequence[str]
 ) -> dict[tuple[int, ...], list[int]]:
     """Each prompt's greedy continuation from one engine in this process (the tiny preset
-    with seed 0, the workers' engine shape): the single-engine reference the cluster's
-    output must equal token for token."""
-    from shared.config import EngineConfig, ModelConfig
+    with seed 0, the workers' engine shape: buckets, max_seq_len, page size): the
+    single-engine reference the cluster's output must equal token for token."""
+    from shared.config import ModelConfig
     from shared.engine.engine import Engine
     from shared.serving.worker_config import Role, parse_worker_args
 
-    shape = parse_worker_args(["--port", "0", *worker_flags], Role.DECODE).engine_config()
-    engine = Engine(ModelConfig.tiny(), EngineConfig(1, shape.prefill_buckets, shape.max_seq_len))
+    config = parse_worker_args(["--port", "0", *worker_flags], Role.DECODE)
+    # One slot, a pool for it at max_seq_len (0: every slot full); the workers' pool size
+    # is sized from their memory and does not change what a request generates.
+    shape = config.engine_config(1, config.max_seq_len, 0)
+    engine = Engine(ModelConfig.tiny(), shape)
     return engine_references(engine, engine.init_params(seed=0), prompts, max_tokens)
 
 
 def engine_references(engine, params, prompts: Sequence[tuple[int, ...]], max_tokens: int):
     """`greedy_references` with an engine already built (and compiled): prefill, insert
-    into slot 0, step."""
+    into slot 0 of a DecodeBatch, step."""
     from shared.engine.batch import DecodeBatch
 
     out = {}

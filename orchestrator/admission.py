@@ -110,8 +110,13 @@ class SlotBroker:
 
     async def _dispatch(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on Python 3.11, wait_for returns the inner
+            # result when a cancel arrives just as the inner await finishes, losing the
+            # cancel, and this loop then ran on and stop() waited for it forever (seen when
+            # a request's release kicked the loop as the orchestrator stopped).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wait_event(), IDLE_RECHECK_S)
+                async with asyncio.timeout(IDLE_RECHECK_S):
+                    await self._wait_event()
             self._kick.clear()
             self._registry.changed.clear()
             while self._waiting:

@@ -183,9 +183,11 @@ class WorkerRegistry:
         ok = await self._connector.healthy(worker.address, self._health_timeout)
         if ok and worker.decode is not None:
             try:
-                worker.set_load(
-                    await asyncio.wait_for(worker.decode.get_load(), self._health_timeout)
-                )
+                # asyncio.timeout, not wait_for: see SlotBroker._dispatch (a cancel lost
+                # here would keep the refresh loop running and stop() waiting for it).
+                async with asyncio.timeout(self._health_timeout):
+                    load = await worker.decode.get_load()
+                worker.set_load(load)
             except (TransportError, TimeoutError):
                 ok = False
         was = worker.health

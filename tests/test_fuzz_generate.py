@@ -1,8 +1,13 @@
 """Fuzzing the public `GenerateRequest` (hypothesis) against the session's process cluster:
 every field random (huge and negative numbers, NaN and infinities, long and empty strings,
-huge stop lists, both prompt kinds or none) and, separately, request bytes carrying
-invalid UTF-8 in `text` or `stop`. Each call must end with INVALID_ARGUMENT or be a
-correct stream; afterwards the cluster still serves and every decode slot is free.
+huge stop lists, each prompt form (text, tokens, chat messages) or none) and, separately,
+request bytes carrying invalid UTF-8 in `text` or `stop`. Each call must end with
+INVALID_ARGUMENT or be a correct stream; afterwards the cluster still serves and every
+decode slot is free. `tiny` has no chat template, so there a chat is always refused; a
+second orchestrator process, serving the same workers with a checkpoint directory that
+carries a chat template, takes fuzzed chats (roles the template refuses, empty and huge
+contents, too many messages) to the end: the template's own errors and prompts too long
+for the workers are INVALID_ARGUMENT, and the rest stream, their prompt the rendered chat.
 
 A correct stream: responses echo the request id; only the last one has a finish reason and
 it carries no tokens; the usage counts what was streamed; every token is in the
@@ -13,17 +18,25 @@ string; no more tokens than asked for.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
+from collections.abc import Iterator, Sequence
 
 import grpc
 import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
+from shared.chat import ChatError, ChatMessage, render_chat
+from shared.config import ModelConfig
 from shared.rpc.pdserve.v1 import generate_pb2, sampling_pb2
-from shared.tokenizer import ByteTokenizer
+from shared.tokenizer import ByteTokenizer, ChatFormat
+from shared.weights.checkpoint import FORMAT_VERSION, METADATA_FILE
+from shared.weights.model_info import CHAT_TEMPLATE_FILE
+from tests.cluster_harness import spawn_orchestrator
 from tests.fuzzing import fuzz_settings
+from tests.worker_harness import WorkerProcess, stop_worker
 
 pytestmark = pytest.mark.fuzz
 
@@ -33,14 +46,38 @@ INT32 = st.integers(-(2**31), 2**31 - 1)
 ANY_FLOAT = st.floats(allow_nan=True, allow_infinity=True)
 
 
+# A short chat template in the shape of real ones: a role check that raises, one line per
+# message, the assistant's turn opened. Short, so that a chat of a few short messages fits
+# the test workers' 64 positions.
+TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m.role not in ('system', 'user', 'assistant') %}"
+    "{{ raise_exception('unknown role ' + m.role) }}{% endif %}"
+    "{{ m.role[0] }}:{{ m.content }}\n"
+    "{% endfor %}{% if add_generation_prompt %}a:{% endif %}"
+)
+PROMPT_FORMS = ("text",) * 3 + ("tokens",) * 5 + ("chat",) * 2 + ("none",)
+
+
 def mostly(valid: st.SearchStrategy, hostile: st.SearchStrategy) -> st.SearchStrategy:
     """The hostile value one time in eight: about half the examples then reach a stream,
     and the rest have a field or two out of range."""
     return st.integers(0, 7).flatmap(lambda i: hostile if i == 0 else valid)
 
 
+def chat_messages() -> st.SearchStrategy:
+    """1-3 short turns with the roles templates know; or hostile: no turns, hundreds, a
+    role the template refuses or an empty one, contents of any size and alphabet."""
+    role = mostly(st.sampled_from(["system", "user", "assistant"]), st.text(max_size=12))
+    content = mostly(st.text(max_size=6), st.text(max_size=3000))
+    message = st.builds(generate_pb2.ChatMessage, role=role, content=content)
+    return mostly(st.lists(message, min_size=1, max_size=3), st.lists(message, max_size=300))
+
+
 @st.composite
-def requests(draw: st.DrawFn) -> generate_pb2.GenerateRequest:
+def requests(
+    draw: st.DrawFn, prompt_forms: Sequence[str] = PROMPT_FORMS
+) -> generate_pb2.GenerateRequest:
     token = st.integers(0, VOCAB - 1)
     request = generate_pb2.GenerateRequest(
         request_id=draw(mostly(st.text(max_size=12), st.text(min_size=100, max_size=300))),
@@ -51,12 +88,16 @@ def requests(draw: st.DrawFn) -> generate_pb2.GenerateRequest:
         ignore_eos=draw(st.booleans()),
         timeout_seconds=draw(mostly(st.sampled_from([0.0, 10.0]), ANY_FLOAT)),
     )  # fmt: skip
-    prompt = draw(st.sampled_from(["text"] * 3 + ["tokens"] * 6 + ["none"]))
+    prompt = draw(st.sampled_from(prompt_forms))
     if prompt == "text":
         request.text = draw(mostly(st.text(min_size=1, max_size=20), st.text(max_size=3000)))
     elif prompt == "tokens":
         ids = mostly(st.lists(token, min_size=1, max_size=20), st.lists(INT32, max_size=200))
         request.tokens.ids.extend(draw(ids))
+    elif prompt == "chat":
+        request.chat.messages.extend(draw(chat_messages()))
+        if not request.chat.messages:
+            request.chat.SetInParent()  # the chat form, with no turns: still the chat form
     if draw(st.booleans()):
         request.sampling.CopyFrom(
             sampling_pb2.SamplingParams(
@@ -95,7 +136,9 @@ def _not_utf8(data: bytes) -> bool:
     return False
 
 
-def check_stream(request: generate_pb2.GenerateRequest, responses: list) -> None:
+def check_stream(
+    request: generate_pb2.GenerateRequest, responses: list, chat: ChatFormat | None = None
+) -> None:
     assert responses, "a stream ends with a finish response"
     *body, last = responses
     assert last.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
@@ -115,6 +158,11 @@ def check_stream(request: generate_pb2.GenerateRequest, responses: list) -> None
     assert not any(s and s in text for s in request.stop)
     if request.WhichOneof("prompt") == "tokens":
         assert last.usage.prompt_tokens == len(request.tokens.ids)
+    if request.WhichOneof("prompt") == "chat":
+        # The prompt is the rendered chat, one byte a token (no BOS: the template decides).
+        assert chat is not None, "a chat streamed from a model without a template"
+        messages = [ChatMessage(m.role, m.content) for m in request.chat.messages]
+        assert last.usage.prompt_tokens == len(render_chat(chat, messages).encode())
 
 
 def outcome(name: str) -> None:
@@ -193,3 +241,59 @@ def test_nan_and_infinite_numbers_are_named_in_the_error(process_cluster) -> Non
             _, err = _call(channel, request.SerializeToString())
             assert err is not None and err.code() is grpc.StatusCode.INVALID_ARGUMENT
             assert needle in err.details(), err.details()
+
+
+@pytest.fixture(scope="module")
+def chat_orchestrator(process_cluster, tmp_path_factory) -> Iterator[WorkerProcess]:
+    """An orchestrator process for the session's workers whose --model is a checkpoint
+    directory of `tiny` (metadata only: the orchestrator loads no weights) with TEMPLATE
+    as its chat template."""
+    model = tmp_path_factory.mktemp("tiny-chat")
+    meta = {"format_version": FORMAT_VERSION, "model_config": ModelConfig.tiny().to_dict()}
+    (model / METADATA_FILE).write_text(json.dumps(meta))
+    (model / CHAT_TEMPLATE_FILE).write_text(TEMPLATE)
+    workers = process_cluster.workers
+    orchestrator = spawn_orchestrator(
+        "--model", str(model), "--prefill", workers.prefill.address,
+        "--decode", workers.decode_address,
+    )  # fmt: skip
+    yield orchestrator
+    stop_worker(orchestrator)
+
+
+@pytest.mark.timeout(240)  # may start the session's process cluster; 80 examples
+def test_fuzzed_chats_get_invalid_argument_or_the_rendered_prompts_stream(
+    process_cluster, chat_orchestrator
+) -> None:
+    tiny = ModelConfig.tiny()
+    chat = ChatFormat(TEMPLATE, end_of_turn_ids=(tiny.eos_id,))
+    reached: set[str] = set()
+    with grpc.insecure_channel(chat_orchestrator.address) as channel:
+
+        @fuzz_settings(80)
+        @given(requests(prompt_forms=("chat",)))
+        def chats(request: generate_pb2.GenerateRequest) -> None:
+            responses, err = _call(channel, request.SerializeToString())
+            messages = [ChatMessage(m.role, m.content) for m in request.chat.messages]
+            try:
+                render_chat(chat, messages)
+            except ChatError:
+                # What the template (or the message checks before it) refuses is refused;
+                # the message names the chat unless another field was refused first.
+                assert err is not None and err.code() is grpc.StatusCode.INVALID_ARGUMENT
+                if err.details().startswith("chat:"):
+                    reached.add("refused by the template")
+                return
+            if err is not None:
+                assert err.code() is grpc.StatusCode.INVALID_ARGUMENT, (err, request)
+                reached.add("INVALID_ARGUMENT")
+                outcome(f"chat INVALID_ARGUMENT {err.details().split()[0]}")
+                return
+            check_stream(request, responses, chat)
+            reached.add("stream")
+            outcome(f"chat stream {generate_pb2.FinishReason.Name(responses[-1].finish_reason)}")
+
+        chats()
+    # The fuzzer reached every outcome, so none of the checks above is vacuous.
+    assert reached == {"refused by the template", "INVALID_ARGUMENT", "stream"}, reached
+    assert asyncio.run(_all_free(process_cluster))

@@ -7,8 +7,9 @@
    on the server and on the client, while a stream already open runs to its end.
 3. The orchestrator's public port: TLS, client certificates and the bearer token in every
    combination, through the real client library.
-4. Plaintext on a non-loopback address is logged loudly (the check, not a bind: tests only
-   ever bind loopback).
+4. Plaintext on a non-loopback address is logged loudly: the check, and a real orchestrator
+   process whose gRPC and HTTP ports are bound to an address the check cannot prove is
+   loopback (tests only ever bind loopback).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from shared.transport.types import (
     TransportError,
 )
 from tests.tls_certs import CertificateAuthority, Pem
+from tests.worker_harness import spawn_pdserve, stop_worker
 
 LOAD = LoadReport(free_slots=3, total_slots=4, queue_depth=0, live_requests=1)
 
@@ -372,3 +374,29 @@ def test_a_plaintext_loopback_server_logs_no_warning(caplog) -> None:
     with caplog.at_level(logging.WARNING, logger="shared.transport.server"):
         asyncio.run(main())
     assert not [r for r in caplog.records if "PLAINTEXT" in r.getMessage()]
+
+
+@pytest.mark.timeout(120)
+def test_an_orchestrator_serving_plaintext_off_loopback_says_so_at_start(process_cluster) -> None:
+    """`127.1` is 127.0.0.1 in inet_aton's short form: the sockets really are on loopback
+    (the suite never listens elsewhere), but the check, which trusts only what it can
+    prove (an IP literal it parses, or `localhost`), takes it for an address reachable
+    from outside, as it would a real interface's; so the process's start is where the
+    warning must come from. gRPC's own resolver (c-ares) does not read the short form:
+    the process uses the system's (GRPC_DNS_RESOLVER=native)."""
+    workers = process_cluster.workers
+    orchestrator = spawn_pdserve(
+        "orchestrator",
+        ["orchestrator", "--host", "127.1", "--port", "0", "--metrics-port", "0",
+         "--http-port", "0", "--prefill", workers.prefill.address,
+         "--decode", workers.decode_address],
+        timeout=90,
+        extra_env={"GRPC_DNS_RESOLVER": "native"},
+    )  # fmt: skip
+    try:
+        output = "".join(orchestrator.output)
+        for protocol in ("gRPC", "HTTP"):
+            assert f"PLAINTEXT {protocol} on 127.1:" in output, output
+        assert "--tls-cert" in output
+    finally:
+        stop_worker(orchestrator)

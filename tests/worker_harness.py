@@ -72,13 +72,19 @@ class WorkerProcess:
 
 
 def spawn_pdserve(
-    name: str, argv: list[str], timeout: float, devices: int | None = None
+    name: str,
+    argv: list[str],
+    timeout: float,
+    devices: int | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> WorkerProcess:
     """Start `pdserve ARGV` (which must bind loopback port 0); return once it serves.
-    `devices`: simulated CPU devices for the process (default: one)."""
+    `devices`: simulated CPU devices for the process (default: one); `extra_env`: more
+    environment variables for it."""
     cmd = [sys.executable, "-m", "pdserve_cli", *argv]
     # child_environment: the process dies with this one (pytest), however pytest ends.
-    env = child_environment({**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"})
+    env = child_environment({**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+                             **(extra_env or {})})  # fmt: skip
     if devices is not None:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     proc = subprocess.Popen(

@@ -29,6 +29,9 @@ def channel_options(config: TransportConfig) -> list[tuple[str, Any]]:
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        # gRPC core (1.85) never fires keepalive_timeout: an unanswered ping is timed by
+        # ping_timeout, 60 s by default (grpc/grpc#39239); tests/test_keepalive.py.
+        ("grpc.http2.ping_timeout_ms", int(config.keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.initial_reconnect_backoff_ms", backoff_ms),
@@ -96,7 +99,11 @@ class RotatingChannel(Generic[Stub]):
         if channel.get_state(try_to_connect=True) is grpc.ChannelConnectivity.READY:
             return True
         try:
-            await asyncio.wait_for(channel.channel_ready(), timeout)
+            # asyncio.timeout, not wait_for, which on Python 3.11 can lose a cancel that
+            # arrives just as the channel connects (the push would go on after its caller
+            # gave up).
+            async with asyncio.timeout(timeout):
+                await channel.channel_ready()
         except TimeoutError:
             return False
         return True

@@ -52,6 +52,9 @@ def server_options(config: TransportConfig) -> list[tuple[str, int]]:
         ("grpc.max_receive_message_length", receive),
         ("grpc.keepalive_time_ms", int(config.keepalive_time_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(config.keepalive_timeout_s * 1000)),
+        # gRPC core (1.85) never fires keepalive_timeout: an unanswered ping is timed by
+        # ping_timeout, 60 s by default (grpc/grpc#39239); tests/test_keepalive.py.
+        ("grpc.http2.ping_timeout_ms", int(config.keepalive_timeout_s * 1000)),
         # Let clients ping as often as their keepalive does, even between calls; the
         # default (5 min) would answer their pings with GOAWAY "too_many_pings". A client
         # pinging faster than half that is sent GOAWAY after 2 strikes (ping floods).
