@@ -107,6 +107,10 @@ class DecodeState:
     seeds: jax.Array  # [B, 2] uint32
 
 
+# DecodeState's per-slot fields (everything but the cache), which an insert sets.
+_ROW_FIELDS = tuple(f.name for f in dataclasses.fields(DecodeState) if f.name != "cache")
+
+
 def _dtype(name: str) -> jnp.dtype:
     return jnp.bfloat16 if name == "bfloat16" else jnp.float32
 
@@ -158,8 +162,16 @@ class Engine:
             out_shardings=(self.state_sharding, self._replicated),
         )
         self._decode_logits_jit = jax.jit(self._decode_logits_impl)
-        self._insert_jit = jax.jit(
-            self._insert_impl, donate_argnums=(0,), out_shardings=self.state_sharding
+        # An insert is one small program per cache leaf (all leaves share it: same shapes)
+        # plus one for the slot rows, not one program over every leaf: XLA compiles 2 x
+        # num_layers scatters in one program in seconds (SmolLM2: ~4.5 s for each of the
+        # 20 (batch, length) pairs warm-up compiles), the single-leaf one in a fraction.
+        self._write_pages_jit = jax.jit(
+            self._write_pages_impl, donate_argnums=(0,), out_shardings=cache_sharding
+        )
+        rows_sharding = {f: self._replicated for f in _ROW_FIELDS}
+        self._insert_rows_jit = jax.jit(
+            self._insert_rows_impl, donate_argnums=(0,), out_shardings=rows_sharding
         )
         self._release_jit = jax.jit(
             self._release_impl, donate_argnums=(0,), out_shardings=self.state_sharding
@@ -391,10 +403,16 @@ class Engine:
         lengths = np.array([p.true_length for p in prefixes] + [0] * pad, np.int32)
         firsts = np.array([p.first_token for p in prefixes] + [0] * pad, np.int32)
         with jax.set_mesh(self.mesh):
-            return self._insert_jit(
-                state, stacked, padded_slots, write_pages, tables, lengths, firsts,
-                *self._sampling_rows(rows),
+            cache = jax.tree.map(
+                lambda pool, new: self._write_pages_jit(pool, new, write_pages),
+                state.cache,
+                stacked,
+            )
+            fields = self._insert_rows_jit(
+                {f: getattr(state, f) for f in _ROW_FIELDS}, padded_slots, tables, lengths,
+                firsts, *self._sampling_rows(rows),
             )  # fmt: skip
+        return DecodeState(cache=cache, **fields)
 
     def _stacked_caches(self, prefixes: Sequence[Prefix], length: int, count: int) -> CacheDict:
         """Every prefix's leaves padded to `length` and stacked (padding rows are zeros),
@@ -440,12 +458,25 @@ class Engine:
                 return -(-bucket // page) * page
         raise AssertionError("unreachable: max_seq_len bounds every prefix")
 
-    def _insert_impl(
+    def _write_pages_impl(
         self,
-        state: DecodeState,
-        stacked: CacheDict,  # leaves [N, KV, L, H], L a multiple of page_size
-        slots: jax.Array,  # [N]; == max_slots for padding rows
+        pool: jax.Array,  # [C, P, page_size, H]: one layer's K or V pages
+        new: jax.Array,  # [N, KV, L, H], L a multiple of page_size
         pages: jax.Array,  # [N, L / page_size]; == total_pages where nothing is written
+    ) -> jax.Array:
+        n, length = new.shape[0], new.shape[2]
+        self.compile_counts[f"insert[{n}x{length}]"] += 1
+        r, page = self.parallelism.kv_replication, self.config.page_size
+        # [N, KV, L, H] -> cache heads in pages [C, N, L / page, page, H].
+        heads = jnp.repeat(new, r, axis=1).astype(pool.dtype)
+        c, h = heads.shape[1], heads.shape[3]
+        paged = heads.reshape(n, c, length // page, page, h).transpose(1, 0, 2, 3, 4)
+        return pool.at[:, pages].set(paged, mode="drop")
+
+    def _insert_rows_impl(
+        self,
+        fields: dict[str, jax.Array],  # the state's per-slot rows (_ROW_FIELDS)
+        slots: jax.Array,  # [N]; == max_slots for padding rows
         tables: jax.Array,  # [N, W]: the rows' page tables
         lengths: jax.Array,
         firsts: jax.Array,
@@ -453,32 +484,11 @@ class Engine:
         top_k: jax.Array,
         top_p: jax.Array,
         seeds: jax.Array,
-    ) -> DecodeState:
-        n, length = len(slots), jax.tree.leaves(stacked)[0].shape[2]
-        self.compile_counts[f"insert[{n}x{length}]"] += 1
-        r, page = self.parallelism.kv_replication, self.config.page_size
-
-        def write(pool: jax.Array, new: jax.Array) -> jax.Array:
-            # [N, KV, L, H] -> cache heads in pages [C, N, L / page, page, H].
-            heads = jnp.repeat(new, r, axis=1).astype(pool.dtype)
-            c, h = heads.shape[1], heads.shape[3]
-            paged = heads.reshape(n, c, length // page, page, h).transpose(1, 0, 2, 3, 4)
-            return pool.at[:, pages].set(paged, mode="drop")
-
-        def put(old: jax.Array, new: jax.Array) -> jax.Array:
-            return old.at[slots].set(new, mode="drop")
-
-        return DecodeState(
-            cache=jax.tree.map(write, state.cache, stacked),
-            page_table=put(state.page_table, tables),
-            lengths=put(state.lengths, lengths),
-            tokens=put(state.tokens, firsts),
-            active=put(state.active, jnp.ones_like(slots, bool)),
-            temperature=put(state.temperature, temperature),
-            top_k=put(state.top_k, top_k),
-            top_p=put(state.top_p, top_p),
-            seeds=put(state.seeds, seeds),
-        )
+    ) -> dict[str, jax.Array]:
+        new = dict(page_table=tables, lengths=lengths, tokens=firsts,
+                   active=jnp.ones_like(slots, bool), temperature=temperature, top_k=top_k,
+                   top_p=top_p, seeds=seeds)  # fmt: skip
+        return {f: fields[f].at[slots].set(new[f], mode="drop") for f in _ROW_FIELDS}
 
     def release(self, state: DecodeState, slot: int) -> DecodeState:
         """Mark `slot` empty; steps stop reading it. Its pages go back to the pool on the

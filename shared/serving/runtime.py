@@ -59,6 +59,23 @@ class ModelRuntime:
     tokenizer_path: Path | None
 
 
+def enable_compilation_cache(directory: Path | None) -> None:
+    """Turn on JAX's persistent compilation cache in `directory` (created if missing).
+
+    Must run before the first compile: JAX opens the cache once, at the first compile that
+    finds a directory configured. Executables are keyed by the program, the JAX/XLA
+    version and the devices, so a stale entry is never used, only missed. Only compiles of
+    a second or more are stored (JAX's `jax_persistent_cache_min_compile_time_secs`)."""
+    if directory is None:
+        return
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--compilation-cache-dir {directory}: {err}") from None
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    progress(f"compilation cache: {directory}")
+
+
 def load_runtime(config: WorkerConfig) -> ModelRuntime:
     tp = config.tensor_parallel or len(jax.local_devices())
     mesh = make_mesh(tp)
@@ -133,18 +150,30 @@ def model_fingerprint(loaded: LoadedModel) -> str:
     return f"{loaded.model_config.fingerprint()}-{loaded.weights_id}"
 
 
-def warm_up(runtime: ModelRuntime, *, prefill: bool, decode: bool) -> None:
+def warm_up(runtime: ModelRuntime, *, prefill: bool, decode: bool) -> dict[str, float]:
     """Compile what serving will run: every prefill bucket; the decode step for every
     batch bucket, release, and bulk_insert for every power-of-two batch and insert length.
-    Everything is written to the scratch page, so no page is taken."""
+    Everything is written to the scratch page, so no page is taken.
+
+    Returns the seconds each part took (also printed): startup is mostly compiling, and
+    operators (and bench/compile_bench.py) need to see which part."""
     engine, params = runtime.engine, runtime.params
     start = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, started: float) -> None:
+        seconds[name] = time.perf_counter() - started
+        progress(f"compiled {name} in {seconds[name]:.1f}s")
+
     if prefill:
         for bucket in engine.config.prefill_buckets:
             progress(f"compiling prefill bucket {bucket}")
+            t = time.perf_counter()
             engine.prefill(params, np.zeros(bucket, np.int32))
+            timed(f"prefill[{bucket}]", t)
     if decode:
         progress(f"compiling inserts and the decode step for batches {engine.batch_buckets}")
+        t = time.perf_counter()
         state = engine.init_decode_state()
         lengths = (*engine.config.prefill_buckets, engine.config.max_seq_len - 1)
         count = 1
@@ -156,11 +185,18 @@ def warm_up(runtime: ModelRuntime, *, prefill: bool, decode: bool) -> None:
                     [fake] * count, state, np.arange(count, dtype=np.int32), [scratch] * count
                 )
             count *= 2
+        jax.block_until_ready(state)
+        timed("inserts", t)
         for bucket in engine.batch_buckets:
+            t = time.perf_counter()
             state, tokens = engine.generate(params, state, np.arange(bucket, dtype=np.int32))
+            jax.block_until_ready(tokens)
+            timed(f"generate[{bucket}]", t)
         state = engine.release(state, 0)
         jax.block_until_ready((state, tokens))
-    progress(f"compiled in {time.perf_counter() - start:.1f}s")
+    seconds["total"] = time.perf_counter() - start
+    progress(f"compiled in {seconds['total']:.1f}s")
+    return seconds
 
 
 def _zero_prefix(engine: Engine, length: int) -> Prefix:
@@ -249,6 +285,7 @@ def run_worker(
     configure_logging()
     try:
         config = parse_worker_args(argv, role)
+        enable_compilation_cache(config.compilation_cache_dir)
         runtime = load_runtime(config)
     except (ConfigError, CheckpointError) as err:
         print(f"pdserve {role.value}: error: {err}", file=sys.stderr)
