@@ -178,6 +178,12 @@ class Engine:
         )
         self._init_state_jit = jax.jit(self._init_state_impl, out_shardings=self.state_sharding)
         self._reference_jit = jax.jit(self._reference_impl)
+        # Buckets not compiled yet, which prefill and generate step over (to the next larger
+        # one) until `compile_prefill` / `compile_generate` has compiled them: a worker
+        # serves once its largest buckets are compiled and compiles the rest meanwhile
+        # (shared/serving/runtime.py). Read by the engine thread, emptied by the compiling
+        # one (set membership and discard are atomic).
+        self._held: set[tuple[str, int]] = set()
 
     def _abstract(self, mode: str, batch: int, cache_len: int) -> tuple[Any, Params, nnx.State]:
         model = nnx.eval_shape(
@@ -216,7 +222,53 @@ class Engine:
         return (*buckets, n)
 
     def batch_bucket(self, rows: int) -> int:
-        return next(b for b in self.batch_buckets if b >= rows)
+        """The smallest compiled-or-compilable batch bucket that holds `rows`."""
+        return next(
+            b for b in self.batch_buckets if b >= rows and ("generate", b) not in self._held
+        )
+
+    # Compiling ahead (warm-up) -------------------------------------------------------------
+
+    def hold_buckets(self, prefill: Sequence[int] = (), batch: Sequence[int] = ()) -> None:
+        """Step over these prefill / batch buckets (to the next larger one) until they are
+        compiled by `compile_prefill` / `compile_generate`. The largest of each cannot be
+        held: every prompt and every batch must always have a bucket."""
+        if self.config.max_prompt_len in prefill or self.batch_buckets[-1] in batch:
+            raise EngineError("the largest prefill and batch buckets cannot be held")
+        self._held.update(("prefill", b) for b in prefill)
+        self._held.update(("generate", b) for b in batch)
+
+    @property
+    def held_buckets(self) -> dict[str, tuple[int, ...]]:
+        """The buckets held until compiled, by function."""
+        return {
+            kind: tuple(sorted(b for k, b in self._held if k == kind))
+            for kind in ("prefill", "generate")
+        }
+
+    def compile_prefill(self, params: Params, bucket: int) -> None:
+        """Compile `prefill` for `bucket` without running it, then release the bucket.
+        Safe from another thread while the engine thread serves."""
+        sampling = self._sampling_rows([SamplingParams()])
+        with jax.set_mesh(self.mesh):
+            self._prefill_jit.lower(
+                params, np.zeros((1, bucket), np.int32), np.int32(bucket), *sampling
+            ).compile()
+        self._held.discard(("prefill", bucket))
+
+    def compile_generate(self, params: Params, bucket: int) -> None:
+        """Compile `generate` for batch `bucket` without running it (nothing is allocated
+        or donated: the state is abstract), then release the bucket. Safe from another
+        thread while the engine thread serves."""
+        with jax.set_mesh(self.mesh):
+            state = jax.tree.map(
+                lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                jax.eval_shape(self._init_state_impl),
+                self.state_sharding,
+            )
+            rows = np.zeros((bucket,), np.int32)
+            self._generate_jit.lower(params, state, rows, rows).compile()
+        self._held.discard(("generate", bucket))
 
     @property
     def tp(self) -> int:
@@ -288,7 +340,10 @@ class Engine:
 
     def _prefill_bucket(self, length: int, allow_long: bool) -> int:
         if length <= self.config.max_prompt_len:
-            return self.config.bucket_for(length)
+            return next(
+                b for b in self.config.prefill_buckets
+                if b >= length and ("prefill", b) not in self._held
+            )  # fmt: skip
         if allow_long and length < self.config.max_seq_len:
             return self.config.max_seq_len
         if allow_long:

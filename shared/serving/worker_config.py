@@ -60,6 +60,9 @@ class WorkerConfig:
     # JAX's persistent compilation cache (None: off): a restart reads what the last start
     # compiled instead of compiling again (startup is mostly compiling).
     compilation_cache_dir: Path | None = None
+    # all: compile every bucket before serving; largest: the largest prefill bucket and
+    # decode batch before, the rest while serving (shared/serving/runtime.py warm_up).
+    warm_up: str = "largest"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -232,6 +235,14 @@ def worker_parser(role: Role | str | None) -> argparse.ArgumentParser:
     p.add_argument("--weights-seed", type=int, default=0)
     add_compilation_cache_argument(p)
     p.add_argument(
+        "--warm-up",
+        choices=["largest", "all"],
+        default="largest",
+        help="largest (default): compile the largest prefill bucket and decode batch before "
+        "serving and the others while serving (until each is ready, requests use the next "
+        "larger one); all: compile every bucket before serving",
+    )
+    p.add_argument(
         "--max-unsent-batches",
         type=int,
         default=256,
@@ -378,4 +389,5 @@ def parse_worker_args(argv: Sequence[str], role: Role | None) -> WorkerConfig:
         compilation_cache_dir=Path(args.compilation_cache_dir)
         if args.compilation_cache_dir
         else None,
+        warm_up=args.warm_up,
     )
