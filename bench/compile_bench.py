@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--roles", default="prefill,decode")
     parser.add_argument("--scenarios", default="cold_all,cold,cached")
     parser.add_argument("--warm-up", default="largest", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--before", type=Path, help="a JSON of the same measurement on older code, kept as is"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -140,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.child, args.model, args.slots, args.cache_dir, args.warm_up)))
         return 0
     results: dict = {"model": args.model, "slots": args.slots, "engine": SERVE_ENGINE_FLAGS}
+    if args.before:
+        results["before"] = json.loads(args.before.read_text())
     with tempfile.TemporaryDirectory(prefix="pdserve-jax-cache-") as tmp:
         for scenario in args.scenarios.split(","):
             warm = "all" if scenario == "cold_all" else "largest"
