@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding
 from shared.config import EngineConfig, ModelConfig
 from shared.engine.mesh import CACHE_AXES, Parallelism, make_mesh, named, replicated
 from shared.engine.model.attention import PagedInputs
-from shared.engine.model.llama import Transformer
+from shared.engine.model.llama import Transformer, abstract_model
 from shared.engine.pages import SCRATCH_PAGE
 from shared.engine.params import init_params, param_shardings, with_shardings
 from shared.engine.sampling import SamplingParams, sample
@@ -186,20 +186,19 @@ class Engine:
         self._held: set[tuple[str, int]] = set()
 
     def _abstract(self, mode: str, batch: int, cache_len: int) -> tuple[Any, Params, nnx.State]:
-        model = nnx.eval_shape(
-            lambda: Transformer(
-                self.model_config,
-                mode,
-                batch=batch,
-                cache_len=cache_len,
-                dtype=self.dtype,
-                parallelism=self.parallelism,
-                attention=self.attention,
-                pages_per_block=self.config.pages_per_block,
-                rngs=nnx.Rngs(0),
-            )
+        # Prefill never reads the paged-attention settings: the loader's defaults, so that
+        # the loader's abstract model (shared/weights/tree.py) is this one, built once.
+        prefill = mode == "prefill"
+        return abstract_model(
+            self.model_config,
+            mode,
+            batch=batch,
+            cache_len=cache_len,
+            dtype=self.dtype,
+            parallelism=self.parallelism,
+            attention="xla" if prefill else self.attention,
+            pages_per_block=1 if prefill else self.config.pages_per_block,
         )
-        return nnx.split(model, nnx.Param, nnx.Cache)
 
     @property
     def attention(self) -> str:
