@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shared.serving.lifetime import child_environment
+from shared.serving.worker_config import add_compilation_cache_argument
 from shared.weights.packaged import default_model
 
 SERVING = re.compile(r"serving on (\S+):(\d+) metrics_port=(-?\d+)(?: http_port=(-?\d+))?")
@@ -64,7 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat", action="store_true", help="with --once: send PROMPT as a user chat message"
     )
     p.add_argument("--max-tokens", type=int, default=48, help="with --once")
+    # On by default here (a user's machine, their own cache): the second `pdserve serve`
+    # or `make run` skips most of the compiling.
+    add_compilation_cache_argument(p, default=str(default_compilation_cache_dir()))
     return p
+
+
+def default_compilation_cache_dir() -> Path:
+    """Where `pdserve serve` keeps compiled programs: $JAX_COMPILATION_CACHE_DIR when set
+    (JAX's own variable), else pdserve's folder in the user's cache directory."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home) / "pdserve" / "jax"
 
 
 def launch(name: str, argv: Sequence[str]) -> tuple[Child, threading.Event]:
@@ -118,7 +131,8 @@ def stop_all(children: Sequence[Child], timeout: float = 60.0) -> None:
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
     engine = ["--model", args.model, "--slots", str(args.slots), "--prefill-buckets",
-              args.prefill_buckets, "--max-seq-len", str(args.max_seq_len)]  # fmt: skip
+              args.prefill_buckets, "--max-seq-len", str(args.max_seq_len),
+              "--compilation-cache-dir", args.compilation_cache_dir]  # fmt: skip
     local = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
     children: list[Child] = []
     stopping = threading.Event()

@@ -27,6 +27,33 @@ def gpt2_byte_alphabet() -> list[str]:
     return [table[b] for b in range(256)]
 
 
+IM_START, IM_END = 256, 257
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer(add_bos: bool = False, model: str = "gpt2") -> dict:
+    """A byte-level BPE of exactly the tiny preset's 320 ids: the 256 byte symbols, two
+    control tokens, merges spelling "the" and " the", and unreachable fillers."""
+    tokens = [*gpt2_byte_alphabet(), "<|im_start|>", "<|im_end|>", "th", "the", "Ġthe"]
+    tokens += [f"<unused{i}>" for i in range(320 - len(tokens))]
+    types = [1] * 256 + [3, 3] + [1] * (len(tokens) - 258)
+    merges = ["t h", "th e", "Ġ the"]  # by rank: " the" is Ġ + t h -> th + e -> Ġ + the
+    V = gguf.GGUFValueType
+    return {
+        "tokenizer.ggml.model": (model, V.STRING),
+        "tokenizer.ggml.pre": ("smollm", V.STRING),
+        "tokenizer.ggml.tokens": (tokens, V.ARRAY, V.STRING),
+        "tokenizer.ggml.token_type": (types, V.ARRAY, V.INT32),
+        "tokenizer.ggml.merges": (merges, V.ARRAY, V.STRING),
+        "tokenizer.ggml.add_bos_token": (add_bos, V.BOOL),
+        "tokenizer.chat_template": (CHATML, V.STRING),
+    }
+
+
 def params_as_gguf_tensors(config: ModelConfig, flat: Mapping[str, np.ndarray]) -> dict:
     """Our flat params -> {GGUF name: HF-layout float32 array, q/k permuted like llama.cpp}."""
     tensors = {}

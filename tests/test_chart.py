@@ -535,6 +535,37 @@ def test_pods_are_non_root_with_a_read_only_root_and_a_writable_tmp(rendered: Re
         assert "emptyDir" in volume
 
 
+def test_workers_keep_compiled_programs_in_a_writable_cache_volume(
+    rendered: Rendered, tmp_path: Path
+):
+    """`--compilation-cache-dir` is the mounted cache volume (writable: JAX writes the
+    entries): an emptyDir of sizeLimit, or the named claim. The orchestrator compiles
+    nothing and mounts none."""
+    cache = rendered.values["compilationCache"]
+    for pod in worker_pods(rendered):
+        config = parse_worker(pod, tmp_path)
+        if not cache["enabled"]:
+            assert config.compilation_cache_dir is None
+            continue
+        assert config.compilation_cache_dir == Path(cache["mountPath"])
+        mounts = pod.container["volumeMounts"]
+        (mount,) = [m for m in mounts if m["mountPath"] == cache["mountPath"]]
+        assert not mount.get("readOnly", False)
+        (volume,) = [v for v in pod.spec["volumes"] if v["name"] == mount["name"]]
+        if cache["pvc"]["claimName"]:
+            assert volume["persistentVolumeClaim"] == {"claimName": cache["pvc"]["claimName"]}
+        else:
+            assert volume["emptyDir"] == {"sizeLimit": cache["sizeLimit"]}
+    orchestrator = orchestrator_pod(rendered)
+    mounted = [m["mountPath"] for m in orchestrator.container["volumeMounts"]]
+    assert cache["mountPath"] not in mounted
+
+
+def test_ci_scenarios_cover_both_cache_volumes(renders: dict[str, Rendered]):
+    claims = {r.values["compilationCache"]["pvc"]["claimName"] for r in renders.values()}
+    assert "" in claims and len(claims) > 1  # an emptyDir somewhere, a claim somewhere
+
+
 def test_tpu_workers_land_on_their_slices(rendered: Rendered):
     for pod in worker_pods(rendered):
         tpu = rendered.values[pod.component]["tpu"]

@@ -20,35 +20,16 @@ from shared.weights.checkpoint import CheckpointError, load_model
 from shared.weights.gguf_import import permute_rope_rows, unpermute_rope_rows
 from shared.weights.model_info import load_model_info
 from shared.weights.tree import flatten
-from tests.gguf_support import gpt2_byte_alphabet, params_as_gguf_tensors, write_gguf
+from tests.gguf_support import (
+    IM_END,
+    IM_START,
+    params_as_gguf_tensors,
+    tiny_tokenizer,
+    write_gguf,
+)
 
 Q = gguf.GGMLQuantizationType
 ENGINE = EngineConfig(max_slots=1, prefill_buckets=(8,), max_seq_len=16)
-IM_START, IM_END = 256, 257
-CHATML = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
-    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-
-def tiny_tokenizer(add_bos: bool = False, model: str = "gpt2") -> dict:
-    """A byte-level BPE of exactly the tiny preset's 320 ids: the 256 byte symbols, two
-    control tokens, merges spelling "the" and " the", and unreachable fillers."""
-    tokens = [*gpt2_byte_alphabet(), "<|im_start|>", "<|im_end|>", "th", "the", "Ġthe"]
-    tokens += [f"<unused{i}>" for i in range(320 - len(tokens))]
-    types = [1] * 256 + [3, 3] + [1] * (len(tokens) - 258)
-    merges = ["t h", "th e", "Ġ the"]  # by rank: " the" is Ġ + t h -> th + e -> Ġ + the
-    V = gguf.GGUFValueType
-    return {
-        "tokenizer.ggml.model": (model, V.STRING),
-        "tokenizer.ggml.pre": ("smollm", V.STRING),
-        "tokenizer.ggml.tokens": (tokens, V.ARRAY, V.STRING),
-        "tokenizer.ggml.token_type": (types, V.ARRAY, V.INT32),
-        "tokenizer.ggml.merges": (merges, V.ARRAY, V.STRING),
-        "tokenizer.ggml.add_bos_token": (add_bos, V.BOOL),
-        "tokenizer.chat_template": (CHATML, V.STRING),
-    }
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +99,52 @@ def test_every_block_format_dequantizes_within_its_step(tmp_path, tiny):
     # int8 on load from the dequantized floats (AQT), as for any float source.
     int8 = flatten(load_model(str(path), engine_config=ENGINE, quantize="int8").params)
     assert int8["layers.0.attn.q_proj.kernel"].dtype == jnp.int8
+
+
+# Where each K-quant super-block (256 weights) keeps its float16 scales (d, and dmin for
+# the formats with an offset), in ggml's block layouts (gguf/quants.py splits them the same
+# way). Random bytes there could be inf or NaN, so those are overwritten with small finite
+# scales; every other byte (sub-block scales, low and high quant bits) stays random.
+K_SCALE_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
+                   Q.Q6_K: (208,)}  # fmt: skip
+
+
+def random_k_blocks(
+    rng: np.random.Generator, rows: int, cols: int, kind: gguf.GGMLQuantizationType
+) -> np.ndarray:
+    """Raw `kind` blocks for a [rows, cols] tensor: random quants under finite scales."""
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    for offset in K_SCALE_OFFSETS[kind]:
+        scale = rng.uniform(2**-12, 2**-8, (rows, cols // block)).astype(np.float16)
+        raw[..., offset : offset + 2] = scale.view(np.uint8).reshape(rows, cols // block, 2)
+    return raw.reshape(rows, -1)
+
+
+def test_k_quants_load_exactly_what_gguf_dequantizes(tmp_path, tiny):
+    """Q2_K..Q6_K (which gguf cannot quantize, so the blocks are written raw): every matrix
+    loads as gguf's own dequantization, bit for bit, un-permuted and transposed into place
+    (read back through the writer's layout, so a shape or order slip fails too)."""
+    config, flat = tiny
+    tensors = params_as_gguf_tensors(config, flat)
+    rng = np.random.default_rng(0)
+    kinds = list(K_SCALE_OFFSETS)
+    matrices = [n for n, v in tensors.items() if v.ndim == 2]
+    raw = {}
+    for i, name in enumerate(matrices):  # tiny's inputs (256, 768) are whole super-blocks
+        rows, cols = tensors.pop(name).shape
+        kind = kinds[i % len(kinds)]
+        raw[name] = (random_k_blocks(rng, rows, cols, kind), kind)
+    path = write_gguf(tmp_path / "k.gguf", config, tensors, raw=raw)
+    loaded = flatten(load_model(str(path), engine_config=ENGINE).params)
+    reread = params_as_gguf_tensors(config, {k: np.asarray(v) for k, v in loaded.items()})
+    seen = set()
+    for name, (blocks, kind) in raw.items():
+        expected = gguf.quants.dequantize(blocks, kind)
+        assert np.isfinite(expected).all() and np.abs(expected).max() > 0, (name, kind.name)
+        np.testing.assert_array_equal(reread[name], expected, err_msg=f"{name} {kind.name}")
+        seen.add(kind)
+    assert seen == set(K_SCALE_OFFSETS)
 
 
 def test_an_unsupported_block_format_is_refused_by_name(tmp_path, tiny):

@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding
 from shared.config import EngineConfig, ModelConfig
 from shared.engine.mesh import CACHE_AXES, Parallelism, make_mesh, named, replicated
 from shared.engine.model.attention import PagedInputs
-from shared.engine.model.llama import Transformer
+from shared.engine.model.llama import Transformer, abstract_model
 from shared.engine.pages import SCRATCH_PAGE
 from shared.engine.params import init_params, param_shardings, with_shardings
 from shared.engine.sampling import SamplingParams, sample
@@ -107,6 +107,10 @@ class DecodeState:
     seeds: jax.Array  # [B, 2] uint32
 
 
+# DecodeState's per-slot fields (everything but the cache), which an insert sets.
+_ROW_FIELDS = tuple(f.name for f in dataclasses.fields(DecodeState) if f.name != "cache")
+
+
 def _dtype(name: str) -> jnp.dtype:
     return jnp.bfloat16 if name == "bfloat16" else jnp.float32
 
@@ -158,30 +162,43 @@ class Engine:
             out_shardings=(self.state_sharding, self._replicated),
         )
         self._decode_logits_jit = jax.jit(self._decode_logits_impl)
-        self._insert_jit = jax.jit(
-            self._insert_impl, donate_argnums=(0,), out_shardings=self.state_sharding
+        # An insert is one small program per cache leaf (all leaves share it: same shapes)
+        # plus one for the slot rows, not one program over every leaf: XLA compiles 2 x
+        # num_layers scatters in one program in seconds (SmolLM2: ~4.5 s for each of the
+        # 20 (batch, length) pairs warm-up compiles), the single-leaf one in a fraction.
+        self._write_pages_jit = jax.jit(
+            self._write_pages_impl, donate_argnums=(0,), out_shardings=cache_sharding
+        )
+        rows_sharding = {f: self._replicated for f in _ROW_FIELDS}
+        self._insert_rows_jit = jax.jit(
+            self._insert_rows_impl, donate_argnums=(0,), out_shardings=rows_sharding
         )
         self._release_jit = jax.jit(
             self._release_impl, donate_argnums=(0,), out_shardings=self.state_sharding
         )
         self._init_state_jit = jax.jit(self._init_state_impl, out_shardings=self.state_sharding)
         self._reference_jit = jax.jit(self._reference_impl)
+        # Buckets not compiled yet, which prefill and generate step over (to the next larger
+        # one) until `compile_prefill` / `compile_generate` has compiled them: a worker
+        # serves once its largest buckets are compiled and compiles the rest meanwhile
+        # (shared/serving/runtime.py). Read by the engine thread, emptied by the compiling
+        # one (set membership and discard are atomic).
+        self._held: set[tuple[str, int]] = set()
 
     def _abstract(self, mode: str, batch: int, cache_len: int) -> tuple[Any, Params, nnx.State]:
-        model = nnx.eval_shape(
-            lambda: Transformer(
-                self.model_config,
-                mode,
-                batch=batch,
-                cache_len=cache_len,
-                dtype=self.dtype,
-                parallelism=self.parallelism,
-                attention=self.attention,
-                pages_per_block=self.config.pages_per_block,
-                rngs=nnx.Rngs(0),
-            )
+        # Prefill never reads the paged-attention settings: the loader's defaults, so that
+        # the loader's abstract model (shared/weights/tree.py) is this one, built once.
+        prefill = mode == "prefill"
+        return abstract_model(
+            self.model_config,
+            mode,
+            batch=batch,
+            cache_len=cache_len,
+            dtype=self.dtype,
+            parallelism=self.parallelism,
+            attention="xla" if prefill else self.attention,
+            pages_per_block=1 if prefill else self.config.pages_per_block,
         )
-        return nnx.split(model, nnx.Param, nnx.Cache)
 
     @property
     def attention(self) -> str:
@@ -204,7 +221,53 @@ class Engine:
         return (*buckets, n)
 
     def batch_bucket(self, rows: int) -> int:
-        return next(b for b in self.batch_buckets if b >= rows)
+        """The smallest compiled-or-compilable batch bucket that holds `rows`."""
+        return next(
+            b for b in self.batch_buckets if b >= rows and ("generate", b) not in self._held
+        )
+
+    # Compiling ahead (warm-up) -------------------------------------------------------------
+
+    def hold_buckets(self, prefill: Sequence[int] = (), batch: Sequence[int] = ()) -> None:
+        """Step over these prefill / batch buckets (to the next larger one) until they are
+        compiled by `compile_prefill` / `compile_generate`. The largest of each cannot be
+        held: every prompt and every batch must always have a bucket."""
+        if self.config.max_prompt_len in prefill or self.batch_buckets[-1] in batch:
+            raise EngineError("the largest prefill and batch buckets cannot be held")
+        self._held.update(("prefill", b) for b in prefill)
+        self._held.update(("generate", b) for b in batch)
+
+    @property
+    def held_buckets(self) -> dict[str, tuple[int, ...]]:
+        """The buckets held until compiled, by function."""
+        return {
+            kind: tuple(sorted(b for k, b in self._held if k == kind))
+            for kind in ("prefill", "generate")
+        }
+
+    def compile_prefill(self, params: Params, bucket: int) -> None:
+        """Compile `prefill` for `bucket` without running it, then release the bucket.
+        Safe from another thread while the engine thread serves."""
+        sampling = self._sampling_rows([SamplingParams()])
+        with jax.set_mesh(self.mesh):
+            self._prefill_jit.lower(
+                params, np.zeros((1, bucket), np.int32), np.int32(bucket), *sampling
+            ).compile()
+        self._held.discard(("prefill", bucket))
+
+    def compile_generate(self, params: Params, bucket: int) -> None:
+        """Compile `generate` for batch `bucket` without running it (nothing is allocated
+        or donated: the state is abstract), then release the bucket. Safe from another
+        thread while the engine thread serves."""
+        with jax.set_mesh(self.mesh):
+            state = jax.tree.map(
+                lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                jax.eval_shape(self._init_state_impl),
+                self.state_sharding,
+            )
+            rows = np.zeros((bucket,), np.int32)
+            self._generate_jit.lower(params, state, rows, rows).compile()
+        self._held.discard(("generate", bucket))
 
     @property
     def tp(self) -> int:
@@ -276,7 +339,10 @@ class Engine:
 
     def _prefill_bucket(self, length: int, allow_long: bool) -> int:
         if length <= self.config.max_prompt_len:
-            return self.config.bucket_for(length)
+            return next(
+                b for b in self.config.prefill_buckets
+                if b >= length and ("prefill", b) not in self._held
+            )  # fmt: skip
         if allow_long and length < self.config.max_seq_len:
             return self.config.max_seq_len
         if allow_long:
@@ -391,10 +457,16 @@ class Engine:
         lengths = np.array([p.true_length for p in prefixes] + [0] * pad, np.int32)
         firsts = np.array([p.first_token for p in prefixes] + [0] * pad, np.int32)
         with jax.set_mesh(self.mesh):
-            return self._insert_jit(
-                state, stacked, padded_slots, write_pages, tables, lengths, firsts,
-                *self._sampling_rows(rows),
+            cache = jax.tree.map(
+                lambda pool, new: self._write_pages_jit(pool, new, write_pages),
+                state.cache,
+                stacked,
+            )
+            fields = self._insert_rows_jit(
+                {f: getattr(state, f) for f in _ROW_FIELDS}, padded_slots, tables, lengths,
+                firsts, *self._sampling_rows(rows),
             )  # fmt: skip
+        return DecodeState(cache=cache, **fields)
 
     def _stacked_caches(self, prefixes: Sequence[Prefix], length: int, count: int) -> CacheDict:
         """Every prefix's leaves padded to `length` and stacked (padding rows are zeros),
@@ -440,12 +512,25 @@ class Engine:
                 return -(-bucket // page) * page
         raise AssertionError("unreachable: max_seq_len bounds every prefix")
 
-    def _insert_impl(
+    def _write_pages_impl(
         self,
-        state: DecodeState,
-        stacked: CacheDict,  # leaves [N, KV, L, H], L a multiple of page_size
-        slots: jax.Array,  # [N]; == max_slots for padding rows
+        pool: jax.Array,  # [C, P, page_size, H]: one layer's K or V pages
+        new: jax.Array,  # [N, KV, L, H], L a multiple of page_size
         pages: jax.Array,  # [N, L / page_size]; == total_pages where nothing is written
+    ) -> jax.Array:
+        n, length = new.shape[0], new.shape[2]
+        self.compile_counts[f"insert[{n}x{length}]"] += 1
+        r, page = self.parallelism.kv_replication, self.config.page_size
+        # [N, KV, L, H] -> cache heads in pages [C, N, L / page, page, H].
+        heads = jnp.repeat(new, r, axis=1).astype(pool.dtype)
+        c, h = heads.shape[1], heads.shape[3]
+        paged = heads.reshape(n, c, length // page, page, h).transpose(1, 0, 2, 3, 4)
+        return pool.at[:, pages].set(paged, mode="drop")
+
+    def _insert_rows_impl(
+        self,
+        fields: dict[str, jax.Array],  # the state's per-slot rows (_ROW_FIELDS)
+        slots: jax.Array,  # [N]; == max_slots for padding rows
         tables: jax.Array,  # [N, W]: the rows' page tables
         lengths: jax.Array,
         firsts: jax.Array,
@@ -453,32 +538,11 @@ class Engine:
         top_k: jax.Array,
         top_p: jax.Array,
         seeds: jax.Array,
-    ) -> DecodeState:
-        n, length = len(slots), jax.tree.leaves(stacked)[0].shape[2]
-        self.compile_counts[f"insert[{n}x{length}]"] += 1
-        r, page = self.parallelism.kv_replication, self.config.page_size
-
-        def write(pool: jax.Array, new: jax.Array) -> jax.Array:
-            # [N, KV, L, H] -> cache heads in pages [C, N, L / page, page, H].
-            heads = jnp.repeat(new, r, axis=1).astype(pool.dtype)
-            c, h = heads.shape[1], heads.shape[3]
-            paged = heads.reshape(n, c, length // page, page, h).transpose(1, 0, 2, 3, 4)
-            return pool.at[:, pages].set(paged, mode="drop")
-
-        def put(old: jax.Array, new: jax.Array) -> jax.Array:
-            return old.at[slots].set(new, mode="drop")
-
-        return DecodeState(
-            cache=jax.tree.map(write, state.cache, stacked),
-            page_table=put(state.page_table, tables),
-            lengths=put(state.lengths, lengths),
-            tokens=put(state.tokens, firsts),
-            active=put(state.active, jnp.ones_like(slots, bool)),
-            temperature=put(state.temperature, temperature),
-            top_k=put(state.top_k, top_k),
-            top_p=put(state.top_p, top_p),
-            seeds=put(state.seeds, seeds),
-        )
+    ) -> dict[str, jax.Array]:
+        new = dict(page_table=tables, lengths=lengths, tokens=firsts,
+                   active=jnp.ones_like(slots, bool), temperature=temperature, top_k=top_k,
+                   top_p=top_p, seeds=seeds)  # fmt: skip
+        return {f: fields[f].at[slots].set(new[f], mode="drop") for f in _ROW_FIELDS}
 
     def release(self, state: DecodeState, slot: int) -> DecodeState:
         """Mark `slot` empty; steps stop reading it. Its pages go back to the pool on the

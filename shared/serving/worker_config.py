@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,6 +57,12 @@ class WorkerConfig:
     max_unsent_batches: int  # decode: token batches a stream may leave unread before it is cut
     drain_grace_s: float  # SIGTERM: how long live work may run before it is cancelled
     weights_seed: int  # presets only: the seed of their random weights
+    # JAX's persistent compilation cache (None: off): a restart reads what the last start
+    # compiled instead of compiling again (startup is mostly compiling).
+    compilation_cache_dir: Path | None = None
+    # all: compile every bucket before serving; largest: the largest prefill bucket and
+    # decode batch before, the rest while serving (shared/serving/runtime.py warm_up).
+    warm_up: str = "largest"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -226,6 +233,15 @@ def worker_parser(role: Role | str | None) -> argparse.ArgumentParser:
     p.add_argument("--transfer-timeout-s", type=float, default=60.0)
     p.add_argument("--drain-grace-s", type=float, default=30.0)
     p.add_argument("--weights-seed", type=int, default=0)
+    add_compilation_cache_argument(p)
+    p.add_argument(
+        "--warm-up",
+        choices=["largest", "all"],
+        default="largest",
+        help="largest (default): compile the largest prefill bucket and decode batch before "
+        "serving and the others while serving (until each is ready, requests use the next "
+        "larger one); all: compile every bucket before serving",
+    )
     p.add_argument(
         "--max-unsent-batches",
         type=int,
@@ -250,6 +266,22 @@ def worker_parser(role: Role | str | None) -> argparse.ArgumentParser:
         "(e.g. the headless Service's DNS name); default: the dialled host",
     )
     return p
+
+
+COMPILATION_CACHE_ENV = "PDSERVE_COMPILATION_CACHE_DIR"
+
+
+def add_compilation_cache_argument(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """`--compilation-cache-dir`: JAX's persistent compilation cache. Default: the
+    PDSERVE_COMPILATION_CACHE_DIR environment variable, else `default` (workers: off)."""
+    p.add_argument(
+        "--compilation-cache-dir",
+        default=os.environ.get(COMPILATION_CACHE_ENV, default),
+        help="keep compiled programs here and reuse them on the next start (a restart skips "
+        f"most of the compiling); empty: off. Default: ${COMPILATION_CACHE_ENV}"
+        + (f", else {default}" if default else ", else off")
+        + ". Trusted content: share it only with processes you trust.",
+    )
 
 
 def add_connection_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -354,4 +386,8 @@ def parse_worker_args(argv: Sequence[str], role: Role | None) -> WorkerConfig:
         max_unsent_batches=args.max_unsent_batches,
         drain_grace_s=args.drain_grace_s,
         weights_seed=args.weights_seed,
+        compilation_cache_dir=Path(args.compilation_cache_dir)
+        if args.compilation_cache_dir
+        else None,
+        warm_up=args.warm_up,
     )

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from shared.config import ModelConfig
 from shared.engine.mesh import Parallelism
-from shared.engine.model.llama import Transformer
+from shared.engine.model.llama import abstract_model
 from shared.engine.params import param_shardings, with_shardings
 from shared.engine.quantization import SCALE_SUFFIX, quantize_jit
 
@@ -42,12 +42,10 @@ def abstract_params(
 ) -> nnx.State:
     """ShapeDtypeStruct params of `model_config` (int8 + scales when it is quantized); with
     a mesh, each carries its sharding, and every loader places tensors straight there."""
-    model = nnx.eval_shape(
-        lambda: Transformer(
-            model_config, "prefill", batch=1, cache_len=1, dtype=dtype, rngs=nnx.Rngs(0)
-        )
-    )
-    abstract = nnx.state(model, nnx.Param)
+    _, abstract, _ = abstract_model(
+        model_config, "prefill", batch=1, cache_len=1, dtype=dtype,
+        parallelism=Parallelism.of(model_config, 1),
+    )  # fmt: skip
     if mesh is None:
         return abstract
     rules = Parallelism.of(model_config, mesh.size).rules()

@@ -208,6 +208,10 @@ readinessProbe:
 {{- end }}
 - --drain-grace-s
 - {{ $cfg.drainGraceS | quote }}
+{{- if $v.compilationCache.enabled }}
+- --compilation-cache-dir
+- {{ $v.compilationCache.mountPath | quote }}
+{{- end }}
 {{ include "pdserve.connectionArgs" (dict "root" .root "tls" $v.tls.internal.enabled "healthPort" $cfg.healthPort) }}
 {{- if $v.tls.internal.enabled }}
 {{ include "pdserve.internalTlsArgs" (dict "root" .root "flag" "--tls") }}
@@ -305,11 +309,27 @@ spec:
         {{- include "pdserve.containerSecurityContext" $root | nindent 8 }}
       volumeMounts:
         {{- include "pdserve.volumeMounts" $root | nindent 8 }}
+        {{- if $v.compilationCache.enabled }}
+        - name: compilation-cache
+          mountPath: {{ $v.compilationCache.mountPath }}
+        {{- end }}
         {{- if $v.tls.internal.enabled }}
         {{- include "pdserve.internalTlsMount" $root | nindent 8 }}
         {{- end }}
   volumes:
     {{- include "pdserve.volumes" $root | nindent 4 }}
+    {{- with $v.compilationCache }}
+    {{- if .enabled }}
+    - name: compilation-cache
+      {{- if .pvc.claimName }}
+      persistentVolumeClaim:
+        claimName: {{ .pvc.claimName }}
+      {{- else }}
+      emptyDir:
+        sizeLimit: {{ .sizeLimit }}
+      {{- end }}
+    {{- end }}
+    {{- end }}
     {{- if $v.tls.internal.enabled }}
     {{- include "pdserve.internalTlsVolume" (dict "root" $root "component" .role) | nindent 4 }}
     {{- end }}

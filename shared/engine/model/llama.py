@@ -15,6 +15,9 @@ step for a cache-sized copy).
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -237,3 +240,38 @@ class Transformer(nnx.Module):
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [B, D]
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
         return logits.astype(jnp.float32)
+
+
+def abstract_model(
+    config: ModelConfig,
+    mode: ModelMode,
+    *,
+    batch: int,
+    cache_len: int,
+    dtype: jnp.dtype,
+    parallelism: Parallelism,
+    attention: str = "xla",
+    pages_per_block: int = 1,
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """(graph, abstract params, abstract cache) of a Transformer, as `nnx.split` gives them.
+
+    Cached: building the abstract model traces every parameter's initializer (SmolLM2:
+    several seconds on a busy 2-core machine), and a worker needs the same one for its
+    loader and its engine. Each call gets its own state containers."""
+    graph, params, cache = _abstract_split(
+        config, mode, batch, cache_len, jnp.dtype(dtype), parallelism, attention, pages_per_block
+    )  # jnp.dtype: jnp.float32 and dtype("float32") are one key
+    return graph, _copy(params), _copy(cache)
+
+
+def _copy(state: nnx.State) -> nnx.State:
+    return jax.tree.map(lambda leaf: leaf, state)
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_split(*key: Any) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    config, mode, batch, cache_len, dtype, parallelism, attention, pages_per_block = key
+    kw = dict(batch=batch, cache_len=cache_len, dtype=dtype, parallelism=parallelism,
+              attention=attention, pages_per_block=pages_per_block)  # fmt: skip
+    model = nnx.eval_shape(lambda: Transformer(config, mode, **kw, rngs=nnx.Rngs(0)))
+    return nnx.split(model, nnx.Param, nnx.Cache)
