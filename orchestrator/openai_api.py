@@ -230,6 +230,14 @@ class _Api:
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise ApiError(StatusCode.INVALID_ARGUMENT, "give max_tokens or "
                            "max_completion_tokens, not both", param="max_tokens")  # fmt: skip
+        for i, m in enumerate(body.messages):
+            # Chat templates have no common slot for a speaker's name (SmolLM2's ChatML
+            # drops it): refuse it rather than answer as if it had been read.
+            if m.name is not None:
+                raise ApiError(StatusCode.INVALID_ARGUMENT, f"messages[{i}].name is not "
+                               "supported: the chat template has no place for a speaker's "
+                               "name; put it in the content", param=f"messages.{i}.name",
+                               error_code="unsupported_parameter")  # fmt: skip
         messages = tuple(ChatMessage(m.role, m.content) for m in body.messages)
         if not messages:
             raise ApiError(StatusCode.INVALID_ARGUMENT, "messages is empty: a chat needs at "
@@ -310,6 +318,13 @@ async def _start(frontend: Frontend, inputs: list[GenerateInput]) -> list[_Choic
     streams = [frontend.generate(i, None) for i in inputs]
     firsts = await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
     failure = next((f for f in firsts if isinstance(f, BaseException)), None)
+    if failure is None:
+        # A first response that is already a failed finish (timeout_seconds passed before
+        # the first token): its status, not a 200 stream with an error event inside.
+        failed = next((f for f in firsts if f.finish in _FAILED), None)
+        if failed is not None:
+            code, message = _FAILED[failed.finish]
+            failure = ApiError(code, message)
     if failure is not None:
         for stream in streams:
             await stream.aclose()

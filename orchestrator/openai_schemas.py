@@ -80,7 +80,7 @@ class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: str
     content: str
-    name: str | None = None
+    name: str | None = None  # accepted only when null: refused by name otherwise (openai_api)
 
 
 class ChatCompletionRequest(_Common):
