@@ -66,6 +66,9 @@ def requests(draw: st.DrawFn) -> generate_pb2.GenerateRequest:
                 seed=draw(st.integers(0, 2**64 - 1)),
             )
         )
+    if draw(st.booleans()):  # logprobs; hostile: out of range, or alternatives without them
+        request.logprobs = draw(mostly(st.just(True), st.booleans()))
+        request.top_logprobs = draw(mostly(st.integers(0, 20), INT32))
     return request
 
 
@@ -115,6 +118,13 @@ def check_stream(request: generate_pb2.GenerateRequest, responses: list) -> None
     assert not any(s and s in text for s in request.stop)
     if request.WhichOneof("prompt") == "tokens":
         assert last.usage.prompt_tokens == len(request.tokens.ids)
+    for response in responses:  # logprobs: one per token when asked for, none otherwise
+        assert len(response.logprobs) == (len(response.token_ids) if request.logprobs else 0)
+        for logprob in response.logprobs:
+            top = [t.logprob for t in logprob.top]
+            assert logprob.logprob <= 0 and len(top) == request.top_logprobs
+            assert top == sorted(top, reverse=True)
+            assert all(0 <= t.token_id < VOCAB for t in logprob.top)
 
 
 def outcome(name: str) -> None:

@@ -508,6 +508,71 @@ def test_http_requests_are_counted_by_path_and_status(server, client):
     }
 
 
+# Logprobs ----------------------------------------------------------------------------------
+
+
+def grpc_logprobs(server, prompt, **options) -> tuple[list[int], list]:
+    """(token ids, their TokenLogprobs) of the same request through the gRPC API."""
+    with GeneratorClient(server[0].address, TOKEN) as grpc_client:
+        chunks = list(grpc_client.generate(prompt, logprobs=True, **options))
+    return [t for c in chunks for t in c.token_ids], [lp for c in chunks for lp in c.logprobs]
+
+
+def byte_text(token_id: int) -> str:
+    """A tiny-model token's own text (its byte tokenizer: ids above 255 have none)."""
+    return bytes([token_id]).decode(errors="replace") if token_id < 256 else ""
+
+
+def test_completion_logprobs_take_openai_s_shape_with_the_grpc_values(server, client):
+    sampling = dict(max_tokens=6, temperature=0.9, seed=3)
+    kwargs = dict(model=MODEL, prompt="Hello", extra_body={"ignore_eos": True}, **sampling)
+    ids, expected = grpc_logprobs(server, "Hello", top_logprobs=2, ignore_eos=True, **sampling)
+    response = client.completions.create(logprobs=2, **kwargs)
+    lp = response.choices[0].logprobs
+    assert response.usage.completion_tokens == len(ids) == len(expected) == 6
+    assert len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    assert lp.tokens == [byte_text(i) for i in ids]
+    assert lp.token_logprobs == pytest.approx([e.logprob for e in expected], abs=1e-6)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    for top, want, token in zip(lp.top_logprobs, expected, lp.tokens, strict=True):
+        # The two likeliest (by text; ids of the same text share one key) and the chosen one.
+        allowed = {token: want.logprob} | {byte_text(t): v for t, v in reversed(want.top)}
+        assert top == pytest.approx({k: allowed[k] for k in top}, abs=1e-6)
+        assert token in top and 1 <= len(top) <= 3
+    stream = client.completions.create(logprobs=2, stream=True, **kwargs)
+    streamed = [v for c in stream if c.choices and c.choices[0].logprobs
+                for v in c.choices[0].logprobs.token_logprobs]  # fmt: skip
+    assert streamed == lp.token_logprobs
+    assert client.completions.create(**kwargs).choices[0].logprobs is None  # not asked
+    code, body = error_of(lambda: client.completions.create(logprobs=21, **kwargs))
+    assert (code, body["param"]) == (400, "logprobs"), body
+
+
+def test_chat_logprobs_take_openai_s_shape_streamed_or_not(server, client):
+    kwargs = dict(model=MODEL, messages=MESSAGES, max_completion_tokens=6, temperature=0,
+                  extra_body={"ignore_eos": True})  # fmt: skip
+    ids, expected = grpc_logprobs(server, MESSAGES, max_tokens=6, top_logprobs=3,
+                                  ignore_eos=True)  # fmt: skip
+    full = client.chat.completions.create(logprobs=True, top_logprobs=3, **kwargs)
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens == len(ids) == 6
+    for entry, token_id, want in zip(content, ids, expected, strict=True):
+        assert entry.token == byte_text(token_id)
+        assert entry.bytes == (None if "\ufffd" in entry.token else list(entry.token.encode()))
+        assert entry.logprob == pytest.approx(want.logprob, abs=1e-6)
+        tops = [(t.token, t.logprob) for t in entry.top_logprobs]
+        assert tops == [(byte_text(t), pytest.approx(v, abs=1e-6)) for t, v in want.top]
+        # Greedy: the chosen token is the likeliest one.
+        assert (entry.token, entry.logprob) == tops[0]
+    stream = client.chat.completions.create(logprobs=True, top_logprobs=3, stream=True, **kwargs)
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]  # fmt: skip
+    assert streamed == content
+    assert client.chat.completions.create(**kwargs).choices[0].logprobs is None  # not asked
+    code, body = error_of(lambda: client.chat.completions.create(top_logprobs=2, **kwargs))
+    assert (code, body["param"]) == (400, "top_logprobs"), body
+
+
 def test_the_asyncio_client_streams_too(server):
     async def body() -> None:
         client = openai.AsyncOpenAI(base_url=server[1] + "/v1", api_key=TOKEN, max_retries=0)

@@ -157,7 +157,7 @@ def warm_up(runtime: ModelRuntime, *, prefill: bool, decode: bool) -> None:
                 )
             count *= 2
         for bucket in engine.batch_buckets:
-            state, tokens = engine.generate(params, state, np.arange(bucket, dtype=np.int32))
+            state, tokens, _ = engine.generate(params, state, np.arange(bucket, dtype=np.int32))
         state = engine.release(state, 0)
         jax.block_until_ready((state, tokens))
     progress(f"compiled in {time.perf_counter() - start:.1f}s")
