@@ -87,7 +87,7 @@ def child(role: str, model: str, slots: int, cache_dir: str | None, warm: str) -
             state, runs = engine.init_decode_state(), []
             for _ in range(5):
                 t = time.perf_counter()
-                state, tokens = engine.generate(params, state, np.zeros(1, np.int32))
+                state, tokens, _ = engine.generate(params, state, np.zeros(1, np.int32))
                 np.asarray(tokens)
                 runs.append(time.perf_counter() - t)
             costs["decode_step_1_row_s"] = sorted(runs)[2]

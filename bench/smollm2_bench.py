@@ -74,7 +74,8 @@ def int8_agreement() -> dict:
 
     from shared.chat import ChatMessage, render_chat
     from shared.config import EngineConfig, Quantization
-    from shared.engine.engine import Engine
+    from shared.engine.batch import DecodeBatch
+from shared.engine.engine import Engine
     from shared.weights.checkpoint import load_model
     from shared.weights.model_info import load_model_info
 
@@ -94,12 +95,12 @@ def int8_agreement() -> dict:
         loaded = load_model("smollm2", engine_config=engine_config, quantize=quantize)
         engine = Engine(loaded.model_config, engine_config)
         prefixes = [engine.prefill(loaded.params, p) for p in prompts]
-        slots = np.arange(len(prompts), dtype=np.int32)
-        state = engine.bulk_insert(prefixes, engine.init_decode_state(), slots)
+        batch = DecodeBatch(engine)
+        batch.insert(prefixes, list(range(len(prompts))))
         steps = [np.array([p.first_token for p in prefixes])]
         for _ in range(NEW_TOKENS - 1):  # greedy past EOS too: every prompt gets 32 tokens
-            state, step = engine.generate(loaded.params, state)
-            steps.append(np.asarray(step))
+            step = batch.step(loaded.params)[0]
+            steps.append(np.array([step[slot] for slot in range(len(prompts))]))
         tokens[name] = np.stack(steps, axis=1)  # [prompts, NEW_TOKENS]
     reference = tokens.pop("float32")
     return {name: _agreement(reference, other) for name, other in tokens.items()}

@@ -40,6 +40,7 @@ from decode_server.slots import Lease, SlotState, SlotTable
 from shared.engine.batch import DecodeBatch
 from shared.engine.engine import Engine, Params, Prefix
 from shared.engine.pages import PageAllocator, PagesExhaustedError
+from shared.logprobs import TokenLogprob
 from shared.metrics import WorkerMetrics
 from shared.transport.types import DecodeFinish, GenerationLimits, TokenBatch
 
@@ -96,11 +97,14 @@ class DecodeLoop:
         ttl_s: float,
         deadline: float | None,
         prompt_length: int,
+        logprobs: int | None = None,
     ) -> Lease:
         """Lease a free slot and promise the pages of the prompt and its first token
         (SlotsExhaustedError / PagesExhaustedError when either is short: nothing is held);
-        wakes the loop so that it watches the new lease's expiry."""
+        wakes the loop so that it watches the new lease's expiry. `logprobs`: stream each
+        token's logprob and this many alternatives (None: none)."""
         lease = self._table.reserve(request_id, limits, ttl_s, deadline)
+        lease.logprobs = logprobs
         try:
             self.pages.reserve(lease.lease_id, prompt_length + 1)
         except PagesExhaustedError:
@@ -200,7 +204,8 @@ class DecodeLoop:
         assert batch is not None
         try:
             batch.insert(prefixes, [lease.slot for lease in leases],
-                         [lease.lease_id for lease in leases])  # fmt: skip
+                         [lease.lease_id for lease in leases],
+                         [lease.logprobs for lease in leases])  # fmt: skip
         except PagesExhaustedError as err:
             # The promise covered the prompt the orchestrator announced; a longer KV
             # (a misbehaving sender) is refused, its slot freed.
@@ -236,11 +241,14 @@ class DecodeLoop:
             lease.generated += 1
             reason = self._finish_reason(lease, token)
             streamed = () if reason is DecodeFinish.STOP else (token,)
+            # A stop token is not streamed, nor is its logprob.
+            logprob = batch.last_logprobs.get(slot) if streamed else None
+            logprobs = () if logprob is None else (logprob,)
             if reason is None:
                 self._metrics.tokens_generated.inc()
-                self._outbox.append((lease.lease_id, TokenBatch(streamed)))
+                self._outbox.append((lease.lease_id, TokenBatch(streamed, logprobs=logprobs)))
             else:
-                self._retire(lease, streamed, reason)
+                self._retire(lease, streamed, reason, logprobs)
         self._publish_pages()
 
     def _finish_reason(self, lease: Lease, token: int) -> DecodeFinish | None:
@@ -254,12 +262,15 @@ class DecodeLoop:
             return DecodeFinish.LENGTH
         return None
 
-    def _retire(self, lease: Lease, tokens: tuple[int, ...], reason: DecodeFinish) -> None:
+    def _retire(
+        self, lease: Lease, tokens: tuple[int, ...], reason: DecodeFinish,
+        logprobs: tuple[TokenLogprob, ...] = (),
+    ) -> None:  # fmt: skip
         """A live lease finished on its own: free the slot and close its stream."""
         self._free_kv(lease)
         self._table.free(lease.lease_id)
         self._metrics.tokens_generated.inc(len(tokens))
-        self._close(lease, tokens, reason, "")
+        self._close(lease, tokens, reason, "", logprobs)
 
     def _free_kv(self, lease: Lease) -> None:
         """Whatever ended the lease: its pages (if inserted) or its page promise go back."""
@@ -277,10 +288,11 @@ class DecodeLoop:
         self._metrics.kv_pages.labels("reserved").set(counts.reserved)
 
     def _close(
-        self, lease: Lease, tokens: tuple[int, ...], reason: DecodeFinish, detail: str
-    ) -> None:
+        self, lease: Lease, tokens: tuple[int, ...], reason: DecodeFinish, detail: str,
+        logprobs: tuple[TokenLogprob, ...] = (),
+    ) -> None:  # fmt: skip
         self._metrics.finished(reason.name.lower())
-        self._outbox.append((lease.lease_id, TokenBatch(tokens, reason, detail)))
+        self._outbox.append((lease.lease_id, TokenBatch(tokens, reason, detail, logprobs)))
 
     def _fail_everything(self, detail: str) -> None:
         for lease in self._table.leases():

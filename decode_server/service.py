@@ -139,7 +139,7 @@ class DecodeService:
         try:
             lease = self._loop.reserve(
                 request.request_id, request.limits, request.ttl_seconds, deadline,
-                request.prompt_length,
+                request.prompt_length, request.logprobs,
             )  # fmt: skip
         except (SlotsExhaustedError, PagesExhaustedError) as err:
             raise TransportError(StatusCode.RESOURCE_EXHAUSTED, str(err)) from None

@@ -62,6 +62,7 @@ class Lease:
     state: SlotState = SlotState.RESERVED
     generated: int = 0  # tokens produced so far, the prefill's first token included
     prompt_length: int = 0  # known once the KV arrived
+    logprobs: int | None = None  # None: no logprobs; N: each token's and N alternatives
 
 
 TransitionHook = Callable[[SlotState, SlotState], None]

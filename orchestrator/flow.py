@@ -5,7 +5,8 @@
 2. The decode worker's token stream for the lease is opened, then a prefill worker is asked
    to prefill toward that decode worker and lease (a colocated worker prefills for itself).
 3. The first token comes back from the prefill call and is yielded at once; the rest come
-   from the decode stream, until a finish.
+   from the decode stream, until a finish. A request that asked for logprobs gets each
+   token's from the same place as the token (the prefill answer, the decode stream).
 4. Failures move the request, exactly:
    * prefill worker failed before answering -> another prefill worker, with a fresh lease
      (bounded by `prefill_retries`);
@@ -33,12 +34,14 @@ from orchestrator.admission import NoWorkersError, SlotBroker
 from orchestrator.policy import PlacementPolicy
 from orchestrator.registry import Worker, WorkerRegistry, WorkerRole
 from shared.engine.sampling import SamplingParams
+from shared.logprobs import TokenLogprob
 from shared.metrics import OrchestratorMetrics
 from shared.transport.types import (
     DecodeFinish,
     GenerationLimits,
     Lease,
     PrefillRequest,
+    PrefillResult,
     ReserveRequest,
     StatusCode,
     TokenBatch,
@@ -70,6 +73,8 @@ class GenerateJob:
     stop_token_ids: tuple[int, ...]
     stop_on_eos: bool
     deadline: float | None  # unix time; None: no deadline
+    # None: no logprobs; N: each token's logprob and the N likeliest tokens at its position.
+    logprobs: int | None = None
     # The id workers know this call by (reserve, prefill, cancel): unique per call, never the
     # client's request_id, so that two clients choosing the same id cannot cancel or block
     # each other's work.
@@ -80,6 +85,7 @@ class GenerateJob:
 class Delta:
     token_ids: tuple[int, ...]
     finish: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the job asked
 
 
 class RequestFailed(Exception):
@@ -188,8 +194,9 @@ class GenerateFlow:
             job.max_tokens - len(generated), job.stop_token_ids, job.stop_on_eos
         )
         reserve = ReserveRequest(
-            job.worker_key, len(prompt), limits, self._settings.lease_ttl_s, job.deadline
-        )
+            job.worker_key, len(prompt), limits, self._settings.lease_ttl_s, job.deadline,
+            job.logprobs,
+        )  # fmt: skip
         queued = time.perf_counter()
         try:
             worker, lease = await self._broker.acquire(reserve, first=resuming)
@@ -204,32 +211,52 @@ class GenerateFlow:
         prefill: Worker | None = None
         try:
             prefill = self._prefill_worker(worker)
-            first = await self._prefill_unless_broken(job, prompt, prefill, worker, lease, broken)
+            result = await self._prefill_unless_broken(job, prompt, prefill, worker, lease, broken)
+            first = result.first_token
             if first in job.stop_token_ids or (job.stop_on_eos and first == self._settings.eos_id):
                 yield Delta((), FinishReason.STOP)
                 return
-            yield Delta((first,))
+            first_logprob = () if result.first_logprob is None else (result.first_logprob,)
+            yield self._delta(job, prefill, (first,), first_logprob)
             while True:
                 item = await tokens.get()
                 if isinstance(item, BaseException):
                     self._registry.eject(worker, f"token stream failed: {item}")
                     raise _DecodeLost(f"{worker.address}: {item}")
                 if item.finish is None:
-                    yield Delta(item.token_ids)
+                    yield self._delta(job, worker, item.token_ids, item.logprobs)
                     continue
                 done = True
                 if item.finish is DecodeFinish.PREEMPTED:
                     if item.token_ids:
-                        yield Delta(item.token_ids)
+                        yield self._delta(job, worker, item.token_ids, item.logprobs)
                     raise _Preempted(f"{worker.address}: {item.detail}")
                 if item.finish not in _DECODE_FINISH:  # ERROR, LEASE_EXPIRED, CANCELLED
                     raise _DecodeLost(f"{worker.address} ended the lease: "
                                       f"{item.finish.name} {item.detail}".strip())  # fmt: skip
-                yield Delta(item.token_ids, _DECODE_FINISH[item.finish])
+                finish = _DECODE_FINISH[item.finish]
+                yield self._delta(job, worker, item.token_ids, item.logprobs, finish)
                 return
         finally:
             reader.cancel()
             self._cleanup(job, worker, lease, prefill, cancel=not done)
+
+    @staticmethod
+    def _delta(
+        job: GenerateJob, worker: Worker, token_ids: tuple[int, ...],
+        logprobs: tuple[TokenLogprob, ...], finish: FinishReason | None = None,
+    ) -> Delta:  # fmt: skip
+        """A delta; when the job asked for logprobs, exactly one per token, or the request
+        fails loudly (a worker that predates logprobs ignores the field and sends none)."""
+        if job.logprobs is None:
+            return Delta(token_ids, finish)
+        if len(logprobs) != len(token_ids):
+            raise RequestFailed(
+                StatusCode.FAILED_PRECONDITION,
+                f"worker {worker.address} sent {len(token_ids)} tokens with {len(logprobs)} "
+                "logprobs: it does not support logprobs (an older version?)",
+            )
+        return Delta(token_ids, finish, logprobs)
 
     async def _read(
         self, worker: Worker, lease: Lease, out: asyncio.Queue, broken: asyncio.Event
@@ -244,7 +271,7 @@ class GenerateFlow:
     async def _prefill_unless_broken(
         self, job: GenerateJob, prompt: tuple[int, ...], prefill: Worker, decode: Worker,
         lease: Lease, broken: asyncio.Event,
-    ) -> int:  # fmt: skip
+    ) -> PrefillResult:  # fmt: skip
         """`_prefill`, abandoned as soon as the decode worker's stream breaks: the KV push
         waits for its connection to the decode worker (which may be reconnecting after a
         restart), so a decode worker that died meanwhile must not hold the request until
@@ -276,8 +303,9 @@ class GenerateFlow:
     async def _prefill(
         self, job: GenerateJob, prompt: tuple[int, ...], prefill: Worker, decode: Worker,
         lease: Lease,
-    ) -> int:  # fmt: skip
-        """The first token, from `prefill`, which pushed the KV to `decode`."""
+    ) -> PrefillResult:  # fmt: skip
+        """The first token (and its logprob), from `prefill`, which pushed the KV to
+        `decode`."""
         request = PrefillRequest(
             job.worker_key,
             prompt,
@@ -286,6 +314,7 @@ class GenerateFlow:
             lease.lease_id,
             job.deadline,
             resume=len(prompt) > len(job.prompt_ids),
+            logprobs=job.logprobs,
         )
         # The call covers queueing behind other prompts, the prefill and the KV push.
         timeout = PREFILL_CALL_TIMEOUT_S
@@ -293,7 +322,7 @@ class GenerateFlow:
             timeout = max(0.01, job.deadline - time.time())
         prefill.outstanding += 1
         try:
-            return (await prefill.prefill.prefill(request, timeout=timeout)).first_token
+            return await prefill.prefill.prefill(request, timeout=timeout)
         except TransportError as err:
             await self._blame(job, err, prefill, decode)
             raise AssertionError("unreachable") from None

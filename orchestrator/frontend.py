@@ -19,6 +19,7 @@ from orchestrator.text import TextStream
 from shared.chat import ChatError, ChatMessage, render_chat
 from shared.config import ModelConfig
 from shared.engine.sampling import SamplingError, SamplingParams
+from shared.logprobs import LogprobsError, TokenLogprob, check_top_logprobs
 from shared.metrics import OrchestratorMetrics
 from shared.tokenizer import ChatFormat, Tokenizer
 from shared.transport.types import StatusCode
@@ -42,6 +43,8 @@ class GenerateInput:
     ignore_eos: bool = False
     timeout_seconds: float = 0.0  # 0: none beyond the call's deadline
     messages: tuple[ChatMessage, ...] | None = None  # the third prompt form: chat
+    # None: no logprobs (nothing computed); N: each token's and N alternatives, [0, 20].
+    logprobs: int | None = None
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -52,6 +55,7 @@ class GenerateOutput:
     finish: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asked
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -144,7 +148,8 @@ class Frontend:
         outputs = []
         piece = text.push(delta.token_ids)
         if delta.token_ids or piece:
-            outputs.append(GenerateOutput(job.request_id, delta.token_ids, piece))
+            outputs.append(GenerateOutput(job.request_id, delta.token_ids, piece,
+                                          logprobs=delta.logprobs))  # fmt: skip
         finish = FinishReason.STOP if text.stopped else delta.finish
         if finish is not None:
             outputs.append(GenerateOutput(job.request_id, (), text.finish(), finish,
@@ -196,6 +201,10 @@ class Frontend:
         if r.messages is not None and not r.ignore_eos:
             # The end of the assistant's turn ends a chat answer, as EOS does.
             stop_ids += tuple(i for i in self._chat.end_of_turn_ids if i not in stop_ids)
+        try:
+            check_top_logprobs(r.logprobs)
+        except LogprobsError as err:
+            raise InvalidRequest(str(err)) from None
         if not r.timeout_seconds >= 0:
             raise InvalidRequest(f"timeout_seconds={r.timeout_seconds} must be >= 0")
         timeouts = [t for t in (r.timeout_seconds or None, call_time_left) if t is not None]
@@ -209,6 +218,7 @@ class Frontend:
             stop_token_ids=stop_ids,
             stop_on_eos=not r.ignore_eos,
             deadline=deadline,
+            logprobs=r.logprobs,
         )
         # The call's own deadline is enforced by gRPC itself; ours only ends the stream
         # cleanly (FINISH_REASON_DEADLINE) when timeout_seconds is the tighter one.
@@ -239,6 +249,11 @@ class Frontend:
             return render_chat(self._chat, messages)
         except ChatError as err:
             raise InvalidRequest(f"chat: {err}") from None
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text on its own (a piece of a multi-byte character decodes to
+        U+FFFD): what the OpenAI API's logprobs name tokens by."""
+        return self._tok.decode([token_id])
 
     def _check_ids(self, field: str, ids: tuple[int, ...]) -> None:
         vocab = self._model.vocab_size

@@ -14,6 +14,8 @@
    Events, one per response, `data: [DONE]` last; the usage chunk when
    `stream_options.include_usage`. A client that disconnects cancels every choice (the
    stream task is cancelled; `Frontend.generate` frees the decode slot).
+5. Logprobs, when asked for, ride on each response's tokens from the engine (their ids
+   and values); here they only get their token texts and OpenAI's shapes (`_Logprobs`).
 
 Like a servicer, this module only translates: what a request means is decided in
 `Frontend`.
@@ -23,12 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,8 +50,12 @@ from orchestrator.openai_schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     ChatMessageOut,
+    ChatTokenLogprob,
+    ChatTopLogprob,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ErrorBody,
@@ -59,6 +66,7 @@ from orchestrator.openai_schemas import (
 )
 from shared.chat import ChatMessage
 from shared.engine.sampling import SamplingError, SamplingParams
+from shared.logprobs import TokenLogprob
 from shared.metrics import OrchestratorMetrics
 from shared.transport.types import StatusCode
 
@@ -213,16 +221,20 @@ class _Api:
             prompt = prompt[0]
         text = prompt if isinstance(prompt, str) else None
         ids = tuple(prompt) if isinstance(prompt, list) else None
-        inputs = self._inputs(body, body.max_tokens, text=text, token_ids=ids)
+        inputs = self._inputs(body, body.max_tokens, body.logprobs, text=text, token_ids=ids)
         streams = await _start(self._frontend, inputs)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        logprobs = None if body.logprobs is None else _Logprobs(self._frontend, body.logprobs)
         if body.stream:
-            return _sse(_completion_events(streams, rid, created, self._model, body))
+            events = _completion_events(streams, rid, created, self._model, body, logprobs)
+            return _sse(events)
         results = await asyncio.gather(*(_collect(s) for s in streams))
         return CompletionResponse(
             id=rid, created=created, model=self._model, usage=_usage(results),
-            choices=[CompletionChoice(index=i, text=text, finish_reason=finish)
-                     for i, (text, finish, _, _) in enumerate(results)],
+            choices=[CompletionChoice(
+                index=i, text=r.text, finish_reason=r.finish,
+                logprobs=logprobs and logprobs.completion(r.token_ids, r.logprobs, 0)[0],
+            ) for i, r in enumerate(results)],
         )  # fmt: skip
 
     async def chat_completions(self, body: ChatCompletionRequest) -> object:
@@ -230,22 +242,36 @@ class _Api:
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise ApiError(StatusCode.INVALID_ARGUMENT, "give max_tokens or "
                            "max_completion_tokens, not both", param="max_tokens")  # fmt: skip
+        for i, m in enumerate(body.messages):
+            # Chat templates have no common slot for a speaker's name (SmolLM2's ChatML
+            # drops it): refuse it rather than answer as if it had been read.
+            if m.name is not None:
+                raise ApiError(StatusCode.INVALID_ARGUMENT, f"messages[{i}].name is not "
+                               "supported: the chat template has no place for a speaker's "
+                               "name; put it in the content", param=f"messages.{i}.name",
+                               error_code="unsupported_parameter")  # fmt: skip
         messages = tuple(ChatMessage(m.role, m.content) for m in body.messages)
         if not messages:
             raise ApiError(StatusCode.INVALID_ARGUMENT, "messages is empty: a chat needs at "
                            "least one message", param="messages")  # fmt: skip
+        if body.top_logprobs and not body.logprobs:
+            raise ApiError(StatusCode.INVALID_ARGUMENT, f"top_logprobs={body.top_logprobs} "
+                           "needs logprobs=true", param="top_logprobs")  # fmt: skip
+        count = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        inputs = self._inputs(body, max_tokens, messages=messages)
+        inputs = self._inputs(body, max_tokens, count, messages=messages)
         streams = await _start(self._frontend, inputs)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        logprobs = None if count is None else _Logprobs(self._frontend, count)
         if body.stream:
-            return _sse(_chat_events(streams, rid, created, self._model, body))
+            return _sse(_chat_events(streams, rid, created, self._model, body, logprobs))
         results = await asyncio.gather(*(_collect(s) for s in streams))
         return ChatCompletionResponse(
             id=rid, created=created, model=self._model, usage=_usage(results),
-            choices=[ChatChoice(index=i, message=ChatMessageOut(content=text),
-                                finish_reason=finish)
-                     for i, (text, finish, _, _) in enumerate(results)],
+            choices=[ChatChoice(
+                index=i, message=ChatMessageOut(content=r.text), finish_reason=r.finish,
+                logprobs=logprobs and logprobs.chat(r.token_ids, r.logprobs),
+            ) for i, r in enumerate(results)],
         )  # fmt: skip
 
     def _check(self, body: CompletionRequest | ChatCompletionRequest) -> None:
@@ -264,7 +290,7 @@ class _Api:
 
     def _inputs(
         self, body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
-        **prompt: object,
+        logprobs: int | None, **prompt: object,
     ) -> list[GenerateInput]:  # fmt: skip
         # OpenAI's defaults: temperature 1, a fresh seed per request when none is given.
         base_seed = body.seed if body.seed is not None else secrets.randbits(63)
@@ -282,6 +308,7 @@ class _Api:
                 token_ids=prompt.get("token_ids"), max_tokens=max_tokens or 0,
                 sampling=sampling, stop=body.stop_strings(), ignore_eos=body.ignore_eos,
                 timeout_seconds=body.timeout_seconds or 0.0, messages=prompt.get("messages"),
+                logprobs=logprobs,
             ))  # fmt: skip
         return inputs
 
@@ -310,6 +337,13 @@ async def _start(frontend: Frontend, inputs: list[GenerateInput]) -> list[_Choic
     streams = [frontend.generate(i, None) for i in inputs]
     firsts = await asyncio.gather(*(_first(s) for s in streams), return_exceptions=True)
     failure = next((f for f in firsts if isinstance(f, BaseException)), None)
+    if failure is None:
+        # A first response that is already a failed finish (timeout_seconds passed before
+        # the first token): its status, not a 200 stream with an error event inside.
+        failed = next((f for f in firsts if f.finish in _FAILED), None)
+        if failed is not None:
+            code, message = _FAILED[failed.finish]
+            failure = ApiError(code, message)
     if failure is not None:
         for stream in streams:
             await stream.aclose()
@@ -331,19 +365,35 @@ def _api_error(err: BaseException) -> BaseException:
     return err
 
 
-async def _collect(choice: _Choice) -> tuple[str, str, int, int]:
-    """(text, finish_reason, prompt_tokens, completion_tokens) of a whole choice."""
+@dataclasses.dataclass(slots=True)
+class _Result:
+    """A whole choice, collected."""
+
+    text: str
+    finish: str
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]  # one per token id when asked for; empty otherwise
+
+
+async def _collect(choice: _Choice) -> _Result:
     parts: list[str] = []
+    token_ids: list[int] = []
+    logprobs: list[TokenLogprob] = []
     last: GenerateOutput | None = None
     # Read to the end (the finish is the last response), so that the Frontend's stream
     # ends by itself and is accounted as finished, not closed early.
     async with contextlib.aclosing(choice.outputs()) as outputs:
         async for out in outputs:
             parts.append(out.text)
+            token_ids.extend(out.token_ids)
+            logprobs.extend(out.logprobs)
             last = out
     if last is None or last.finish is None:
         raise ApiError(StatusCode.INTERNAL, "the stream ended without a finish reason")
-    return "".join(parts), _finish(last), last.prompt_tokens, last.completion_tokens
+    return _Result("".join(parts), _finish(last), last.prompt_tokens, last.completion_tokens,
+                   token_ids, logprobs)  # fmt: skip
 
 
 def _finish(out: GenerateOutput) -> str:
@@ -353,9 +403,9 @@ def _finish(out: GenerateOutput) -> str:
     return _FINISH[out.finish]
 
 
-def _usage(results: list[tuple[str, str, int, int]]) -> Usage:
-    prompt = results[0][2]  # the same prompt for every choice: counted once, as OpenAI does
-    completion = sum(r[3] for r in results)
+def _usage(results: list[_Result]) -> Usage:
+    prompt = results[0].prompt_tokens  # the same prompt for every choice: counted once
+    completion = sum(r.completion_tokens for r in results)
     return Usage(prompt_tokens=prompt, completion_tokens=completion,
                  total_tokens=prompt + completion)  # fmt: skip
 
@@ -434,9 +484,11 @@ def _stream_usage(outs: dict[int, GenerateOutput]) -> Usage:
 
 
 async def _completion_events(
-    choices: list[_Choice], rid: str, created: int, model: str, body: CompletionRequest
-) -> AsyncIterator[BaseModel | dict]:
+    choices: list[_Choice], rid: str, created: int, model: str, body: CompletionRequest,
+    logprobs: _Logprobs | None,
+) -> AsyncIterator[BaseModel | dict]:  # fmt: skip
     last: dict[int, GenerateOutput] = {}
+    offsets = [0] * len(choices)  # text_offset runs on across each choice's chunks
     async for event in _choice_events(choices):
         if isinstance(event, dict):
             yield event
@@ -444,8 +496,16 @@ async def _completion_events(
         index, text, finish, out = event
         if finish is not None:
             last[index] = out
-        if text or finish is not None:
-            choice = CompletionChoice(index=index, text=text, finish_reason=finish)
+        # A token whose bytes are held back (an incomplete character) still sends its
+        # logprob, in a chunk with no text.
+        if text or finish is not None or (logprobs and out.token_ids):
+            shaped = None
+            if logprobs and out.token_ids:
+                shaped, offsets[index] = logprobs.completion(
+                    out.token_ids, out.logprobs, offsets[index]
+                )
+            choice = CompletionChoice(index=index, text=text, finish_reason=finish,
+                                      logprobs=shaped)  # fmt: skip
             yield CompletionResponse(id=rid, created=created, model=model, choices=[choice])
     if body.stream_options is not None and body.stream_options.include_usage:
         yield CompletionResponse(id=rid, created=created, model=model, choices=[],
@@ -453,10 +513,16 @@ async def _completion_events(
 
 
 async def _chat_events(
-    choices: list[_Choice], rid: str, created: int, model: str, body: ChatCompletionRequest
-) -> AsyncIterator[BaseModel | dict]:
-    def chunk(index: int, delta: ChatDelta, finish: str | None = None) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish)
+    choices: list[_Choice], rid: str, created: int, model: str, body: ChatCompletionRequest,
+    logprobs: _Logprobs | None,
+) -> AsyncIterator[BaseModel | dict]:  # fmt: skip
+    def chunk(
+        index: int, delta: ChatDelta, finish: str | None = None, out: GenerateOutput | None = None
+    ) -> ChatCompletionChunk:
+        shaped = None
+        if logprobs and out is not None and out.token_ids:
+            shaped = logprobs.chat(out.token_ids, out.logprobs)
+        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=shaped)
         return ChatCompletionChunk(id=rid, created=created, model=model, choices=[choice])
 
     for index in range(len(choices)):
@@ -469,8 +535,73 @@ async def _chat_events(
         index, text, finish, out = event
         if finish is not None:
             last[index] = out
-        if text or finish is not None:
-            yield chunk(index, ChatDelta(content=text or None), finish)
+        if text or finish is not None or (logprobs and out.token_ids):
+            yield chunk(index, ChatDelta(content=text or None), finish, out)
     if body.stream_options is not None and body.stream_options.include_usage:
         yield ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
                                   usage=_stream_usage(last))  # fmt: skip
+
+
+# Logprobs --------------------------------------------------------------------------------
+
+# OpenAI's stand-in for a logprob too small to write (JSON has no -Infinity).
+LOWEST_LOGPROB = -9999.0
+
+
+def _finite(logprob: float) -> float:
+    return logprob if logprob > LOWEST_LOGPROB else LOWEST_LOGPROB  # -inf and NaN too
+
+
+class _Logprobs:
+    """The engine's per-token logprobs (ids and values) in OpenAI's two shapes, with each
+    token named by its own text (a piece of a multi-byte character decodes to U+FFFD, and
+    then its `bytes` are null: they would not be the token's)."""
+
+    def __init__(self, frontend: Frontend, count: int) -> None:
+        self._frontend, self._count = frontend, count
+
+    def _text(self, token_id: int) -> str:
+        return self._frontend.token_text(token_id)
+
+    def _check(self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob]) -> None:
+        if len(logprobs) != len(token_ids):  # the flow guarantees it; never answer garbage
+            raise ApiError(StatusCode.INTERNAL, f"{len(token_ids)} tokens came with "
+                           f"{len(logprobs)} logprobs")  # fmt: skip
+
+    def completion(
+        self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob], offset: int
+    ) -> tuple[CompletionLogprobs, int]:
+        """The legacy shape for these tokens, their text offsets from `offset` on; and the
+        offset after them."""
+        self._check(token_ids, logprobs)
+        tokens, offsets, tops = [], [], []
+        for token_id, logprob in zip(token_ids, logprobs, strict=True):
+            text = self._text(token_id)
+            tokens.append(text)
+            offsets.append(offset)
+            offset += len(text)
+            top: dict[str, float] = {}
+            for alt, value in logprob.top[: self._count]:
+                top.setdefault(self._text(alt), _finite(value))  # likeliest first wins a tie
+            top.setdefault(text, _finite(logprob.logprob))  # the chosen one, always
+            tops.append(top)
+        shaped = CompletionLogprobs(
+            tokens=tokens, token_logprobs=[_finite(lp.logprob) for lp in logprobs],
+            top_logprobs=tops, text_offset=offsets,
+        )  # fmt: skip
+        return shaped, offset
+
+    def chat(self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob]) -> ChatLogprobs:
+        self._check(token_ids, logprobs)
+
+        def entry(token_id: int, value: float) -> ChatTopLogprob:
+            text = self._text(token_id)
+            raw = None if "\ufffd" in text else list(text.encode())
+            return ChatTopLogprob(token=text, logprob=_finite(value), bytes=raw)
+
+        content = []
+        for token_id, logprob in zip(token_ids, logprobs, strict=True):
+            chosen = entry(token_id, logprob.logprob)
+            top = [entry(alt, value) for alt, value in logprob.top[: self._count]]
+            content.append(ChatTokenLogprob(**chosen.model_dump(), top_logprobs=top))
+        return ChatLogprobs(content=content)

@@ -3,7 +3,9 @@
 Requests name every parameter pdserve honours; anything else a client sends is kept aside
 (`extra="allow"`) so that `unsupported_parameters` can refuse it by name with a 400, never
 ignore it. `top_k` and `timeout_seconds` are pdserve extensions (vLLM takes `top_k` the
-same way).
+same way). Logprobs take OpenAI's two shapes: completions `logprobs: int` (alternatives per
+position) answered with parallel lists; chat `logprobs: bool` + `top_logprobs: int`
+answered with one object per token.
 """
 
 from __future__ import annotations
@@ -12,13 +14,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shared.logprobs import MAX_TOP_LOGPROBS
+
 # Parameters clients commonly send with their default meaning: accepted when they carry
 # exactly that default (the openai SDK and LangChain send some of them unasked).
 NEUTRAL_DEFAULTS = {
     "presence_penalty": 0,
     "frequency_penalty": 0,
-    "logprobs": None,
-    "top_logprobs": None,
     "echo": False,
     "best_of": 1,
     "logit_bias": None,
@@ -74,13 +76,15 @@ class CompletionRequest(_Common):
     """`POST /v1/completions`: a text prompt (or token ids)."""
 
     prompt: str | list[int] | list[str]
+    # Each token's logprob and this many likeliest tokens at its position (None: none).
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class ChatMessageIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: str
     content: str
-    name: str | None = None
+    name: str | None = None  # accepted only when null: refused by name otherwise (openai_api)
 
 
 class ChatCompletionRequest(_Common):
@@ -88,6 +92,8 @@ class ChatCompletionRequest(_Common):
 
     messages: list[ChatMessageIn]
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None  # each token's logprob in `choices[].logprobs.content`
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # needs logprobs
 
 
 class Usage(BaseModel):
@@ -99,10 +105,22 @@ class Usage(BaseModel):
 FinishReason = Literal["stop", "length"]
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: parallel lists, one entry per token. `top_logprobs[i]` maps
+    token text to logprob for the asked-for likeliest tokens, plus the chosen one when it
+    is not among them (so up to `logprobs + 1` entries). `text_offset[i]`: where token i's
+    text starts in the completion's text (0 = its first character; no echo)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -120,10 +138,24 @@ class ChatMessageOut(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # the token text's UTF-8 bytes; None when it is not valid text
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessageOut
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -144,7 +176,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 

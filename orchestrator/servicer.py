@@ -25,6 +25,7 @@ from orchestrator.frontend import (
 from orchestrator.limits import StreamsPerConnection, TooManyStreams
 from shared.chat import ChatMessage
 from shared.rpc.pdserve.v1 import generate_pb2, generate_pb2_grpc
+from shared.transport.convert import logprob_to_proto
 from shared.transport.server import Service
 
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
@@ -53,7 +54,10 @@ def parse_request(data: bytes) -> generate_pb2.GenerateRequest | Unparsable:
 
 
 def input_from_proto(request: generate_pb2.GenerateRequest) -> GenerateInput:
+    """Raises InvalidRequest for fields that contradict each other."""
     prompt = request.WhichOneof("prompt")
+    if request.top_logprobs and not request.logprobs:
+        raise InvalidRequest(f"top_logprobs={request.top_logprobs} needs logprobs=true")
     sampling = None
     if request.HasField("sampling"):
         s = request.sampling
@@ -73,6 +77,7 @@ def input_from_proto(request: generate_pb2.GenerateRequest) -> GenerateInput:
         stop_token_ids=tuple(request.stop_token_ids),
         ignore_eos=request.ignore_eos,
         timeout_seconds=request.timeout_seconds,
+        logprobs=request.top_logprobs if request.logprobs else None,
     )
 
 
@@ -109,8 +114,9 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
 
 def _response(out: GenerateOutput) -> generate_pb2.GenerateResponse:
     response = generate_pb2.GenerateResponse(
-        request_id=out.request_id, token_ids=out.token_ids, text=out.text
-    )
+        request_id=out.request_id, token_ids=out.token_ids, text=out.text,
+        logprobs=[logprob_to_proto(lp) for lp in out.logprobs],
+    )  # fmt: skip
     if out.finish is not None:
         response.finish_reason = _FINISH[out.finish]
         response.usage.prompt_tokens = out.prompt_tokens

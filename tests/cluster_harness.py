@@ -135,8 +135,9 @@ class InProcessApi:
 def _chunk(out: GenerateOutput) -> Chunk:
     finish = out.finish.value if out.finish else None
     return Chunk(
-        out.request_id, out.token_ids, out.text, finish, out.prompt_tokens, out.completion_tokens
-    )
+        out.request_id, out.token_ids, out.text, finish, out.prompt_tokens, out.completion_tokens,
+        out.logprobs,
+    )  # fmt: skip
 
 
 class FakeConnector:

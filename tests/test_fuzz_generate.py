@@ -107,6 +107,9 @@ def requests(
                 seed=draw(st.integers(0, 2**64 - 1)),
             )
         )
+    if draw(st.booleans()):  # logprobs; hostile: out of range, or alternatives without them
+        request.logprobs = draw(mostly(st.just(True), st.booleans()))
+        request.top_logprobs = draw(mostly(st.integers(0, 20), INT32))
     return request
 
 
@@ -163,6 +166,13 @@ def check_stream(
         assert chat is not None, "a chat streamed from a model without a template"
         messages = [ChatMessage(m.role, m.content) for m in request.chat.messages]
         assert last.usage.prompt_tokens == len(render_chat(chat, messages).encode())
+    for response in responses:  # logprobs: one per token when asked for, none otherwise
+        assert len(response.logprobs) == (len(response.token_ids) if request.logprobs else 0)
+        for logprob in response.logprobs:
+            top = [t.logprob for t in logprob.top]
+            assert logprob.logprob <= 0 and len(top) == request.top_logprobs
+            assert top == sorted(top, reverse=True)
+            assert all(0 <= t.token_id < VOCAB for t in logprob.top)
 
 
 def outcome(name: str) -> None:

@@ -8,6 +8,7 @@ import signal
 import time
 import urllib.request
 
+import jax
 import numpy as np
 import pytest
 from prometheus_client import generate_latest
@@ -152,6 +153,47 @@ def test_seeded_sampling_is_reproducible_and_matches_the_engine(run, kind, engin
             cluster.api.generate(prompt, **options), cluster.api.generate(prompt, **options)
         )
         assert tokens_of(first) == tokens_of(second) == expected
+
+    run(kind, body)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logprobs_reach_the_stream_and_equal_the_reference(run, kind, engine, params):
+    """Asked for: one logprob per token, the first one (from prefill) included, equal to the
+    log-softmax of the reference logits (float32 on the wire), with the asked-for likeliest
+    tokens; the same tokens as without them. Not asked for: none. Bad options: refused."""
+    prompt = [256, 9, 8, 7]
+    sampling = SamplingParams(temperature=0.9, seed=21)
+    options = dict(max_tokens=8, temperature=0.9, seed=21, ignore_eos=True)
+    batch = DecodeBatch(engine)
+    prefix = engine.prefill(params, prompt, sampling=sampling)
+    batch.insert([prefix], [1])
+    expected = [prefix.first_token] + [batch.step(params)[0][1] for _ in range(7)]
+    logits = engine.reference_logits(params, prompt + expected[:-1])[len(prompt) - 1 :]
+    reference = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+
+    async def body(cluster) -> None:
+        chunks = await cluster.api.generate(prompt, logprobs=True, top_logprobs=2, **options)
+        plain = await cluster.api.generate(prompt, **options)
+        assert tokens_of(chunks) == tokens_of(plain) == expected
+        assert all(c.logprobs == () for c in plain)
+        assert all(len(c.logprobs) == len(c.token_ids) for c in chunks)
+        logprobs = [lp for c in chunks for lp in c.logprobs]
+        for i, (token, lp) in enumerate(zip(expected, logprobs, strict=True)):
+            assert abs(lp.logprob - reference[i, token]) <= 1e-5, i
+            top = [t for t, _ in lp.top]
+            assert top == list(np.argsort(-reference[i])[:2]), i
+            np.testing.assert_allclose([v for _, v in lp.top], reference[i, top], atol=1e-5)
+        bare = await cluster.api.generate(prompt, logprobs=True, **options)  # no alternatives
+        assert [lp.top for c in bare for lp in c.logprobs] == [()] * len(expected)
+        for bad, message in (
+            (dict(logprobs=True, top_logprobs=21), "top_logprobs=21 must be in [0, 20]"),
+            (dict(top_logprobs=2), "top_logprobs=2 needs logprobs=true"),
+        ):
+            with pytest.raises(GenerateError) as err:
+                await cluster.api.generate(prompt, **bad, **options)
+            assert err.value.code == "INVALID_ARGUMENT" and message in err.value.message
+        await wait_free(cluster)
 
     run(kind, body)
 

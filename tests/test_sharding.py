@@ -151,7 +151,8 @@ def test_decode_step_updates_the_sharded_cache_in_place(engines, tp_params):
     state = engine.init_decode_state()
     rows, pages = np.arange(4, dtype=np.int32), np.full(4, -1, np.int32)
     with jax.set_mesh(engine.mesh):
-        compiled = engine._generate_jit.lower(tp_params[4], state, rows, pages).compile()
+        lowered = engine._generate_jit.lower(tp_params[4], state, rows, pages, np.bool_(False))
+        compiled = lowered.compile()
     text = compiled.as_text()
     leaf = jax.tree.leaves(state.cache)[0]
     local = (leaf.shape[0] // 4, *leaf.shape[1:])

@@ -47,7 +47,7 @@ def test_held_buckets_step_up_until_compiled_with_the_same_tokens(
     assert prefix_length(prefix) == 32 and held.compile_counts["prefill[8]"] == 0
     assert prefix.first_token == expected.first_token
     state = held.bulk_insert([prefix], held.init_decode_state(), [0], [[1]])
-    state, tokens = held.generate(params, state, [0])
+    state, tokens, _ = held.generate(params, state, [0])
     assert tokens.shape == (4,) and held.compile_counts["generate[1]"] == 0
     step = int(tokens[0])
 
@@ -60,7 +60,7 @@ def test_held_buckets_step_up_until_compiled_with_the_same_tokens(
     prefix = held.prefill(params, PROMPT)
     assert prefix_length(prefix) == 8 and prefix.first_token == expected.first_token
     state = held.bulk_insert([prefix], held.release(state, 0), [0], [[1]])
-    state, tokens = held.generate(params, state, [0])
+    state, tokens, _ = held.generate(params, state, [0])
     assert tokens.shape == (1,) and int(tokens[0]) == step
     assert held.compile_counts["prefill[8]"] == 1 and held.compile_counts["generate[1]"] == 1
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from shared.logprobs import TokenLogprob
 from shared.rpc.pdserve.v1 import generate_pb2, generate_pb2_grpc, sampling_pb2
 
 MAX_MESSAGE_BYTES = 8 << 20
@@ -40,6 +41,7 @@ class Chunk:
     finish_reason: str | None  # "stop", "length", "cancelled", "deadline", "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when asked for
 
 
 def build_request(
@@ -55,6 +57,8 @@ def build_request(
     ignore_eos: bool = False,
     timeout_seconds: float = 0.0,
     request_id: str = "",
+    logprobs: bool = False,
+    top_logprobs: int = 0,
 ) -> generate_pb2.GenerateRequest:
     request = generate_pb2.GenerateRequest(
         request_id=request_id,
@@ -66,6 +70,8 @@ def build_request(
         stop_token_ids=list(stop_token_ids),
         ignore_eos=ignore_eos,
         timeout_seconds=timeout_seconds,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )
     if isinstance(prompt, str):
         request.text = prompt
@@ -82,9 +88,13 @@ def _chunk(response: generate_pb2.GenerateResponse) -> Chunk:
     if response.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED:
         name = generate_pb2.FinishReason.Name(response.finish_reason)
         finish = name.removeprefix("FINISH_REASON_").lower()
+    logprobs = tuple(
+        TokenLogprob(lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+        for lp in response.logprobs
+    )
     return Chunk(
         response.request_id, tuple(response.token_ids), response.text, finish,
-        response.usage.prompt_tokens, response.usage.completion_tokens,
+        response.usage.prompt_tokens, response.usage.completion_tokens, logprobs,
     )  # fmt: skip
 
 

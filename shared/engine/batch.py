@@ -12,6 +12,9 @@ A step:
    elsewhere exactly (the orchestrator's resume path: sampling depends only on seed and
    position);
 3. the engine steps the live rows only, padded to the smallest bucket that holds them.
+   When a live slot asked for logprobs, the step computes them for every row (one
+   log-softmax and one top-k on the logits it has) and `last_logprobs` gets those slots'
+   rows, cut to each one's own count; otherwise the step skips that work entirely.
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from shared.engine.engine import DecodeState, Engine, Params, Prefix
 from shared.engine.pages import PageAllocator, PagesExhaustedError
+from shared.engine.sampling import token_logprob
+from shared.logprobs import TokenLogprob, check_top_logprobs
 
 
 class DecodeBatch:
@@ -41,6 +47,9 @@ class DecodeBatch:
         # Pages allocated on the host whose page-table entry the device has not recorded
         # yet: the next `generate` writes them (slot -> page for its current position).
         self._pending: dict[int, int] = {}
+        self._logprobs: dict[int, int] = {}  # live slot -> alternatives it asked for
+        # The last step's logprobs, for the slots that asked for them.
+        self.last_logprobs: dict[int, TokenLogprob] = {}
         self.preemptions = 0
 
     @property
@@ -51,12 +60,19 @@ class DecodeBatch:
         return self._lengths[slot]
 
     def insert(
-        self, prefixes: Sequence[Prefix], slots: Sequence[int], keys: Sequence[str] | None = None
-    ) -> None:
+        self, prefixes: Sequence[Prefix], slots: Sequence[int], keys: Sequence[str] | None = None,
+        logprobs: Sequence[int | None] | None = None,
+    ) -> None:  # fmt: skip
         """Give each slot the pages its prefix (and its first step) needs, then write the
-        prefixes. `keys` name the page promises admission made (consumed here). All or
+        prefixes. `keys` name the page promises admission made (consumed here). `logprobs`:
+        per slot, None or how many alternatives its steps report (`last_logprobs`). All or
         nothing: PagesExhaustedError leaves every slot as it was."""
         slots = [int(s) for s in slots]
+        wanted = list(logprobs) if logprobs is not None else [None] * len(slots)
+        if len(wanted) != len(slots):
+            raise ValueError(f"{len(slots)} slots but {len(wanted)} logprobs counts")
+        for count in wanted:
+            check_top_logprobs(count)
         assigned: list[list[int]] = []
         try:
             for i, (prefix, slot) in enumerate(zip(prefixes, slots, strict=True)):
@@ -70,27 +86,41 @@ class DecodeBatch:
         self.state = self.engine.bulk_insert(
             prefixes, self.state, np.asarray(slots, np.int32), assigned
         )
-        for prefix, slot in zip(prefixes, slots, strict=True):
+        for prefix, slot, count in zip(prefixes, slots, wanted, strict=True):
             self._lengths[slot] = prefix.true_length
             self._admitted[slot] = next(self._order)
+            if count is not None:
+                self._logprobs[slot] = count
 
     def release(self, slot: int) -> None:
         """End `slot`: it leaves the batch and its pages go back to the pool. Idempotent."""
         if self._lengths.pop(slot, None) is not None:
             self._admitted.pop(slot, None)
             self._pending.pop(slot, None)
+            self._logprobs.pop(slot, None)
             self.state = self.engine.release(self.state, slot)
         self.pages.release(slot)
 
     def step(self, params: Params) -> tuple[dict[int, int], list[int]]:
-        """One token for every live slot -> ({slot: token}, preempted slots)."""
+        """One token for every live slot -> ({slot: token}, preempted slots); the tokens'
+        logprobs, for the slots that asked, in `last_logprobs`."""
+        self.last_logprobs = {}
         preempted = self._grow_or_preempt()
         rows = self.live_slots
         if not rows:
             return {}, preempted
         new_pages = self._new_pages(rows)
         self._pending.clear()  # recorded in the device page table by this step
-        self.state, tokens = self.engine.generate(params, self.state, rows, new_pages)
+        wanted = [(i, slot) for i, slot in enumerate(rows) if slot in self._logprobs]
+        self.state, tokens, step_logprobs = self.engine.generate(
+            params, self.state, rows, new_pages, logprobs=bool(wanted)
+        )
+        if wanted:  # one transfer for the tokens and their logprobs
+            tokens, (chosen, ids, values) = jax.device_get((tokens, step_logprobs))
+            self.last_logprobs = {
+                slot: token_logprob(chosen[i], ids[i], values[i], self._logprobs[slot])
+                for i, slot in wanted
+            }
         tokens = np.asarray(tokens)
         for slot in rows:
             self._lengths[slot] += 1

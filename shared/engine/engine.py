@@ -48,10 +48,14 @@ from shared.engine.model.attention import PagedInputs
 from shared.engine.model.llama import Transformer, abstract_model
 from shared.engine.pages import SCRATCH_PAGE
 from shared.engine.params import init_params, param_shardings, with_shardings
-from shared.engine.sampling import SamplingParams, sample
+from shared.engine.sampling import SamplingParams, logprobs, sample, token_logprob
+from shared.logprobs import TokenLogprob, check_top_logprobs
 
 Params = nnx.State
 CacheDict = dict[str, Any]  # nested pure dict of per-layer K and V leaves
+# A step's logprobs (sampling.logprobs): log p(token) [R], top ids [R, N], top logprobs
+# [R, N]; zeros when the step was not asked for them.
+StepLogprobs = tuple[jax.Array, jax.Array, jax.Array]
 
 
 class EngineError(ValueError):
@@ -84,6 +88,9 @@ class Prefix:
     true_length: int
     first_token: int
     sampling: SamplingParams
+    # The first token's logprob, when prefill was asked for it (never sent with the KV: the
+    # prefill worker returns it to the orchestrator with the first token).
+    first_logprob: TokenLogprob | None = None
 
     def trimmed(self) -> Prefix:
         """This prefix with only the true length of every leaf, as host numpy arrays."""
@@ -159,7 +166,7 @@ class Engine:
         self._generate_jit = jax.jit(
             self._generate_impl,
             donate_argnums=(1,),
-            out_shardings=(self.state_sharding, self._replicated),
+            out_shardings=(self.state_sharding, self._replicated, self._replicated),
         )
         self._decode_logits_jit = jax.jit(self._decode_logits_impl)
         # An insert is one small program per cache leaf (all leaves share it: same shapes)
@@ -311,13 +318,17 @@ class Engine:
         sampling: SamplingParams | None = None,
         *,
         allow_long: bool = False,
+        logprobs: int | None = None,
     ) -> Prefix:
         """Run the prompt, sample its first token at position `true_length`.
 
         `tokens` may be unpadded or already padded; only `tokens[:true_length]` are read.
         `allow_long` (resumed requests only) admits prompts past the largest bucket, up to
         max_seq_len - 1, padded to max_seq_len: one more compile, on first use.
+        `logprobs` (None: not computed): the first token's logprob and this many most
+        likely alternatives, in `Prefix.first_logprob`.
         """
+        check_top_logprobs(logprobs)
         sampling = sampling or SamplingParams()
         prompt = np.asarray(tokens, dtype=np.int64).reshape(-1)
         true_length = len(prompt) if true_length is None else int(true_length)
@@ -330,12 +341,17 @@ class Engine:
         bucket = self._prefill_bucket(true_length, allow_long)
         padded = np.zeros((1, bucket), np.int32)
         padded[0, :true_length] = prompt
+        wanted = np.bool_(logprobs is not None)  # traced: both values share one compile
         with jax.set_mesh(self.mesh):
-            cache, first = self._prefill_jit(
-                params, padded, np.int32(true_length), *self._sampling_rows([sampling])
+            cache, first, step_logprobs = self._prefill_jit(
+                params, padded, np.int32(true_length), *self._sampling_rows([sampling]), wanted
             )
+        first_logprob = None
+        if logprobs is not None:
+            chosen, ids, values = jax.device_get(step_logprobs)
+            first_logprob = token_logprob(chosen[0], ids[0], values[0], logprobs)
         return Prefix(cache=cache, true_length=true_length, first_token=int(first[0]),
-                      sampling=sampling)  # fmt: skip
+                      sampling=sampling, first_logprob=first_logprob)  # fmt: skip
 
     def _prefill_bucket(self, length: int, allow_long: bool) -> int:
         if length <= self.config.max_prompt_len:
@@ -372,7 +388,8 @@ class Engine:
         top_k: jax.Array,
         top_p: jax.Array,
         seeds: jax.Array,
-    ) -> tuple[CacheDict, jax.Array]:
+        wanted: jax.Array,  # [] bool: compute the first token's logprobs
+    ) -> tuple[CacheDict, jax.Array, StepLogprobs]:
         self.compile_counts[f"prefill[{tokens.shape[1]}]"] += 1
         model, positions = self._prefill_model(params, tokens.shape[1])
         logits = model(tokens, positions, logits_at=(true_length - 1)[None])  # [1, V]
@@ -381,7 +398,7 @@ class Engine:
         r = self.parallelism.kv_replication
         # [C, 1, T, H] cache heads -> [KV, T, H]: one copy of each of the model's KV heads.
         logical = jax.tree.map(lambda c: c[::r, 0], nnx.to_pure_dict(nnx.state(model, nnx.Cache)))
-        return logical, first
+        return logical, first, logprobs(logits, first, wanted)
 
     # Decode state -------------------------------------------------------------------------
 
@@ -568,13 +585,16 @@ class Engine:
         state: DecodeState,
         rows: Sequence[int] | np.ndarray,
         new_pages: Sequence[int] | np.ndarray | None = None,
-    ) -> tuple[DecodeState, jax.Array]:
-        """One decode step for the live slots `rows` -> (new state, next tokens [bucket]).
+        logprobs: bool = False,
+    ) -> tuple[DecodeState, jax.Array, StepLogprobs]:
+        """One decode step for the live slots `rows` -> (new state, next tokens [bucket],
+        their logprobs: `StepLogprobs`, zeros unless `logprobs`).
 
         `new_pages[i]` (or -1) is the page row i's token is written to when it starts a new
         page (its length a multiple of page_size); the host allocated it. The rows are padded
         to the smallest batch bucket; token i belongs to `rows[i]`, the rest is padding.
-        Donates `state`. A live slot must have lengths < max_seq_len.
+        Donates `state`. A live slot must have lengths < max_seq_len. `logprobs` is traced,
+        not static: asking for them never compiles another step.
         """
         rows = np.asarray(rows, np.int32).reshape(-1)
         bucket = self.batch_bucket(len(rows))
@@ -584,11 +604,12 @@ class Engine:
         if new_pages is not None:
             pages[: len(rows)] = new_pages
         with jax.set_mesh(self.mesh):
-            return self._generate_jit(params, state, padded, pages)
+            return self._generate_jit(params, state, padded, pages, np.bool_(logprobs))
 
     def _generate_impl(
-        self, params: Params, state: DecodeState, rows: jax.Array, new_pages: jax.Array
-    ) -> tuple[DecodeState, jax.Array]:
+        self, params: Params, state: DecodeState, rows: jax.Array, new_pages: jax.Array,
+        wanted: jax.Array,
+    ) -> tuple[DecodeState, jax.Array, StepLogprobs]:  # fmt: skip
         self.compile_counts[f"generate[{len(rows)}]"] += 1
         live, table, cache, logits = self._step(params, state, rows, new_pages)
         r = jnp.minimum(rows, self.config.max_slots - 1)
@@ -608,7 +629,7 @@ class Engine:
             lengths=put(state.lengths, lengths + live.astype(jnp.int32)),
             tokens=put(state.tokens, next_tokens),
         )
-        return new_state, next_tokens
+        return new_state, next_tokens, logprobs(logits, next_tokens, wanted)
 
     def _step(
         self, params: Params, state: DecodeState, rows: jax.Array, new_pages: jax.Array

@@ -1,4 +1,5 @@
-"""Per-request sampling: greedy, temperature, top-k, top-p, with a per-request seed.
+"""Per-request sampling: greedy, temperature, top-k, top-p, with a per-request seed; and
+the sampled tokens' logprobs, for the requests that ask (shared/logprobs.py).
 
 The randomness of a sampled token depends only on (seed, absolute position of that token),
 never on the slot, the batch neighbours or the worker: a request resumed elsewhere after a
@@ -12,6 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from shared.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 
 MAX_SEED = 2**64 - 1
 
@@ -91,3 +94,35 @@ def sample(
 
     # Sorting the vocabulary is the costly part: skip it when every live row is greedy.
     return jax.lax.cond(jnp.any(temperature > 0), stochastic, lambda: greedy)
+
+
+def logprobs(
+    logits: jax.Array, tokens: jax.Array, wanted: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """logits [B, V], the tokens drawn from them [B], `wanted` [] bool -> (log p(token)
+    [B], top ids [B, N] int32, top logprobs [B, N]), N = min(MAX_TOP_LOGPROBS, V).
+
+    From the logits the step already has: one log-softmax and one `lax.top_k`, only when
+    `wanted` (a step where no row asked returns zeros and pays for neither)."""
+    n = min(MAX_TOP_LOGPROBS, logits.shape[-1])
+
+    def compute() -> tuple[jax.Array, jax.Array, jax.Array]:
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        chosen = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
+        top_values, top_ids = jax.lax.top_k(log_probs, n)
+        return chosen, top_ids.astype(jnp.int32), top_values
+
+    def skip() -> tuple[jax.Array, jax.Array, jax.Array]:
+        rows = logits.shape[0]
+        return (jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, n), jnp.int32),
+                jnp.zeros((rows, n), jnp.float32))  # fmt: skip
+
+    return jax.lax.cond(wanted, compute, skip)
+
+
+def token_logprob(
+    chosen: float, top_ids: np.ndarray, top_values: np.ndarray, count: int
+) -> TokenLogprob:
+    """One row of `logprobs`' host copy, with the request's own `count` of alternatives."""
+    top = tuple(zip(top_ids[:count].tolist(), top_values[:count].tolist(), strict=True))
+    return TokenLogprob(float(chosen), top)

@@ -143,8 +143,9 @@ class PrefillLoop:
         self._metrics.kv_send_seconds.observe(transfer_s)
         self._metrics.finished("ok")
         return PrefillResult(
-            prefix.first_token, PrefillTimings(queue_s, prefill_s, transfer_s, kv_bytes)
-        )
+            prefix.first_token, PrefillTimings(queue_s, prefill_s, transfer_s, kv_bytes),
+            prefix.first_logprob,
+        )  # fmt: skip
 
     def cancel(self, request_id: str) -> bool:
         job = self._jobs.get(request_id)
@@ -193,6 +194,7 @@ class PrefillLoop:
                 request.prompt_token_ids,
                 sampling=request.sampling,
                 allow_long=request.resume,
+                logprobs=request.logprobs,
             )
         except EngineError as err:
             self._resolve(job, TransportError(StatusCode.INVALID_ARGUMENT, str(err)))

@@ -207,7 +207,7 @@ def warm_up(
         timed("inserts", t)
         for bucket in batch_buckets:
             t = time.perf_counter()
-            state, tokens = engine.generate(params, state, np.arange(bucket, dtype=np.int32))
+            state, tokens, _ = engine.generate(params, state, np.arange(bucket, dtype=np.int32))
             jax.block_until_ready(tokens)
             timed(f"generate[{bucket}]", t)
         state = engine.release(state, 0)

@@ -6,7 +6,8 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from shared.kv.codec import sampling_from_proto, sampling_to_proto
-from shared.rpc.pdserve.v1 import kv_pb2, worker_pb2
+from shared.logprobs import TokenLogprob
+from shared.rpc.pdserve.v1 import kv_pb2, sampling_pb2, worker_pb2
 from shared.transport.types import (
     DecodeFinish,
     GenerationLimits,
@@ -49,6 +50,24 @@ def _optional_time(parent: Message, field: str) -> float | None:
     return _seconds(getattr(parent, field)) if parent.HasField(field) else None
 
 
+def logprob_to_proto(logprob: TokenLogprob) -> sampling_pb2.TokenLogprob:
+    top = [sampling_pb2.TopLogprob(token_id=t, logprob=v) for t, v in logprob.top]
+    return sampling_pb2.TokenLogprob(logprob=logprob.logprob, top=top)
+
+
+def logprob_from_proto(message: sampling_pb2.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(message.logprob, tuple((t.token_id, t.logprob) for t in message.top))
+
+
+def _logprobs_option(logprobs: int | None) -> dict[str, object]:
+    """`logprobs: int | None` as the proto's (logprobs, top_logprobs) fields."""
+    return {} if logprobs is None else {"logprobs": True, "top_logprobs": logprobs}
+
+
+def _logprobs_field(message: Message) -> int | None:
+    return message.top_logprobs if message.logprobs else None  # type: ignore[attr-defined]
+
+
 def reserve_to_proto(request: ReserveRequest) -> worker_pb2.ReserveRequest:
     ttl = duration_pb2.Duration()
     ttl.FromNanoseconds(round(request.ttl_seconds * 1e9))
@@ -63,6 +82,7 @@ def reserve_to_proto(request: ReserveRequest) -> worker_pb2.ReserveRequest:
         ),
         prompt_length=request.prompt_length,
         deadline=_timestamp(request.deadline),
+        **_logprobs_option(request.logprobs),
     )
 
 
@@ -79,6 +99,7 @@ def reserve_from_proto(message: worker_pb2.ReserveRequest) -> ReserveRequest:
         ),
         ttl_seconds=message.ttl.ToNanoseconds() / 1e9,
         deadline=_optional_time(message, "deadline"),
+        logprobs=_logprobs_field(message),
     )
 
 
@@ -94,14 +115,16 @@ def lease_from_proto(message: worker_pb2.ReserveResponse) -> Lease:
 
 def tokens_to_proto(batch: TokenBatch) -> worker_pb2.StreamTokensResponse:
     return worker_pb2.StreamTokensResponse(
-        token_ids=batch.token_ids, finish_reason=_FINISH_TO_PROTO[batch.finish], detail=batch.detail
-    )
+        token_ids=batch.token_ids, finish_reason=_FINISH_TO_PROTO[batch.finish],
+        detail=batch.detail, logprobs=[logprob_to_proto(lp) for lp in batch.logprobs],
+    )  # fmt: skip
 
 
 def tokens_from_proto(message: worker_pb2.StreamTokensResponse) -> TokenBatch:
     return TokenBatch(
-        tuple(message.token_ids), _FINISH_FROM_PROTO[message.finish_reason], message.detail
-    )
+        tuple(message.token_ids), _FINISH_FROM_PROTO[message.finish_reason], message.detail,
+        tuple(logprob_from_proto(lp) for lp in message.logprobs),
+    )  # fmt: skip
 
 
 def load_to_proto(load: LoadReport) -> worker_pb2.LoadReport:
@@ -150,6 +173,7 @@ def prefill_to_proto(request: PrefillRequest) -> worker_pb2.PrefillRequest:
         deadline=_timestamp(request.deadline),
         model_fingerprint=request.model_fingerprint,
         resume=request.resume,
+        **_logprobs_option(request.logprobs),
     )
 
 
@@ -164,6 +188,7 @@ def prefill_from_proto(message: worker_pb2.PrefillRequest) -> PrefillRequest:
         deadline=_optional_time(message, "deadline"),
         model_fingerprint=message.model_fingerprint,
         resume=message.resume,
+        logprobs=_logprobs_field(message),
     )
 
 
@@ -177,10 +202,16 @@ def prefill_result_to_proto(result: PrefillResult) -> worker_pb2.PrefillResponse
             transfer_seconds=t.transfer_seconds,
             kv_bytes=t.kv_bytes,
         ),
+        first_logprob=(
+            logprob_to_proto(result.first_logprob) if result.first_logprob is not None else None
+        ),
     )
 
 
 def prefill_result_from_proto(message: worker_pb2.PrefillResponse) -> PrefillResult:
     t = message.timings
     timings = PrefillTimings(t.queue_seconds, t.prefill_seconds, t.transfer_seconds, t.kv_bytes)
-    return PrefillResult(message.first_token, timings)
+    first_logprob = None
+    if message.HasField("first_logprob"):
+        first_logprob = logprob_from_proto(message.first_logprob)
+    return PrefillResult(message.first_token, timings, first_logprob)

@@ -13,6 +13,7 @@ from pathlib import Path
 from shared.engine.sampling import SamplingParams
 from shared.kv.codec import KvReceipt as KvReceipt  # re-exported: a call's result type
 from shared.kv.codec import KvRejection
+from shared.logprobs import TokenLogprob, check_top_logprobs
 
 
 class StatusCode(enum.Enum):
@@ -77,8 +78,11 @@ class ReserveRequest:
     limits: GenerationLimits
     ttl_seconds: float
     deadline: float | None = None  # unix time (time.time()); None: no deadline
+    # None: no logprobs; N: each token's logprob and its position's N likeliest tokens.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
+        check_top_logprobs(self.logprobs)
         if self.ttl_seconds <= 0:
             raise ValueError(f"ttl_seconds={self.ttl_seconds} must be > 0")
         if self.prompt_length < 1:
@@ -99,6 +103,8 @@ class TokenBatch:
     token_ids: tuple[int, ...]
     finish: DecodeFinish | None = None
     detail: str = ""  # why, for an ERROR finish
+    # For a lease reserved with `logprobs`: one per token, in order; empty otherwise.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -126,6 +132,10 @@ class PrefillRequest:
     deadline: float | None = None  # unix time; None: no deadline
     model_fingerprint: str = ""  # empty: do not check
     resume: bool = False  # prompt + tokens already streamed: may exceed the largest bucket
+    logprobs: int | None = None  # as ReserveRequest's, for the first token
+
+    def __post_init__(self) -> None:
+        check_top_logprobs(self.logprobs)
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -140,6 +150,7 @@ class PrefillTimings:
 class PrefillResult:
     first_token: int
     timings: PrefillTimings
+    first_logprob: TokenLogprob | None = None  # when the request asked for logprobs
 
 
 @dataclasses.dataclass(slots=True, frozen=True)

@@ -28,43 +28,43 @@ from shared.rpc.pdserve.v1 import kv_pb2 as pdserve_dot_v1_dot_kv__pb2
 from shared.rpc.pdserve.v1 import sampling_pb2 as pdserve_dot_v1_dot_sampling__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13pdserve/v1/kv.proto\x1a\x19pdserve/v1/sampling.proto\"S\n\x10GenerationLimits\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x02 \x03(\x05\x12\x13\n\x0bstop_on_eos\x18\x03 \x01(\x08\"\xbf\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x06limits\x18\x03 \x01(\x0b\x32\x1c.pdserve.v1.GenerationLimits\x12\x15\n\rprompt_length\x18\x04 \x01(\x05\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"b\n\x0fReserveResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x05\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x13StreamTokensRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"p\n\x14StreamTokensResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x35\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1e.pdserve.v1.DecodeFinishReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"&\n\x12\x43\x61ncelLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"*\n\x14\x43\x61ncelPrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\x9d\x01\n\nLoadReport\x12\x12\n\nfree_slots\x18\x01 \x01(\x05\x12\x13\n\x0btotal_slots\x18\x02 \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\x05\x12\x15\n\rlive_requests\x18\x04 \x01(\x05\x12\x12\n\nfree_pages\x18\x05 \x01(\x05\x12\x13\n\x0btotal_pages\x18\x06 \x01(\x05\x12\x11\n\tpage_size\x18\x07 \x01(\x05\"\xee\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x15\n\rdecode_target\x18\x04 \x01(\t\x12\x10\n\x08lease_id\x18\x05 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t\x12\x0e\n\x06resume\x18\x08 \x01(\x08\"l\n\x0ePrefillTimings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x02 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x03 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x03\"S\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12+\n\x07timings\x18\x02 \x01(\x0b\x32\x1a.pdserve.v1.PrefillTimings*\xad\x02\n\x12\x44\x65\x63odeFinishReason\x12$\n DECODE_FINISH_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44\x45\x43ODE_FINISH_REASON_STOP\x10\x01\x12\x1f\n\x1b\x44\x45\x43ODE_FINISH_REASON_LENGTH\x10\x02\x12\"\n\x1e\x44\x45\x43ODE_FINISH_REASON_CANCELLED\x10\x03\x12!\n\x1d\x44\x45\x43ODE_FINISH_REASON_DEADLINE\x10\x04\x12&\n\"DECODE_FINISH_REASON_LEASE_EXPIRED\x10\x05\x12\x1e\n\x1a\x44\x45\x43ODE_FINISH_REASON_ERROR\x10\x06\x12\"\n\x1e\x44\x45\x43ODE_FINISH_REASON_PREEMPTED\x10\x07\x32\xf5\x02\n\x0c\x44\x65\x63odeWorker\x12\x44\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x1b.pdserve.v1.ReserveResponse\"\x00\x12U\n\x0cStreamTokens\x12\x1f.pdserve.v1.StreamTokensRequest\x1a .pdserve.v1.StreamTokensResponse\"\x00\x30\x01\x12?\n\nTransferKV\x12\x16.pdserve.v1.KvTransfer\x1a\x15.pdserve.v1.KvReceipt\"\x00(\x01\x12\x46\n\x06\x43\x61ncel\x12\x1e.pdserve.v1.CancelLeaseRequest\x1a\x1a.pdserve.v1.CancelResponse\"\x00\x12?\n\x07GetLoad\x12\x1a.pdserve.v1.GetLoadRequest\x1a\x16.pdserve.v1.LoadReport\"\x00\x32\xe0\x01\n\rPrefillWorker\x12\x44\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\"\x00\x12H\n\x06\x43\x61ncel\x12 .pdserve.v1.CancelPrefillRequest\x1a\x1a.pdserve.v1.CancelResponse\"\x00\x12?\n\x07GetLoad\x12\x1a.pdserve.v1.GetLoadRequest\x1a\x16.pdserve.v1.LoadReport\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17pdserve/v1/worker.proto\x12\npdserve.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13pdserve/v1/kv.proto\x1a\x19pdserve/v1/sampling.proto\"S\n\x10GenerationLimits\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x02 \x03(\x05\x12\x13\n\x0bstop_on_eos\x18\x03 \x01(\x08\"\xe7\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x03ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x06limits\x18\x03 \x01(\x0b\x32\x1c.pdserve.v1.GenerationLimits\x12\x15\n\rprompt_length\x18\x04 \x01(\x05\x12,\n\x08\x64\x65\x61\x64line\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08logprobs\x18\x06 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x07 \x01(\x05\"b\n\x0fReserveResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\x05\x12/\n\x0b\x65xpire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x13StreamTokensRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"\x9c\x01\n\x14StreamTokensResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x35\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x1e.pdserve.v1.DecodeFinishReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\"&\n\x12\x43\x61ncelLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\"*\n\x14\x43\x61ncelPrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1f\n\x0e\x43\x61ncelResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x10\n\x0eGetLoadRequest\"\x9d\x01\n\nLoadReport\x12\x12\n\nfree_slots\x18\x01 \x01(\x05\x12\x13\n\x0btotal_slots\x18\x02 \x01(\x05\x12\x13\n\x0bqueue_depth\x18\x03 \x01(\x05\x12\x15\n\rlive_requests\x18\x04 \x01(\x05\x12\x12\n\nfree_pages\x18\x05 \x01(\x05\x12\x13\n\x0btotal_pages\x18\x06 \x01(\x05\x12\x11\n\tpage_size\x18\x07 \x01(\x05\"\x96\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12\x15\n\rdecode_target\x18\x04 \x01(\t\x12\x10\n\x08lease_id\x18\x05 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t\x12\x0e\n\x06resume\x18\x08 \x01(\x08\x12\x10\n\x08logprobs\x18\t \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\n \x01(\x05\"l\n\x0ePrefillTimings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x02 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x03 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x04 \x01(\x03\"\x84\x01\n\x0fPrefillResponse\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\x05\x12+\n\x07timings\x18\x02 \x01(\x0b\x32\x1a.pdserve.v1.PrefillTimings\x12/\n\rfirst_logprob\x18\x03 \x01(\x0b\x32\x18.pdserve.v1.TokenLogprob*\xad\x02\n\x12\x44\x65\x63odeFinishReason\x12$\n DECODE_FINISH_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x44\x45\x43ODE_FINISH_REASON_STOP\x10\x01\x12\x1f\n\x1b\x44\x45\x43ODE_FINISH_REASON_LENGTH\x10\x02\x12\"\n\x1e\x44\x45\x43ODE_FINISH_REASON_CANCELLED\x10\x03\x12!\n\x1d\x44\x45\x43ODE_FINISH_REASON_DEADLINE\x10\x04\x12&\n\"DECODE_FINISH_REASON_LEASE_EXPIRED\x10\x05\x12\x1e\n\x1a\x44\x45\x43ODE_FINISH_REASON_ERROR\x10\x06\x12\"\n\x1e\x44\x45\x43ODE_FINISH_REASON_PREEMPTED\x10\x07\x32\xf5\x02\n\x0c\x44\x65\x63odeWorker\x12\x44\n\x07Reserve\x12\x1a.pdserve.v1.ReserveRequest\x1a\x1b.pdserve.v1.ReserveResponse\"\x00\x12U\n\x0cStreamTokens\x12\x1f.pdserve.v1.StreamTokensRequest\x1a .pdserve.v1.StreamTokensResponse\"\x00\x30\x01\x12?\n\nTransferKV\x12\x16.pdserve.v1.KvTransfer\x1a\x15.pdserve.v1.KvReceipt\"\x00(\x01\x12\x46\n\x06\x43\x61ncel\x12\x1e.pdserve.v1.CancelLeaseRequest\x1a\x1a.pdserve.v1.CancelResponse\"\x00\x12?\n\x07GetLoad\x12\x1a.pdserve.v1.GetLoadRequest\x1a\x16.pdserve.v1.LoadReport\"\x00\x32\xe0\x01\n\rPrefillWorker\x12\x44\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\"\x00\x12H\n\x06\x43\x61ncel\x12 .pdserve.v1.CancelPrefillRequest\x1a\x1a.pdserve.v1.CancelResponse\"\x00\x12?\n\x07GetLoad\x12\x1a.pdserve.v1.GetLoadRequest\x1a\x16.pdserve.v1.LoadReport\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DECODEFINISHREASON']._serialized_start=1418
-  _globals['_DECODEFINISHREASON']._serialized_end=1719
+  _globals['_DECODEFINISHREASON']._serialized_start=1593
+  _globals['_DECODEFINISHREASON']._serialized_end=1894
   _globals['_GENERATIONLIMITS']._serialized_start=152
   _globals['_GENERATIONLIMITS']._serialized_end=235
   _globals['_RESERVEREQUEST']._serialized_start=238
-  _globals['_RESERVEREQUEST']._serialized_end=429
-  _globals['_RESERVERESPONSE']._serialized_start=431
-  _globals['_RESERVERESPONSE']._serialized_end=529
-  _globals['_STREAMTOKENSREQUEST']._serialized_start=531
-  _globals['_STREAMTOKENSREQUEST']._serialized_end=570
-  _globals['_STREAMTOKENSRESPONSE']._serialized_start=572
-  _globals['_STREAMTOKENSRESPONSE']._serialized_end=684
-  _globals['_CANCELLEASEREQUEST']._serialized_start=686
-  _globals['_CANCELLEASEREQUEST']._serialized_end=724
-  _globals['_CANCELPREFILLREQUEST']._serialized_start=726
-  _globals['_CANCELPREFILLREQUEST']._serialized_end=768
-  _globals['_CANCELRESPONSE']._serialized_start=770
-  _globals['_CANCELRESPONSE']._serialized_end=801
-  _globals['_GETLOADREQUEST']._serialized_start=803
-  _globals['_GETLOADREQUEST']._serialized_end=819
-  _globals['_LOADREPORT']._serialized_start=822
-  _globals['_LOADREPORT']._serialized_end=979
-  _globals['_PREFILLREQUEST']._serialized_start=982
-  _globals['_PREFILLREQUEST']._serialized_end=1220
-  _globals['_PREFILLTIMINGS']._serialized_start=1222
-  _globals['_PREFILLTIMINGS']._serialized_end=1330
-  _globals['_PREFILLRESPONSE']._serialized_start=1332
-  _globals['_PREFILLRESPONSE']._serialized_end=1415
-  _globals['_DECODEWORKER']._serialized_start=1722
-  _globals['_DECODEWORKER']._serialized_end=2095
-  _globals['_PREFILLWORKER']._serialized_start=2098
-  _globals['_PREFILLWORKER']._serialized_end=2322
+  _globals['_RESERVEREQUEST']._serialized_end=469
+  _globals['_RESERVERESPONSE']._serialized_start=471
+  _globals['_RESERVERESPONSE']._serialized_end=569
+  _globals['_STREAMTOKENSREQUEST']._serialized_start=571
+  _globals['_STREAMTOKENSREQUEST']._serialized_end=610
+  _globals['_STREAMTOKENSRESPONSE']._serialized_start=613
+  _globals['_STREAMTOKENSRESPONSE']._serialized_end=769
+  _globals['_CANCELLEASEREQUEST']._serialized_start=771
+  _globals['_CANCELLEASEREQUEST']._serialized_end=809
+  _globals['_CANCELPREFILLREQUEST']._serialized_start=811
+  _globals['_CANCELPREFILLREQUEST']._serialized_end=853
+  _globals['_CANCELRESPONSE']._serialized_start=855
+  _globals['_CANCELRESPONSE']._serialized_end=886
+  _globals['_GETLOADREQUEST']._serialized_start=888
+  _globals['_GETLOADREQUEST']._serialized_end=904
+  _globals['_LOADREPORT']._serialized_start=907
+  _globals['_LOADREPORT']._serialized_end=1064
+  _globals['_PREFILLREQUEST']._serialized_start=1067
+  _globals['_PREFILLREQUEST']._serialized_end=1345
+  _globals['_PREFILLTIMINGS']._serialized_start=1347
+  _globals['_PREFILLTIMINGS']._serialized_end=1455
+  _globals['_PREFILLRESPONSE']._serialized_start=1458
+  _globals['_PREFILLRESPONSE']._serialized_end=1590
+  _globals['_DECODEWORKER']._serialized_start=1897
+  _globals['_DECODEWORKER']._serialized_end=2270
+  _globals['_PREFILLWORKER']._serialized_start=2273
+  _globals['_PREFILLWORKER']._serialized_end=2497
 # @@protoc_insertion_point(module_scope)
