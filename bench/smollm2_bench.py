@@ -75,7 +75,7 @@ def int8_agreement() -> dict:
     from shared.chat import ChatMessage, render_chat
     from shared.config import EngineConfig, Quantization
     from shared.engine.batch import DecodeBatch
-from shared.engine.engine import Engine
+    from shared.engine.engine import Engine
     from shared.weights.checkpoint import load_model
     from shared.weights.model_info import load_model_info
 
