@@ -258,7 +258,11 @@ class Engine:
         sampling = self._sampling_rows([SamplingParams()])
         with jax.set_mesh(self.mesh):
             self._prefill_jit.lower(
-                params, np.zeros((1, bucket), np.int32), np.int32(bucket), *sampling
+                params,
+                np.zeros((1, bucket), np.int32),
+                np.int32(bucket),
+                *sampling,
+                np.bool_(False),
             ).compile()
         self._held.discard(("prefill", bucket))
 
@@ -273,7 +277,7 @@ class Engine:
                 self.state_sharding,
             )
             rows = np.zeros((bucket,), np.int32)
-            self._generate_jit.lower(params, state, rows, rows).compile()
+            self._generate_jit.lower(params, state, rows, rows, np.bool_(False)).compile()
         self._held.discard(("generate", bucket))
 
     @property
