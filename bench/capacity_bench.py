@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from length_mix import SHAPES, Request, longest, request_mix
+from length_mix import LONGEST, SHAPES, Request, request_mix
 
 from shared.engine.pages import PageAllocator, PagesExhaustedError, pages_for
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for shape in SHAPES:
         requests = request_mix(args.requests, shape, args.seed)
-        max_seq_len = longest(requests)
+        max_seq_len = LONGEST
         contiguous = args.budget_tokens // max_seq_len
         paged = simulate_paged(requests, args.budget_tokens, args.page_size, max_seq_len)
         rows.append(

@@ -15,6 +15,9 @@ import numpy as np
 PROMPT_RANGE = (64, 1024)
 OUTPUT_RANGE = (16, 512)
 SHAPES = ("uniform", "log-uniform")
+# Positions the longest request of the ranges can take: what a contiguous slot must hold
+# for any request the deployment admits.
+LONGEST = PROMPT_RANGE[1] + OUTPUT_RANGE[1]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -36,10 +39,3 @@ def request_mix(n: int, shape: str, seed: int = 0) -> list[Request]:
     prompts = _draw(rng, *PROMPT_RANGE, shape, n)
     outputs = _draw(rng, *OUTPUT_RANGE, shape, n)
     return [Request(int(p), int(o)) for p, o in zip(prompts, outputs, strict=True)]
-
-
-def longest(requests: list[Request]) -> int:
-    """Positions the longest request of the ranges can take (what a contiguous slot must
-    hold for any request the deployment admits)."""
-    del requests
-    return PROMPT_RANGE[1] + OUTPUT_RANGE[1]

@@ -26,15 +26,16 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from engine_bench import synthetic_prefix  # noqa: E402
 
 from shared.client.generator import AsyncGeneratorClient  # noqa: E402
 from shared.config import EngineConfig, model_preset  # noqa: E402
 from shared.engine.batch import DecodeBatch  # noqa: E402
-from shared.engine.engine import Engine, Prefix  # noqa: E402
-from shared.engine.sampling import SamplingParams  # noqa: E402
+from shared.engine.engine import Engine  # noqa: E402
 from tests.cluster_harness import spawn_orchestrator  # noqa: E402
 from tests.worker_harness import spawn_worker, stop_worker  # noqa: E402
 
@@ -81,14 +82,9 @@ def engine_step_seconds(config: str, batch: int, steps: int) -> float:
         EngineConfig(SLOTS, (PROMPT_LEN,), MAX_SEQ_LEN, page_size=PAGE_SIZE),
     )
     params = engine.init_params(seed=0)
-    context = PROMPT_LEN + OUTPUT_LEN // 2
-    rng = np.random.default_rng(0)
-    cache = jax.tree.map(
-        lambda s: rng.standard_normal(s.shape, np.float32).astype(s.dtype),
-        engine.abstract_prefix_cache(context),
-    )
+    prefix = synthetic_prefix(engine, PROMPT_LEN + OUTPUT_LEN // 2, seed=0)
     decode = DecodeBatch(engine)
-    decode.insert([Prefix(cache, context, 1, SamplingParams())] * batch, list(range(batch)))
+    decode.insert([prefix] * batch, list(range(batch)))
     for _ in range(3):
         decode.step(params)
     samples = []
