@@ -201,6 +201,7 @@ def prefill_result_to_proto(result: PrefillResult) -> worker_pb2.PrefillResponse
             prefill_seconds=t.prefill_seconds,
             transfer_seconds=t.transfer_seconds,
             kv_bytes=t.kv_bytes,
+            cached_tokens=t.cached_tokens,
         ),
         first_logprob=(
             logprob_to_proto(result.first_logprob) if result.first_logprob is not None else None
@@ -210,7 +211,9 @@ def prefill_result_to_proto(result: PrefillResult) -> worker_pb2.PrefillResponse
 
 def prefill_result_from_proto(message: worker_pb2.PrefillResponse) -> PrefillResult:
     t = message.timings
-    timings = PrefillTimings(t.queue_seconds, t.prefill_seconds, t.transfer_seconds, t.kv_bytes)
+    timings = PrefillTimings(
+        t.queue_seconds, t.prefill_seconds, t.transfer_seconds, t.kv_bytes, t.cached_tokens
+    )
     first_logprob = None
     if message.HasField("first_logprob"):
         first_logprob = logprob_from_proto(message.first_logprob)

@@ -144,6 +144,7 @@ class PrefillTimings:
     prefill_seconds: float
     transfer_seconds: float
     kv_bytes: int
+    cached_tokens: int = 0  # prompt tokens served from the worker's prefix cache
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
