@@ -21,6 +21,7 @@ from shared.serving.prefill_loop import PrefillLoop, PrefillService
 from shared.serving.runtime import (
     ModelRuntime,
     WorkerServer,
+    compile_prefill_loop,
     run_worker,
     wait_until,
 )
@@ -47,9 +48,11 @@ async def serve(config: WorkerConfig, runtime: ModelRuntime) -> int:
     decode = build_decode_worker(runtime, config, metrics, server.fatal)
     prefill_loop = PrefillLoop(
         runtime.engine, runtime.params, LocalKvSink(decode.service), metrics,
-        max_queue=config.max_queue, on_fatal=server.fatal,
+        max_queue=config.max_queue, on_fatal=server.fatal, settings=config.prefill,
+        fingerprint=runtime.fingerprint,
     )  # fmt: skip
     prefill = PrefillService(prefill_loop, runtime.fingerprint, config.max_queue)
+    await asyncio.to_thread(compile_prefill_loop, prefill_loop)
     decode.start(asyncio.get_running_loop())
     prefill_loop.start(asyncio.get_running_loop())
 

@@ -13,6 +13,7 @@ from shared.serving.prefill_loop import PrefillLoop, PrefillService
 from shared.serving.runtime import (
     ModelRuntime,
     WorkerServer,
+    compile_prefill_loop,
     run_worker,
     wait_until,
 )
@@ -27,9 +28,11 @@ async def serve(config: WorkerConfig, runtime: ModelRuntime) -> int:
     sink = RemoteKvSink(config.transport, runtime.fingerprint)
     loop = PrefillLoop(
         runtime.engine, runtime.params, sink, metrics,
-        max_queue=config.max_queue, on_fatal=server.fatal,
+        max_queue=config.max_queue, on_fatal=server.fatal, settings=config.prefill,
+        fingerprint=runtime.fingerprint,
     )  # fmt: skip
     service = PrefillService(loop, runtime.fingerprint, config.max_queue)
+    await asyncio.to_thread(compile_prefill_loop, loop)
     loop.start(asyncio.get_running_loop())
 
     async def drain(grace_s: float) -> None:

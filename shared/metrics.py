@@ -51,6 +51,30 @@ class WorkerMetrics:
             buckets=SECONDS_BUCKETS,
             registry=registry,
         )
+        self.prefill_tokens_computed = Counter(
+            "pdserve_prefill_tokens_computed",
+            "Prompt tokens the prefill engine computed (prefix-cache hits excluded).",
+            registry=registry,
+        )
+        self.prefix_cache_tokens = Counter(
+            "pdserve_prefix_cache_tokens",
+            "Prompt tokens by prefix-cache result: hit (KV reused) or miss (computed).",
+            ["result"],
+            registry=registry,
+        )
+        self.prefix_cache_hit_rate = Gauge(
+            "pdserve_prefix_cache_hit_rate",
+            "Share of prompt tokens served from the prefix cache since start.",
+            registry=registry,
+        )
+        self.prefix_cache_evictions = Counter(
+            "pdserve_prefix_cache_evictions", "Cached prefix pages evicted.", registry=registry
+        )
+        self.prefix_cache_bytes = Gauge(
+            "pdserve_prefix_cache_bytes",
+            "Bytes of KV pages holding cached prefix blocks (idle or in use).",
+            registry=registry,
+        )
         self.kv_sent_bytes = Counter(
             "pdserve_kv_sent_bytes", "KV payload bytes sent.", registry=registry
         )
@@ -226,7 +250,28 @@ class OrchestratorMetrics:
             ["stage"],
             registry=registry,
         )
+        self.prefill_routing = Counter(
+            "pdserve_prefill_routing",
+            "Prefill workers chosen, by why (--prefill-routing): affinity (the longest "
+            "predicted cached prefix won), load (a longer one was passed over for its queue), "
+            "none (no worker holds any of the prompt, or least-loaded routing).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.prefix_predicted_tokens = Counter(
+            "pdserve_prefix_predicted_tokens",
+            "Prompt tokens the orchestrator expected the chosen prefill workers to serve "
+            "from their prefix caches.",
+            registry=registry,
+        )
+        self.prefix_cached_tokens = Counter(
+            "pdserve_prefix_cached_tokens",
+            "Prompt tokens prefill workers reported serving from their prefix caches.",
+            registry=registry,
+        )
         for role in ("prefill", "decode"):
             self.workers_up.labels(role).set(0)
         for stage in ("prefill", "decode_resume", "preempted"):
             self.retries.labels(stage)
+        for outcome in ("affinity", "load", "none"):
+            self.prefill_routing.labels(outcome)

@@ -308,7 +308,9 @@ def test_drain_cancels_what_outlives_the_grace_period(engine, params, tiny_finge
         await prefill.prefill(
             PrefillRequest("d", (1, 2, 3), SamplingParams(), workers.decode_address, lease.lease_id)
         )
-        await workers.decode.drain(0.05)
+        # No grace at all: 60 tiny decode steps can finish inside any real grace period
+        # on a quiet machine, and this test is about what outlives it.
+        await workers.decode.drain(0.0)
         batches = await asyncio.wait_for(stream, 10)
         assert batches[-1].finish is DecodeFinish.CANCELLED
         assert workers.decode.all_free()

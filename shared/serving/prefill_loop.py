@@ -5,21 +5,29 @@ sits in `shared`: servers never import each other.
 
 The life of a request inside the prefill worker:
 1. A gRPC handler calls `PrefillLoop.submit` on the server's event loop. The request joins
-   a bounded queue (full: RESOURCE_EXHAUSTED, nothing queued).
-2. The engine thread takes requests one at a time; a request cancelled or past its deadline
-   while it waited is dropped without touching the device. Otherwise it prefills (padding
-   to a bucket) and samples the first token.
+   a queue bounded by `max_queue` prompts not yet prefilled (full: RESOURCE_EXHAUSTED,
+   nothing queued).
+2. The engine thread moves arrivals into the chunk scheduler
+   (shared/serving/prefill_scheduler.py) and runs calls of packed chunks
+   (shared/engine/chunked_prefill.py): up to `max_rows` prompts per call, `chunk` tokens
+   of each, shortest remaining first with an aging bound. A prompt's first scheduling
+   reuses the longest prefix of it held by the prefix cache (shared/engine/prefix_cache.py)
+   and computes only the rest. A request cancelled or past its deadline is dropped at the
+   next call, its pages released. When a prompt's last chunk has run, its first token is
+   sampled and its KV read out of the pool; its whole blocks stay cached.
 3. Back on the event loop, the KV is pushed to the decode worker and lease the request
    names, through a `KvSink` (gRPC for a remote decode worker, which encodes only the
    prompt's true length; a direct in-memory hand-over for the colocated role). The engine
-   thread meanwhile prefills the next request: pushes and prefills overlap.
-4. The handler answers with the first token and timings. A failed push is reported with
-   the decode worker's status; nothing is retried here (the orchestrator decides).
+   thread meanwhile runs the next call: pushes and prefills overlap.
+4. The handler answers with the first token and timings (cached tokens included). A failed
+   push is reported with the decode worker's status; nothing is retried here (the
+   orchestrator decides).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -28,8 +36,21 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+import jax
+import numpy as np
+
+from shared.engine.chunked_prefill import ChunkedPrefill, ChunkOutput, ChunkRow
 from shared.engine.engine import Engine, EngineError, Params, Prefix
+from shared.engine.prefix_cache import PrefixCacheStats, PrefixPagePool
+from shared.engine.sampling import token_logprob
+from shared.kv.prefix_hash import HashFn, blake2b_hash, namespace
 from shared.metrics import WorkerMetrics
+from shared.serving.prefill_scheduler import (
+    ChunkScheduler,
+    PrefillSettings,
+    PrefillWork,
+    ScheduledChunk,
+)
 from shared.transport.types import (
     LoadReport,
     PrefillRequest,
@@ -51,11 +72,19 @@ class KvSink(Protocol):
         ...
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Done:
+    prefix: Prefix
+    queue_s: float
+    prefill_s: float
+    cached_tokens: int
+
+
 @dataclasses.dataclass(slots=True)
 class _Job:
     request: PrefillRequest
     arrived: float  # time.perf_counter()
-    future: asyncio.Future[tuple[Prefix, float, float]]  # (prefix, queue_s, prefill_s)
+    future: asyncio.Future[_Done]
     cancelled: bool = False
 
 
@@ -69,27 +98,46 @@ class PrefillLoop:
         *,
         max_queue: int,
         on_fatal: Callable[[BaseException], None],
+        settings: PrefillSettings | None = None,
+        fingerprint: str = "",
+        hash_fn: HashFn = blake2b_hash,
     ) -> None:
         self._engine, self._params, self._sink, self._metrics = engine, params, sink, metrics
-        self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=max_queue)
+        settings = settings or PrefillSettings()
+        self.settings = settings
+        config = engine.config
+        chunk = settings.chunk or config.max_prompt_len
+        page_bytes = engine.kv_bytes_per_token * config.page_size
+        cache_pages = settings.prefix_cache_bytes // page_bytes
+        # Room for max_rows prompts of max_seq_len at once, plus the cache's budget.
+        num_pages = 1 + settings.max_rows * config.max_pages_per_slot + cache_pages
+        self.device = ChunkedPrefill(engine, num_pages, chunk, settings.max_rows)
+        # Everything that changes a block's KV: weights, architecture, dtype, page size.
+        root = namespace(fingerprint, engine.model_config.fingerprint(), engine.dtype,
+                         config.page_size)  # fmt: skip
+        self.pool = PrefixPagePool(num_pages, config.page_size, root, cache_pages, hash_fn)
+        self.scheduler = ChunkScheduler(self.pool, chunk, settings.max_rows, settings.aging_s)
+        self._max_queue = max_queue
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._jobs: dict[str, _Job] = {}  # by request id; event loop only
+        self._waiting = 0  # jobs submitted and not prefilled yet; event loop only
         self._on_fatal = on_fatal
         self._thread = threading.Thread(target=self._run, name="prefill-engine", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+        self._published = PrefixCacheStats()
+        self._publish_cache_metrics()
+
+    def compile(self) -> None:
+        """Compile every call shape ahead (warm-up), before `start`."""
+        self.device.compile(self._params)
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        while True:  # make room for the sentinel: drop what still waits
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.cancelled = True
-                self._resolve(job, TransportError(StatusCode.UNAVAILABLE, "worker shutting down"))
+        self._stopping = True
         self._queue.put(None)
         self._thread.join(timeout)
 
@@ -99,7 +147,7 @@ class PrefillLoop:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize()
+        return self._waiting
 
     @property
     def live_requests(self) -> int:
@@ -113,25 +161,29 @@ class PrefillLoop:
                 StatusCode.ALREADY_EXISTS, f"request {request.request_id!r} is already here"
             )
         self._check_deadline(request, "before it was queued")
-        loop = asyncio.get_running_loop()
-        job = _Job(request, time.perf_counter(), loop.create_future())
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
+        if self._waiting >= self._max_queue:
             raise TransportError(
                 StatusCode.RESOURCE_EXHAUSTED,
-                f"prefill queue is full ({self._queue.maxsize} waiting); retry later",
-            ) from None
+                f"prefill queue is full ({self._max_queue} waiting); retry later",
+            )
+        loop = asyncio.get_running_loop()
+        job = _Job(request, time.perf_counter(), loop.create_future())
         self._jobs[request.request_id] = job
-        self._metrics.prefill_queue_depth.set(self._queue.qsize())
+        self._waiting += 1
+        self._metrics.prefill_queue_depth.set(self._waiting)
+        self._queue.put(job)
         try:
-            prefix, queue_s, prefill_s = await job.future
+            try:
+                done = await job.future
+            finally:
+                self._waiting -= 1
+                self._metrics.prefill_queue_depth.set(self._waiting)
             self._check_deadline(request, "before its KV was sent")
             start = time.perf_counter()
-            kv_bytes = await self._sink.push(request, prefix)
+            kv_bytes = await self._sink.push(request, done.prefix)
             transfer_s = time.perf_counter() - start
         except asyncio.CancelledError:
-            job.cancelled = True  # the engine thread skips it if it has not started it
+            job.cancelled = True  # the engine thread drops it at its next call
             self._metrics.finished("cancelled")
             raise
         except TransportError as err:
@@ -142,10 +194,9 @@ class PrefillLoop:
         self._metrics.kv_sent_bytes.inc(kv_bytes)
         self._metrics.kv_send_seconds.observe(transfer_s)
         self._metrics.finished("ok")
-        return PrefillResult(
-            prefix.first_token, PrefillTimings(queue_s, prefill_s, transfer_s, kv_bytes),
-            prefix.first_logprob,
-        )  # fmt: skip
+        timings = PrefillTimings(done.queue_s, done.prefill_s, transfer_s, kv_bytes,
+                                 done.cached_tokens)  # fmt: skip
+        return PrefillResult(done.prefix.first_token, timings, done.prefix.first_logprob)
 
     def cancel(self, request_id: str) -> bool:
         job = self._jobs.get(request_id)
@@ -168,40 +219,117 @@ class PrefillLoop:
 
     def _run(self) -> None:
         try:
-            while (job := self._queue.get()) is not None:
-                self._metrics.prefill_queue_depth.set(self._queue.qsize())
-                if job.cancelled:
-                    continue
-                self._prefill(job)
+            while self._take_arrivals():
+                self._drop_abandoned()
+                chunks = self.scheduler.next_chunks()
+                if chunks:
+                    self._call(chunks)
         except BaseException as err:  # a dead engine thread must be loud, never silent
             log.exception("prefill engine thread died")
             self._on_fatal(err)
+        finally:
+            self._fail_all(TransportError(StatusCode.UNAVAILABLE, "worker shutting down"))
 
-    def _prefill(self, job: _Job) -> None:
+    def _take_arrivals(self) -> bool:
+        """Move queued requests into the scheduler; block while there is nothing to do.
+        False once stopped."""
+        block = len(self.scheduler) == 0
+        while True:
+            try:
+                job = self._queue.get(block=block)
+            except queue.Empty:
+                return True
+            if job is None or self._stopping:
+                return False
+            block = False
+            self._admit(job)
+
+    def _admit(self, job: _Job) -> None:
         request = job.request
-        queue_s = time.perf_counter() - job.arrived
-        self._metrics.prefill_queue_seconds.observe(queue_s)
-        if request.deadline is not None and time.time() >= request.deadline:
-            self._resolve(job, TransportError(
-                StatusCode.DEADLINE_EXCEEDED,
-                f"request {request.request_id!r} passed its deadline while queued",
-            ))  # fmt: skip
+        if job.cancelled:
             return
-        start = time.perf_counter()
+        prompt = np.asarray(request.prompt_token_ids, dtype=np.int64)
         try:
-            prefix = self._engine.prefill(
-                self._params,
-                request.prompt_token_ids,
-                sampling=request.sampling,
-                allow_long=request.resume,
-                logprobs=request.logprobs,
-            )
+            self._engine.validate_tokens(prompt)
+            limit = self._engine.config.max_seq_len
+            if len(prompt) >= limit:
+                raise EngineError(
+                    f"prompt of {len(prompt)} tokens leaves no room in max_seq_len ({limit}) "
+                    "for a generated token; shorten the prompt"
+                )
         except EngineError as err:
             self._resolve(job, TransportError(StatusCode.INVALID_ARGUMENT, str(err)))
             return
-        prefill_s = time.perf_counter() - start
+        self.scheduler.add(PrefillWork(prompt, time.monotonic(), job))
+
+    def _drop_abandoned(self) -> None:
+        now = time.time()
+        for work in self.scheduler.works():
+            job: _Job = work.payload  # type: ignore[assignment]
+            deadline = job.request.deadline
+            if job.cancelled:
+                self.scheduler.remove(work)
+            elif deadline is not None and now >= deadline:
+                self.scheduler.remove(work)
+                self._resolve(job, TransportError(
+                    StatusCode.DEADLINE_EXCEEDED,
+                    f"request {job.request.request_id!r} passed its deadline while queued",
+                ))  # fmt: skip
+
+    def _call(self, chunks: list[ScheduledChunk]) -> None:
+        rows, wants = [], False
+        for c in chunks:
+            job: _Job = c.work.payload
+            wants |= job.request.logprobs is not None
+            if c.work.done == c.work.cached and c.start == c.work.cached:
+                self._metrics.prefill_queue_seconds.observe(time.perf_counter() - job.arrived)
+            rows.append(ChunkRow(c.work.tokens[c.start : c.start + c.count], c.start,
+                                 c.work.lookup.pages, job.request.sampling))  # fmt: skip
+        out = self.device.run(self._params, rows, wants)
+        self._metrics.prefill_tokens_computed.inc(sum(c.count for c in chunks))
+        for i, c in enumerate(chunks):
+            c.work.done += c.count
+            if c.work.finished:
+                self._finish(c.work, int(out.tokens[i]), out, i)
+        self._publish_cache_metrics()
+
+    def _finish(self, work: PrefillWork, first: int, out: ChunkOutput, row: int) -> None:
+        job: _Job = work.payload  # type: ignore[assignment]
+        request = job.request
+        assert work.lookup is not None and work.started is not None
+        cache = self.device.gather(work.lookup.pages, len(work.tokens))
+        first_logprob = None
+        if request.logprobs is not None:
+            chosen, ids, values = jax.device_get(out.logprobs)
+            first_logprob = token_logprob(chosen[row], ids[row], values[row], request.logprobs)
+        prefix = Prefix(cache, len(work.tokens), first, request.sampling, first_logprob)
+        self.scheduler.remove(work, cache=True)
+        now = time.monotonic()
+        queue_s = work.started - work.arrived
+        prefill_s = now - work.started
         self._metrics.prefill_seconds.observe(prefill_s)
-        self._resolve(job, (prefix, queue_s, prefill_s))
+        self._resolve(job, _Done(prefix, queue_s, prefill_s, work.cached))
+
+    def _fail_all(self, error: TransportError) -> None:
+        for work in self.scheduler.works():
+            self.scheduler.remove(work)
+            self._resolve(work.payload, error)  # type: ignore[arg-type]
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self._resolve(job, error)
+
+    def _publish_cache_metrics(self) -> None:
+        stats, seen, m = self.pool.stats, self._published, self._metrics
+        m.prefix_cache_tokens.labels("hit").inc(stats.hit_tokens - seen.hit_tokens)
+        m.prefix_cache_tokens.labels("miss").inc(stats.miss_tokens - seen.miss_tokens)
+        m.prefix_cache_evictions.inc(stats.evictions - seen.evictions)
+        m.prefix_cache_hit_rate.set(stats.hit_rate)
+        m.prefix_cache_bytes.set(stats.cached_pages * self.device.page_bytes)
+        self._published = dataclasses.replace(stats)
 
     def _resolve(self, job: _Job, outcome: object) -> None:
         def settle() -> None:
@@ -212,8 +340,11 @@ class PrefillLoop:
             else:
                 job.future.set_result(outcome)
 
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(settle)
+        if self._loop is None:
+            return
+        # RuntimeError: the event loop has closed, nobody waits any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(settle)
 
 
 class PrefillService:

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -43,6 +44,9 @@ from shared.serving.capacity import (
 from shared.serving.worker_config import Role, WorkerConfig, parse_worker_args
 from shared.transport.server import RunningServer, Service, start_server
 from shared.weights.checkpoint import CheckpointError, LoadedModel, load_model
+
+if TYPE_CHECKING:
+    from shared.serving.prefill_loop import PrefillLoop
 
 log = logging.getLogger("pdserve.worker")
 
@@ -219,6 +223,18 @@ def warm_up(
     return seconds
 
 
+def compile_prefill_loop(loop: PrefillLoop) -> float:
+    """Compile a prefill loop's call shapes (every rows bucket at its chunk, every KV
+    read-out length) before it serves; returns the seconds (also printed)."""
+    device = loop.device
+    progress(f"compiling chunked prefill: chunk {device.chunk}, rows {device.row_buckets}")
+    start = time.perf_counter()
+    loop.compile()
+    seconds = time.perf_counter() - start
+    progress(f"compiled chunked prefill in {seconds:.1f}s")
+    return seconds
+
+
 def compile_held_buckets(
     runtime: ModelRuntime, on_done: Callable[[dict[str, float]], None] | None = None
 ) -> threading.Thread | None:
@@ -345,7 +361,9 @@ def run_worker(
     except (ConfigError, CheckpointError) as err:
         print(f"pdserve {role.value}: error: {err}", file=sys.stderr)
         return 2
-    warm_up(runtime, prefill=prefill, decode=decode, hold=config.warm_up == "largest")
+    # Prefill roles compile their chunked-prefill shapes in `serve` (compile_prefill_loop):
+    # Engine.prefill's buckets are not on their serving path.
+    warm_up(runtime, prefill=False, decode=decode, hold=config.warm_up == "largest")
     compile_held_buckets(runtime)
     return asyncio.run(serve(config, runtime))
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shared.config import ConfigError, EngineConfig, Quantization
+from shared.serving.prefill_scheduler import PrefillSettings
 from shared.weights.flags import add_model_arguments, quantization_from_args
 
 if TYPE_CHECKING:
@@ -63,6 +64,8 @@ class WorkerConfig:
     # all: compile every bucket before serving; largest: the largest prefill bucket and
     # decode batch before, the rest while serving (shared/serving/runtime.py warm_up).
     warm_up: str = "largest"
+    # Prefill and colocated workers: chunk size, prompts per call, the prefix cache.
+    prefill: PrefillSettings = dataclasses.field(default_factory=PrefillSettings)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -226,6 +229,32 @@ def worker_parser(role: Role | str | None) -> argparse.ArgumentParser:
         help="compute dtype; auto: float32 on CPU, bfloat16 on TPU/GPU",
     )
     p.add_argument("--max-queue", type=int, default=64, help="prefill queue bound")
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="prefill: tokens of a prompt computed per call (default: the largest prefill "
+        "bucket); longer prompts take several calls, interleaved with others",
+    )
+    p.add_argument(
+        "--prefill-max-rows",
+        type=int,
+        default=4,
+        help="prefill: prompts packed into one call, one chunk each (1: no packing)",
+    )
+    p.add_argument(
+        "--prefix-cache-mib",
+        type=float,
+        default=64.0,
+        help="prefill: memory for KV pages of recent prompts reused by later prompts that "
+        "start the same way (least recently used evicted first; 0: no prefix cache)",
+    )
+    p.add_argument(
+        "--prefill-aging-s",
+        type=float,
+        default=2.0,
+        help="prefill: shortest prompt first, except that a prompt waiting this long goes "
+        "first whatever its length",
+    )
     p.add_argument("--max-kv-mib", type=float, default=1024.0, help="largest KV accepted")
     p.add_argument("--max-message-mib", type=float, default=8.0, help="gRPC message limit")
     p.add_argument("--kv-chunk-kib", type=int, default=1024, help="KV chunk size")
@@ -360,6 +389,15 @@ def parse_worker_args(argv: Sequence[str], role: Role | None) -> WorkerConfig:
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    try:
+        prefill = PrefillSettings(
+            chunk=args.prefill_chunk,
+            max_rows=args.prefill_max_rows,
+            prefix_cache_bytes=int(args.prefix_cache_mib * 2**20),
+            aging_s=args.prefill_aging_s,
+        )
+    except ValueError as err:
+        raise ConfigError(f"--prefill-*/--prefix-cache-mib: {err}") from None
     return WorkerConfig(
         role=role,
         model=args.model,
@@ -390,4 +428,5 @@ def parse_worker_args(argv: Sequence[str], role: Role | None) -> WorkerConfig:
         if args.compilation_cache_dir
         else None,
         warm_up=args.warm_up,
+        prefill=prefill,
     )

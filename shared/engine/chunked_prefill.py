@@ -1,0 +1,224 @@
+"""Chunked, packed prefill over a paged KV pool: the device side of a prefill worker.
+
+A prompt is computed in chunks of `chunk` tokens. Each call runs up to `max_rows` rows,
+one chunk of one prompt per row (several prompts packed in one call), through the model
+in its paged mode: every row writes its chunk's K/V into its own pages and attends to its
+own pages only (the page table and per-row lengths keep prompts apart: no prompt sees
+another's tokens), so a chunk attends to the KV of the chunks before it, and to pages
+reused from the prefix cache (shared/engine/prefix_cache.py) exactly as if it had
+computed them. Shapes depend on (rows bucket, chunk) only: any prompt length up to
+max_seq_len - 1 runs without a compile of its own.
+
+When a prompt's last chunk has run, its first token is sampled from the logits at its
+last position (the same sampling and seed position as `Engine.prefill`), and `gather`
+reads its KV out of the pool as a layout-neutral `Prefix` (the model's KV heads, one
+copy each), which the worker pushes to a decode worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from shared.engine.engine import CacheDict, Engine, Params, StepLogprobs
+from shared.engine.mesh import CACHE_AXES, named, replicated
+from shared.engine.model.attention import PagedInputs
+from shared.engine.model.llama import abstract_model
+from shared.engine.pages import SCRATCH_PAGE
+from shared.engine.sampling import SamplingParams, logprobs, sample
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChunkRow:
+    """One prompt's next chunk: `tokens` at positions start .. start + len(tokens) - 1."""
+
+    tokens: np.ndarray
+    start: int
+    pages: Sequence[int]  # the prompt's pages in position order (all of them)
+    sampling: SamplingParams
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChunkOutput:
+    """Per row: the token sampled after the chunk's last position (the prompt's first
+    token when the chunk was its last), the logits it came from, its logprobs."""
+
+    tokens: np.ndarray  # [rows]
+    logits: jax.Array  # [bucket, V] float32 (rows beyond len(rows) are padding)
+    logprobs: StepLogprobs
+
+
+def _power_of_two_buckets(limit: int) -> tuple[int, ...]:
+    buckets, b = [], 1
+    while b < limit:
+        buckets.append(b)
+        b *= 2
+    return (*buckets, limit)
+
+
+class ChunkedPrefill:
+    def __init__(self, engine: Engine, num_pages: int, chunk: int, max_rows: int) -> None:
+        if chunk <= 0 or max_rows <= 0:
+            raise ValueError(f"chunk={chunk} and max_rows={max_rows} must be > 0")
+        self.engine, self.chunk, self.max_rows = engine, chunk, max_rows
+        config = engine.config
+        self.page_size, self.num_pages = config.page_size, num_pages
+        self.width = config.max_pages_per_slot  # a page-table row: max_seq_len positions
+        self.row_buckets = _power_of_two_buckets(max_rows)
+        self.page_buckets = _power_of_two_buckets(self.width)
+        self._graph, _, abstract_cache = abstract_model(
+            engine.model_config, "autoregressive", batch=num_pages, cache_len=self.page_size,
+            dtype=engine.dtype, parallelism=engine.parallelism, attention="xla",
+            pages_per_block=config.pages_per_block,
+        )  # fmt: skip
+        self._abstract_cache = abstract_cache
+        sharding = named(engine.mesh, CACHE_AXES, engine.rules)
+        cache_shardings = jax.tree.map(lambda _: sharding, nnx.to_pure_dict(abstract_cache))
+        rep = replicated(engine.mesh)
+        self._chunk_jit = jax.jit(
+            self._chunk_impl, donate_argnums=(1,), out_shardings=(cache_shardings, rep, rep, rep)
+        )
+        self._gather_jit = jax.jit(self._gather_impl, out_shardings=rep)
+        init = jax.jit(
+            lambda: nnx.to_pure_dict(
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_cache)
+            ),
+            out_shardings=cache_shardings,
+        )
+        with jax.set_mesh(engine.mesh):
+            self.pool: CacheDict = init()
+
+    @property
+    def page_bytes(self) -> int:
+        """Pool bytes of one page (every layer, K and V, every cache head)."""
+        return sum(
+            int(np.prod(s.shape[:1] + s.shape[2:])) * np.dtype(s.dtype).itemsize
+            for s in jax.tree.leaves(self._abstract_cache)
+        )
+
+    def rows_bucket(self, rows: int) -> int:
+        return next(b for b in self.row_buckets if b >= rows)
+
+    # Running chunks ------------------------------------------------------------------------
+
+    def run(self, params: Params, rows: Sequence[ChunkRow], want_logprobs: bool) -> ChunkOutput:
+        """One call: each row's chunk written into its pages, and the next token sampled
+        after each row's last position. The pool is updated in place (donated)."""
+        if not 0 < len(rows) <= self.max_rows:
+            raise ValueError(f"{len(rows)} rows: a call takes 1 to {self.max_rows}")
+        bucket = self.rows_bucket(len(rows))
+        tokens = np.zeros((bucket, self.chunk), np.int32)
+        starts = np.zeros((bucket,), np.int32)
+        counts = np.zeros((bucket,), np.int32)
+        tables = np.full((bucket, self.width), SCRATCH_PAGE, np.int32)
+        for i, row in enumerate(rows):
+            n = len(row.tokens)
+            if not 0 < n <= self.chunk:
+                raise ValueError(f"a chunk holds 1 to {self.chunk} tokens, got {n}")
+            end_page = -(-(row.start + n) // self.page_size)
+            if len(row.pages) < end_page or len(row.pages) > self.width:
+                raise ValueError(
+                    f"positions up to {row.start + n} need {end_page} pages, got "
+                    f"{len(row.pages)} (at most {self.width})"
+                )
+            tokens[i, :n] = row.tokens
+            starts[i], counts[i] = row.start, n
+            tables[i, : len(row.pages)] = row.pages
+        filler = [SamplingParams()] * (bucket - len(rows))
+        sampling = Engine._sampling_rows([r.sampling for r in rows] + filler)
+        with jax.set_mesh(self.engine.mesh):
+            self.pool, first, logits, step_logprobs = self._chunk_jit(
+                params, self.pool, tokens, starts, counts, tables, *sampling,
+                np.bool_(want_logprobs),
+            )  # fmt: skip
+        return ChunkOutput(np.asarray(first)[: len(rows)], logits, step_logprobs)
+
+    def _chunk_impl(
+        self,
+        params: Params,
+        pool: CacheDict,
+        tokens: jax.Array,  # [R, T]
+        starts: jax.Array,  # [R]: position of each row's first token
+        counts: jax.Array,  # [R]: valid tokens in the row (0: a padding row)
+        tables: jax.Array,  # [R, W]
+        temperature: jax.Array,
+        top_k: jax.Array,
+        top_p: jax.Array,
+        seeds: jax.Array,
+        wanted: jax.Array,
+    ) -> tuple[CacheDict, jax.Array, jax.Array, StepLogprobs]:
+        r, t = tokens.shape
+        self.engine.compile_counts[f"chunk[{r}x{t}]"] += 1
+        offsets = jnp.arange(t, dtype=jnp.int32)[None, :]
+        positions = starts[:, None] + offsets  # [R, T]
+        valid = offsets < counts[:, None]
+        # Padding tokens (and padding rows) write to the scratch page, which no row reads.
+        column = jnp.where(valid, positions // self.page_size, 0)
+        write_pages = jnp.where(valid, jnp.take_along_axis(tables, column, axis=1), SCRATCH_PAGE)
+        kv_lengths = starts + counts
+        paged = PagedInputs(
+            page_table=tables,
+            q_positions=positions,
+            kv_lengths=kv_lengths,
+            write_pages=write_pages,
+            write_offsets=positions % self.page_size,
+        )
+        cache = jax.tree.map(lambda x: x, self._abstract_cache)
+        nnx.replace_by_pure_dict(cache, pool)
+        model = nnx.merge(self._graph, params, cache)
+        last = jnp.maximum(counts - 1, 0)
+        logits = model(tokens, positions, logits_at=last, paged=paged)  # [R, V]
+        # As Engine.prefill: the sampled token lands at position kv_length.
+        first = sample(logits, temperature, top_k, top_p, seeds, kv_lengths)
+        new_pool = nnx.to_pure_dict(nnx.state(model, nnx.Cache))
+        return new_pool, first, logits, logprobs(logits, first, wanted)
+
+    # Reading a prompt's KV out ---------------------------------------------------------------
+
+    def gather(self, pages: Sequence[int], true_length: int) -> CacheDict:
+        """The KV of positions [0, true_length) held in `pages` (position order): leaves
+        [num_kv_heads, L, head_dim], L >= true_length (a power-of-two count of pages), ready
+        (the copy has finished: the pool may be donated to the next call right after)."""
+        needed = -(-true_length // self.page_size)
+        if len(pages) < needed:
+            raise ValueError(f"{true_length} positions need {needed} pages, got {len(pages)}")
+        bucket = next(b for b in self.page_buckets if b >= needed)
+        padded = np.full((bucket,), SCRATCH_PAGE, np.int32)
+        padded[:needed] = pages[:needed]
+        with jax.set_mesh(self.engine.mesh):
+            cache = self._gather_jit(self.pool, padded)
+        return jax.block_until_ready(cache)
+
+    def _gather_impl(self, pool: CacheDict, pages: jax.Array) -> CacheDict:
+        self.engine.compile_counts[f"gather[{pages.shape[0]}]"] += 1
+        r = self.engine.parallelism.kv_replication
+
+        def read(leaf: jax.Array) -> jax.Array:  # [C, P, S, H] -> [KV, N * S, H]
+            rows = leaf[::r, pages]
+            return rows.reshape(rows.shape[0], -1, rows.shape[3])
+
+        return jax.tree.map(read, pool)
+
+    # Compiling ahead -------------------------------------------------------------------------
+
+    def compile(self, params: Params) -> None:
+        """Compile every rows bucket and every gather length (warm-up)."""
+        for bucket in self.row_buckets:
+            self._compile_chunk(params, bucket)
+        for bucket in self.page_buckets:
+            self.gather([SCRATCH_PAGE] * bucket, bucket * self.page_size)
+
+    def _compile_chunk(self, params: Params, bucket: int) -> None:
+        tokens = np.zeros((bucket, self.chunk), np.int32)
+        zeros = np.zeros((bucket,), np.int32)
+        tables = np.full((bucket, self.width), SCRATCH_PAGE, np.int32)
+        sampling = Engine._sampling_rows([SamplingParams()] * bucket)
+        with jax.set_mesh(self.engine.mesh):
+            self._chunk_jit.lower(
+                params, self.pool, tokens, zeros, zeros, tables, *sampling, np.bool_(False)
+            ).compile()

@@ -1,0 +1,141 @@
+"""Which prompts' chunks the prefill engine runs next: the policy, on the host.
+
+Every call runs up to `max_rows` rows, one chunk of one prompt per row. The rows go to the
+prompts with the fewest tokens left to compute (shortest remaining first), so a short
+prompt queued behind a 4k-token one gets its first token after one call, not after the
+long prompt's whole prefill; a prompt that has waited longer than `aging_s` since it
+arrived goes first whatever its length (oldest first), so a stream of short prompts can
+never starve a long one. Ties go to the earlier arrival.
+
+A prompt gets all its pages when it is first scheduled (PrefixPagePool.acquire: the
+cached prefix it reuses and fresh pages for the rest), so a started prompt always
+finishes; one that finds no pages waits, and the prompts already started finish and free
+theirs. Single-threaded: the prefill engine thread owns it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from shared.engine.prefix_cache import Lookup, PoolExhaustedError, PrefixPagePool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PrefillSettings:
+    """How the prefill engine batches work (flags of prefill and colocated workers).
+
+    `chunk`: tokens of one prompt per row and call (None: the largest prefill bucket).
+    `max_rows`: prompts packed into one call (1: one prompt at a time, no packing).
+    `prefix_cache_bytes`: the most memory idle cached prefix pages may hold (0: no prefix
+    cache). `aging_s`: a prompt waiting this long goes first whatever its length.
+    """
+
+    chunk: int | None = None
+    max_rows: int = 4
+    prefix_cache_bytes: int = 64 << 20
+    aging_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.chunk is not None and self.chunk <= 0:
+            raise ValueError(f"prefill chunk={self.chunk} must be > 0")
+        if self.max_rows <= 0:
+            raise ValueError(f"prefill max_rows={self.max_rows} must be > 0")
+        if self.prefix_cache_bytes < 0 or self.aging_s < 0:
+            raise ValueError("prefix_cache_bytes and aging_s must be >= 0")
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class PrefillWork:
+    """One prompt in the scheduler; `done` positions of it have KV (cached or computed)."""
+
+    tokens: np.ndarray
+    arrived: float  # clock()
+    payload: object = None  # the caller's request
+    lookup: Lookup | None = None  # its pages, once started
+    done: int = 0
+    cached: int = 0  # positions reused from the prefix cache
+    started: float | None = None  # clock() at its first chunk
+
+    @property
+    def remaining(self) -> int:
+        return len(self.tokens) - self.done
+
+    @property
+    def finished(self) -> bool:
+        return self.lookup is not None and self.done == len(self.tokens)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ScheduledChunk:
+    work: PrefillWork
+    start: int
+    count: int
+
+
+class ChunkScheduler:
+    def __init__(
+        self,
+        pool: PrefixPagePool,
+        chunk: int,
+        max_rows: int,
+        aging_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pool, self.chunk, self.max_rows, self.aging_s = pool, chunk, max_rows, aging_s
+        self._clock = clock
+        self._works: list[PrefillWork] = []
+
+    def __len__(self) -> int:
+        return len(self._works)
+
+    @property
+    def waiting(self) -> int:
+        """Prompts not started yet."""
+        return sum(1 for w in self._works if w.lookup is None)
+
+    def add(self, work: PrefillWork) -> None:
+        if len(work.tokens) == 0:
+            raise ValueError("an empty prompt has nothing to prefill")
+        self._works.append(work)
+
+    def remove(self, work: PrefillWork, cache: bool = False) -> None:
+        """Drop a prompt (finished, cancelled, expired); its pages go back to the pool,
+        its whole blocks into the prefix cache when `cache` (only a finished prompt)."""
+        self._works.remove(work)
+        if work.lookup is None:
+            return
+        if cache and work.finished:
+            self.pool.finish(work.tokens, work.lookup)
+        else:
+            self.pool.release(work.lookup)
+
+    def works(self) -> list[PrefillWork]:
+        return list(self._works)
+
+    def next_chunks(self) -> list[ScheduledChunk]:
+        """The rows of the next call, in policy order (empty: nothing can run now)."""
+        now = self._clock()
+
+        def priority(w: PrefillWork) -> tuple:
+            if now - w.arrived >= self.aging_s:
+                return (0, w.arrived)
+            return (1, w.remaining, w.arrived)
+
+        chunks: list[ScheduledChunk] = []
+        for work in sorted(self._works, key=priority):
+            if len(chunks) == self.max_rows:
+                break
+            if work.lookup is None:
+                try:
+                    work.lookup = self.pool.acquire(work.tokens)
+                except PoolExhaustedError:
+                    continue  # waits for pages; the started prompts will free theirs
+                work.done = work.cached = work.lookup.hit_pages * self.pool.page_size
+                work.started = now
+            count = min(self.chunk, work.remaining)
+            chunks.append(ScheduledChunk(work, work.done, count))
+        return chunks
