@@ -1,0 +1,287 @@
+"""The prefill worker's prefix cache: the page pool's bookkeeping (no JAX), and served
+prompts that reuse cached pages giving the very same logits, KV and tokens as a cold
+prefill (Issue 14, tests 1-3)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import jax
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from shared.engine.chunked_prefill import ChunkedPrefill, ChunkRow
+from shared.engine.engine import Engine, Params, Prefix
+from shared.engine.prefix_cache import PoolExhaustedError, PrefixPagePool
+from shared.engine.sampling import SamplingParams
+from shared.kv.prefix_hash import block_hashes, namespace
+from shared.metrics import WorkerMetrics
+from shared.serving.prefill_loop import PrefillLoop
+from shared.serving.prefill_scheduler import PrefillSettings
+from shared.transport.types import PrefillRequest
+
+ROOT = namespace("tiny", "test")
+
+
+def constant_hash(parent: bytes, block: bytes) -> bytes:
+    """Every block collides with every other."""
+    return b"same"
+
+
+def block_only_hash(parent: bytes, block: bytes) -> bytes:
+    """Ignores the chain: the same block after different prefixes collides."""
+    return block
+
+
+# The pool's bookkeeping -----------------------------------------------------------------
+
+
+def test_hits_whole_blocks_but_never_the_whole_prompt():
+    pool = PrefixPagePool(num_pages=32, page_size=4, root=ROOT, capacity_pages=16)
+    first = pool.acquire(range(10))  # 3 pages, nothing cached
+    assert first.hit_pages == 0 and len(first.pages) == 3
+    pool.finish(range(10), first)  # blocks [0..3], [4..7] cached; the partial page freed
+    pool.check()
+    again = pool.acquire(range(10))
+    assert again.hit_pages == 2 and again.pages[:2] == first.pages[:2]
+    pool.release(again)
+    exact = pool.acquire(range(8))  # both blocks cached, but the last token is computed
+    assert exact.hit_pages == 1
+    pool.release(exact)
+    other = pool.acquire([0, 1, 2, 3, 9, 9, 9, 9, 9])  # shares the first block only
+    assert other.hit_pages == 1
+    pool.release(other)
+    assert pool.stats.hit_tokens == 8 + 4 + 4
+    pool.check()
+
+
+def test_a_colliding_hash_never_reuses_other_tokens():
+    pool = PrefixPagePool(32, 4, ROOT, 16, hash_fn=constant_hash)
+    a = pool.acquire([1, 2, 3, 4, 5])
+    pool.finish([1, 2, 3, 4, 5], a)
+    b = pool.acquire([7, 7, 7, 7, 5])  # same hash, other tokens
+    assert b.hit_pages == 0
+    pool.release(b)
+    pool.check()
+
+
+def test_a_block_after_another_prefix_is_not_reused():
+    pool = PrefixPagePool(32, 2, ROOT, 16, hash_fn=block_only_hash)
+    a = pool.acquire([1, 2, 3, 4, 0])
+    pool.finish([1, 2, 3, 4, 0], a)
+    # Block [3, 4] hashes the same after [9, 9], but its KV was computed after [1, 2].
+    b = pool.acquire([9, 9, 3, 4, 0])
+    assert b.hit_pages == 0
+    pool.release(b)
+    pool.check()
+
+
+def test_hashes_depend_on_the_namespace_and_the_whole_prefix():
+    tokens = list(range(32))
+    a = block_hashes(tokens, 8, namespace("fp-1", "float32", 8))
+    assert a != block_hashes(tokens, 8, namespace("fp-2", "float32", 8))
+    assert a != block_hashes(tokens, 8, namespace("fp-1", "bfloat16", 8))
+    changed = block_hashes([99, *tokens[1:]], 8, namespace("fp-1", "float32", 8))
+    assert all(x != y for x, y in zip(a, changed, strict=True))  # the chain carries it
+
+
+def test_budget_evicts_least_recent_chain_ends_first_and_never_in_use_pages():
+    pool = PrefixPagePool(num_pages=9, page_size=2, root=ROOT, capacity_pages=3)
+    a = pool.acquire([1, 1, 2, 2, 3, 3, 0])  # 4 pages
+    pool.finish([1, 1, 2, 2, 3, 3, 0], a)  # 3 cached blocks, idle
+    assert pool.idle_cached_pages == 3 and pool.stats.evictions == 0
+    b = pool.acquire([5, 5, 6, 6, 7])  # 3 pages
+    pool.finish([5, 5, 6, 6, 7], b)  # 2 more cached: over budget, the oldest ends go
+    assert pool.idle_cached_pages == 3 and pool.stats.evictions == 2
+    # a's chain lost its end, kept its beginning.
+    probe = pool.acquire([1, 1, 2, 2, 3, 3, 0])
+    assert probe.hit_pages == 1
+    # Hold a's first block in use; now take every other page.
+    held = probe
+    assert pool.free_pages + pool.idle_cached_pages == 8 - len(held.pages)
+    with pytest.raises(PoolExhaustedError):
+        pool.acquire(list(range(2 * (9 - len(held.pages)))))
+    pool.check()
+    pool.release(held)
+    pool.check()
+
+
+def test_random_operations_keep_every_page_accounted_for():
+    rng = np.random.default_rng(7)
+    pool = PrefixPagePool(num_pages=24, page_size=2, root=ROOT, capacity_pages=6)
+    live = []
+    for _ in range(400):
+        if live and rng.random() < 0.5:
+            tokens, lookup = live.pop(int(rng.integers(len(live))))
+            if rng.random() < 0.7:
+                pool.finish(tokens, lookup)
+            else:
+                pool.release(lookup)
+        else:
+            tokens = rng.integers(0, 3, rng.integers(1, 12)).tolist()
+            with contextlib.suppress(PoolExhaustedError):
+                live.append((tokens, pool.acquire(tokens)))
+        pool.check()
+    for _, lookup in live:
+        pool.release(lookup)
+    pool.check()
+    assert pool.referenced_pages == 0
+
+
+# Served prompts: cache hits are exact -----------------------------------------------------
+
+PAGE = 8  # the session engine's page size
+
+
+def prefill_in_chunks(
+    device: ChunkedPrefill, pool: PrefixPagePool, params: Params, tokens: list[int], chunk: int
+) -> tuple[np.ndarray, dict, int]:
+    """One prompt through the pool and the chunked engine, as the prefill loop runs it:
+    (last position's logits, its KV [KV, L, H] leaves, pages reused)."""
+    lookup = pool.acquire(tokens)
+    done = lookup.hit_pages * PAGE
+    logits = None
+    while done < len(tokens):
+        n = min(chunk, len(tokens) - done)
+        row = ChunkRow(np.asarray(tokens[done : done + n]), done, lookup.pages, SamplingParams())
+        logits = np.asarray(device.run(params, [row], False).logits[0])
+        done += n
+    kv = jax.tree.map(
+        lambda a: np.asarray(a)[:, : len(tokens)], device.gather(lookup.pages, len(tokens))
+    )
+    pool.finish(tokens, lookup)
+    return logits, kv, lookup.hit_pages
+
+
+@pytest.fixture(scope="module")
+def device(engine: Engine) -> ChunkedPrefill:
+    return ChunkedPrefill(engine, num_pages=48, chunk=12, max_rows=2)  # rows may be shorter
+
+
+PROMPT = [int(t) for t in np.random.default_rng(3).integers(1, 250, 30)]
+
+
+@pytest.mark.parametrize("chunk", [8, 5, 12])  # chunk ends at page edges, and inside pages
+@pytest.mark.parametrize(
+    "earlier, hits",
+    [
+        (None, 0),  # cold
+        (PROMPT[:9] + [1] * 8, 1),  # one page shared
+        (PROMPT[:20], 2),  # two of three whole pages
+        (PROMPT, 3),  # all three whole pages (the partial tail is computed)
+        ([*PROMPT[:24], 5, 5, 5, 5, 5, 5], 3),  # all whole pages, a different tail
+    ],
+)
+def test_a_cache_hit_gives_the_cold_logits_and_kv(device, engine, params, chunk, earlier, hits):
+    cold_pool = PrefixPagePool(48, PAGE, ROOT, capacity_pages=0)
+    cold_logits, cold_kv, _ = prefill_in_chunks(device, cold_pool, params, PROMPT, chunk)
+    reference = engine.reference_logits(params, PROMPT)[-1]
+    np.testing.assert_allclose(cold_logits, reference, atol=1e-4)
+
+    pool = PrefixPagePool(48, PAGE, ROOT, capacity_pages=32)
+    if earlier is not None:
+        prefill_in_chunks(device, pool, params, earlier, chunk)
+    logits, kv, reused = prefill_in_chunks(device, pool, params, PROMPT, chunk)
+    assert reused == hits
+    np.testing.assert_allclose(logits, cold_logits, atol=1e-5, rtol=0)
+    assert int(np.argmax(logits)) == int(np.argmax(cold_logits))
+    for a, b in zip(jax.tree.leaves(kv), jax.tree.leaves(cold_kv), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    pool.check()
+
+
+def test_whole_page_prompt_seen_twice_recomputes_only_its_last_page(device, params):
+    pool = PrefixPagePool(48, PAGE, ROOT, capacity_pages=32)
+    tokens = PROMPT[:24]
+    first, _, _ = prefill_in_chunks(device, pool, params, tokens, 8)
+    again, _, reused = prefill_in_chunks(device, pool, params, tokens, 8)
+    assert reused == 2  # 3 whole pages; the last one holds the token whose logits we need
+    np.testing.assert_allclose(again, first, atol=1e-5, rtol=0)
+
+
+class RecordingSink:
+    """A KvSink that keeps what it was given, in order."""
+
+    def __init__(self) -> None:
+        self.pushed: list[tuple[str, Prefix]] = []
+
+    async def push(self, request: PrefillRequest, prefix: Prefix) -> int:
+        self.pushed.append((request.request_id, prefix.trimmed()))
+        return 0
+
+
+def serve_prompts(
+    engine: Engine, params: Params, prompts: list[list[int]], settings: PrefillSettings,
+    **loop_kw,
+) -> tuple[list, RecordingSink, PrefillLoop]:  # fmt: skip
+    """Each prompt through a prefill loop, one after another -> results, sink, loop."""
+    sink = RecordingSink()
+
+    async def body() -> list:
+        loop = PrefillLoop(
+            engine, params, sink, WorkerMetrics(CollectorRegistry(), "prefill"),
+            max_queue=16, on_fatal=pytest.fail, settings=settings, **loop_kw,
+        )  # fmt: skip
+        loop.start(asyncio.get_running_loop())
+        results = []
+        try:
+            for i, prompt in enumerate(prompts):
+                request = PrefillRequest(f"r{i}", tuple(prompt), SamplingParams(), "d:1", "l",
+                                         logprobs=5)  # fmt: skip
+                results.append(await loop.submit(request))
+        finally:
+            loop.stop()
+        return results, loop
+
+    results, loop = asyncio.run(body())
+    return results, sink, loop
+
+
+def test_a_conversation_served_with_hits_equals_it_served_cold(engine, params):
+    """Turns of one chat (each prompt extends the last) through the prefill loop with the
+    cache on and off: same first tokens, logprobs and KV; the hits are reported."""
+    rng = np.random.default_rng(11)
+    system = rng.integers(1, 250, 19).tolist()
+    turns = [system + rng.integers(1, 250, 6).tolist()]
+    for _ in range(2):
+        turns.append(turns[-1] + rng.integers(1, 250, 7).tolist())
+    on = PrefillSettings(chunk=8, max_rows=2, prefix_cache_bytes=1 << 20)
+    off = PrefillSettings(chunk=8, max_rows=2, prefix_cache_bytes=0)
+    warm, warm_sink, warm_loop = serve_prompts(engine, params, turns, on)
+    cold, cold_sink, _ = serve_prompts(engine, params, turns, off)
+    assert [r.timings.cached_tokens for r in cold] == [0, 0, 0]
+    assert [r.timings.cached_tokens for r in warm] == [0, 24, 32]
+    for w, c in zip(warm, cold, strict=True):
+        assert w.first_token == c.first_token
+        assert [t for t, _ in w.first_logprob.top] == [t for t, _ in c.first_logprob.top]
+        np.testing.assert_allclose(
+            [v for _, v in w.first_logprob.top], [v for _, v in c.first_logprob.top], atol=1e-5
+        )
+    for (_, w), (_, c) in zip(warm_sink.pushed, cold_sink.pushed, strict=True):
+        for a, b in zip(jax.tree.leaves(w.cache), jax.tree.leaves(c.cache), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    stats = warm_loop.pool.stats
+    assert stats.hit_tokens == 56 and stats.miss_tokens == sum(map(len, turns)) - 56
+    warm_loop.pool.check()
+    assert warm_loop.pool.referenced_pages == 0
+
+
+def test_a_tiny_budget_keeps_serving_exactly(engine, params):
+    """Two pages of cache for prompts of up to 4 pages: evictions all along, every answer
+    equal to the cold one."""
+    rng = np.random.default_rng(5)
+    base = rng.integers(1, 250, 16).tolist()
+    prompts = [base + rng.integers(1, 250, int(n)).tolist() for n in rng.integers(1, 14, 8)]
+    page_bytes = engine.kv_bytes_per_token * PAGE
+    small = PrefillSettings(chunk=8, max_rows=2, prefix_cache_bytes=2 * page_bytes)
+    warm, _, loop = serve_prompts(engine, params, prompts, small)
+    cold, _, _ = serve_prompts(
+        engine, params, prompts, PrefillSettings(chunk=8, prefix_cache_bytes=0)
+    )
+    assert [r.first_token for r in warm] == [r.first_token for r in cold]
+    assert loop.pool.stats.evictions > 0
+    assert loop.pool.stats.hit_tokens > 0
+    assert loop.pool.idle_cached_pages <= 2
+    loop.pool.check()
