@@ -300,3 +300,70 @@ def test_prefill_and_decode_of_different_tp_sizes_serve_the_reference(
     finally:
         for worker in started:
             stop_worker(worker)
+
+
+@pytest.mark.parametrize("tp", [2, 8])
+def test_chunked_prefill_with_prefix_hits_is_sharded_and_equals_tp1(engines, tp_params, tp):
+    """The prefill worker's paged pool is split by heads like the decode pool; chunked
+    prefill with a prefix-cache hit gives the TP1 logits and KV, packed two rows a call."""
+    from shared.engine.chunked_prefill import ChunkedPrefill, ChunkRow
+    from shared.engine.prefix_cache import PrefixPagePool
+    from shared.kv.prefix_hash import namespace
+
+    def serve(size: int) -> tuple[list[np.ndarray], list]:
+        engine, params = engines[size], tp_params[size]
+        device = ChunkedPrefill(engine, num_pages=40, chunk=8, max_rows=2)
+        pool = PrefixPagePool(40, CONFIG.page_size, namespace("tp"), capacity_pages=16)
+        logits, kvs = [], []
+        first, second = PROMPTS[3], [*PROMPTS[3], 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]
+        for tokens in ([first, PROMPTS[1]], [second]):  # the second call reuses first's page
+            lookups = [pool.acquire(t) for t in tokens]
+            done = [lk.hit_pages * CONFIG.page_size for lk in lookups]
+            while any(d < len(t) for d, t in zip(done, tokens, strict=True)):
+                live = [i for i, t in enumerate(tokens) if done[i] < len(t)]
+                rows = [ChunkRow(np.asarray(tokens[i][done[i] : done[i] + 8]), done[i],
+                                 lookups[i].pages, SamplingParams()) for i in live]  # fmt: skip
+                out = device.run(params, rows, False)
+                for j, i in enumerate(live):
+                    done[i] += len(rows[j].tokens)
+                    if done[i] == len(tokens[i]):
+                        logits.append(np.asarray(out.logits[j]))
+            for t, lk in zip(tokens, lookups, strict=True):
+                kvs.append(jax.tree.map(np.asarray, device.gather(lk.pages, len(t))))
+                pool.finish(t, lk)
+        leaf = jax.tree.leaves(device.pool)[0]
+        held = _bytes_per_device(leaf)  # split by cache heads: each device its share
+        assert len(held) == size and set(held.values()) == {leaf.nbytes // size}
+        return logits, kvs
+
+    ref_logits, ref_kv = serve(1)
+    logits, kv = serve(tp)
+    for a, b in zip(logits, ref_logits, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+        assert int(np.argmax(a)) == int(np.argmax(b))
+    for a, b in zip(jax.tree.leaves(kv), jax.tree.leaves(ref_kv), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_chunked_prefill_updates_the_sharded_pool_in_place(engines, tp_params):
+    """As the decode step: the donated prefill pool is aliased to the output and no shard
+    of it is copied whole in the compiled chunk call."""
+    from shared.engine.chunked_prefill import ChunkedPrefill
+
+    engine = engines[4]
+    device = ChunkedPrefill(engine, num_pages=40, chunk=8, max_rows=2)
+    tokens = np.zeros((2, 8), np.int32)
+    zeros = np.zeros((2,), np.int32)
+    tables = np.zeros((2, CONFIG.max_pages_per_slot), np.int32)
+    sampling = Engine._sampling_rows([SamplingParams()] * 2)
+    with jax.set_mesh(engine.mesh):
+        compiled = device._chunk_jit.lower(
+            tp_params[4], device.pool, tokens, zeros, zeros, tables, *sampling, np.bool_(False)
+        ).compile()
+    text = compiled.as_text()
+    leaf = jax.tree.leaves(device.pool)[0]
+    local = (leaf.shape[0] // 4, *leaf.shape[1:])
+    shard_shape = f"f32[{','.join(map(str, local))}]"
+    assert [line for line in text.splitlines() if shard_shape in line and " copy(" in line] == []
+    aliases = len(re.findall(r"(?:may|must)-alias\)", text.splitlines()[0]))
+    assert aliases >= len(jax.tree.leaves(device.pool))
