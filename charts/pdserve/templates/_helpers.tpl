@@ -202,6 +202,17 @@ readinessProbe:
 - {{ join "," $cfg.prefillBuckets | quote }}
 - --max-queue
 - {{ $cfg.maxQueue | quote }}
+{{- /* Prefill roles: chunked, packed prefill and the prefix cache (README "Chunked prefill"). */}}
+{{- with $cfg.chunkedPrefill }}
+{{- if .chunk }}
+- --prefill-chunk
+- {{ .chunk | quote }}
+{{- end }}
+- --prefill-max-rows
+- {{ .maxRows | quote }}
+- --prefix-cache-mib
+- {{ .prefixCacheMiB | quote }}
+{{- end }}
 {{- if hasKey $cfg "maxKvMiB" }}
 - --max-kv-mib
 - {{ $cfg.maxKvMiB | quote }}
