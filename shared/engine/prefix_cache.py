@@ -126,8 +126,8 @@ class PrefixPagePool:
 
     def finish(self, tokens: Sequence[int] | np.ndarray, lookup: Lookup) -> None:
         """The prefill is done (its KV was read out): cache its whole blocks, release
-        every page it referenced. Also for an abandoned prefill (then pass `cache=False`
-        via `release`)."""
+        every page it referenced. An abandoned prefill calls `release` instead: its pages
+        hold KV never finished, so none of them is cached."""
         if self.enabled:
             self._insert(np.asarray(tokens, dtype=np.int64).reshape(-1), lookup)
         self.release(lookup)
