@@ -9,7 +9,8 @@ from prometheus_client import CollectorRegistry
 from orchestrator.admission import SlotBroker
 from orchestrator.flow import FlowSettings, GenerateFlow
 from orchestrator.frontend import Frontend, FrontendLimits
-from orchestrator.policy import LeastLoadedPolicy, PlacementPolicy
+from orchestrator.policy import LeastLoadedPolicy, PlacementPolicy, PrefixAwarePolicy
+from orchestrator.prefix_index import PrefixIndex
 from orchestrator.registry import Connector, Sources, WorkerRegistry
 from shared.metrics import OrchestratorMetrics
 from shared.serving.orchestrator_config import OrchestratorConfig
@@ -48,7 +49,7 @@ def build_orchestrator(
         connector, sources, metrics,
         health_interval_s=config.health_interval_s, dns_refresh_s=config.dns_refresh_s,
     )  # fmt: skip
-    policy = policy or LeastLoadedPolicy()
+    policy = policy or placement_policy(config)
     broker = SlotBroker(workers, policy, metrics, config.max_queue)
     model = model_info.config
     settings = FlowSettings(
@@ -63,3 +64,11 @@ def build_orchestrator(
     )
     frontend = Frontend(flow, model_info.tokenizer, model, limits, metrics, model_info.chat)
     return Orchestrator(workers, broker, frontend, metrics)
+
+
+def placement_policy(config: OrchestratorConfig) -> PlacementPolicy:
+    """The policy `--prefill-routing` names (orchestrator/policy.py)."""
+    if config.prefill_routing == "least-loaded":
+        return LeastLoadedPolicy()
+    index = PrefixIndex(config.prefix_block_tokens, config.prefix_index_blocks, config.model)
+    return PrefixAwarePolicy(index, config.prefix_affinity_max_queue)

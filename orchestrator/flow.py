@@ -31,7 +31,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from orchestrator.admission import NoWorkersError, SlotBroker
-from orchestrator.policy import PlacementPolicy
+from orchestrator.policy import PlacementPolicy, PrefillRoute
 from orchestrator.registry import Worker, WorkerRegistry, WorkerRole
 from shared.engine.sampling import SamplingParams
 from shared.logprobs import TokenLogprob
@@ -210,8 +210,10 @@ class GenerateFlow:
         done = False
         prefill: Worker | None = None
         try:
-            prefill = self._prefill_worker(worker)
+            route = self._prefill_route(worker, prompt)
+            prefill = route.worker
             result = await self._prefill_unless_broken(job, prompt, prefill, worker, lease, broken)
+            self._prefilled(route, result)
             first = result.first_token
             if first in job.stop_token_ids or (job.stop_on_eos and first == self._settings.eos_id):
                 yield Delta((), FinishReason.STOP)
@@ -290,15 +292,27 @@ class GenerateFlow:
             raise _DecodeLost(f"{decode.address}: the token stream failed during the prefill")
         return call.result()
 
-    def _prefill_worker(self, decode: Worker) -> Worker:
+    def _prefill_route(self, decode: Worker, prompt: tuple[int, ...]) -> PrefillRoute:
         if WorkerRole.PREFILL in decode.roles:
-            return decode  # colocated: it prefills for its own slots only
+            return PrefillRoute(decode)  # colocated: it prefills for its own slots only
         # A colocated worker pushes KV only into itself: never pair it with another.
         pure = [w for w in self._registry.up(WorkerRole.PREFILL) if len(w.roles) == 1]
-        ranked = self._policy.rank_prefill(pure)
+        # A worker that is not up (ejected, failing checks, gone from DNS) may come back
+        # restarted, with an empty cache: the policy forgets what it knew of it.
+        self._policy.retain(pure)
+        ranked = self._policy.rank_prefill(pure, prompt)
         if not ranked:
             raise NoWorkersError("no healthy prefill worker is left")
-        return ranked[0]
+        route = ranked[0]
+        self._metrics.prefill_routing.labels(route.outcome.value).inc()
+        self._metrics.prefix_predicted_tokens.inc(route.predicted_tokens)
+        return route
+
+    def _prefilled(self, route: PrefillRoute, result: PrefillResult) -> None:
+        """The prefill succeeded: the policy learns what the worker now holds."""
+        self._metrics.prefix_cached_tokens.inc(max(0, result.timings.cached_tokens))
+        if WorkerRole.DECODE not in route.worker.roles:  # colocated: chosen for its slots
+            self._policy.prefilled(route, result)
 
     async def _prefill(
         self, job: GenerateJob, prompt: tuple[int, ...], prefill: Worker, decode: Worker,

@@ -363,6 +363,10 @@ def test_orchestrator_args_parse_and_agree_with_the_pod(rendered: Rendered, tmp_
     ]
     assert pod.spec["terminationGracePeriodSeconds"] > config.drain_grace_s
     assert not (config.prefill or config.decode or config.colocated), "discovery is DNS only"
+    # Prefix-aware routing hashes blocks of the prefill workers' page size.
+    for worker in worker_pods(rendered):
+        if worker.component in ("prefill", "colocated"):
+            assert parse_worker(worker, tmp_path).page_size == config.prefix_block_tokens
 
 
 def test_orchestrator_discovers_the_charts_headless_services(rendered: Rendered, tmp_path: Path):

@@ -93,7 +93,7 @@ def test_prefill_goes_to_the_fewest_outstanding():
     workers = [Worker(f"p{i}:1", frozenset({WorkerRole.PREFILL}), None, None) for i in range(3)]
     for w, n in zip(workers, (3, 0, 1), strict=True):
         w.outstanding = n
-    assert [w.address for w in LeastLoadedPolicy().rank_prefill(workers)] == [
+    assert [r.worker.address for r in LeastLoadedPolicy().rank_prefill(workers, [1, 2])] == [
         "p1:1",
         "p2:1",
         "p0:1",

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9160
+PREFILL_ROUTING = ("prefix", "least-loaded")
 
 
 def _addresses(text: str) -> tuple[str, ...]:
@@ -56,6 +57,11 @@ class OrchestratorConfig:
     prefill_retries: int  # other prefill workers tried after a failure
     decode_retries: int  # resumes on another decode worker after a failure
     drain_grace_s: float
+    # Prefill routing (README: Prefix-aware routing).
+    prefill_routing: str  # "prefix" or "least-loaded"
+    prefix_block_tokens: int  # tokens per hashed block: the prefill workers' --page-size
+    prefix_affinity_max_queue: int  # affinity holds while the queue gap is at most this
+    prefix_index_blocks: int  # block hashes remembered per prefill worker (LRU)
     # The public port: TLS, client certificates, and the limits a hostile client meets.
     tls_cert: Path | None
     tls_key: Path | None
@@ -90,6 +96,17 @@ class OrchestratorConfig:
         for name in ("dns_refresh_s", "health_interval_s", "lease_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)} must be > 0")
+        if self.prefill_routing not in PREFILL_ROUTING:
+            raise ConfigError(
+                f"--prefill-routing={self.prefill_routing}: one of {', '.join(PREFILL_ROUTING)}"
+            )
+        for name in ("prefix_block_tokens", "prefix_index_blocks"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)} must be > 0")
+        if self.prefix_affinity_max_queue < 0:
+            raise ConfigError(
+                f"--prefix-affinity-max-queue={self.prefix_affinity_max_queue} must be >= 0"
+            )
         if self.prefill_retries < 0 or self.decode_retries < 0:
             raise ConfigError("--prefill-retries and --decode-retries must be >= 0")
         if self.auth_token_file is not None and not self.auth_token_file.is_file():
@@ -206,6 +223,34 @@ def orchestrator_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-retries", type=int, default=2)
     p.add_argument("--decode-retries", type=int, default=2)
     p.add_argument("--drain-grace-s", type=float, default=30.0)
+    routing = p.add_argument_group(
+        "prefill routing",
+        "prefix (the default): each prefill goes to the worker most likely to hold the "
+        "prompt's longest prefix in its prefix cache, unless that worker's queue of our "
+        "prefills exceeds the least-loaded one's by more than --prefix-affinity-max-queue; "
+        "least-loaded: to the fewest prefills in flight",
+    )
+    routing.add_argument("--prefill-routing", choices=PREFILL_ROUTING, default="prefix")
+    routing.add_argument(
+        "--prefix-block-tokens",
+        type=int,
+        default=16,
+        help="tokens per cached block; set it to the prefill workers' --page-size",
+    )
+    routing.add_argument(
+        "--prefix-affinity-max-queue",
+        type=int,
+        default=4,
+        help="how many more prefills in flight than the least-loaded worker a worker may "
+        "have and still win a prompt by its cached prefix",
+    )
+    routing.add_argument(
+        "--prefix-index-blocks",
+        type=int,
+        default=65536,
+        help="block hashes remembered per prefill worker (least recently used dropped; "
+        "about 150 bytes each)",
+    )
     public = p.add_argument_group(
         "the public port",
         "TLS, client authentication (a client certificate, the bearer token of "
