@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry
 
 from shared.config import EngineConfig, ModelConfig
 from shared.engine.engine import Engine, Prefix
-from shared.engine.prefix_cache import PrefixPagePool
 from shared.engine.sampling import SamplingParams
+from shared.kv.prefix_cache import PrefixPagePool
 from shared.kv.prefix_hash import namespace
 from shared.metrics import WorkerMetrics
 from shared.serving.prefill_loop import PrefillLoop

@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 
 from shared.engine.chunked_prefill import ChunkedPrefill, ChunkRow
 from shared.engine.engine import Engine, Params, Prefix
-from shared.engine.prefix_cache import PoolExhaustedError, PrefixPagePool
 from shared.engine.sampling import SamplingParams
+from shared.kv.prefix_cache import PoolExhaustedError, PrefixPagePool
 from shared.kv.prefix_hash import block_hashes, namespace
 from shared.metrics import WorkerMetrics
 from shared.serving.prefill_loop import PrefillLoop

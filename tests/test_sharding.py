@@ -307,7 +307,7 @@ def test_chunked_prefill_with_prefix_hits_is_sharded_and_equals_tp1(engines, tp_
     """The prefill worker's paged pool is split by heads like the decode pool; chunked
     prefill with a prefix-cache hit gives the TP1 logits and KV, packed two rows a call."""
     from shared.engine.chunked_prefill import ChunkedPrefill, ChunkRow
-    from shared.engine.prefix_cache import PrefixPagePool
+    from shared.kv.prefix_cache import PrefixPagePool
     from shared.kv.prefix_hash import namespace
 
     def serve(size: int) -> tuple[list[np.ndarray], list]:

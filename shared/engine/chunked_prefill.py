@@ -5,7 +5,7 @@ one chunk of one prompt per row (several prompts packed in one call), through th
 in its paged mode: every row writes its chunk's K/V into its own pages and attends to its
 own pages only (the page table and per-row lengths keep prompts apart: no prompt sees
 another's tokens), so a chunk attends to the KV of the chunks before it, and to pages
-reused from the prefix cache (shared/engine/prefix_cache.py) exactly as if it had
+reused from the prefix cache (shared/kv/prefix_cache.py) exactly as if it had
 computed them. Shapes depend on (rows bucket, chunk) only: any prompt length up to
 max_seq_len - 1 runs without a compile of its own.
 

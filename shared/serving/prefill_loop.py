@@ -11,7 +11,7 @@ The life of a request inside the prefill worker:
    (shared/serving/prefill_scheduler.py) and runs calls of packed chunks
    (shared/engine/chunked_prefill.py): up to `max_rows` prompts per call, `chunk` tokens
    of each, shortest remaining first with an aging bound. A prompt's first scheduling
-   reuses the longest prefix of it held by the prefix cache (shared/engine/prefix_cache.py)
+   reuses the longest prefix of it held by the prefix cache (shared/kv/prefix_cache.py)
    and computes only the rest. A request cancelled or past its deadline is dropped at the
    next call, its pages released. When a prompt's last chunk has run, its first token is
    sampled and its KV read out of the pool; its whole blocks stay cached.
@@ -41,8 +41,8 @@ import numpy as np
 
 from shared.engine.chunked_prefill import ChunkedPrefill, ChunkOutput, ChunkRow
 from shared.engine.engine import Engine, EngineError, Params, Prefix
-from shared.engine.prefix_cache import PrefixCacheStats, PrefixPagePool
 from shared.engine.sampling import token_logprob
+from shared.kv.prefix_cache import PrefixCacheStats, PrefixPagePool
 from shared.kv.prefix_hash import HashFn, blake2b_hash, namespace
 from shared.metrics import WorkerMetrics
 from shared.serving.prefill_scheduler import (

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from shared.engine.prefix_cache import Lookup, PoolExhaustedError, PrefixPagePool
+from shared.kv.prefix_cache import Lookup, PoolExhaustedError, PrefixPagePool
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
