@@ -357,7 +357,7 @@ def test_chunked_prefill_updates_the_sharded_pool_in_place(engines, tp_params):
     tables = np.zeros((2, CONFIG.max_pages_per_slot), np.int32)
     sampling = Engine._sampling_rows([SamplingParams()] * 2)
     with jax.set_mesh(engine.mesh):
-        compiled = device._chunk_jit.lower(
+        compiled = device._programs.chunk.lower(
             tp_params[4], device.pool, tokens, zeros, zeros, tables, *sampling, np.bool_(False)
         ).compile()
     text = compiled.as_text()

@@ -61,6 +61,92 @@ def _power_of_two_buckets(limit: int) -> tuple[int, ...]:
     return (*buckets, limit)
 
 
+class _Programs:
+    """The jitted calls of one (engine, pool size): shared by every ChunkedPrefill on that
+    engine (tests build many prefill loops on one session engine; each would otherwise
+    compile its own copies). Holds no pool: the pool is the caller's, passed in."""
+
+    def __init__(self, engine: Engine, num_pages: int) -> None:
+        self.engine, config = engine, engine.config
+        self.page_size = config.page_size
+        self.graph, _, self.abstract_cache = abstract_model(
+            engine.model_config, "autoregressive", batch=num_pages, cache_len=self.page_size,
+            dtype=engine.dtype, parallelism=engine.parallelism, attention="xla",
+            pages_per_block=config.pages_per_block,
+        )  # fmt: skip
+        sharding = named(engine.mesh, CACHE_AXES, engine.rules)
+        shardings = jax.tree.map(lambda _: sharding, nnx.to_pure_dict(self.abstract_cache))
+        rep = replicated(engine.mesh)
+        self.chunk = jax.jit(
+            self._chunk_impl, donate_argnums=(1,), out_shardings=(shardings, rep, rep, rep)
+        )
+        self.gather = jax.jit(self._gather_impl, out_shardings=rep)
+        self.init = jax.jit(self._init_impl, out_shardings=shardings)
+
+    @staticmethod
+    def of(engine: Engine, num_pages: int) -> _Programs:
+        # Kept on the engine: they live and die with it (one engine per worker process).
+        programs = engine.__dict__.setdefault("_chunked_prefill_programs", {})
+        if num_pages not in programs:
+            programs[num_pages] = _Programs(engine, num_pages)
+        return programs[num_pages]
+
+    def _chunk_impl(
+        self,
+        params: Params,
+        pool: CacheDict,
+        tokens: jax.Array,  # [R, T]
+        starts: jax.Array,  # [R]: position of each row's first token
+        counts: jax.Array,  # [R]: valid tokens in the row (0: a padding row)
+        tables: jax.Array,  # [R, W]
+        temperature: jax.Array,
+        top_k: jax.Array,
+        top_p: jax.Array,
+        seeds: jax.Array,
+        wanted: jax.Array,
+    ) -> tuple[CacheDict, jax.Array, jax.Array, StepLogprobs]:
+        r, t = tokens.shape
+        self.engine.compile_counts[f"chunk[{r}x{t}]"] += 1
+        offsets = jnp.arange(t, dtype=jnp.int32)[None, :]
+        positions = starts[:, None] + offsets  # [R, T]
+        valid = offsets < counts[:, None]
+        # Padding tokens (and padding rows) write to the scratch page, which no row reads.
+        column = jnp.where(valid, positions // self.page_size, 0)
+        write_pages = jnp.where(valid, jnp.take_along_axis(tables, column, axis=1), SCRATCH_PAGE)
+        kv_lengths = starts + counts
+        paged = PagedInputs(
+            page_table=tables,
+            q_positions=positions,
+            kv_lengths=kv_lengths,
+            write_pages=write_pages,
+            write_offsets=positions % self.page_size,
+        )
+        cache = jax.tree.map(lambda x: x, self.abstract_cache)
+        nnx.replace_by_pure_dict(cache, pool)
+        model = nnx.merge(self.graph, params, cache)
+        last = jnp.maximum(counts - 1, 0)
+        logits = model(tokens, positions, logits_at=last, paged=paged)  # [R, V]
+        # As Engine.prefill: the sampled token lands at position kv_length.
+        first = sample(logits, temperature, top_k, top_p, seeds, kv_lengths)
+        new_pool = nnx.to_pure_dict(nnx.state(model, nnx.Cache))
+        return new_pool, first, logits, logprobs(logits, first, wanted)
+
+    def _gather_impl(self, pool: CacheDict, pages: jax.Array) -> CacheDict:
+        self.engine.compile_counts[f"gather[{pages.shape[0]}]"] += 1
+        r = self.engine.parallelism.kv_replication
+
+        def read(leaf: jax.Array) -> jax.Array:  # [C, P, S, H] -> [KV, N * S, H]
+            rows = leaf[::r, pages]
+            return rows.reshape(rows.shape[0], -1, rows.shape[3])
+
+        return jax.tree.map(read, pool)
+
+    def _init_impl(self) -> CacheDict:
+        return nnx.to_pure_dict(
+            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.abstract_cache)
+        )
+
+
 class ChunkedPrefill:
     def __init__(self, engine: Engine, num_pages: int, chunk: int, max_rows: int) -> None:
         if chunk <= 0 or max_rows <= 0:
@@ -71,27 +157,10 @@ class ChunkedPrefill:
         self.width = config.max_pages_per_slot  # a page-table row: max_seq_len positions
         self.row_buckets = _power_of_two_buckets(max_rows)
         self.page_buckets = _power_of_two_buckets(self.width)
-        self._graph, _, abstract_cache = abstract_model(
-            engine.model_config, "autoregressive", batch=num_pages, cache_len=self.page_size,
-            dtype=engine.dtype, parallelism=engine.parallelism, attention="xla",
-            pages_per_block=config.pages_per_block,
-        )  # fmt: skip
-        self._abstract_cache = abstract_cache
-        sharding = named(engine.mesh, CACHE_AXES, engine.rules)
-        cache_shardings = jax.tree.map(lambda _: sharding, nnx.to_pure_dict(abstract_cache))
-        rep = replicated(engine.mesh)
-        self._chunk_jit = jax.jit(
-            self._chunk_impl, donate_argnums=(1,), out_shardings=(cache_shardings, rep, rep, rep)
-        )
-        self._gather_jit = jax.jit(self._gather_impl, out_shardings=rep)
-        init = jax.jit(
-            lambda: nnx.to_pure_dict(
-                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_cache)
-            ),
-            out_shardings=cache_shardings,
-        )
+        self._programs = _Programs.of(engine, num_pages)
+        self._abstract_cache = self._programs.abstract_cache
         with jax.set_mesh(engine.mesh):
-            self.pool: CacheDict = init()
+            self.pool: CacheDict = self._programs.init()
 
     @property
     def page_bytes(self) -> int:
@@ -132,51 +201,11 @@ class ChunkedPrefill:
         filler = [SamplingParams()] * (bucket - len(rows))
         sampling = Engine._sampling_rows([r.sampling for r in rows] + filler)
         with jax.set_mesh(self.engine.mesh):
-            self.pool, first, logits, step_logprobs = self._chunk_jit(
+            self.pool, first, logits, step_logprobs = self._programs.chunk(
                 params, self.pool, tokens, starts, counts, tables, *sampling,
                 np.bool_(want_logprobs),
             )  # fmt: skip
         return ChunkOutput(np.asarray(first)[: len(rows)], logits, step_logprobs)
-
-    def _chunk_impl(
-        self,
-        params: Params,
-        pool: CacheDict,
-        tokens: jax.Array,  # [R, T]
-        starts: jax.Array,  # [R]: position of each row's first token
-        counts: jax.Array,  # [R]: valid tokens in the row (0: a padding row)
-        tables: jax.Array,  # [R, W]
-        temperature: jax.Array,
-        top_k: jax.Array,
-        top_p: jax.Array,
-        seeds: jax.Array,
-        wanted: jax.Array,
-    ) -> tuple[CacheDict, jax.Array, jax.Array, StepLogprobs]:
-        r, t = tokens.shape
-        self.engine.compile_counts[f"chunk[{r}x{t}]"] += 1
-        offsets = jnp.arange(t, dtype=jnp.int32)[None, :]
-        positions = starts[:, None] + offsets  # [R, T]
-        valid = offsets < counts[:, None]
-        # Padding tokens (and padding rows) write to the scratch page, which no row reads.
-        column = jnp.where(valid, positions // self.page_size, 0)
-        write_pages = jnp.where(valid, jnp.take_along_axis(tables, column, axis=1), SCRATCH_PAGE)
-        kv_lengths = starts + counts
-        paged = PagedInputs(
-            page_table=tables,
-            q_positions=positions,
-            kv_lengths=kv_lengths,
-            write_pages=write_pages,
-            write_offsets=positions % self.page_size,
-        )
-        cache = jax.tree.map(lambda x: x, self._abstract_cache)
-        nnx.replace_by_pure_dict(cache, pool)
-        model = nnx.merge(self._graph, params, cache)
-        last = jnp.maximum(counts - 1, 0)
-        logits = model(tokens, positions, logits_at=last, paged=paged)  # [R, V]
-        # As Engine.prefill: the sampled token lands at position kv_length.
-        first = sample(logits, temperature, top_k, top_p, seeds, kv_lengths)
-        new_pool = nnx.to_pure_dict(nnx.state(model, nnx.Cache))
-        return new_pool, first, logits, logprobs(logits, first, wanted)
 
     # Reading a prompt's KV out ---------------------------------------------------------------
 
@@ -191,18 +220,8 @@ class ChunkedPrefill:
         padded = np.full((bucket,), SCRATCH_PAGE, np.int32)
         padded[:needed] = pages[:needed]
         with jax.set_mesh(self.engine.mesh):
-            cache = self._gather_jit(self.pool, padded)
+            cache = self._programs.gather(self.pool, padded)
         return jax.block_until_ready(cache)
-
-    def _gather_impl(self, pool: CacheDict, pages: jax.Array) -> CacheDict:
-        self.engine.compile_counts[f"gather[{pages.shape[0]}]"] += 1
-        r = self.engine.parallelism.kv_replication
-
-        def read(leaf: jax.Array) -> jax.Array:  # [C, P, S, H] -> [KV, N * S, H]
-            rows = leaf[::r, pages]
-            return rows.reshape(rows.shape[0], -1, rows.shape[3])
-
-        return jax.tree.map(read, pool)
 
     # Compiling ahead -------------------------------------------------------------------------
 
@@ -219,6 +238,6 @@ class ChunkedPrefill:
         tables = np.full((bucket, self.width), SCRATCH_PAGE, np.int32)
         sampling = Engine._sampling_rows([SamplingParams()] * bucket)
         with jax.set_mesh(self.engine.mesh):
-            self._chunk_jit.lower(
+            self._programs.chunk.lower(
                 params, self.pool, tokens, zeros, zeros, tables, *sampling, np.bool_(False)
             ).compile()
