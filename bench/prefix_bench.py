@@ -58,8 +58,12 @@ REPEATED_DEFINITION = (
     "`_block_aligned` rounds each repeated(r) down to a whole page of 16 tokens and to at "
     "most len - 1 (what a page cache can reuse at best), and `_available` counts only "
     "earlier prompts whose first token had already arrived when r was sent (prefilled, so "
-    "cacheable), not block-aligned; `_available_block_aligned` both (what this cache could "
-    "have saved at best, with no eviction)."
+    "cacheable), not block-aligned; `_available_block_aligned` both. The cache can beat "
+    "`_available`: a prompt queued at the prefill worker looks the cache up when it is first "
+    "scheduled, so it can hit a prompt that finished prefill after it was sent. It cannot "
+    "reach `repeated_prompt_fraction` when prompts sharing a prefix are prefilled at the "
+    "same time (the conversations' first turns all start at once), nor past the block "
+    "alignment and the last token, which is always computed."
 )
 
 
