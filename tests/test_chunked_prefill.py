@@ -29,9 +29,11 @@ class Clock:
         return self.now
 
 
-def scheduler(max_rows: int, pages: int = 64, aging_s: float = 5.0) -> tuple[ChunkScheduler, Clock]:
+def scheduler(
+    max_rows: int, pages: int = 64, aging_s: float = 5.0, cache_pages: int = 0
+) -> tuple[ChunkScheduler, Clock]:
     clock = Clock()
-    pool = PrefixPagePool(pages, 4, namespace("t"), capacity_pages=0)
+    pool = PrefixPagePool(pages, 4, namespace("t"), capacity_pages=cache_pages)
     return ChunkScheduler(pool, chunk=8, max_rows=max_rows, aging_s=aging_s, clock=clock), clock
 
 
@@ -44,6 +46,7 @@ def run(s: ChunkScheduler) -> list[tuple[str, int, int]]:
     chunks = s.next_chunks()
     for c in chunks:
         c.work.done += c.count
+        s.pool.publish(c.work.tokens, c.work.lookup, c.work.done)
         if c.work.finished:
             s.remove(c.work, cache=True)
     return [(c.work.payload, c.start, c.count) for c in chunks]
@@ -80,6 +83,25 @@ def test_packing_fills_rows_and_a_prompt_without_pages_waits():
     assert s.waiting == 1
     assert run(s) == [("b", 8, 4), ("c", 8, 8)]  # both finish, their pages come back
     assert run(s) == [("a", 0, 8)]
+
+
+def test_a_burst_sharing_a_system_prompt_computes_it_once():
+    """Three prompts with one 16-token beginning arrive together: the first computes it,
+    the others wait for its blocks and reuse them (cache on); aged ones do not wait."""
+    s, clock = scheduler(max_rows=3, cache_pages=32, aging_s=5.0)
+    system = list(range(100, 116))
+    for i, name in enumerate(["a", "b", "c"]):
+        s.add(PrefillWork(np.array([*system, i, i, i]), 0.0, name))
+    assert run(s) == [("a", 0, 8)]  # b and c wait: a is computing what they share
+    assert run(s) == [("a", 8, 8)]  # a's first 16 positions are published now
+    chunks = run(s)
+    assert chunks == [("a", 16, 3), ("b", 16, 3), ("c", 16, 3)]  # the rest only
+    assert s.pool.stats.hit_tokens == 32
+    s.add(PrefillWork(np.array([*system, 200, 201, 202, 203, 9, 9]), clock.now, "d"))
+    s.add(PrefillWork(np.array([*system, 200, 201, 202, 203, 7, 7]), clock.now, "e"))
+    assert [name for name, _, _ in run(s)] == ["d"]  # e shares d's unpublished 5th block
+    clock.now = 10.0  # e has waited past the aging bound: it no longer waits
+    assert "e" in [name for name, _, _ in run(s)]
 
 
 # A 4k-token prompt on the tiny model ------------------------------------------------------

@@ -108,6 +108,18 @@ def test_budget_evicts_least_recent_chain_ends_first_and_never_in_use_pages():
     pool.check()
 
 
+def test_published_blocks_of_a_running_prefill_are_shared_and_survive_its_abandon():
+    pool = PrefixPagePool(num_pages=16, page_size=4, root=ROOT, capacity_pages=8)
+    running = pool.acquire(range(14))
+    pool.publish(range(14), running, computed=9)  # two whole blocks computed so far
+    other = pool.acquire([*range(8), 50, 51])
+    assert other.hit_pages == 2 and other.pages[:2] == running.pages[:2]
+    pool.release(running)  # abandoned: its computed blocks stay, the rest is freed
+    pool.release(other)
+    assert pool.idle_cached_pages == 2 and pool.referenced_pages == 0
+    pool.check()
+
+
 def test_random_operations_keep_every_page_accounted_for():
     rng = np.random.default_rng(7)
     pool = PrefixPagePool(num_pages=24, page_size=2, root=ROOT, capacity_pages=6)

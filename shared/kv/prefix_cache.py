@@ -124,13 +124,27 @@ class PrefixPagePool:
         """Whether a prompt of `tokens` would get its pages even with no cache hit."""
         return -(-tokens // self.page_size) <= len(self._free) + len(self._idle)
 
+    def publish(self, tokens: Sequence[int] | np.ndarray, lookup: Lookup, computed: int) -> None:
+        """The first `computed` positions of a running prefill hold their final KV: cache
+        its whole blocks among them now, so that prompts arriving meanwhile with the same
+        beginning reuse them (they stay referenced, so not evictable, until `release`)."""
+        if self.enabled:
+            ids = np.asarray(tokens, dtype=np.int64).reshape(-1)[:computed]
+            self._insert(ids, lookup)
+
     def finish(self, tokens: Sequence[int] | np.ndarray, lookup: Lookup) -> None:
         """The prefill is done (its KV was read out): cache its whole blocks, release
-        every page it referenced. An abandoned prefill calls `release` instead: its pages
-        hold KV never finished, so none of them is cached."""
-        if self.enabled:
-            self._insert(np.asarray(tokens, dtype=np.int64).reshape(-1), lookup)
+        every page it referenced. An abandoned prefill calls `release` instead: only
+        the blocks `publish`ed (computed) are cached then."""
+        self.publish(tokens, lookup, len(tokens))
         self.release(lookup)
+
+    def cached_blocks(self, tokens: Sequence[int] | np.ndarray) -> int:
+        """How many leading whole blocks of `tokens` `acquire` would reuse now."""
+        if not self.enabled:
+            return 0
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        return len(self._match(ids, limit=(len(ids) - 1) // self.page_size))
 
     def release(self, lookup: Lookup) -> None:
         """Drop this prefill's references; uncached pages go back to the pool."""

@@ -289,6 +289,7 @@ class PrefillLoop:
         self._metrics.prefill_tokens_computed.inc(sum(c.count for c in chunks))
         for i, c in enumerate(chunks):
             c.work.done += c.count
+            self.pool.publish(c.work.tokens, c.work.lookup, c.work.done)
             if c.work.finished:
                 self._finish(c.work, int(out.tokens[i]), out, i)
         self._publish_cache_metrics()

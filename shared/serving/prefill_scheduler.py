@@ -7,6 +7,11 @@ long prompt's whole prefill; a prompt that has waited longer than `aging_s` sinc
 arrived goes first whatever its length (oldest first), so a stream of short prompts can
 never starve a long one. Ties go to the earlier arrival.
 
+A prompt whose beginning (whole blocks beyond what the cache holds) is being computed by
+a prefill already started waits for it (unless aged): the blocks are published to the
+cache as each chunk completes them, so a burst of prompts sharing a system prompt computes
+it once, not once per prompt packed into the same call.
+
 A prompt gets all its pages when it is first scheduled (PrefixPagePool.acquire: the
 cached prefix it reuses and fresh pages for the rest), so a started prompt always
 finishes; one that finds no pages waits, and the prompts already started finish and free
@@ -129,6 +134,8 @@ class ChunkScheduler:
         for work in sorted(self._works, key=priority):
             if len(chunks) == self.max_rows:
                 break
+            if work.lookup is None and priority(work)[0] and self._computing_its_prefix(work):
+                continue  # another prefill is computing its beginning: reuse it, later
             if work.lookup is None:
                 try:
                     work.lookup = self.pool.acquire(work.tokens)
@@ -139,3 +146,26 @@ class ChunkScheduler:
             count = min(self.chunk, work.remaining)
             chunks.append(ScheduledChunk(work, work.done, count))
         return chunks
+
+    def _computing_its_prefix(self, work: PrefillWork) -> bool:
+        """Whether a started prefill shares more whole blocks with `work` than the cache
+        holds now and has not computed them yet (then `work` waits, and reuses them once
+        they are published: a burst of prompts with one system prompt computes it once)."""
+        if not self.pool.enabled:
+            return False  # nothing is published: waiting would only delay it
+        page = self.pool.page_size
+        limit = (len(work.tokens) - 1) // page
+        cached = None
+        for other in self._works:
+            if other.lookup is None or other is work:
+                continue
+            n = min(limit * page, len(other.tokens))
+            differ = np.flatnonzero(work.tokens[:n] != other.tokens[:n])
+            shared = (int(differ[0]) if differ.size else n) // page
+            if shared == 0 or other.done >= shared * page:
+                continue  # nothing in common, or already computed (and published)
+            if cached is None:
+                cached = self.pool.cached_blocks(work.tokens)
+            if shared > cached:
+                return True
+        return False
