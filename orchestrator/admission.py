@@ -55,6 +55,8 @@ class SlotBroker:
         self._waiting: collections.deque[_Waiter] = collections.deque()
         self._kick = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._refreshing: set[str] = set()  # workers whose load we re-read now
+        self._background: set[asyncio.Task] = set()
 
     @property
     def depth(self) -> int:
@@ -64,10 +66,11 @@ class SlotBroker:
         self._task = asyncio.create_task(self._dispatch())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._background]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def acquire(
         self, request: ReserveRequest, *, first: bool = False
@@ -100,6 +103,22 @@ class SlotBroker:
         """A lease on `worker` ended (its request finished or moved)."""
         worker.leases = max(0, worker.leases - 1)
         self._kick.set()
+        if self._waiting and worker.address not in self._refreshing:
+            # The slot is ours again at once, but the pages it held show up only in the
+            # worker's next load report (pages promised since the last one still count as
+            # taken): ask for one now rather than leave the line waiting for the next
+            # health check (up to its interval, 2 s by default).
+            self._refreshing.add(worker.address)
+            task = asyncio.get_running_loop().create_task(self._refresh(worker))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _refresh(self, worker: Worker) -> None:
+        try:
+            await self._registry.refresh_load(worker)
+        finally:
+            self._refreshing.discard(worker.address)
+            self._kick.set()
 
     async def _give_back(self, worker: Worker, lease: Lease) -> None:
         with contextlib.suppress(TransportError):

@@ -202,6 +202,16 @@ class WorkerRegistry:
             log.info("worker %s is %s", worker.address, worker.health.value)
         return ok
 
+    async def refresh_load(self, worker: Worker) -> None:
+        """Re-read a decode worker's load now (after a release); its health is left to the
+        health checks: a failure here changes nothing."""
+        if worker.decode is None or worker.health is not Health.UP:
+            return
+        with contextlib.suppress(TransportError, TimeoutError):
+            async with asyncio.timeout(self._health_timeout):
+                load = await worker.decode.get_load()
+            worker.set_load(load)
+
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(w) for w in list(self._workers.values())))
         self._publish()

@@ -448,6 +448,34 @@ def test_pool_running_dry_preempts_and_resumes_exactly_in_process(engine, params
     asyncio.run(body())
 
 
+def test_pages_freed_by_a_release_admit_the_next_request_before_any_load_report(
+    engine, params, tiny_fingerprint
+):
+    """A decode pool of 4 pages held whole by one request: the next request waits for its
+    pages, which come back when it ends. Load reports come every 60 s here; the release
+    re-reads the worker's load at once, so the waiter does not wait for the next one."""
+    first = [256, *range(1, 25)]  # 25 tokens + the first generated: all 4 pages of 8
+    second = [256, *range(30, 37)]
+
+    async def body() -> None:
+        cluster = InProcessCluster(engine, params, tiny_fingerprint, decode_pages=4,
+                                   orchestrator_flags=("--health-interval-s", "60"))  # fmt: skip
+        await cluster.start()
+        try:
+            a = asyncio.create_task(cluster.api.generate(first, max_tokens=5, ignore_eos=True))
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            chunks = await cluster.api.generate(second, max_tokens=3, ignore_eos=True)
+            waited = time.monotonic() - started
+            assert tokens_of(chunks) == reference_greedy(engine, params, second, 3)
+            assert tokens_of(await a) == reference_greedy(engine, params, first, 5)
+            assert waited < 30  # not the 60 s until the next load report
+        finally:
+            await cluster.close()
+
+    asyncio.run(body())
+
+
 @pytest.mark.timeout(120)
 def test_only_decode_worker_killed_gives_unavailable_processes(process_cluster):
     decode = spawn_worker("decode")
