@@ -102,16 +102,20 @@ class SlotBroker:
     def release(self, worker: Worker) -> None:
         """A lease on `worker` ended (its request finished or moved)."""
         worker.leases = max(0, worker.leases - 1)
+        worker.released_since_report = True
         self._kick.set()
-        if self._waiting and worker.address not in self._refreshing:
-            # The slot is ours again at once, but the pages it held show up only in the
-            # worker's next load report (pages promised since the last one still count as
-            # taken): ask for one now rather than leave the line waiting for the next
-            # health check (up to its interval, 2 s by default).
-            self._refreshing.add(worker.address)
-            task = asyncio.get_running_loop().create_task(self._refresh(worker))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+
+    def _refresh_stale(self) -> None:
+        """Nothing fits: re-read the load of every decode worker whose page estimate is
+        stale (leases released, or pages promised, since its last report), so that pages
+        freed since are seen now, not at its next health check (2 s by default)."""
+        for worker in self._registry.up(WorkerRole.DECODE):
+            stale = worker.released_since_report or worker.pending_pages > 0
+            if stale and worker.address not in self._refreshing:
+                self._refreshing.add(worker.address)
+                task = asyncio.get_running_loop().create_task(self._refresh(worker))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     async def _refresh(self, worker: Worker) -> None:
         try:
@@ -150,6 +154,7 @@ class SlotBroker:
                         head.future.set_exception(err)
                     continue
                 if placed is None:
+                    self._refresh_stale()
                     break  # no room anywhere: wait for a release or a load report
                 if head.future.done():  # the caller left while we reserved
                     await self._give_back(*placed)

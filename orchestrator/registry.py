@@ -62,6 +62,7 @@ class Worker:
     outstanding: int = 0  # our prefill calls in flight on it now
     failed_checks: int = 0  # consecutive failed health checks
     pending_pages: int = 0  # pages our leases were promised since the last load report
+    released_since_report: bool = False  # a lease of ours ended since the last report
 
     @property
     def free_slots(self) -> int:
@@ -96,6 +97,7 @@ class Worker:
         self.load = load
         self.others = max(0, load.total_slots - load.free_slots - self.leases)
         self.pending_pages = 0  # the report counts every promise made so far
+        self.released_since_report = False
 
     def mark_full(self) -> None:
         """Reserve said RESOURCE_EXHAUSTED: assume no room until the next report."""

@@ -452,8 +452,9 @@ def test_pages_freed_by_a_release_admit_the_next_request_before_any_load_report(
     engine, params, tiny_fingerprint
 ):
     """A decode pool of 4 pages held whole by one request: the next request waits for its
-    pages, which come back when it ends. Load reports come every 60 s here; the release
-    re-reads the worker's load at once, so the waiter does not wait for the next one."""
+    pages, which come back when it ends (or had ended before it asked). Load reports come
+    every 60 s here; a request that finds no room has the load of workers whose estimate is
+    stale re-read at once, instead of waiting for the next report."""
     first = [256, *range(1, 25)]  # 25 tokens + the first generated: all 4 pages of 8
     second = [256, *range(30, 37)]
 
