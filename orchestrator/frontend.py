@@ -99,6 +99,12 @@ class Frontend:
         self.in_flight += 1
         loop = asyncio.get_running_loop()
         deadline = None if own_timeout is None else loop.time() + own_timeout
+        # The job's deadline is the tighter of the two; when it is the call's, the workers
+        # ending the request "deadline" means the call's deadline passed, and its status
+        # must say so (a clean end would read as a complete answer to the caller).
+        call_deadline_first = call_time_left is not None and (
+            own_timeout is None or call_time_left < own_timeout
+        )
         try:
             async with Outbox(self._flow.run(job), self._limits.max_unsent_tokens) as deltas:
                 while finish is None:
@@ -113,6 +119,9 @@ class Frontend:
                         delta = await deltas.get()
                     if delta is None:
                         break
+                    if delta.finish is FinishReason.DEADLINE and call_deadline_first:
+                        code = StatusCode.DEADLINE_EXCEEDED
+                        raise RequestFailed(code, "the call's deadline passed")
                     token_times += [time.perf_counter()] * len(delta.token_ids)
                     completion += len(delta.token_ids)
                     for out in self._outputs(job, text, delta, completion):

@@ -187,7 +187,8 @@ def test_n_with_a_seed_gives_reproducible_different_completions(client):
         (dict(model=MODEL, prompt="x", temperature=-1), 400, "temperature", "greater than"),
         (dict(model=MODEL, prompt="x", presence_penalty=0.5), 400, "presence_penalty",
          "unsupported parameter(s): presence_penalty"),
-        (dict(model=MODEL, prompt="x" * 40), 400, None, "longer than the largest prefill"),
+        (dict(model=MODEL, prompt="x" * MAX_SEQ_LEN), 400, None,
+         f"exceeds this worker's max_seq_len ({MAX_SEQ_LEN})"),
         (dict(model=MODEL, prompt="x", max_tokens=10**6), 400, None, "max_tokens=1000000"),
     ],
 )  # fmt: skip

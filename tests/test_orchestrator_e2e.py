@@ -448,6 +448,26 @@ def test_pool_running_dry_preempts_and_resumes_exactly_in_process(engine, params
     asyncio.run(body())
 
 
+def test_a_prompt_past_the_largest_prefill_bucket_is_served_exactly(
+    engine, params, tiny_fingerprint
+):
+    """Chunked prefill: a 45-token prompt (largest bucket 32, max_seq_len 64) is no longer
+    refused; its tokens equal the uncached reference."""
+    prompt = [256, *range(60, 104)]
+    assert len(prompt) > engine.config.max_prompt_len
+
+    async def body() -> None:
+        cluster = InProcessCluster(engine, params, tiny_fingerprint)
+        await cluster.start()
+        try:
+            chunks = await cluster.api.generate(prompt, max_tokens=10, ignore_eos=True)
+            assert tokens_of(chunks) == reference_greedy(engine, params, prompt, 10)
+        finally:
+            await cluster.close()
+
+    asyncio.run(body())
+
+
 def test_pages_freed_by_a_release_admit_the_next_request_before_any_load_report(
     engine, params, tiny_fingerprint
 ):
