@@ -105,7 +105,9 @@ def bench_decode(
     """Decode steps of `batch` live requests at each live context length (one engine: the
     pool holds the longest context plus the steps, for every slot)."""
     longest = max(contexts) + steps + 8
-    pages = batch * -(-longest // PAGE_SIZE) + 1
+    # At least one request of MAX_SEQ_LEN (the config refuses a pool that cannot hold one);
+    # the floor counts live KV only, so unused pages change nothing but memory.
+    pages = max(batch * -(-longest // PAGE_SIZE), -(-MAX_SEQ_LEN // PAGE_SIZE)) + 1
     config = EngineConfig(batch, (64,), MAX_SEQ_LEN, page_size=PAGE_SIZE, num_pages=pages)
     engine, params = engine_and_params(config_name, config)
     weights = param_bytes(params)
@@ -141,12 +143,10 @@ def bench_decode(
 
 
 def bench_prefill(config_name: str, repeats: int) -> list[dict]:
-    engine = Engine(
-        model_preset(config_name), EngineConfig(1, PREFILL_BUCKETS, PREFILL_MAX_SEQ_LEN)
-    )
-    params = engine.init_params(seed=0)
+    buckets = REAL_MODEL_BUCKETS.get(config_name, PREFILL_BUCKETS)
+    engine, params = engine_and_params(config_name, EngineConfig(1, buckets, PREFILL_MAX_SEQ_LEN))
     rows = []
-    for bucket in PREFILL_BUCKETS:
+    for bucket in buckets:
         prompt = [1 + i % 250 for i in range(bucket)]
         seconds = timed(lambda p=prompt: engine.prefill(params, p), repeats=repeats)
         rows.append({"config": config_name, "bucket": bucket, "ms": seconds * 1e3})
