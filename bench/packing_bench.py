@@ -38,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prefill_cluster import (
+    VOCAB,
     Cluster,
     git_state,
     latency_stats_ms,
@@ -48,7 +49,6 @@ from prefill_cluster import (
 
 from shared.client.generator import AsyncGeneratorClient
 
-VOCAB = {"small": 32000, "tiny": 320}
 TIMEOUT_S = 300.0
 GOAL_P99_RATIO = 0.5
 

@@ -43,6 +43,9 @@ PREFILL_GAUGES = {
 
 __all__ = ["Cluster", "git_state", "latency_stats_ms", "machine", "prefill_delta", "stream_once"]
 
+# Vocabulary sizes of the presets the benches prompt (random token ids below them).
+VOCAB = {"small": 32000, "tiny": 320}
+
 
 @dataclasses.dataclass
 class Cluster:

@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prefill_cluster import (
+    VOCAB,
     Cluster,
     git_state,
     latency_stats_ms,
@@ -45,7 +46,6 @@ from prefill_cluster import (
 
 from shared.client.generator import AsyncGeneratorClient
 
-VOCAB = {"small": 32000, "tiny": 320}
 PAGE_SIZE = 16
 REQUEST_TIMEOUT_S = 300.0
 GOAL_TTFT_RATIO = 0.3
