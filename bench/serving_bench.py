@@ -66,7 +66,7 @@ async def one_request(client: AsyncGeneratorClient, seed: int) -> float | None:
 async def serve_round(address: str, concurrency: int, rounds: int) -> list[float]:
     tpots: list[float] = []
     async with AsyncGeneratorClient(address) as client:
-        await one_request(client, -1)  # the first request of a connection pays its setup
+        await one_request(client, 10**9)  # the first request of a connection pays its setup
         for r in range(rounds):
             got = await asyncio.gather(
                 *(one_request(client, r * 1000 + i) for i in range(concurrency))
@@ -109,7 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     prefill = spawn_worker("prefill", *flags, timeout=900)
     decode = spawn_worker("decode", *flags, timeout=900)
     orchestrator = spawn_orchestrator(
-        "--prefill", prefill.address, "--decode", decode.address, timeout=300
+        "--model",
+        args.config,
+        "--prefill",
+        prefill.address,
+        "--decode",
+        decode.address,
+        timeout=300,
     )
     served: dict[int, list[float]] = {}
     try:
