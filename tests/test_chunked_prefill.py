@@ -85,6 +85,22 @@ def test_packing_fills_rows_and_a_prompt_without_pages_waits():
     assert run(s) == [("a", 0, 8)]
 
 
+def test_a_finishing_short_prompt_is_not_packed_beside_a_far_reaching_long_one():
+    """Packing a 5-token prompt with chunks of a long prompt already 40 positions in would
+    make its call attend 48 positions deep: the long one waits for the next call, unless it
+    has aged."""
+    s, clock = scheduler(max_rows=2, aging_s=5.0)
+    s.add(work(100, 0.0, "long"))
+    for _ in range(5):
+        run(s)  # the long prompt is 40 positions in
+    s.add(work(5, 0.1, "short"))
+    assert run(s) == [("short", 0, 5)]  # alone: its call reaches 5, not 48
+    assert run(s) == [("long", 40, 8)]
+    s.add(work(5, 0.2, "short2"))
+    clock.now = 5.0  # the long prompt has aged: it is packed whatever its reach
+    assert run(s) == [("long", 48, 8), ("short2", 0, 5)]
+
+
 def test_a_burst_sharing_a_system_prompt_computes_it_once():
     """Three prompts with one 16-token beginning arrive together: the first computes it,
     the others wait for its blocks and reuse them (cache on); aged ones do not wait."""

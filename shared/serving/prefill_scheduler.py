@@ -7,6 +7,11 @@ long prompt's whole prefill; a prompt that has waited longer than `aging_s` sinc
 arrived goes first whatever its length (oldest first), so a stream of short prompts can
 never starve a long one. Ties go to the earlier arrival.
 
+A call costs up to its longest row's context (the attention loop runs that far for every
+row), so beside a prompt that finishes in the call, rows reaching past twice its length
+(or twice a chunk) wait for the next call, unless aged: a short prompt packed with a
+4k-token prompt's late chunks would otherwise pay for their whole context.
+
 A prompt whose beginning (whole blocks beyond what the cache holds) is being computed by
 a prefill already started waits for it (unless aged): the blocks are published to the
 cache as each chunk completes them, so a burst of prompts sharing a system prompt computes
@@ -27,6 +32,10 @@ from collections.abc import Callable
 import numpy as np
 
 from shared.kv.prefix_cache import Lookup, PoolExhaustedError, PrefixPagePool
+
+# Beside a prompt that finishes in a call, rows that attend to more than this many times
+# its length (or a chunk) wait for the next call.
+LONG_ROW_REACH = 2
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -131,11 +140,18 @@ class ChunkScheduler:
             return (1, w.remaining, w.arrived)
 
         chunks: list[ScheduledChunk] = []
+        # A call's attention runs up to its longest row: beside a prompt that finishes in
+        # this call, a row reaching far past it would make that prompt's first token wait
+        # for the long row's whole context (unless the long one has aged).
+        reach: int | None = None
         for work in sorted(self._works, key=priority):
             if len(chunks) == self.max_rows:
                 break
-            if work.lookup is None and priority(work)[0] and self._computing_its_prefix(work):
+            fresh = priority(work)[0] == 1
+            if work.lookup is None and fresh and self._computing_its_prefix(work):
                 continue  # another prefill is computing its beginning: reuse it, later
+            if fresh and reach is not None and work.done + min(self.chunk, work.remaining) > reach:
+                continue  # runs in the next call, without the prompt that finishes now
             if work.lookup is None:
                 try:
                     work.lookup = self.pool.acquire(work.tokens)
@@ -145,6 +161,8 @@ class ChunkScheduler:
                 work.started = now
             count = min(self.chunk, work.remaining)
             chunks.append(ScheduledChunk(work, work.done, count))
+            if count == work.remaining and reach is None:
+                reach = LONG_ROW_REACH * max(work.done + count, self.chunk)
         return chunks
 
     def _computing_its_prefix(self, work: PrefillWork) -> bool:
