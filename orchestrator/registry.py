@@ -184,14 +184,7 @@ class WorkerRegistry:
     async def check(self, worker: Worker) -> bool:
         ok = await self._connector.healthy(worker.address, self._health_timeout)
         if ok and worker.decode is not None:
-            try:
-                # asyncio.timeout, not wait_for: see SlotBroker._dispatch (a cancel lost
-                # here would keep the refresh loop running and stop() waiting for it).
-                async with asyncio.timeout(self._health_timeout):
-                    load = await worker.decode.get_load()
-                worker.set_load(load)
-            except (TransportError, TimeoutError):
-                ok = False
+            ok = await self._read_load(worker)
         was = worker.health
         worker.failed_checks = 0 if ok else worker.failed_checks + 1
         if ok:
@@ -205,14 +198,22 @@ class WorkerRegistry:
         return ok
 
     async def refresh_load(self, worker: Worker) -> None:
-        """Re-read a decode worker's load now (after a release); its health is left to the
-        health checks: a failure here changes nothing."""
-        if worker.decode is None or worker.health is not Health.UP:
-            return
-        with contextlib.suppress(TransportError, TimeoutError):
+        """Re-read a decode worker's load now (its page estimate is stale); its health is
+        left to the health checks: a failure here changes nothing."""
+        if worker.decode is not None and worker.health is Health.UP:
+            await self._read_load(worker)
+
+    async def _read_load(self, worker: Worker) -> bool:
+        """GetLoad into `worker`; False when it failed or timed out."""
+        try:
+            # asyncio.timeout, not wait_for: see SlotBroker._dispatch (a cancel lost here
+            # would keep the refresh loop running and stop() waiting for it).
             async with asyncio.timeout(self._health_timeout):
                 load = await worker.decode.get_load()
-            worker.set_load(load)
+        except (TransportError, TimeoutError):
+            return False
+        worker.set_load(load)
+        return True
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(w) for w in list(self._workers.values())))

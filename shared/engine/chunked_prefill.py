@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shared.engine.engine import CacheDict, Engine, Params, StepLogprobs
+from shared.engine.engine import CacheDict, Engine, Params, StepLogprobs, power_of_two_buckets
 from shared.engine.mesh import CACHE_AXES, named, replicated
 from shared.engine.model.attention import PagedInputs
 from shared.engine.model.llama import abstract_model
@@ -51,14 +51,6 @@ class ChunkOutput:
     tokens: np.ndarray  # [rows]
     logits: jax.Array  # [bucket, V] float32 (rows beyond len(rows) are padding)
     logprobs: StepLogprobs
-
-
-def _power_of_two_buckets(limit: int) -> tuple[int, ...]:
-    buckets, b = [], 1
-    while b < limit:
-        buckets.append(b)
-        b *= 2
-    return (*buckets, limit)
 
 
 class _Programs:
@@ -155,20 +147,11 @@ class ChunkedPrefill:
         config = engine.config
         self.page_size, self.num_pages = config.page_size, num_pages
         self.width = config.max_pages_per_slot  # a page-table row: max_seq_len positions
-        self.row_buckets = _power_of_two_buckets(max_rows)
-        self.page_buckets = _power_of_two_buckets(self.width)
+        self.row_buckets = power_of_two_buckets(max_rows)
+        self.page_buckets = power_of_two_buckets(self.width)
         self._programs = _Programs.of(engine, num_pages)
-        self._abstract_cache = self._programs.abstract_cache
         with jax.set_mesh(engine.mesh):
             self.pool: CacheDict = self._programs.init()
-
-    @property
-    def page_bytes(self) -> int:
-        """Pool bytes of one page (every layer, K and V, every cache head)."""
-        return sum(
-            int(np.prod(s.shape[:1] + s.shape[2:])) * np.dtype(s.dtype).itemsize
-            for s in jax.tree.leaves(self._abstract_cache)
-        )
 
     def rows_bucket(self, rows: int) -> int:
         return next(b for b in self.row_buckets if b >= rows)

@@ -118,6 +118,15 @@ class DecodeState:
 _ROW_FIELDS = tuple(f.name for f in dataclasses.fields(DecodeState) if f.name != "cache")
 
 
+def power_of_two_buckets(limit: int) -> tuple[int, ...]:
+    """1, 2, 4, ... below `limit`, then `limit`: the sizes a padded shape compiles for."""
+    buckets, b = [], 1
+    while b < limit:
+        buckets.append(b)
+        b *= 2
+    return (*buckets, limit)
+
+
 def _dtype(name: str) -> jnp.dtype:
     return jnp.bfloat16 if name == "bfloat16" else jnp.float32
 
@@ -221,11 +230,7 @@ class Engine:
     @functools.cached_property
     def batch_buckets(self) -> tuple[int, ...]:
         """The row counts `generate` is compiled for: powers of two, then max_slots."""
-        n, buckets, b = self.config.max_slots, [], 1
-        while b < n:
-            buckets.append(b)
-            b *= 2
-        return (*buckets, n)
+        return power_of_two_buckets(self.config.max_slots)
 
     def batch_bucket(self, rows: int) -> int:
         """The smallest compiled-or-compilable batch bucket that holds `rows`."""

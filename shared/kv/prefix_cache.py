@@ -50,7 +50,6 @@ class PrefixCacheStats:
     hit_tokens: int = 0  # prompt tokens served from the cache
     miss_tokens: int = 0  # prompt tokens computed
     evictions: int = 0  # cached pages dropped (pool pressure or budget)
-    cached_pages: int = 0  # pages holding cached blocks (idle or referenced)
 
     @property
     def hit_rate(self) -> float:
@@ -120,10 +119,6 @@ class PrefixPagePool:
         self.stats.miss_tokens += len(ids) - len(hits) * self.page_size
         return Lookup(tuple(hits) + tuple(fresh), len(hits))
 
-    def can_acquire(self, tokens: int) -> bool:
-        """Whether a prompt of `tokens` would get its pages even with no cache hit."""
-        return -(-tokens // self.page_size) <= len(self._free) + len(self._idle)
-
     def publish(self, tokens: Sequence[int] | np.ndarray, lookup: Lookup, computed: int) -> None:
         """The first `computed` positions of a running prefill hold their final KV: cache
         its whole blocks among them now, so that prompts arriving meanwhile with the same
@@ -167,6 +162,11 @@ class PrefixPagePool:
         return len(self._free)
 
     @property
+    def cached_pages(self) -> int:
+        """Pages holding cached blocks, idle or in use."""
+        return len(self._hash_of)
+
+    @property
     def idle_cached_pages(self) -> int:
         return len(self._idle)
 
@@ -208,7 +208,6 @@ class PrefixPagePool:
                 self._serials += 1
                 entry = self._by_hash[key] = _Entry(page, self._serials, parent, block)
                 self._hash_of[page] = key
-                self.stats.cached_pages += 1
             elif entry is None or entry.page != page:
                 # The key is taken (the same prefix computed twice at once, or a collision):
                 # keep the older entry; this prompt's later blocks would chain from a page
@@ -230,7 +229,6 @@ class PrefixPagePool:
         key = self._hash_of.pop(page)
         del self._by_hash[key]
         self.stats.evictions += 1
-        self.stats.cached_pages -= 1
         self._free.append(page)
 
     def _trim(self) -> None:

@@ -39,7 +39,7 @@ from typing import Protocol
 import jax
 import numpy as np
 
-from shared.engine.chunked_prefill import ChunkedPrefill, ChunkOutput, ChunkRow
+from shared.engine.chunked_prefill import ChunkedPrefill, ChunkRow
 from shared.engine.engine import Engine, EngineError, Params, Prefix
 from shared.engine.sampling import token_logprob
 from shared.kv.prefix_cache import PrefixCacheStats, PrefixPagePool
@@ -83,7 +83,7 @@ class _Done:
 @dataclasses.dataclass(slots=True)
 class _Job:
     request: PrefillRequest
-    arrived: float  # time.perf_counter()
+    arrived: float  # time.monotonic(): the scheduler's clock
     future: asyncio.Future[_Done]
     cancelled: bool = False
 
@@ -107,8 +107,9 @@ class PrefillLoop:
         self.settings = settings
         config = engine.config
         chunk = settings.chunk or config.max_prompt_len
-        page_bytes = engine.kv_bytes_per_token * config.page_size
-        cache_pages = settings.prefix_cache_bytes // page_bytes
+        # Pool bytes of one page: every layer, K and V, every cache head.
+        self._page_bytes = engine.kv_bytes_per_token * config.page_size
+        cache_pages = settings.prefix_cache_bytes // self._page_bytes
         # Room for max_rows prompts of max_seq_len at once, plus the cache's budget.
         num_pages = 1 + settings.max_rows * config.max_pages_per_slot + cache_pages
         self.device = ChunkedPrefill(engine, num_pages, chunk, settings.max_rows)
@@ -167,7 +168,7 @@ class PrefillLoop:
                 f"prefill queue is full ({self._max_queue} waiting); retry later",
             )
         loop = asyncio.get_running_loop()
-        job = _Job(request, time.perf_counter(), loop.create_future())
+        job = _Job(request, time.monotonic(), loop.create_future())
         self._jobs[request.request_id] = job
         self._waiting += 1
         self._metrics.prefill_queue_depth.set(self._waiting)
@@ -260,7 +261,7 @@ class PrefillLoop:
         except EngineError as err:
             self._resolve(job, TransportError(StatusCode.INVALID_ARGUMENT, str(err)))
             return
-        self.scheduler.add(PrefillWork(prompt, time.monotonic(), job))
+        self.scheduler.add(PrefillWork(prompt, job.arrived, job))
 
     def _drop_abandoned(self) -> None:
         now = time.time()
@@ -281,33 +282,35 @@ class PrefillLoop:
         for c in chunks:
             job: _Job = c.work.payload
             wants |= job.request.logprobs is not None
-            if c.work.done == c.work.cached and c.start == c.work.cached:
-                self._metrics.prefill_queue_seconds.observe(time.perf_counter() - job.arrived)
+            if c.start == c.work.cached:  # its first chunk
+                self._metrics.prefill_queue_seconds.observe(c.work.started - c.work.arrived)
             rows.append(ChunkRow(c.work.tokens[c.start : c.start + c.count], c.start,
                                  c.work.lookup.pages, job.request.sampling))  # fmt: skip
         out = self.device.run(self._params, rows, wants)
         self._metrics.prefill_tokens_computed.inc(sum(c.count for c in chunks))
+        step_logprobs = None  # on the host, read once for every row that finishes
         for i, c in enumerate(chunks):
             c.work.done += c.count
             self.pool.publish(c.work.tokens, c.work.lookup, c.work.done)
             if c.work.finished:
-                self._finish(c.work, int(out.tokens[i]), out, i)
+                if wants and step_logprobs is None:
+                    step_logprobs = jax.device_get(out.logprobs)
+                self._finish(c.work, int(out.tokens[i]), step_logprobs, i)
         self._publish_cache_metrics()
 
-    def _finish(self, work: PrefillWork, first: int, out: ChunkOutput, row: int) -> None:
+    def _finish(self, work: PrefillWork, first: int, step_logprobs: tuple | None, row: int) -> None:
         job: _Job = work.payload  # type: ignore[assignment]
         request = job.request
         assert work.lookup is not None and work.started is not None
         cache = self.device.gather(work.lookup.pages, len(work.tokens))
         first_logprob = None
         if request.logprobs is not None:
-            chosen, ids, values = jax.device_get(out.logprobs)
+            chosen, ids, values = step_logprobs
             first_logprob = token_logprob(chosen[row], ids[row], values[row], request.logprobs)
         prefix = Prefix(cache, len(work.tokens), first, request.sampling, first_logprob)
         self.scheduler.remove(work, cache=True)
-        now = time.monotonic()
         queue_s = work.started - work.arrived
-        prefill_s = now - work.started
+        prefill_s = time.monotonic() - work.started
         self._metrics.prefill_seconds.observe(prefill_s)
         self._resolve(job, _Done(prefix, queue_s, prefill_s, work.cached))
 
@@ -329,7 +332,7 @@ class PrefillLoop:
         m.prefix_cache_tokens.labels("miss").inc(stats.miss_tokens - seen.miss_tokens)
         m.prefix_cache_evictions.inc(stats.evictions - seen.evictions)
         m.prefix_cache_hit_rate.set(stats.hit_rate)
-        m.prefix_cache_bytes.set(stats.cached_pages * self.device.page_bytes)
+        m.prefix_cache_bytes.set(self.pool.cached_pages * self._page_bytes)
         self._published = dataclasses.replace(stats)
 
     def _resolve(self, job: _Job, outcome: object) -> None:
