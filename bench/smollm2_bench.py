@@ -5,12 +5,18 @@
 1. Startup: `pdserve worker --role prefill` and `--role decode` with `pdserve serve`'s
    default engine flags, one after the other (each alone on the machine), timed from
    spawn to the "serving" line; the worker's own progress lines split load from compile.
-2. int8 agreement: greedy tokens of the AQT int8 model (weight-only, quantized on load
-   from the dequantized float32 weights) against float32, over 20 chat prompts of
-   NEW_TOKENS tokens each (past the end of turn too): the fraction of tokens before the
-   first divergence, averaged (the goal is >= 0.90), and the prompts that agree entirely;
-   for every kernel int8 (`--quantize int8`) and with the embedding table and the tied LM
-   head kept in float (`--quantize int8 --float-lm-head`).
+2. int8 agreement: greedy tokens of each int8 model (weight-only) against float32 (the
+   dequantized file), over 20 chat prompts of NEW_TOKENS tokens each (past the end of
+   turn too): the fraction of tokens before the first divergence, averaged (the goal is
+   >= 0.90), and the prompts that agree entirely. Variants:
+   * `int8`: AQT per output channel, quantized on load from the dequantized float32
+     weights (`--quantize int8`), and the same with the embedding table and the tied LM
+     head kept in float (`--quantize int8 --float-lm-head`);
+   * `int8_blocks`: the GGUF's own 32-weight blocks as int8 with their scales and
+     offsets (`--quantize int8-blocks`);
+   * `int8_blocks_from_floats`: 32-weight min/max blocks rounded from the dequantized
+     float32 weights, what `--quantize int8-blocks` gives a float source (an F16/BF16
+     GGUF, an HF checkpoint).
 
 `--skip-startup` keeps the startup figures already in `--out`.
 """
@@ -18,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -90,20 +97,45 @@ def int8_agreement() -> dict:
         "float32": None,
         "int8": Quantization(),
         "int8_float_embedding_and_head": Quantization(embedding=False, lm_head=False),
+        "int8_blocks": Quantization(block_size=32),
+        "int8_blocks_from_floats": Quantization(block_size=32),
     }
+    float_params = None
     for name, quantize in variants.items():
-        loaded = load_model("smollm2", engine_config=engine_config, quantize=quantize)
-        engine = Engine(loaded.model_config, engine_config)
-        prefixes = [engine.prefill(loaded.params, p) for p in prompts]
+        if name.endswith("_from_floats"):
+            config = dataclasses.replace(float_params[0], quantization=quantize)
+            params = _quantized_from_floats(config, float_params[1], engine_config)
+        else:
+            loaded = load_model("smollm2", engine_config=engine_config, quantize=quantize)
+            config, params = loaded.model_config, loaded.params
+        if quantize is None:
+            float_params = (config, params)
+        engine = Engine(config, engine_config)
+        prefixes = [engine.prefill(params, p) for p in prompts]
         batch = DecodeBatch(engine)
         batch.insert(prefixes, list(range(len(prompts))))
         steps = [np.array([p.first_token for p in prefixes])]
         for _ in range(NEW_TOKENS - 1):  # greedy past EOS too: every prompt gets 32 tokens
-            step = batch.step(loaded.params)[0]
+            step = batch.step(params)[0]
             steps.append(np.array([step[slot] for slot in range(len(prompts))]))
         tokens[name] = np.stack(steps, axis=1)  # [prompts, NEW_TOKENS]
     reference = tokens.pop("float32")
     return {name: _agreement(reference, other) for name, other in tokens.items()}
+
+
+def _quantized_from_floats(config, float_params, engine_config):
+    """Float params -> `config`'s int8 params, leaf by leaf through the loaders' own
+    `place` (what a float checkpoint quantized on load gets)."""
+    import jax.numpy as jnp
+
+    from shared.weights.tree import abstract_params, flatten, float_paths, place, unflatten
+
+    abstract = abstract_params(config, jnp.dtype(engine_config.dtype))
+    targets, floats = flatten(abstract), flatten(float_params)
+    flat = {}
+    for path in float_paths(targets):
+        flat.update(place(path, floats[path], targets))
+    return unflatten(abstract, flat)
 
 
 def _agreement(reference, other) -> dict:

@@ -45,8 +45,12 @@ QuantWeights = Literal["int8"]
 class Quantization:
     """Weight-only quantization of the served params; activations stay in the compute dtype.
 
-    Every dense kernel (attention projections, MLP) is int8 with one float32 scale per output
-    channel. `embedding` stores the embedding table int8 with one scale per row (a tied LM
+    Every dense kernel (attention projections, MLP) is int8. With `block_size` None each
+    has one float32 scale per output channel (AQT's absmax calibration); with a block size
+    each run of `block_size` weights along the contracting axis has its own float32 scale
+    and offset (`w = q * scale + offset`), the layout of llama.cpp's 32-weight blocks, so a
+    GGUF's Q4/Q5/Q8 blocks are served as they are, without rounding them again.
+    `embedding` stores the embedding table int8 the same way along its rows (a tied LM
     head reads the same table, so for tied models it also decides the head); `lm_head` does
     the same for an untied LM head kernel. Part of the model config because it is a property
     of the weights: a pre-quantized checkpoint is int8 whatever a server's flags say, and
@@ -56,10 +60,20 @@ class Quantization:
     weights: QuantWeights = "int8"
     embedding: bool = True
     lm_head: bool = True
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.weights != "int8":
             raise ConfigError(f"quantization weights={self.weights!r}: only 'int8' is supported")
+        if self.block_size is not None and self.block_size <= 0:
+            raise ConfigError(f"quantization block_size={self.block_size} must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        # Per-channel int8 keeps the dict (and so the fingerprint) it had before blocks.
+        if data["block_size"] is None:
+            del data["block_size"]
+        return data
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -105,11 +119,28 @@ class ModelConfig:
                 raise ConfigError(
                     f"{field}={value} is outside the vocabulary [0, {self.vocab_size})"
                 )
+        block = self.quantization.block_size if self.quantization else None
+        if block is not None:
+            for name, size in self.contracting_sizes().items():
+                if size % block:
+                    raise ConfigError(
+                        f"int8 blocks of {block} do not divide {name} ({size}); use "
+                        "per-channel int8 (--quantize int8) for this model"
+                    )
 
     @property
     def kv_groups(self) -> int:
         """Query heads per KV head."""
         return self.num_heads // self.num_kv_heads
+
+    def contracting_sizes(self) -> dict[str, int]:
+        """The sizes the int8 weights are read along: every kernel's input, and the
+        embedding's width (the tied head contracts it)."""
+        return {
+            "d_model": self.d_model,
+            "num_heads * head_dim": self.num_heads * self.head_dim,
+            "ffn_dim": self.ffn_dim,
+        }
 
     def param_count(self) -> int:
         d, h, kv, hd, f, v = (
@@ -131,8 +162,10 @@ class ModelConfig:
         data = dataclasses.asdict(self)
         # Float models keep the dict (and so the fingerprint) they had before quantization
         # existed.
-        if data["quantization"] is None:
+        if self.quantization is None:
             del data["quantization"]
+        else:
+            data["quantization"] = self.quantization.to_dict()
         return data
 
     @classmethod

@@ -10,7 +10,8 @@ axes, in one table, so changing the parallelism is a change here only (MaxText's
     MLP        gate/up [embed, mlp]       down [mlp, embed]
     embedding  [vocab, embed]  (the tied LM head reads it: logits come out vocab-sharded)
     LM head    [embed, vocab]             norms [norm] (replicated)
-    int8       values shard like the float kernel; per-channel scales like its out axis
+    int8       values shard like the float kernel; per-channel scales like its out axis,
+               block scales and offsets like the kernel (blocks never straddle devices)
     KV caches  [cache_heads, slots, seq, head_dim] (decode), [cache_heads, 1, T, head_dim]
 
 KV heads. With `tp <= num_kv_heads` the KV heads split over the devices (tp must divide
@@ -78,7 +79,20 @@ class Parallelism:
 
     @classmethod
     def of(cls, config: ModelConfig, tp: int) -> Parallelism:
-        return cls(tp, config.num_heads, config.num_kv_heads)
+        layout = cls(tp, config.num_heads, config.num_kv_heads)
+        block = config.quantization.block_size if config.quantization else None
+        if block is not None:
+            # Row-parallel kernels (o_proj, down_proj) split their input over the devices;
+            # a block must not straddle two of them.
+            for name, size in (("num_heads * head_dim", config.num_heads * config.head_dim),
+                               ("ffn_dim", config.ffn_dim)):  # fmt: skip
+                if (size // tp) % block:
+                    raise ConfigError(
+                        f"--tensor-parallel={tp} splits {name} ({size}) into {size // tp} per "
+                        f"device, not whole int8 blocks of {block}; use per-channel int8 or "
+                        "another tensor-parallel size"
+                    )
+        return layout
 
     @property
     def cache_heads(self) -> int:

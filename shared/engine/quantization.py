@@ -1,5 +1,12 @@
 """Weight-only int8 through AQT: quantize a float weight, and multiply by an int8 weight.
 
+Two layouts. Per channel (below): one scale per output channel, AQT's own quantizer and
+int8 matmul. Blocks (`quantize_blocks`, `block_int8_dot_general`): every `block` weights
+along the contracting axis have a scale and an offset, `w = q * scale + offset`, which
+is how llama.cpp's Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 (and the 32-weight sub-blocks of Q4_K/Q5_K)
+store a weight: a GGUF's blocks are served as they are (shared/weights/gguf_blocks.py),
+and float weights get min/max blocks here.
+
 Both directions go through one AQT config (`aqt.jax.v2.config`), weight-only: the rhs
 (weights) uses AQT's IntSymmetric 8-bit numerics with absmax calibration along the
 contracting axis (one scale per output channel); the lhs (activations) is not quantized.
@@ -24,6 +31,7 @@ from aqt.jax.v2 import aqt_tensor
 from aqt.jax.v2 import config as aqt_config
 
 SCALE_SUFFIX = "_scale"  # the scale of param `x` is param `x_scale`
+OFFSET_SUFFIX = "_offset"  # blocks only: the offset of param `x` is param `x_offset`
 
 
 def weight_only_int8_config() -> aqt_config.DotGeneral:
@@ -86,3 +94,90 @@ def int8_dot_general(
 def dequantize(values: jax.Array, scale: jax.Array, dtype: jnp.dtype) -> jax.Array:
     """int8 values * scale, as AQT's QTensor.dequant does (used for embedding lookups)."""
     return values.astype(dtype) * scale.astype(dtype)
+
+
+# Blocks ---------------------------------------------------------------------------------
+
+
+def block_shape(shape: tuple[int, ...], contracting_axis: int, block: int) -> tuple[int, ...]:
+    """The scale's (and offset's) shape: `shape` with the contracting axis cut into blocks."""
+    if shape[contracting_axis] % block:
+        raise ValueError(f"axis {contracting_axis} of {shape} is not a multiple of {block}")
+    out = list(shape)
+    out[contracting_axis] //= block
+    return tuple(out)
+
+
+def _split(x: jax.Array, axis: int, block: int) -> jax.Array:
+    """[.., K, ..] -> [.., K / block, block, ..]."""
+    return x.reshape(*x.shape[:axis], x.shape[axis] // block, block, *x.shape[axis + 1 :])
+
+
+def quantize_blocks(
+    weight: jax.Array, contracting_axis: int, block: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """float weight -> (int8 values, float32 scales, float32 offsets), min/max per block.
+
+    Each block's 256 levels span its own [min, max], so the rounding error is at most
+    (max - min) / 510 per weight; a constant block stores exactly (scale 0, offset = value).
+    """
+    w = _split(weight.astype(jnp.float32), contracting_axis, block)
+    axis = contracting_axis + 1  # the axis within a block
+    low = jnp.min(w, axis=axis, keepdims=True)
+    high = jnp.max(w, axis=axis, keepdims=True)
+    scale = (high - low) / 255.0
+    safe = jnp.where(scale == 0, 1.0, scale)
+    # Levels 0..255 from the block minimum, stored as -128..127 (the offset absorbs the 128).
+    values = jnp.clip(jnp.round((w - low) / safe), 0, 255) - 128
+    offset = low + 128 * scale
+    return (
+        values.astype(jnp.int8).reshape(weight.shape),
+        jnp.squeeze(scale, axis),
+        jnp.squeeze(offset, axis),
+    )
+
+
+quantize_blocks_jit: Callable[[jax.Array, int, int], tuple[jax.Array, jax.Array, jax.Array]] = (
+    jax.jit(quantize_blocks, static_argnums=(1, 2))
+)
+
+
+def dequantize_blocks(
+    values: jax.Array, scale: jax.Array, offset: jax.Array, contracting_axis: int,
+    dtype: jnp.dtype,
+) -> jax.Array:  # fmt: skip
+    """int8 values [.., K, ..] with per-block scale and offset [.., K / block, ..] -> float.
+
+    An AQT QTensor with the block scale and the (negated) offset as its bias: AQT's
+    dequantization `q * scale - bias`, in float32 as llama.cpp's `d * q + m`, so a GGUF
+    block dequantizes to the same float32 the `gguf` package gives.
+    """
+    block = values.shape[contracting_axis] // scale.shape[contracting_axis]
+    qt = aqt_tensor.QTensor(
+        qvalue=_split(values, contracting_axis, block),
+        scale=[jnp.expand_dims(scale.astype(jnp.float32), contracting_axis + 1)],
+        scale_t=None,
+        bias=[-jnp.expand_dims(offset.astype(jnp.float32), contracting_axis + 1)],
+        dequant_dtype=jnp.float32,
+    )
+    return qt.dequant().reshape(values.shape).astype(dtype)
+
+
+def block_int8_dot_general(
+    x: jax.Array,
+    values: jax.Array,
+    scale: jax.Array,
+    offset: jax.Array,
+    rhs_contracting: int,
+    dtype: jnp.dtype,
+) -> jax.Array:
+    """Contract the last axis of `x` with axis `rhs_contracting` of a 2-D block-int8 weight.
+
+    The weight is dequantized inside the step and fed to one dot (AQT's fake-quant serving
+    form), because per-block scales cannot move to the output as per-channel ones do:
+    memory holds int8 only, and the float weight is a temporary of the step (XLA on TPU
+    can fuse it into the matmul's operand; XLA on CPU writes it out, see the README).
+    """
+    weight = dequantize_blocks(values, scale, offset, rhs_contracting, dtype)
+    spec = "...k,kn->...n" if rhs_contracting == 0 else "...k,nk->...n"
+    return jnp.einsum(spec, x.astype(dtype), weight)

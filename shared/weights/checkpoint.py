@@ -36,6 +36,7 @@ from shared.config import MODEL_PRESETS, EngineConfig, ModelConfig, Quantization
 from shared.engine.mesh import Parallelism
 from shared.engine.params import init_params, param_shardings
 from shared.weights import gguf_import, hf
+from shared.weights.flags import QUANTIZE_CHOICES
 from shared.weights.hf import CheckpointError
 from shared.weights.packaged import PACKAGED_MODELS, resolve_packaged
 from shared.weights.tree import (
@@ -81,11 +82,9 @@ def quantization_for(quantize: str | Quantization | None) -> Quantization | None
     """`--quantize` flag value -> Quantization (None, "none": float)."""
     if quantize is None or isinstance(quantize, Quantization):
         return quantize
-    if quantize == "none":
-        return None
-    if quantize == "int8":
-        return Quantization()
-    raise CheckpointError(f"--quantize {quantize!r}: choose 'int8' or 'none'")
+    if quantize in QUANTIZE_CHOICES:
+        return QUANTIZE_CHOICES[quantize]
+    raise CheckpointError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}")
 
 
 def load_model(

@@ -2,7 +2,9 @@
 
 Read with the `gguf` package: the file is memory-mapped, and each tensor is dequantized
 in numpy (llama.cpp's block formats) one at a time, then cast (or int8-quantized) to its
-target, so loading never holds the float model twice.
+target, so loading never holds the float model twice. With 32-weight block-int8 targets
+(`--quantize int8-blocks`), tensors whose format has exact 32-weight blocks keep them
+(shared/weights/gguf_blocks.py) instead of being dequantized and rounded again.
 
 Mapping notes:
 * GGUF stores a weight with `ne = [in, out]`, i.e. a row-major numpy array [out, in]
@@ -23,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from shared.config import ConfigError, ModelConfig
+from shared.weights import gguf_blocks
 from shared.weights.hf import CheckpointError
-from shared.weights.tree import AbstractFlat, Flat, float_paths, place
+from shared.weights.tree import AbstractFlat, Flat, block_size_of, float_paths, place, place_blocks
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 # Block formats the `gguf` package dequantizes and that we accept; anything else (the
@@ -194,6 +197,11 @@ def read_params(
         raise AssertionError(f"tensor_names() does not cover params {uncovered}")
     flat: Flat = {}
     for name, (ours, heads) in names.items():
+        if block_size_of(ours, targets) == gguf_blocks.BLOCK:
+            blocks = gguf_blocks.exact_blocks(index[name])
+            if blocks is not None:
+                flat.update(_place_exact_blocks(name, ours, heads, blocks, targets, path))
+                continue
         value = dequantized(index[name], path)  # [out, in] (HF layout); norms: [D]
         want = targets[ours].shape
         expected = tuple(reversed(want)) if value.ndim == 2 and ours != "embed.embedding" else want
@@ -209,6 +217,31 @@ def read_params(
         flat.update(place(ours, value, targets))
         del value
     return flat
+
+
+def _place_exact_blocks(
+    name: str,
+    ours: str,
+    heads: int | None,
+    blocks: tuple[np.ndarray, np.ndarray, np.ndarray],
+    targets: AbstractFlat,
+    path: pathlib.Path,
+) -> Flat:
+    """A tensor's own blocks ([out, in] values, [out, in / 32] scales and offsets) into
+    place: rows un-permuted and kernels transposed exactly like the float path."""
+    kernel = ours != "embed.embedding"
+    want = targets[ours].shape
+    expected = tuple(reversed(want)) if kernel else want
+    if blocks[0].shape != tuple(expected):
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has shape {list(blocks[0].shape)}, the metadata implies "
+            f"{list(expected)}"
+        )
+    if heads is not None:
+        blocks = tuple(unpermute_rope_rows(b, heads) for b in blocks)
+    if kernel:
+        blocks = tuple(np.ascontiguousarray(b.T) for b in blocks)
+    return place_blocks(ours, *blocks, targets)
 
 
 def dequantized(tensor: Any, path: pathlib.Path) -> np.ndarray:

@@ -22,7 +22,12 @@ from shared.config import ModelConfig
 from shared.engine.mesh import Parallelism
 from shared.engine.model.llama import abstract_model
 from shared.engine.params import param_shardings, with_shardings
-from shared.engine.quantization import SCALE_SUFFIX, quantize_jit
+from shared.engine.quantization import (
+    OFFSET_SUFFIX,
+    SCALE_SUFFIX,
+    quantize_blocks_jit,
+    quantize_jit,
+)
 
 Flat = dict[str, jax.Array]
 AbstractFlat = dict[str, jax.ShapeDtypeStruct]
@@ -73,24 +78,53 @@ def contracting_axis(path: str) -> int:
     return 1 if path.endswith("embedding") else 0
 
 
+def block_size_of(path: str, targets: AbstractFlat) -> int | None:
+    """The int8 block size of the param at `path`, None if it is not block-quantized."""
+    offset = targets.get(path + OFFSET_SUFFIX)
+    if offset is None:
+        return None
+    axis = contracting_axis(path)
+    return targets[path].shape[axis] // offset.shape[axis]
+
+
 def place(path: str, value: np.ndarray | jax.Array, targets: AbstractFlat) -> Flat:
     """A float tensor for `path` -> the leaves it becomes in `targets`.
 
     A float target gets the value cast to its dtype; an int8 target gets AQT's int8 values
-    plus `path + "_scale"` (convert on load: the float tensor is dropped by the caller).
+    plus `path + "_scale"`, and a block-int8 target min/max blocks plus `path + "_scale"`
+    and `path + "_offset"` (convert on load: the float tensor is dropped by the caller).
     A target with a sharding gets the tensor straight onto its shards: each device receives
     only its part (the host holds this one tensor, never the model).
     """
     target = targets[path]
     if not is_quantized(target):
         return {path: _put(value, target.dtype, target)}
-    scale_target = targets[path + SCALE_SUFFIX]
     sharded_float = _put(value, jnp.float32, target)  # quantized where it lives
+    block = block_size_of(path, targets)
+    if block is not None:
+        blocks = quantize_blocks_jit(sharded_float, contracting_axis(path), block)
+        return place_blocks(path, *blocks, targets)
     values, scale = quantize_jit(sharded_float, contracting_axis(path))
     return {
         path: _put(values, values.dtype, target),
-        path + SCALE_SUFFIX: _put(scale, scale.dtype, scale_target),
+        path + SCALE_SUFFIX: _put(scale, scale.dtype, targets[path + SCALE_SUFFIX]),
     }
+
+
+def place_blocks(
+    path: str,
+    values: np.ndarray | jax.Array,
+    scale: np.ndarray | jax.Array,
+    offset: np.ndarray | jax.Array,
+    targets: AbstractFlat,
+) -> Flat:
+    """Block-int8 values with their scales and offsets -> the three leaves of `path`."""
+    leaves = {path: values, path + SCALE_SUFFIX: scale, path + OFFSET_SUFFIX: offset}
+    for name, leaf in leaves.items():
+        want = targets[name]
+        if tuple(leaf.shape) != tuple(want.shape):
+            raise ValueError(f"{name}: shape {tuple(leaf.shape)}, the model wants {want.shape}")
+    return {name: _put(leaf, targets[name].dtype, targets[name]) for name, leaf in leaves.items()}
 
 
 def _put(
@@ -105,12 +139,14 @@ def _put(
 
 
 def float_paths(targets: AbstractFlat) -> Iterator[str]:
-    """The paths a float source must provide: every target except int8 scales."""
+    """The paths a float source must provide: every target except int8 scales and offsets."""
     for path in targets:
-        scale_of = path.removesuffix(SCALE_SUFFIX)
-        if path.endswith(SCALE_SUFFIX) and scale_of in targets and is_quantized(targets[scale_of]):
-            continue
-        yield path
+        for suffix in (SCALE_SUFFIX, OFFSET_SUFFIX):
+            of = path.removesuffix(suffix)
+            if path.endswith(suffix) and of in targets and is_quantized(targets[of]):
+                break
+        else:
+            yield path
 
 
 def weights_id(flat: Mapping[str, jax.Array]) -> str:

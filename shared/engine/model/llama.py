@@ -58,7 +58,8 @@ class Attention(nnx.Module):
         # A tuple, not an array: static model structure, not state that nnx.split would carry.
         self.inv_freq = tuple(inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling))
         gain, bias, int8 = c.init_kernel_gain, c.qkv_bias, c.quantization is not None
-        kw = dict(dtype=dtype, gain=gain, int8=int8, rngs=rngs)
+        block = c.quantization.block_size if c.quantization else None
+        kw = dict(dtype=dtype, gain=gain, int8=int8, block_size=block, rngs=rngs)
         q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         # Column-parallel q/k/v (by heads), row-parallel o: one all-reduce per attention.
         self.q_proj = Dense(c.d_model, q_out, use_bias=bias, axes=("embed", "q_heads"), **kw)
@@ -159,6 +160,7 @@ class Block(nnx.Module):
             dtype=dtype,
             gain=config.init_kernel_gain,
             int8=config.quantization is not None,
+            block_size=config.quantization.block_size if config.quantization else None,
             rngs=rngs,
         )
 
@@ -202,6 +204,7 @@ class Transformer(nnx.Module):
             std=config.init_embed_std,
             dtype=dtype,
             int8=quant is not None and quant.embedding,
+            block_size=quant.block_size if quant else None,
             rngs=rngs,
         )
         self.layers = nnx.List([Block(config, mode, **block_kw) for _ in range(config.num_layers)])
@@ -214,6 +217,7 @@ class Transformer(nnx.Module):
                 config.vocab_size,
                 dtype=dtype,
                 int8=quant is not None and quant.lm_head,
+                block_size=quant.block_size if quant else None,
                 axes=("embed", "vocab"),
                 rngs=rngs,
             )
