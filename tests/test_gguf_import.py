@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 
 from shared.config import EngineConfig, ModelConfig
+from shared.engine import quantization
+from shared.engine.engine import Engine
 from shared.weights import convert_cli
 from shared.weights.checkpoint import CheckpointError, load_model
-from shared.weights.gguf_import import permute_rope_rows, unpermute_rope_rows
+from shared.weights.gguf_import import permute_rope_rows, tensor_names, unpermute_rope_rows
 from shared.weights.model_info import load_model_info
-from shared.weights.tree import flatten
+from shared.weights.tree import contracting_axis, flatten
 from tests.gguf_support import (
     IM_END,
     IM_START,
@@ -145,6 +147,74 @@ def test_k_quants_load_exactly_what_gguf_dequantizes(tmp_path, tiny):
         np.testing.assert_array_equal(reread[name], expected, err_msg=f"{name} {kind.name}")
         seen.add(kind)
     assert seen == set(K_SCALE_OFFSETS)
+
+
+# int8 blocks ---------------------------------------------------------------------------
+# The integer range each format's blocks hold (q of `q * scale + offset`).
+EXACT_RANGES = {Q.Q8_0: (-127, 127), Q.Q4_0: (-8, 7), Q.Q4_1: (0, 15), Q.Q5_0: (-16, 15),
+                Q.Q5_1: (0, 31), Q.Q4_K: (0, 15), Q.Q5_K: (0, 31)}  # fmt: skip
+REROUNDED = (Q.F16, Q.Q6_K)  # no exact 32-weight form: min/max blocks of the floats
+
+
+@pytest.fixture(scope="module")
+def mixed_file(tmp_path_factory, tiny) -> tuple[pathlib.Path, dict]:
+    """Every matrix in one of the formats above (K-quants written raw, see below)."""
+    config, flat = tiny
+    tensors = params_as_gguf_tensors(config, flat)
+    kinds = [*EXACT_RANGES, *REROUNDED]
+    rng = np.random.default_rng(1)
+    type_of, raw = {}, {}
+    for i, name in enumerate(n for n, v in list(tensors.items()) if v.ndim == 2):
+        kind = type_of[name] = kinds[i % len(kinds)]
+        if kind in K_SCALE_OFFSETS:
+            rows, cols = tensors.pop(name).shape
+            raw[name] = (random_k_blocks(rng, rows, cols, kind), kind)
+    path = tmp_path_factory.mktemp("blocks") / "mixed.gguf"
+    write_gguf(path, config, tensors, type_of=type_of.get, raw=raw)
+    return path, type_of
+
+
+def test_int8_blocks_serve_each_formats_own_blocks_bit_for_bit(mixed_file, tiny):
+    """`--quantize int8-blocks`: a tensor whose format has exact 32-weight blocks is int8
+    whose dequantization is the float load's tensor, bit for bit (un-permuted and transposed
+    like it), with the format's integers; other formats are min/max blocks of the floats."""
+    config, _ = tiny
+    path, type_of = mixed_file
+    floats = flatten(load_model(str(path), engine_config=ENGINE).params)
+    blocks = flatten(load_model(str(path), engine_config=ENGINE, quantize="int8-blocks").params)
+    names = tensor_names(config)
+    seen = set()
+    for name, kind in type_of.items():
+        ours = names[name][0]
+        axis = contracting_axis(ours)
+        values, scale, offset = (blocks[ours + s] for s in ("", "_scale", "_offset"))
+        assert values.dtype == jnp.int8, ours
+        back = np.asarray(quantization.dequantize_blocks(values, scale, offset, axis, jnp.float32))
+        want = np.asarray(floats[ours])
+        if kind in EXACT_RANGES:
+            np.testing.assert_array_equal(back, want, err_msg=f"{name} {kind.name}")
+            low, high = EXACT_RANGES[kind]
+            assert low <= int(values.min()) and int(values.max()) <= high, (name, kind.name)
+            assert int(values.max()) - int(values.min()) >= (high - low) // 2, (name, kind.name)
+        else:  # each weight within half a step of its own block's range
+            want_blocks = np.moveaxis(want, axis, -1).reshape(-1, 32)
+            error = np.abs(np.moveaxis(back, axis, -1).reshape(-1, 32) - want_blocks)
+            step = np.ptp(want_blocks, axis=1, keepdims=True) / 255
+            assert error.max() > 0 and (error <= step / 2 * (1 + 1e-4) + 1e-9).all(), name
+        seen.add(kind)
+    assert seen == {*EXACT_RANGES, *REROUNDED}
+
+
+def test_int8_blocks_of_a_gguf_give_the_float_models_logits(mixed_file):
+    path, _ = mixed_file
+    floats = load_model(str(path), engine_config=ENGINE)
+    blocks = load_model(str(path), engine_config=ENGINE, quantize="int8-blocks")
+    tokens = [IM_START, 40, 41, 259, 7, 300, 12]
+    a = Engine(floats.model_config, ENGINE).reference_logits(floats.params, tokens)
+    b = Engine(blocks.model_config, ENGINE).reference_logits(blocks.params, tokens)
+    # Only the re-rounded F16 and Q6_K matrices differ; all else is the same weights.
+    assert np.abs(a - b).max() <= 0.05 * a.std()
+    assert (a.argmax(-1) == b.argmax(-1)).all()
 
 
 def test_an_unsupported_block_format_is_refused_by_name(tmp_path, tiny):

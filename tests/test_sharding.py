@@ -203,15 +203,23 @@ def test_orbax_saved_at_tp4_restores_at_tp2(engines, tp_params, tiny_config, tmp
     assert _greedy(engines[2], restored.params, PROMPTS[3], 12) == expected
 
 
-def test_int8_sharded_equals_int8_unsharded(tiny_config):
+@pytest.mark.parametrize("quantize", ["int8", "int8-blocks"])
+def test_int8_sharded_equals_int8_unsharded(tiny_config, quantize: str):
     tokens = {}
     for tp in (1, 4):
         mesh = make_mesh(tp)
-        loaded = load_model("tiny", engine_config=CONFIG, quantize="int8", mesh=mesh)
+        loaded = load_model("tiny", engine_config=CONFIG, quantize=quantize, mesh=mesh)
         engine = Engine(loaded.model_config, CONFIG, mesh)
         tokens[tp] = _greedy(engine, loaded.params, PROMPTS[1], 12)
         kernel = loaded.params["layers"][0]["mlp"]["gate_proj"]["kernel"][...]
         assert kernel.dtype == np.int8 and len(kernel.sharding.device_set) == tp
+        if quantize == "int8-blocks":
+            # Row-parallel down_proj: its blocks split over the devices with the kernel rows.
+            down = loaded.params["layers"][0]["mlp"]["down_proj"]
+            rows = {s.data.shape[0] for s in down["kernel"][...].addressable_shards}
+            block_rows = {s.data.shape[0] for s in down["kernel_scale"][...].addressable_shards}
+            assert rows == {tiny_config.ffn_dim // tp}
+            assert block_rows == {tiny_config.ffn_dim // tp // 32}
     assert tokens[4] == tokens[1]
 
 

@@ -16,15 +16,19 @@ import asyncio
 import json
 import pathlib
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from shared.chat import ChatMessage, render_chat
 from shared.config import EngineConfig
+from shared.engine import quantization
 from shared.engine.engine import Engine
 from shared.engine.sampling import SamplingParams
 from shared.serving.local_generate import stream_tokens
-from shared.weights.checkpoint import LoadedModel, load_model, save_checkpoint
+from shared.weights.checkpoint import LoadedModel, load_model, param_bytes, save_checkpoint
 from shared.weights.model_info import ModelInfo, load_model_info, save_text_files
+from shared.weights.tree import contracting_axis, flatten
 from tests.cluster_harness import ProcessApi, spawn_orchestrator
 from tests.worker_harness import spawn_worker, stop_worker
 
@@ -114,6 +118,37 @@ def test_greedy_equals_transformers_in_process(smollm2: LoadedModel, smollm2_eng
             want_finish = "length"
         assert produced == expected, first_difference(produced, chat)
         assert finish == want_finish
+
+
+@pytest.mark.timeout(300)  # loads the model again and compiles its 30 layers, twice
+def test_int8_blocks_serve_the_files_own_weights_and_equal_transformers(smollm2: LoadedModel):
+    """`--quantize int8-blocks` keeps the file's Q4_1/Q8_0 blocks: every int8 tensor
+    dequantizes to the float32 load bit for bit, so greedy decoding is the reference's."""
+    blocks = load_model("smollm2", engine_config=ENGINE, quantize="int8-blocks")
+    floats, got = flatten(smollm2.params), flatten(blocks.params)
+    int8 = [p for p, v in got.items() if v.dtype == jnp.int8]
+    assert len(int8) == 30 * 7 + 1  # every kernel and the (tied) embedding table
+    for path in int8:
+        back = quantization.dequantize_blocks(
+            got[path], got[path + "_scale"], got[path + "_offset"], contracting_axis(path),
+            jnp.float32,
+        )  # fmt: skip
+        assert np.array_equal(np.asarray(back), np.asarray(floats[path])), path
+    assert param_bytes(blocks.params) < 0.33 * param_bytes(smollm2.params)
+    engine = Engine(blocks.model_config, ENGINE)
+    for chat in CHATS[:2]:
+        produced = [
+            token
+            for token, _ in stream_tokens(
+                engine, blocks.params, chat["prompt_ids"], SamplingParams(), NEW_TOKENS
+            )
+            if token is not None
+        ]
+        eos = REFERENCE["eos_token_id"]
+        expected = (
+            chat["greedy"][: chat["greedy"].index(eos)] if eos in chat["greedy"] else chat["greedy"]
+        )
+        assert produced == expected, first_difference(produced, chat)
 
 
 @pytest.mark.timeout(400)  # two 135M workers load and compile in parallel on a small machine
