@@ -5,7 +5,8 @@
 
 `tiny` and `small` are presets with seeded weights; `smollm2` is the real SmolLM2-135M
 (the packaged GGUF, float32), prefilled at 128 and 512 only, with its load time and peak
-RSS (float32 and int8, each load in a fresh process).
+RSS (float32 and int8, each load in a fresh process); `smollm2:int8-blocks` (any
+`--quantize` value after the colon) is the same model served quantized.
 
 The decode floor counts only the bytes a step must read: every parameter once, and the KV
 of the live positions of every live request (batch x context x KV bytes per token), at a
@@ -73,9 +74,12 @@ def param_bytes(params: object) -> int:
 
 @functools.lru_cache(maxsize=1)
 def _real_model(name: str) -> tuple[object, Params]:
+    """`smollm2` (float32) or `smollm2:int8-blocks` (any `--quantize` value after the colon)."""
     from shared.weights.checkpoint import load_model
 
-    loaded = load_model(name, engine_config=EngineConfig(1, (64,), PREFILL_MAX_SEQ_LEN))
+    model, _, quantize = name.partition(":")
+    engine_config = EngineConfig(1, (64,), PREFILL_MAX_SEQ_LEN)
+    loaded = load_model(model, engine_config=engine_config, quantize=quantize or None)
     return loaded.model_config, loaded.params
 
 
@@ -143,7 +147,7 @@ def bench_decode(
 
 
 def bench_prefill(config_name: str, repeats: int) -> list[dict]:
-    buckets = REAL_MODEL_BUCKETS.get(config_name, PREFILL_BUCKETS)
+    buckets = REAL_MODEL_BUCKETS.get(config_name.partition(":")[0], PREFILL_BUCKETS)
     engine, params = engine_and_params(config_name, EngineConfig(1, buckets, PREFILL_MAX_SEQ_LEN))
     rows = []
     for bucket in buckets:
@@ -175,10 +179,12 @@ def real_model_load(name: str, repeats: int = 1) -> dict:
 
     from shared.weights.packaged import packaged_path
 
-    path = packaged_path(name)
+    model, _, quantize = name.partition(":")
+    path = packaged_path(model)
+    variants = (("float32", ""), ("int8", "int8")) if not quantize else ((quantize, quantize),)
     return {
-        dtype: {"config": name, **load_bench.measure_load(path, quantize, repeats)}
-        for dtype, quantize in (("float32", ""), ("int8", "int8"))
+        dtype: {"config": name, **load_bench.measure_load(path, q, repeats)}
+        for dtype, q in variants
     }
 
 

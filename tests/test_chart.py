@@ -53,6 +53,7 @@ from shared.serving.worker_config import (
     parse_worker_args,
     worker_parser,
 )
+from shared.weights.flags import QUANTIZE_CHOICES
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "pdserve"
@@ -341,8 +342,8 @@ def test_worker_args_parse_and_agree_with_the_pod(rendered: Rendered, tmp_path: 
         assert config.metrics_port == role_values["metricsPort"]
         assert config.model == values["model"]["path"]
         assert config.dtype == values["model"]["dtype"]
-        # --quantize none parses to no quantization; int8 to an int8 Quantization.
-        assert (config.quantization is not None) == (values["model"]["quantize"] == "int8")
+        # --quantize none parses to no quantization; int8(-blocks) to its Quantization.
+        assert config.quantization == QUANTIZE_CHOICES[values["model"]["quantize"]]
         assert config.slots == (None if role_values["slots"] == "auto" else role_values["slots"])
         tpu = role_values["tpu"]
         assert config.tensor_parallel == (tpu["chipsPerHost"] if tpu["enabled"] else 1)
@@ -727,6 +728,24 @@ def test_chart_default_ports_are_the_code_defaults():
         assert values[role.value]["metricsPort"] == DEFAULT_METRICS_PORTS[role]
     assert values["orchestrator"]["port"] == DEFAULT_PORT
     assert values["orchestrator"]["metricsPort"] == DEFAULT_METRICS_PORT
+
+
+def test_the_schemas_quantize_choices_are_the_flags():
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    found = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "quantize" in node.get("properties", {}):
+                found.append(node["properties"]["quantize"]["enum"])
+            for child in node.values():
+                walk(child)
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+
+    walk(schema)
+    assert found == [list(QUANTIZE_CHOICES)]
 
 
 def test_values_schema_is_self_contained():

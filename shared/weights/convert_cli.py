@@ -1,11 +1,12 @@
 """`pdserve convert`: an HF directory, a GGUF file (or a preset) -> a pdserve orbax checkpoint.
 
-    pdserve convert --hf-dir DIR --out CKPT [--quantize int8] [--float-lm-head]
-    pdserve convert --gguf FILE.gguf --out CKPT [--quantize int8]
+    pdserve convert --hf-dir DIR --out CKPT [--quantize int8|int8-blocks] [--float-lm-head]
+    pdserve convert --gguf FILE.gguf --out CKPT [--quantize int8|int8-blocks]
 
-The checkpoint holds the params (int8 + per-channel scales with --quantize int8), the
-model config, the tokenizer and the chat template, so a server started with
-`--model CKPT` needs nothing else.
+The checkpoint holds the params (int8 + per-channel scales with --quantize int8; int8 +
+per-32-weight scales and offsets with int8-blocks, a GGUF's own blocks where its format
+has them), the model config, the tokenizer and the chat template, so a server started
+with `--model CKPT` needs nothing else.
 """
 
 from __future__ import annotations
