@@ -170,7 +170,7 @@ def mixed_file(tmp_path_factory, tiny) -> tuple[pathlib.Path, dict]:
             rows, cols = tensors.pop(name).shape
             raw[name] = (random_k_blocks(rng, rows, cols, kind), kind)
     path = tmp_path_factory.mktemp("blocks") / "mixed.gguf"
-    write_gguf(path, config, tensors, type_of=type_of.get, raw=raw)
+    write_gguf(path, config, tensors, type_of=type_of.get, raw=raw, tokenizer=tiny_tokenizer())
     return path, type_of
 
 
@@ -203,6 +203,29 @@ def test_int8_blocks_serve_each_formats_own_blocks_bit_for_bit(mixed_file, tiny)
             assert error.max() > 0 and (error <= step / 2 * (1 + 1e-4) + 1e-9).all(), name
         seen.add(kind)
     assert seen == {*EXACT_RANGES, *REROUNDED}
+
+
+def test_int8_blocks_of_the_dequantized_floats_find_the_same_grids(mixed_file, tiny, tmp_path):
+    """The GGUF converted to a float checkpoint, then served `--quantize int8-blocks`: the
+    quantizer sees only floats, and still stores each exact format's blocks on their grid
+    (to float32 rounding), where min/max blocks would be off by up to a 510th of a range."""
+    config, _ = tiny
+    path, type_of = mixed_file
+    assert convert_cli.main(["--gguf", str(path), "--out", str(tmp_path / "f32")]) == 0
+    floats = flatten(load_model(str(path), engine_config=ENGINE).params)
+    loaded = load_model(str(tmp_path / "f32"), engine_config=ENGINE, quantize="int8-blocks")
+    blocks = flatten(loaded.params)
+    names = tensor_names(config)
+    for name, kind in type_of.items():
+        if kind not in EXACT_RANGES:
+            continue
+        ours = names[name][0]
+        values, scale, offset = (blocks[ours + s] for s in ("", "_scale", "_offset"))
+        back = quantization.dequantize_blocks(values, scale, offset, contracting_axis(ours),
+                                              jnp.float32)  # fmt: skip
+        want = np.asarray(floats[ours])
+        tolerance = 16 * np.finfo(np.float32).eps * np.abs(want).max()
+        assert np.abs(np.asarray(back) - want).max() <= tolerance, (name, kind.name)
 
 
 def test_int8_blocks_of_a_gguf_give_the_float_models_logits(mixed_file):

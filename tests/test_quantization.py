@@ -83,6 +83,40 @@ def test_quantize_blocks_rounds_each_weight_within_half_its_blocks_step():
     assert int(values.min()) == -128 and int(values.max()) == 127  # all 256 levels used
 
 
+def _levels_with_gaps(rng: np.random.Generator, gaps: tuple[int, int]) -> np.ndarray:
+    """[4, 32, 16] integer levels from -127 whose neighbours differ by one of `gaps`, so the
+    smallest gap is gaps[0] steps while the grid step is 1 (the gaps are coprime)."""
+    steps = rng.choice(gaps, (4, 31, 16))
+    steps[:, 0] = gaps[0]  # the smallest gap occurs in every block
+    levels = np.concatenate([np.zeros((4, 1, 16)), np.cumsum(steps, axis=1)], axis=1) - 127
+    return rng.permuted(levels, axis=1).astype(np.float32)
+
+
+def test_quantize_blocks_keeps_weights_that_already_lie_on_a_grid():
+    """Dequantized llama.cpp blocks: Q4_1 (`d * q + m`, q 0..15, float16 d and m) and Q8_0
+    (`d * q`) with sparse levels whose smallest gap is 2 or 3 steps. Each block keeps its
+    grid (step d, to float32 rounding), not 256 min/max levels over its range."""
+    rng = np.random.default_rng(7)
+    d = rng.uniform(1e-3, 1e-2, (4, 1, 16)).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.1, 0.0, (4, 1, 16)).astype(np.float16).astype(np.float32)
+    q4 = rng.integers(0, 16, (4, 32, 16)).astype(np.float32)
+    q4[:, :2] = [[0], [15]]  # a full range, so the step is d itself
+    q4[:, 2] = 1.0
+    cases = [(q4, m), (_levels_with_gaps(rng, (2, 3)), 0.0), (_levels_with_gaps(rng, (3, 4)), 0.0)]
+    for q, offset in cases:
+        w = jnp.asarray((d * q + offset).reshape(128, 16))
+        values, scale, offset_ = quantization.quantize_blocks(w, 0, 32)
+        back = np.asarray(quantization.dequantize_blocks(values, scale, offset_, 0, jnp.float32))
+        tolerance = 16 * np.finfo(np.float32).eps * np.abs(np.asarray(w)).max()
+        assert np.abs(back - np.asarray(w)).max() <= tolerance
+        np.testing.assert_allclose(np.asarray(scale).reshape(4, 1, 16), d, rtol=1e-4)
+    # A block on a grid of 300 levels has no int8 form of it: min/max, as for any float.
+    wide_levels = np.append(np.arange(31, dtype=np.float32), 299.0)  # steps of 1, 300 levels
+    wide = jnp.asarray(wide_levels[:, None] * np.ones((1, 2), np.float32))
+    _, wide_scale, _ = quantization.quantize_blocks(wide, 0, 32)
+    np.testing.assert_allclose(wide_scale, 299 / 255, rtol=1e-6)
+
+
 @pytest.mark.parametrize("axis", [0, 1], ids=["kernel_in_out", "embedding_v_d"])
 def test_block_int8_dot_general_is_the_dot_of_the_dequantized_blocks(axis: int):
     k, n = 64, 24

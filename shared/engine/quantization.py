@@ -113,27 +113,74 @@ def _split(x: jax.Array, axis: int, block: int) -> jax.Array:
     return x.reshape(*x.shape[:axis], x.shape[axis] // block, block, *x.shape[axis + 1 :])
 
 
+GRID_STEPS_PER_GAP = (1, 2, 3, 4)
+
+
+def _fit_grid(
+    w: jax.Array, low: jax.Array, step: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Blocks [..., B] on the grid `low + level * step`: (levels, least-squares step and
+    base over those levels, whether the levels fit 0..255, largest residual)."""
+    usable = jnp.isfinite(step) & (step > 0)
+    levels = jnp.round((w - low) / jnp.where(usable, step, 1.0))
+    mean_level = jnp.mean(levels, axis=-1, keepdims=True)
+    centred = levels - mean_level
+    mean_w = jnp.mean(w, axis=-1, keepdims=True)
+    spread = jnp.sum(centred * centred, axis=-1, keepdims=True)
+    scale = jnp.sum(centred * (w - mean_w), axis=-1, keepdims=True) / jnp.where(
+        spread > 0, spread, 1.0
+    )
+    base = mean_w - scale * mean_level
+    residual = jnp.max(jnp.abs(levels * scale + base - w), axis=-1, keepdims=True)
+    fits = usable & (jnp.max(levels, axis=-1, keepdims=True) <= 255)
+    return levels, scale, base, fits, residual
+
+
 def quantize_blocks(
     weight: jax.Array, contracting_axis: int, block: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """float weight -> (int8 values, float32 scales, float32 offsets), min/max per block.
+    """float weight -> (int8 values, float32 scales, float32 offsets), one of each per block.
 
-    Each block's 256 levels span its own [min, max], so the rounding error is at most
-    (max - min) / 510 per weight; a constant block stores exactly (scale 0, offset = value).
+    A block whose weights already lie on an evenly spaced grid of at most 256 levels (each
+    block of a dequantized GGUF Q4/Q5/Q8 tensor does) keeps that grid: its step is the
+    smallest gap between its distinct weights or a half, third or quarter of it, refined
+    with the offset by least squares over the levels, so the block is stored to within a
+    few float32 roundings (`rounding` below). Any other block
+    gets 256 levels over its own [min, max]: an error of at most (max - min) / 510 per
+    weight. A constant block is exact (scale 0, offset = value).
     """
-    w = _split(weight.astype(jnp.float32), contracting_axis, block)
-    axis = contracting_axis + 1  # the axis within a block
-    low = jnp.min(w, axis=axis, keepdims=True)
-    high = jnp.max(w, axis=axis, keepdims=True)
-    scale = (high - low) / 255.0
-    safe = jnp.where(scale == 0, 1.0, scale)
-    # Levels 0..255 from the block minimum, stored as -128..127 (the offset absorbs the 128).
-    values = jnp.clip(jnp.round((w - low) / safe), 0, 255) - 128
-    offset = low + 128 * scale
+    within = contracting_axis + 1  # the axis of the weights within a block
+    w = jnp.moveaxis(_split(weight.astype(jnp.float32), contracting_axis, block), within, -1)
+    low = jnp.min(w, axis=-1, keepdims=True)
+    high = jnp.max(w, axis=-1, keepdims=True)
+    # Min/max: levels 0..255 from the block minimum.
+    span_scale = (high - low) / 255.0
+    span_levels = jnp.round((w - low) / jnp.where(span_scale == 0, 1.0, span_scale))
+    span_levels = jnp.clip(span_levels, 0, 255)
+    # Grid: equal levels are equal floats, so the smallest nonzero gap is a whole number of
+    # grid steps; try it, then its half, third and quarter (with 32 weights of Q8_0's 255
+    # levels it is at most three steps in every block of SmolLM2's table).
+    gaps = jnp.diff(jnp.sort(w, axis=-1), axis=-1)
+    smallest_gap = jnp.min(jnp.where(gaps > 0, gaps, jnp.inf), axis=-1, keepdims=True)
+    rounding = 16 * jnp.finfo(jnp.float32).eps * jnp.max(jnp.abs(w), axis=-1, keepdims=True)
+    on_grid = jnp.zeros_like(low, dtype=bool)
+    levels, scale, base = span_levels, span_scale, low  # kept where no grid fits
+    for steps in GRID_STEPS_PER_GAP:
+        grid_levels, grid_scale, grid_base, in_range, residual = _fit_grid(
+            w, low, smallest_gap / steps
+        )
+        fits = in_range & (residual <= rounding) & ~on_grid
+        levels = jnp.where(fits, grid_levels, levels)
+        scale = jnp.where(fits, grid_scale, scale)
+        base = jnp.where(fits, grid_base, base)
+        on_grid = on_grid | fits
+    # int8 holds -128..127: levels past 127 are stored shifted, the offset absorbs it.
+    shift = jnp.where(jnp.max(levels, axis=-1, keepdims=True) > 127, 128.0, 0.0)
+    values = jnp.moveaxis(levels - shift, -1, within)
     return (
         values.astype(jnp.int8).reshape(weight.shape),
-        jnp.squeeze(scale, axis),
-        jnp.squeeze(offset, axis),
+        jnp.squeeze(scale, -1),
+        jnp.squeeze(base + shift * scale, -1),
     )
 
 
