@@ -60,7 +60,7 @@ class Dense(nnx.Module):
         self.dtype = dtype
         kernel = _kernel_init(gain)(rngs.params(), (in_features, out_features), jnp.float32)
         if int8 and block_size is not None:
-            values, scale, offset = quantization.quantize_blocks(
+            values, scale, offset = quantization.quantize_blocks_jit(
                 kernel.astype(dtype), 0, block_size
             )
             self.kernel = param(values, axes)
@@ -132,7 +132,7 @@ class Embed(nnx.Module):
             dtype
         )
         if int8 and block_size is not None:
-            values, scale, offset = quantization.quantize_blocks(table, 1, block_size)
+            values, scale, offset = quantization.quantize_blocks_jit(table, 1, block_size)
             self.embedding = param(values, ("vocab", "embed"))
             self.embedding_scale = param(scale, ("vocab", None))
             self.embedding_offset = param(offset, ("vocab", None))
