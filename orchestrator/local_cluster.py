@@ -26,6 +26,7 @@ from pathlib import Path
 
 from shared.serving.lifetime import child_environment
 from shared.serving.worker_config import add_compilation_cache_argument
+from shared.weights.flags import add_quantize_arguments
 from shared.weights.packaged import default_model
 
 SERVING = re.compile(r"serving on (\S+):(\d+) metrics_port=(-?\d+)(?: http_port=(-?\d+))?")
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_model(),
         help="any worker --model; default: smollm2 when its package is installed, else tiny",
     )
+    add_quantize_arguments(p)  # --quantize, --float-lm-head: passed to every worker
     p.add_argument("--prefill-workers", type=int, default=1)
     p.add_argument("--decode-workers", type=int, default=1)
     p.add_argument("--colocated", action="store_true", help="one colocated worker (baseline)")
@@ -128,11 +130,20 @@ def stop_all(children: Sequence[Child], timeout: float = 60.0) -> None:
             child.proc.kill()
 
 
-def main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(list(argv))
+def worker_engine_args(args: argparse.Namespace) -> list[str]:
+    """The model and engine flags every worker of the cluster gets."""
     engine = ["--model", args.model, "--slots", str(args.slots), "--prefill-buckets",
               args.prefill_buckets, "--max-seq-len", str(args.max_seq_len),
-              "--compilation-cache-dir", args.compilation_cache_dir]  # fmt: skip
+              "--compilation-cache-dir", args.compilation_cache_dir,
+              "--quantize", args.quantize]  # fmt: skip
+    if args.float_lm_head:
+        engine.append("--float-lm-head")
+    return engine
+
+
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(list(argv))
+    engine = worker_engine_args(args)
     local = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
     children: list[Child] = []
     stopping = threading.Event()

@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from orchestrator import local_cluster
-from shared.config import ConfigError, EngineConfig, ModelConfig
+from shared.config import ConfigError, EngineConfig, ModelConfig, Quantization
 from shared.engine.engine import Engine, EngineError, Params
 from shared.serving.runtime import (
     ModelRuntime,
@@ -112,6 +112,20 @@ def test_compilation_cache_flags(monkeypatch, tmp_path: pathlib.Path):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ConfigError, match=r"--compilation-cache-dir .*a-file/cache"):
         enable_compilation_cache(tmp_path / "a-file" / "cache")
+
+
+def test_serve_passes_its_model_and_quantization_to_every_worker():
+    flags = ["--model", "smollm2", "--quantize", "int8-blocks", "--float-lm-head",
+             "--slots", "3", "--max-seq-len", "192"]  # fmt: skip
+    engine = local_cluster.worker_engine_args(local_cluster.build_parser().parse_args(flags))
+    for role in (Role.PREFILL, Role.DECODE):
+        config = parse_worker_args(engine, role)
+        assert config.model == "smollm2" and (config.slots, config.max_seq_len) == (3, 192)
+        assert config.quantization == Quantization(block_size=32, embedding=False, lm_head=False)
+    plain = local_cluster.build_parser().parse_args([])
+    assert (
+        parse_worker_args(local_cluster.worker_engine_args(plain), Role.DECODE).quantization is None
+    )
 
 
 @pytest.mark.timeout(120)  # starts a worker process
