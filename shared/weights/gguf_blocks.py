@@ -10,8 +10,9 @@ the float model's (the dequantized file), bit for bit, and int8 costs no accurac
 
 The integers are read with the `gguf` package's own unpacking: each block is dequantized
 once more with its factors set to 1 and 0, which yields `q` (or `sc * q`) exactly. Other
-formats (F32, F16, BF16, Q2_K, Q3_K, Q6_K, whose scales cover 16 weights) have no exact
-32-weight form and are quantized from their dequantized floats (min/max blocks).
+formats (F32, F16, BF16, and Q2_K, Q3_K, Q6_K, whose scales cover 16 weights) have no
+32-weight form of their own; their dequantized floats go through
+`quantization.quantize_blocks` like any float weight.
 """
 
 from __future__ import annotations

@@ -91,8 +91,9 @@ def place(path: str, value: np.ndarray | jax.Array, targets: AbstractFlat) -> Fl
     """A float tensor for `path` -> the leaves it becomes in `targets`.
 
     A float target gets the value cast to its dtype; an int8 target gets AQT's int8 values
-    plus `path + "_scale"`, and a block-int8 target min/max blocks plus `path + "_scale"`
-    and `path + "_offset"` (convert on load: the float tensor is dropped by the caller).
+    plus `path + "_scale"`, and a block-int8 target `quantize_blocks`' values plus
+    `path + "_scale"` and `path + "_offset"` (convert on load: the float tensor is dropped
+    by the caller).
     A target with a sharding gets the tensor straight onto its shards: each device receives
     only its part (the host holds this one tensor, never the model).
     """
