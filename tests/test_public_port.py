@@ -352,6 +352,6 @@ def test_never_reading_clients_are_cut_and_do_not_hold_up_a_reader(
 
 # 4 never-readers are cut after the ~7 responses their window takes plus 4 unsent tokens
 # (~12 steps); the reader then needs n - 1 = 9 steps: ~21 (measured 23 alone, and once 31
-# under the whole suite's load, when the transport took more responses before the window
-# closed). Without the cut: 50 + 9 = 59, so 40 still tells the two apart.
+# under the whole suite's load; the cause was not pinned down). Without the cut: 50 + 9 =
+# 59, so 40 still tells the two apart.
 READER_STEP_BOUND = 40
