@@ -228,6 +228,19 @@ def test_int8_blocks_of_the_dequantized_floats_find_the_same_grids(mixed_file, t
         assert np.abs(np.asarray(back) - want).max() <= tolerance, (name, kind.name)
 
 
+def test_convert_gguf_int8_blocks_stores_the_blocks_it_serves(mixed_file, tmp_path):
+    path, _ = mixed_file
+    out = tmp_path / "blocks"
+    assert (
+        convert_cli.main(["--gguf", str(path), "--out", str(out), "--quantize", "int8-blocks"]) == 0
+    )
+    direct = load_model(str(path), engine_config=ENGINE, quantize="int8-blocks")
+    restored = load_model(str(out), engine_config=ENGINE)  # pre-quantized: no flag needed
+    assert restored.model_config == direct.model_config
+    assert restored.model_config.quantization.block_size == 32
+    assert restored.weights_id == direct.weights_id
+
+
 def test_int8_blocks_of_a_gguf_give_the_float_models_logits(mixed_file):
     path, _ = mixed_file
     floats = load_model(str(path), engine_config=ENGINE)
