@@ -17,12 +17,13 @@ copy: per worker, a bounded LRU set of block hashes.
   (the prompt tokens it served from its cache). The rule:
 
   - The worker never serves the prompt's last token from its cache (it computes it for the
-    first token's logits), and only whole blocks are cached, so of the `predicted` leading
-    blocks we expected it to hold, the most it can report is
+    first token's logits), so of the `predicted` leading blocks we expected it to hold, the
+    most it can report whole is
     `expected = min(predicted, (prompt_tokens - 1) // block)` blocks. A prompt wholly
     cached (page-aligned, every block predicted) so reports one block short: that is not
     an eviction, and its last block stays predicted.
-  - It reported `confirmed = ceil(cached_tokens / block)` blocks (it needed those pages).
+  - It reported `confirmed = cached_tokens // block` whole blocks (past them it may have
+    reused part of a block, which says nothing about a block we predicted whole).
     If `confirmed < expected`, block `confirmed` was missing when the worker looked: it was
     evicted (a block is recorded only after a prefill that cached it finished, so this is
     never a race with a concurrent prefill of the same prefix: `predicted` is taken when
@@ -144,7 +145,7 @@ class PrefixIndex:
                 held.lru.clear()
                 held.cacheless = True
                 return dropped
-        confirmed = -(-max(0, cached_tokens) // self.block_tokens)
+        confirmed = max(0, cached_tokens) // self.block_tokens
         if confirmed >= expected:
             return 0
         lru, before = held.lru, len(held.lru)

@@ -5,7 +5,6 @@ prefill (Issue 14, tests 1-3)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import jax
 import numpy as np
@@ -38,22 +37,29 @@ def block_only_hash(parent: bytes, block: bytes) -> bytes:
 # The pool's bookkeeping -----------------------------------------------------------------
 
 
-def test_hits_whole_blocks_but_never_the_whole_prompt():
+def test_hits_whole_blocks_then_part_of_one_but_never_the_whole_prompt():
     pool = PrefixPagePool(num_pages=32, page_size=4, root=ROOT, capacity_pages=16)
     first = pool.acquire(range(10))  # 3 pages, nothing cached
-    assert first.hit_pages == 0 and len(first.pages) == 3
-    pool.finish(range(10), first)  # blocks [0..3], [4..7] cached; the partial page freed
+    assert first.hit_pages == first.hit_tokens == 0 and len(first.pages) == 3
+    assert first.copy_from is None
+    pool.finish(range(10), first)  # blocks [0..3], [4..7] cached, and the partial [8, 9]
     pool.check()
-    again = pool.acquire(range(10))
+    assert pool.cached_pages == 3
+    again = pool.acquire(range(10))  # 2 whole blocks, then 8 of the partial (9 computed)
     assert again.hit_pages == 2 and again.pages[:2] == first.pages[:2]
+    assert again.hit_tokens == 9 and again.copy_from == first.pages[2]
+    assert again.pages[2] != first.pages[2]  # copied into a page of its own
     pool.release(again)
-    exact = pool.acquire(range(8))  # both blocks cached, but the last token is computed
-    assert exact.hit_pages == 1
+    exact = pool.acquire(range(8))  # block [4..7] lends 3 tokens: the last is computed
+    assert (exact.hit_pages, exact.hit_tokens, exact.copy_from) == (1, 7, first.pages[1])
     pool.release(exact)
+    longer = pool.acquire([*range(10), 11, 12])  # the partial lends [8, 9]
+    assert (longer.hit_pages, longer.hit_tokens, longer.copy_from) == (2, 10, first.pages[2])
+    pool.release(longer)
     other = pool.acquire([0, 1, 2, 3, 9, 9, 9, 9, 9])  # shares the first block only
-    assert other.hit_pages == 1
+    assert (other.hit_pages, other.hit_tokens, other.copy_from) == (1, 4, None)
     pool.release(other)
-    assert pool.stats.hit_tokens == 8 + 4 + 4
+    assert pool.stats.hit_tokens == 9 + 7 + 10 + 4
     pool.check()
 
 
@@ -88,16 +94,16 @@ def test_hashes_depend_on_the_namespace_and_the_whole_prefix():
 
 
 def test_budget_evicts_least_recent_chain_ends_first_and_never_in_use_pages():
-    pool = PrefixPagePool(num_pages=9, page_size=2, root=ROOT, capacity_pages=3)
+    pool = PrefixPagePool(num_pages=9, page_size=2, root=ROOT, capacity_pages=4)
     a = pool.acquire([1, 1, 2, 2, 3, 3, 0])  # 4 pages
-    pool.finish([1, 1, 2, 2, 3, 3, 0], a)  # 3 cached blocks, idle
-    assert pool.idle_cached_pages == 3 and pool.stats.evictions == 0
+    pool.finish([1, 1, 2, 2, 3, 3, 0], a)  # 3 whole blocks and the partial [0] cached, idle
+    assert pool.idle_cached_pages == 4 and pool.stats.evictions == 0
     b = pool.acquire([5, 5, 6, 6, 7])  # 3 pages
-    pool.finish([5, 5, 6, 6, 7], b)  # 2 more cached: over budget, the oldest ends go
-    assert pool.idle_cached_pages == 3 and pool.stats.evictions == 2
-    # a's chain lost its end, kept its beginning.
+    pool.finish([5, 5, 6, 6, 7], b)  # 3 more cached: over budget, the oldest ends go
+    assert pool.idle_cached_pages == 4 and pool.stats.evictions == 3
+    # a's chain lost its end (the partial block first), kept its beginning.
     probe = pool.acquire([1, 1, 2, 2, 3, 3, 0])
-    assert probe.hit_pages == 1
+    assert probe.hit_pages == 1 and probe.hit_tokens == 2
     # Hold a's first block in use; now take every other page.
     held = probe
     assert pool.free_pages + pool.idle_cached_pages == 8 - len(held.pages)
@@ -120,12 +126,22 @@ def test_published_blocks_of_a_running_prefill_are_shared_and_survive_its_abando
     pool.check()
 
 
-def test_random_operations_keep_every_page_accounted_for():
+@pytest.mark.parametrize("hash_fn", [None, block_only_hash], ids=["blake2b", "colliding"])
+def test_random_operations_keep_every_page_accounted_for_and_reuse_only_true_prefixes(hash_fn):
+    """400 random acquires, finishes and abandons. Besides the page accounting, each page's
+    contents are simulated: position i of a prompt holds the KV of its first i + 1 tokens.
+    Every position a prompt reuses (whole pages, or part of one copied) must hold exactly
+    its own prefix's, with a chain-ignoring hash too."""
     rng = np.random.default_rng(7)
-    pool = PrefixPagePool(num_pages=24, page_size=2, root=ROOT, capacity_pages=6)
-    live = []
+    kw = {} if hash_fn is None else {"hash_fn": hash_fn}
+    pool = PrefixPagePool(num_pages=24, page_size=2, root=ROOT, capacity_pages=6, **kw)
+    content: dict[int, list] = {page: [None, None] for page in range(24)}
+    live, lent = [], 0
     for _ in range(400):
-        if live and rng.random() < 0.5:
+        if live and rng.random() < 0.15:  # a running prompt has computed part of itself
+            tokens, lookup = live[int(rng.integers(len(live)))]
+            pool.publish(tokens, lookup, int(rng.integers(lookup.hit_tokens, len(tokens) + 1)))
+        elif live and rng.random() < 0.5:
             tokens, lookup = live.pop(int(rng.integers(len(live))))
             if rng.random() < 0.7:
                 pool.finish(tokens, lookup)
@@ -133,13 +149,28 @@ def test_random_operations_keep_every_page_accounted_for():
                 pool.release(lookup)
         else:
             tokens = rng.integers(0, 3, rng.integers(1, 12)).tolist()
-            with contextlib.suppress(PoolExhaustedError):
-                live.append((tokens, pool.acquire(tokens)))
+            try:
+                lookup = pool.acquire(tokens)
+            except PoolExhaustedError:
+                continue
+            if lookup.copy_from is not None:
+                lent += 1
+                content[lookup.pages[lookup.hit_pages]] = list(content[lookup.copy_from])
+            assert lookup.hit_tokens < len(tokens)
+            for i in range(len(tokens)):
+                page = lookup.pages[i // 2]
+                if i < lookup.hit_tokens:
+                    assert content[page][i % 2] == tuple(tokens[: i + 1])
+                else:  # computed: only ever into the prompt's own pages
+                    assert i // 2 >= lookup.hit_pages
+                    content[page][i % 2] = tuple(tokens[: i + 1])
+            live.append((tokens, lookup))
         pool.check()
     for _, lookup in live:
         pool.release(lookup)
     pool.check()
     assert pool.referenced_pages == 0
+    assert lent > 20  # partial reuse was exercised
 
 
 # Served prompts: cache hits are exact -----------------------------------------------------
@@ -253,9 +284,11 @@ def serve_prompts(
 
 def test_a_conversation_served_with_hits_equals_it_served_cold(engine, params):
     """Turns of one chat (each prompt extends the last) through the prefill loop with the
-    cache on and off: same first tokens, logprobs and KV; the hits are reported."""
+    cache on and off: same first tokens, logprobs and KV; the hits are reported. Each turn
+    reuses the last one's whole pages and then the tokens of its partial last page (3 of
+    turn 1's 27, 2 of turn 2's 34), copied into a page of its own."""
     rng = np.random.default_rng(11)
-    system = rng.integers(1, 250, 19).tolist()
+    system = rng.integers(1, 250, 21).tolist()
     turns = [system + rng.integers(1, 250, 6).tolist()]
     for _ in range(2):
         turns.append(turns[-1] + rng.integers(1, 250, 7).tolist())
@@ -264,7 +297,8 @@ def test_a_conversation_served_with_hits_equals_it_served_cold(engine, params):
     warm, warm_sink, warm_loop = serve_prompts(engine, params, turns, on)
     cold, cold_sink, _ = serve_prompts(engine, params, turns, off)
     assert [r.timings.cached_tokens for r in cold] == [0, 0, 0]
-    assert [r.timings.cached_tokens for r in warm] == [0, 24, 32]
+    assert [len(t) for t in turns] == [27, 34, 41] and PAGE == 8
+    assert [r.timings.cached_tokens for r in warm] == [0, 27, 34]
     for w, c in zip(warm, cold, strict=True):
         assert w.first_token == c.first_token
         assert [t for t, _ in w.first_logprob.top] == [t for t, _ in c.first_logprob.top]
@@ -275,7 +309,7 @@ def test_a_conversation_served_with_hits_equals_it_served_cold(engine, params):
         for a, b in zip(jax.tree.leaves(w.cache), jax.tree.leaves(c.cache), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     stats = warm_loop.pool.stats
-    assert stats.hit_tokens == 56 and stats.miss_tokens == sum(map(len, turns)) - 56
+    assert stats.hit_tokens == 61 and stats.miss_tokens == sum(map(len, turns)) - 61
     warm_loop.pool.check()
     assert warm_loop.pool.referenced_pages == 0
 

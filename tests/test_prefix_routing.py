@@ -505,8 +505,9 @@ def test_a_conversation_stays_on_one_prefill_worker_until_it_is_overloaded(
         # Predicted: turn 2 one block, turn 3 and the held prompts two, turn 4 none.
         assert cluster.metric("pdserve_prefix_predicted_tokens_total{}") == B + 3 * 2 * B
         # The worker's own answers: turn 3 reused turns 1-2's two blocks from its prefix
-        # cache (0 from a worker running without one); turn 4's worker never saw them.
-        assert rec.cached[tuple(turn3)] in (0, 2 * B) and rec.cached[tuple(turn4)] == 0
+        # cache (0 from a worker running without one); turn 4's worker never saw them (at
+        # most its first token, 256, lent by the busy prompt's first block).
+        assert rec.cached[tuple(turn3)] in (0, 2 * B) and rec.cached[tuple(turn4)] in (0, 1)
         cached = cluster.metric("pdserve_prefix_cached_tokens_total{}")
         assert cached == sum(rec.cached.values())
 

@@ -313,7 +313,8 @@ def test_prefill_and_decode_of_different_tp_sizes_serve_the_reference(
 @pytest.mark.parametrize("tp", [2, 8])
 def test_chunked_prefill_with_prefix_hits_is_sharded_and_equals_tp1(engines, tp_params, tp):
     """The prefill worker's paged pool is split by heads like the decode pool; chunked
-    prefill with a prefix-cache hit gives the TP1 logits and KV, packed two rows a call."""
+    prefill with prefix-cache hits (a whole page, and part of one copied into a page of
+    its own) gives the TP1 logits and KV, packed two rows a call."""
     from shared.engine.chunked_prefill import ChunkedPrefill, ChunkRow
     from shared.kv.prefix_cache import PrefixPagePool
     from shared.kv.prefix_hash import namespace
@@ -324,9 +325,13 @@ def test_chunked_prefill_with_prefix_hits_is_sharded_and_equals_tp1(engines, tp_
         pool = PrefixPagePool(40, CONFIG.page_size, namespace("tp"), capacity_pages=16)
         logits, kvs = [], []
         first, second = PROMPTS[3], [*PROMPTS[3], 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]
-        for tokens in ([first, PROMPTS[1]], [second]):  # the second call reuses first's page
+        third = [*PROMPTS[1], 99, 98, 97]  # PROMPTS[1]'s partial page lends its 8 tokens
+        for tokens in ([first, PROMPTS[1]], [second, third]):  # the second call reuses
             lookups = [pool.acquire(t) for t in tokens]
-            done = [lk.hit_pages * CONFIG.page_size for lk in lookups]
+            for lk in lookups:
+                if lk.copy_from is not None:
+                    device.copy_page(lk.copy_from, lk.pages[lk.hit_pages])
+            done = [lk.hit_tokens for lk in lookups]
             while any(d < len(t) for d, t in zip(done, tokens, strict=True)):
                 live = [i for i, t in enumerate(tokens) if done[i] < len(t)]
                 rows = [ChunkRow(np.asarray(tokens[i][done[i] : done[i] + 8]), done[i],
@@ -339,6 +344,10 @@ def test_chunked_prefill_with_prefix_hits_is_sharded_and_equals_tp1(engines, tp_
             for t, lk in zip(tokens, lookups, strict=True):
                 kvs.append(jax.tree.map(np.asarray, device.gather(lk.pages, len(t))))
                 pool.finish(t, lk)
+        assert [(lk.hit_tokens, lk.copy_from is not None) for lk in lookups] == [
+            (16, False),
+            (8, True),
+        ]
         leaf = jax.tree.leaves(device.pool)[0]
         held = _bytes_per_device(leaf)  # split by cache heads: each device its share
         assert len(held) == size and set(held.values()) == {leaf.nbytes // size}
@@ -374,4 +383,16 @@ def test_chunked_prefill_updates_the_sharded_pool_in_place(engines, tp_params):
     shard_shape = f"f32[{','.join(map(str, local))}]"
     assert [line for line in text.splitlines() if shard_shape in line and " copy(" in line] == []
     aliases = len(re.findall(r"(?:may|must)-alias\)", text.splitlines()[0]))
+    assert aliases >= len(jax.tree.leaves(device.pool))
+    # The page copy of a partial prefix hit too: one page moves, the pool stays in place.
+    with jax.set_mesh(engine.mesh):
+        copy_text = (
+            device._programs.copy_page.lower(device.pool, np.int32(1), np.int32(2))
+            .compile()
+            .as_text()
+        )
+    assert [
+        line for line in copy_text.splitlines() if shard_shape in line and " copy(" in line
+    ] == []
+    aliases = len(re.findall(r"(?:may|must)-alias\)", copy_text.splitlines()[0]))
     assert aliases >= len(jax.tree.leaves(device.pool))

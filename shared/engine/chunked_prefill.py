@@ -74,6 +74,7 @@ class _Programs:
         )
         self.gather = jax.jit(self._gather_impl, out_shardings=rep)
         self.init = jax.jit(self._init_impl, out_shardings=shardings)
+        self.copy_page = jax.jit(self._copy_page_impl, donate_argnums=(0,), out_shardings=shardings)
 
     @staticmethod
     def of(engine: Engine, num_pages: int) -> _Programs:
@@ -133,6 +134,11 @@ class _Programs:
 
         return jax.tree.map(read, pool)
 
+    def _copy_page_impl(self, pool: CacheDict, source: jax.Array, target: jax.Array) -> CacheDict:
+        self.engine.compile_counts["copy_page"] += 1
+        # Every layer's page `source` into page `target`, on each device's own heads.
+        return jax.tree.map(lambda leaf: leaf.at[:, target].set(leaf[:, source]), pool)
+
     def _init_impl(self) -> CacheDict:
         return nnx.to_pure_dict(
             jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.abstract_cache)
@@ -190,6 +196,12 @@ class ChunkedPrefill:
             )  # fmt: skip
         return ChunkOutput(np.asarray(first)[: len(rows)], logits, step_logprobs)
 
+    def copy_page(self, source: int, target: int) -> None:
+        """Page `source`'s KV into page `target` (a prefix-cache hit of part of a block:
+        the prompt fills `target` on from there). In place (donated), in call order."""
+        with jax.set_mesh(self.engine.mesh):
+            self.pool = self._programs.copy_page(self.pool, np.int32(source), np.int32(target))
+
     # Reading a prompt's KV out ---------------------------------------------------------------
 
     def gather(self, pages: Sequence[int], true_length: int) -> CacheDict:
@@ -209,9 +221,10 @@ class ChunkedPrefill:
     # Compiling ahead -------------------------------------------------------------------------
 
     def compile(self, params: Params) -> None:
-        """Compile every rows bucket and every gather length (warm-up)."""
+        """Compile every rows bucket, the page copy and every gather length (warm-up)."""
         for bucket in self.row_buckets:
             self._compile_chunk(params, bucket)
+        self.copy_page(SCRATCH_PAGE, SCRATCH_PAGE)
         for bucket in self.page_buckets:
             self.gather([SCRATCH_PAGE] * bucket, bucket * self.page_size)
 

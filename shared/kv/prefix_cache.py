@@ -5,8 +5,8 @@ A page is in exactly one of three states:
 * free;
 * referenced: listed by one or more running prefills (a cached page can be shared by
   several prompts that start with the same blocks; never written by any of them);
-* cached and idle: holds a whole block of a finished prompt, no running prefill uses it;
-  evictable, least recently used first.
+* cached and idle: holds a whole block of a finished prompt, or the partial last block
+  of one, and no running prefill uses it; evictable, least recently used first.
 
 A cached page is found by its block hash and *verified* before reuse: the entry stores its
 block's tokens and its parent's entry (by a serial number never reused, so a block cached
@@ -14,6 +14,13 @@ after a parent that was since evicted, its page reused, never matches again). Tw
 whose hashes collide never share KV (tests swap in a weak hash to prove it). The pool never
 evicts a referenced page. A finished prompt's pages go idle leaf first, so under pressure
 a chain is evicted from its end and its shared beginning (a system prompt) stays.
+
+Reuse is token-granular. Whole blocks are shared in place. After the last whole block
+that matches, the cached block under the same parent (whole, or a finished prompt's partial
+last block) that shares the most leading tokens with the prompt lends them: its page is
+copied into the prompt's own next page (`Lookup.copy_from`, done on the device before the
+prompt's first chunk), which the prompt then fills on from there. So a conversation's next
+turn reuses its previous prompt up to the last token, not just to the last page boundary.
 
 The cache is bounded twice: by the pool (a prefill that needs pages evicts idle cached
 ones) and by `capacity_pages`, the most idle cached pages kept (the memory budget).
@@ -43,6 +50,7 @@ class _Entry:
     serial: int  # unique for the pool's life: a page reused later gets a new one
     parent: int  # the previous block's entry serial; 0 for the first block
     tokens: bytes  # the block's tokens (block_bytes), checked on every match
+    key: BlockHash | None  # None: a partial block (found through its parent only)
 
 
 @dataclasses.dataclass(slots=True)
@@ -63,6 +71,8 @@ class Lookup:
 
     pages: tuple[int, ...]
     hit_pages: int  # leading pages reused from the cache (not to be computed or written)
+    hit_tokens: int  # positions whose KV is reused: the whole pages, then a copied part
+    copy_from: int | None = None  # page to copy into pages[hit_pages] before computing
 
 
 class PrefixPagePool:
@@ -81,8 +91,9 @@ class PrefixPagePool:
         self._root, self._hash = root, hash_fn
         self._free = list(range(num_pages - 1, SCRATCH_PAGE, -1))  # pop() -> low ids first
         self._refs: dict[int, int] = {}  # page -> running prefills that list it
-        self._by_hash: dict[BlockHash, _Entry] = {}
-        self._hash_of: dict[int, BlockHash] = {}  # cached page -> its key
+        self._by_hash: dict[BlockHash, _Entry] = {}  # whole blocks
+        self._cached: dict[int, _Entry] = {}  # cached page -> its entry (whole or partial)
+        self._children: dict[int, dict[int, _Entry]] = {}  # parent serial -> page -> entry
         self._serials = 0
         # Idle cached pages, least recently used first.
         self._idle: OrderedDict[int, None] = OrderedDict()
@@ -95,16 +106,23 @@ class PrefixPagePool:
     # Admission ---------------------------------------------------------------------------
 
     def acquire(self, tokens: Sequence[int] | np.ndarray) -> Lookup:
-        """Pages for a prompt: the longest verified cached prefix of whole blocks (never
-        the whole prompt: its last token is always computed, for the first token's
-        logits), then new pages for the rest. PoolExhaustedError if free plus evictable
-        pages do not cover it; nothing changes then."""
+        """Pages for a prompt: the longest verified cached prefix (whole blocks, then part
+        of one; never the whole prompt: its last token is always computed, for the first
+        token's logits), then new pages for the rest. PoolExhaustedError if free plus
+        evictable pages do not cover it; nothing changes then."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         total = -(-len(ids) // self.page_size)
-        hits = self._match(ids, limit=(len(ids) - 1) // self.page_size) if self.enabled else []
+        limit = (len(ids) - 1) // self.page_size
+        hits, parent = self._match(ids, limit) if self.enabled else ([], 0)
+        start = len(hits) * self.page_size
+        lender, lent = (
+            self._best_partial(parent, ids[start : len(ids) - 1]) if self.enabled else (None, 0)
+        )
         needed = total - len(hits)
-        # The matched pages cannot be evicted to make room for the rest of this prompt.
-        evictable = sum(1 for p in self._idle if p not in hits)
+        # The matched pages (and the page lending its first tokens) cannot be evicted to
+        # make room for the rest of this prompt.
+        keep = {*hits, lender}
+        evictable = sum(1 for p in self._idle if p not in keep)
         if needed > len(self._free) + evictable:
             raise PoolExhaustedError(
                 f"prefill pool: {needed} pages needed, {len(self._free)} free and "
@@ -112,12 +130,19 @@ class PrefixPagePool:
             )
         for page in hits:
             self._ref(page)
+        if lender is not None:
+            self._ref(lender)
         fresh = [self._take() for _ in range(needed)]
         for page in fresh:
             self._refs[page] = 1
-        self.stats.hit_tokens += len(hits) * self.page_size
-        self.stats.miss_tokens += len(ids) - len(hits) * self.page_size
-        return Lookup(tuple(hits) + tuple(fresh), len(hits))
+        if lender is not None:
+            # Its tokens are copied before this prompt's first chunk runs (the caller does
+            # it right away); it need not stay referenced after that.
+            self._unref(lender)
+        hit_tokens = start + lent
+        self.stats.hit_tokens += hit_tokens
+        self.stats.miss_tokens += len(ids) - hit_tokens
+        return Lookup(tuple(hits) + tuple(fresh), len(hits), hit_tokens, lender)
 
     def publish(self, tokens: Sequence[int] | np.ndarray, lookup: Lookup, computed: int) -> None:
         """The first `computed` positions of a running prefill hold their final KV: cache
@@ -128,10 +153,16 @@ class PrefixPagePool:
             self._insert(ids, lookup)
 
     def finish(self, tokens: Sequence[int] | np.ndarray, lookup: Lookup) -> None:
-        """The prefill is done (its KV was read out): cache its whole blocks, release
-        every page it referenced. An abandoned prefill calls `release` instead: only
-        the blocks `publish`ed (computed) are cached then."""
-        self.publish(tokens, lookup, len(tokens))
+        """The prefill is done (its KV was read out): cache its whole blocks and its
+        partial last block, release every page it referenced. An abandoned prefill calls
+        `release` instead: only the whole blocks `publish`ed (computed) are cached then."""
+        if self.enabled:
+            ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
+            parent = self._insert(ids, lookup)
+            tail = len(ids) % self.page_size
+            if parent is not None and tail:
+                self._add_entry(lookup.pages[len(ids) // self.page_size], parent,
+                                block_bytes(ids[len(ids) - tail :]), None)  # fmt: skip
         self.release(lookup)
 
     def cached_blocks(self, tokens: Sequence[int] | np.ndarray) -> int:
@@ -139,20 +170,12 @@ class PrefixPagePool:
         if not self.enabled:
             return 0
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
-        return len(self._match(ids, limit=(len(ids) - 1) // self.page_size))
+        return len(self._match(ids, limit=(len(ids) - 1) // self.page_size)[0])
 
     def release(self, lookup: Lookup) -> None:
         """Drop this prefill's references; uncached pages go back to the pool."""
         for page in reversed(lookup.pages):  # the prompt's end is evicted first
-            refs = self._refs.get(page, 0) - 1
-            if refs > 0:
-                self._refs[page] = refs
-                continue
-            self._refs.pop(page, None)
-            if page in self._hash_of:
-                self._idle[page] = None  # most recently used end
-            else:
-                self._free.append(page)
+            self._unref(page)
         self._trim()
 
     # Introspection -----------------------------------------------------------------------
@@ -163,8 +186,8 @@ class PrefixPagePool:
 
     @property
     def cached_pages(self) -> int:
-        """Pages holding cached blocks, idle or in use."""
-        return len(self._hash_of)
+        """Pages holding cached blocks (whole or partial), idle or in use."""
+        return len(self._cached)
 
     @property
     def idle_cached_pages(self) -> int:
@@ -180,11 +203,17 @@ class PrefixPagePool:
         assert len(everything) == len(set(everything)), "a page is in two states"
         assert sorted(everything) == list(range(1, self.num_pages)), "a page leaked"
         assert not set(self._idle) & set(self._refs), "an idle page is referenced"
-        assert set(self._hash_of) <= set(self._idle) | set(self._refs), "a free page is cached"
+        assert set(self._cached) <= set(self._idle) | set(self._refs), "a free page is cached"
+        children = {e.page for kids in self._children.values() for e in kids.values()}
+        assert children == set(self._cached), "an entry is missing from its parent's"
+        whole = {e.page for e in self._by_hash.values()}
+        assert whole == {p for p, e in self._cached.items() if e.key is not None}
 
     # Internals ---------------------------------------------------------------------------
 
-    def _match(self, ids: np.ndarray, limit: int) -> list[int]:
+    def _match(self, ids: np.ndarray, limit: int) -> tuple[list[int], int]:
+        """The pages of the longest verified run of whole blocks (at most `limit`), and
+        the serial of the last one's entry (0: none)."""
         pages: list[int] = []
         parent_hash, parent = self._root, 0
         for i in range(limit):
@@ -195,29 +224,64 @@ class PrefixPagePool:
                 break  # absent, or a collision: never reuse unverified KV
             pages.append(entry.page)
             parent_hash, parent = key, entry.serial
-        return pages
+        return pages, parent
 
-    def _insert(self, ids: np.ndarray, lookup: Lookup) -> None:
+    def _best_partial(self, parent: int, rest: np.ndarray) -> tuple[int | None, int]:
+        """Among the cached blocks following `parent`, the one sharing the most leading
+        tokens with `rest` (at most a block): (its page, how many), or (None, 0)."""
+        best, shared = None, 0
+        want = rest[: self.page_size].astype("<i4")
+        for entry in self._children.get(parent, {}).values():
+            theirs = np.frombuffer(entry.tokens, dtype="<i4")
+            n = min(len(theirs), len(want))
+            differ = np.flatnonzero(theirs[:n] != want[:n])
+            common = int(differ[0]) if differ.size else n
+            if common > shared:
+                best, shared = entry.page, common
+        return best, shared
+
+    def _insert(self, ids: np.ndarray, lookup: Lookup) -> int | None:
+        """Cache the whole blocks of `ids` in `lookup`'s pages; the serial of the last
+        one's entry (0: no whole block), or None when the chain could not be cached."""
         parent_hash, parent = self._root, 0
         for i in range(len(ids) // self.page_size):
             page = lookup.pages[i]
             block = block_bytes(ids[i * self.page_size : (i + 1) * self.page_size])
             key = self._hash(parent_hash, block)
             entry = self._by_hash.get(key)
-            if entry is None and page not in self._hash_of:
-                self._serials += 1
-                entry = self._by_hash[key] = _Entry(page, self._serials, parent, block)
-                self._hash_of[page] = key
+            if entry is None and page not in self._cached:
+                entry = self._add_entry(page, parent, block, key)
             elif entry is None or entry.page != page:
                 # The key is taken (the same prefix computed twice at once, or a collision):
                 # keep the older entry; this prompt's later blocks would chain from a page
                 # no entry names, so they could not be found either. Stop.
-                return
+                return None
             parent_hash, parent = key, entry.serial
+        return parent
+
+    def _add_entry(self, page: int, parent: int, tokens: bytes, key: BlockHash | None) -> _Entry:
+        self._serials += 1
+        entry = _Entry(page, self._serials, parent, tokens, key)
+        self._cached[page] = entry
+        self._children.setdefault(parent, {})[page] = entry
+        if key is not None:
+            self._by_hash[key] = entry
+        return entry
 
     def _ref(self, page: int) -> None:
         self._idle.pop(page, None)
         self._refs[page] = self._refs.get(page, 0) + 1
+
+    def _unref(self, page: int) -> None:
+        refs = self._refs.get(page, 0) - 1
+        if refs > 0:
+            self._refs[page] = refs
+            return
+        self._refs.pop(page, None)
+        if page in self._cached:
+            self._idle[page] = None  # most recently used end
+        else:
+            self._free.append(page)
 
     def _take(self) -> int:
         if not self._free:
@@ -226,8 +290,13 @@ class PrefixPagePool:
 
     def _evict_one(self) -> None:
         page, _ = self._idle.popitem(last=False)
-        key = self._hash_of.pop(page)
-        del self._by_hash[key]
+        entry = self._cached.pop(page)
+        if entry.key is not None:
+            del self._by_hash[entry.key]
+        siblings = self._children[entry.parent]
+        del siblings[page]
+        if not siblings:
+            del self._children[entry.parent]
         self.stats.evictions += 1
         self._free.append(page)
 

@@ -282,10 +282,13 @@ class PrefillLoop:
         for c in chunks:
             job: _Job = c.work.payload
             wants |= job.request.logprobs is not None
+            lookup = c.work.lookup
             if c.start == c.work.cached:  # its first chunk
                 self._metrics.prefill_queue_seconds.observe(c.work.started - c.work.arrived)
+                if lookup.copy_from is not None:  # part of a cached block, then its own
+                    self.device.copy_page(lookup.copy_from, lookup.pages[lookup.hit_pages])
             rows.append(ChunkRow(c.work.tokens[c.start : c.start + c.count], c.start,
-                                 c.work.lookup.pages, job.request.sampling))  # fmt: skip
+                                 lookup.pages, job.request.sampling))  # fmt: skip
         out = self.device.run(self._params, rows, wants)
         self._metrics.prefill_tokens_computed.inc(sum(c.count for c in chunks))
         step_logprobs = None  # on the host, read once for every row that finishes

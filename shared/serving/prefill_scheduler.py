@@ -157,7 +157,7 @@ class ChunkScheduler:
                     work.lookup = self.pool.acquire(work.tokens)
                 except PoolExhaustedError:
                     continue  # waits for pages; the started prompts will free theirs
-                work.done = work.cached = work.lookup.hit_pages * self.pool.page_size
+                work.done = work.cached = work.lookup.hit_tokens
                 work.started = now
             count = min(self.chunk, work.remaining)
             chunks.append(ScheduledChunk(work, work.done, count))
