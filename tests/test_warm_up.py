@@ -6,6 +6,7 @@ for the next start."""
 from __future__ import annotations
 
 import pathlib
+import threading
 
 import jax
 import pytest
@@ -85,6 +86,23 @@ def test_warm_up_largest_then_the_rest_in_the_background(
                  "generate[4]"):  # fmt: skip
         assert engine.compile_counts[name] == 1, name
     assert compile_held_buckets(runtime) is None  # nothing left to compile
+
+
+@pytest.mark.timeout(90)
+def test_background_compiles_stop_starting_once_asked(
+    tiny_config: ModelConfig, engine_config: EngineConfig, params: Params
+):
+    """A draining worker sets `stop` and joins the thread (run_worker): no bucket starts
+    after that, so the process never tears down under a running XLA compile."""
+    runtime = ModelRuntime(Engine(tiny_config, engine_config), params, "tiny", None)
+    warm_up(runtime, prefill=True, decode=True, hold=True)
+    stop = threading.Event()
+    stop.set()
+    thread = compile_held_buckets(runtime, stop=stop)
+    assert thread is not None
+    thread.join(60)
+    assert not thread.is_alive()
+    assert runtime.engine.held_buckets == {"prefill": (8, 16), "generate": (1, 2)}  # untouched
 
 
 def test_compilation_cache_flags(monkeypatch, tmp_path: pathlib.Path):

@@ -236,11 +236,14 @@ def compile_prefill_loop(loop: PrefillLoop) -> float:
 
 
 def compile_held_buckets(
-    runtime: ModelRuntime, on_done: Callable[[dict[str, float]], None] | None = None
+    runtime: ModelRuntime,
+    on_done: Callable[[dict[str, float]], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> threading.Thread | None:
     """Compile the buckets `warm_up(hold=True)` held, smallest first (the ones a lightly
     loaded worker uses), in a daemon thread; each is used as soon as it is compiled.
-    `on_done` gets the seconds per bucket and in all. None if nothing is held."""
+    `on_done` gets the seconds per bucket and in all; once `stop` is set, no further
+    bucket is started. None if nothing is held."""
     engine, params = runtime.engine, runtime.params
     held = engine.held_buckets
     if not any(held.values()):
@@ -251,6 +254,8 @@ def compile_held_buckets(
         for kind, buckets in held.items():
             compile_one = engine.compile_prefill if kind == "prefill" else engine.compile_generate
             for bucket in buckets:
+                if stop is not None and stop.is_set():
+                    return
                 t = time.perf_counter()
                 try:
                     compile_one(params, bucket)
@@ -364,8 +369,17 @@ def run_worker(
     # Prefill roles compile their chunked-prefill shapes in `serve` (compile_prefill_loop):
     # Engine.prefill's buckets are not on their serving path.
     warm_up(runtime, prefill=False, decode=decode, hold=config.warm_up == "largest")
-    compile_held_buckets(runtime)
-    return asyncio.run(serve(config, runtime))
+    stop_compiling = threading.Event()
+    compiling = compile_held_buckets(runtime, stop=stop_compiling)
+    try:
+        return asyncio.run(serve(config, runtime))
+    finally:
+        # An XLA compile still running in the daemon thread while the interpreter tears
+        # down can crash the process after a clean drain (a decode worker exited SIGSEGV
+        # right after "stopped" in a test): start no more, let the one in flight finish.
+        stop_compiling.set()
+        if compiling is not None:
+            compiling.join()
 
 
 def configure_logging() -> None:
