@@ -93,7 +93,10 @@ class PrefixPagePool:
         self._refs: dict[int, int] = {}  # page -> running prefills that list it
         self._by_hash: dict[BlockHash, _Entry] = {}  # whole blocks
         self._cached: dict[int, _Entry] = {}  # cached page -> its entry (whole or partial)
-        self._children: dict[int, dict[int, _Entry]] = {}  # parent serial -> page -> entry
+        # Parent serial -> leading tokens of a cached block under it -> the pages holding
+        # them (every prefix of every block: finding the longest shared part of a block is
+        # a few dict lookups, however many blocks follow the parent).
+        self._lenders: dict[int, dict[tuple[int, ...], dict[int, None]]] = {}
         self._serials = 0
         # Idle cached pages, least recently used first.
         self._idle: OrderedDict[int, None] = OrderedDict()
@@ -204,8 +207,9 @@ class PrefixPagePool:
         assert sorted(everything) == list(range(1, self.num_pages)), "a page leaked"
         assert not set(self._idle) & set(self._refs), "an idle page is referenced"
         assert set(self._cached) <= set(self._idle) | set(self._refs), "a free page is cached"
-        children = {e.page for kids in self._children.values() for e in kids.values()}
-        assert children == set(self._cached), "an entry is missing from its parent's"
+        lending = {p for prefixes in self._lenders.values() for pages in prefixes.values()
+                   for p in pages}  # fmt: skip
+        assert lending == set(self._cached), "a cached page is missing from its parent's"
         whole = {e.page for e in self._by_hash.values()}
         assert whole == {p for p, e in self._cached.items() if e.key is not None}
 
@@ -227,18 +231,18 @@ class PrefixPagePool:
         return pages, parent
 
     def _best_partial(self, parent: int, rest: np.ndarray) -> tuple[int | None, int]:
-        """Among the cached blocks following `parent`, the one sharing the most leading
-        tokens with `rest` (at most a block): (its page, how many), or (None, 0)."""
-        best, shared = None, 0
-        want = rest[: self.page_size].astype("<i4")
-        for entry in self._children.get(parent, {}).values():
-            theirs = np.frombuffer(entry.tokens, dtype="<i4")
-            n = min(len(theirs), len(want))
-            differ = np.flatnonzero(theirs[:n] != want[:n])
-            common = int(differ[0]) if differ.size else n
-            if common > shared:
-                best, shared = entry.page, common
-        return best, shared
+        """Among the cached blocks following `parent`, one sharing the most leading tokens
+        with `rest` (at most a block): (its page, how many), or (None, 0). Any of the
+        blocks sharing those tokens will do: under one parent, equal tokens mean equal KV."""
+        prefixes = self._lenders.get(parent)
+        if not prefixes:
+            return None, 0
+        want = tuple(int(t) for t in rest[: self.page_size])
+        for n in range(len(want), 0, -1):
+            pages = prefixes.get(want[:n])
+            if pages:
+                return next(reversed(pages)), n  # the most recently cached
+        return None, 0
 
     def _insert(self, ids: np.ndarray, lookup: Lookup) -> int | None:
         """Cache the whole blocks of `ids` in `lookup`'s pages; the serial of the last
@@ -263,7 +267,9 @@ class PrefixPagePool:
         self._serials += 1
         entry = _Entry(page, self._serials, parent, tokens, key)
         self._cached[page] = entry
-        self._children.setdefault(parent, {})[page] = entry
+        prefixes = self._lenders.setdefault(parent, {})
+        for prefix in _prefixes(tokens):
+            prefixes.setdefault(prefix, {})[page] = None
         if key is not None:
             self._by_hash[key] = entry
         return entry
@@ -293,13 +299,23 @@ class PrefixPagePool:
         entry = self._cached.pop(page)
         if entry.key is not None:
             del self._by_hash[entry.key]
-        siblings = self._children[entry.parent]
-        del siblings[page]
-        if not siblings:
-            del self._children[entry.parent]
+        prefixes = self._lenders[entry.parent]
+        for prefix in _prefixes(entry.tokens):
+            pages = prefixes[prefix]
+            del pages[page]
+            if not pages:
+                del prefixes[prefix]
+        if not prefixes:
+            del self._lenders[entry.parent]
         self.stats.evictions += 1
         self._free.append(page)
 
     def _trim(self) -> None:
         while len(self._idle) > self.capacity_pages:
             self._evict_one()
+
+
+def _prefixes(tokens: bytes) -> list[tuple[int, ...]]:
+    """Every leading run (1 token to all) of a block's stored tokens."""
+    ids = tuple(int(t) for t in np.frombuffer(tokens, dtype="<i4"))
+    return [ids[:n] for n in range(1, len(ids) + 1)]
