@@ -93,10 +93,7 @@ class PrefixPagePool:
         self._refs: dict[int, int] = {}  # page -> running prefills that list it
         self._by_hash: dict[BlockHash, _Entry] = {}  # whole blocks
         self._cached: dict[int, _Entry] = {}  # cached page -> its entry (whole or partial)
-        # Parent serial -> leading tokens of a cached block under it -> the pages holding
-        # them (every prefix of every block: finding the longest shared part of a block is
-        # a few dict lookups, however many blocks follow the parent).
-        self._lenders: dict[int, dict[tuple[int, ...], dict[int, None]]] = {}
+        self._children: dict[int, _Blocks] = {}  # parent serial -> the blocks under it
         self._serials = 0
         # Idle cached pages, least recently used first.
         self._idle: OrderedDict[int, None] = OrderedDict()
@@ -207,9 +204,8 @@ class PrefixPagePool:
         assert sorted(everything) == list(range(1, self.num_pages)), "a page leaked"
         assert not set(self._idle) & set(self._refs), "an idle page is referenced"
         assert set(self._cached) <= set(self._idle) | set(self._refs), "a free page is cached"
-        lending = {p for prefixes in self._lenders.values() for pages in prefixes.values()
-                   for p in pages}  # fmt: skip
-        assert lending == set(self._cached), "a cached page is missing from its parent's"
+        children = [p for blocks in self._children.values() for p in blocks.pages_held()]
+        assert sorted(children) == sorted(self._cached), "a cached page is not its parent's"
         whole = {e.page for e in self._by_hash.values()}
         assert whole == {p for p, e in self._cached.items() if e.key is not None}
 
@@ -232,17 +228,11 @@ class PrefixPagePool:
 
     def _best_partial(self, parent: int, rest: np.ndarray) -> tuple[int | None, int]:
         """Among the cached blocks following `parent`, one sharing the most leading tokens
-        with `rest` (at most a block): (its page, how many), or (None, 0). Any of the
-        blocks sharing those tokens will do: under one parent, equal tokens mean equal KV."""
-        prefixes = self._lenders.get(parent)
-        if not prefixes:
+        with `rest` (at most a block): (its page, how many), or (None, 0)."""
+        children = self._children.get(parent)
+        if children is None:
             return None, 0
-        want = tuple(int(t) for t in rest[: self.page_size])
-        for n in range(len(want), 0, -1):
-            pages = prefixes.get(want[:n])
-            if pages:
-                return next(reversed(pages)), n  # the most recently cached
-        return None, 0
+        return children.longest_shared(rest[: self.page_size])
 
     def _insert(self, ids: np.ndarray, lookup: Lookup) -> int | None:
         """Cache the whole blocks of `ids` in `lookup`'s pages; the serial of the last
@@ -267,9 +257,9 @@ class PrefixPagePool:
         self._serials += 1
         entry = _Entry(page, self._serials, parent, tokens, key)
         self._cached[page] = entry
-        prefixes = self._lenders.setdefault(parent, {})
-        for prefix in _prefixes(tokens):
-            prefixes.setdefault(prefix, {})[page] = None
+        if parent not in self._children:
+            self._children[parent] = _Blocks(self.page_size)
+        self._children[parent].add(page, np.frombuffer(tokens, dtype="<i4"))
         if key is not None:
             self._by_hash[key] = entry
         return entry
@@ -299,14 +289,10 @@ class PrefixPagePool:
         entry = self._cached.pop(page)
         if entry.key is not None:
             del self._by_hash[entry.key]
-        prefixes = self._lenders[entry.parent]
-        for prefix in _prefixes(entry.tokens):
-            pages = prefixes[prefix]
-            del pages[page]
-            if not pages:
-                del prefixes[prefix]
-        if not prefixes:
-            del self._lenders[entry.parent]
+        children = self._children[entry.parent]
+        children.remove(page)
+        if not children.pages_held():
+            del self._children[entry.parent]
         self.stats.evictions += 1
         self._free.append(page)
 
@@ -315,7 +301,44 @@ class PrefixPagePool:
             self._evict_one()
 
 
-def _prefixes(tokens: bytes) -> list[tuple[int, ...]]:
-    """Every leading run (1 token to all) of a block's stored tokens."""
-    ids = tuple(int(t) for t in np.frombuffer(tokens, dtype="<i4"))
-    return [ids[:n] for n in range(1, len(ids) + 1)]
+class _Blocks:
+    """The cached blocks under one parent entry as rows of a token table, so that the one
+    sharing the most leading tokens with a prompt is found by one vectorized comparison
+    (however many blocks follow a parent: the root may have thousands)."""
+
+    def __init__(self, width: int) -> None:
+        self._tokens = np.full((4, width), -1, np.int32)  # -1 pads a partial block's row
+        self._pages = np.zeros(4, np.int64)
+        self._row_of: dict[int, int] = {}
+
+    def pages_held(self) -> list[int]:
+        return list(self._row_of)
+
+    def add(self, page: int, tokens: np.ndarray) -> None:
+        row = len(self._row_of)
+        if row == len(self._pages):  # grow by doubling
+            self._tokens = np.concatenate([self._tokens, np.full_like(self._tokens, -1)])
+            self._pages = np.concatenate([self._pages, np.zeros_like(self._pages)])
+        self._tokens[row] = -1
+        self._tokens[row, : len(tokens)] = tokens
+        self._pages[row] = page
+        self._row_of[page] = row
+
+    def remove(self, page: int) -> None:
+        row, last = self._row_of.pop(page), len(self._row_of)
+        if row != last:  # the last row fills the hole
+            self._tokens[row] = self._tokens[last]
+            self._pages[row] = self._pages[last]
+            self._row_of[int(self._pages[row])] = row
+
+    def longest_shared(self, want: np.ndarray) -> tuple[int | None, int]:
+        n, rows = len(want), len(self._row_of)
+        if n == 0 or rows == 0:
+            return None, 0
+        differ = self._tokens[:rows, :n] != np.asarray(want, np.int32)[None, :]
+        # The leading run of equal tokens: up to the first difference, or all n.
+        shared = np.where(differ.any(axis=1), differ.argmax(axis=1), n)
+        best = int(np.argmax(shared))
+        if shared[best] == 0:
+            return None, 0
+        return int(self._pages[best]), int(shared[best])
