@@ -99,15 +99,6 @@ def dequantize(values: jax.Array, scale: jax.Array, dtype: jnp.dtype) -> jax.Arr
 # Blocks ---------------------------------------------------------------------------------
 
 
-def block_shape(shape: tuple[int, ...], contracting_axis: int, block: int) -> tuple[int, ...]:
-    """The scale's (and offset's) shape: `shape` with the contracting axis cut into blocks."""
-    if shape[contracting_axis] % block:
-        raise ValueError(f"axis {contracting_axis} of {shape} is not a multiple of {block}")
-    out = list(shape)
-    out[contracting_axis] //= block
-    return tuple(out)
-
-
 def _split(x: jax.Array, axis: int, block: int) -> jax.Array:
     """[.., K, ..] -> [.., K / block, block, ..]."""
     return x.reshape(*x.shape[:axis], x.shape[axis] // block, block, *x.shape[axis + 1 :])
@@ -145,9 +136,9 @@ def quantize_blocks(
     block of a dequantized GGUF Q4/Q5/Q8 tensor does) keeps that grid: its step is the
     smallest gap between its distinct weights or a half, third or quarter of it, refined
     with the offset by least squares over the levels, so the block is stored to within a
-    few float32 roundings (`rounding` below). Any other block
-    gets 256 levels over its own [min, max]: an error of at most (max - min) / 510 per
-    weight. A constant block is exact (scale 0, offset = value).
+    few float32 roundings (`rounding` below). Any other block gets 256 levels over its own
+    [min, max]: an error of at most (max - min) / 510 per weight. A constant block is exact
+    (scale 0, offset = value).
     """
     within = contracting_axis + 1  # the axis of the weights within a block
     w = jnp.moveaxis(_split(weight.astype(jnp.float32), contracting_axis, block), within, -1)

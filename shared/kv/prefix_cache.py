@@ -291,7 +291,7 @@ class PrefixPagePool:
             del self._by_hash[entry.key]
         children = self._children[entry.parent]
         children.remove(page)
-        if not children.pages_held():
+        if not children:
             del self._children[entry.parent]
         self.stats.evictions += 1
         self._free.append(page)
@@ -310,6 +310,9 @@ class _Blocks:
         self._tokens = np.full((4, width), -1, np.int32)  # -1 pads a partial block's row
         self._pages = np.zeros(4, np.int64)
         self._row_of: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._row_of)
 
     def pages_held(self) -> list[int]:
         return list(self._row_of)

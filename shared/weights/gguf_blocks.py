@@ -25,7 +25,8 @@ BLOCK = 32
 _ONE_F16 = np.array([1.0], np.float16).view(np.uint8)  # two bytes
 _ZERO_F16 = np.array([0.0], np.float16).view(np.uint8)
 
-# Format -> (bytes per block, whether a float16 minimum follows the float16 scale).
+# Format -> (bytes per block, whether a float16 minimum follows the float16 scale; the
+# K-quants' second float16 is their super-block minimum factor, dmin).
 _LEGACY = {
     "Q8_0": (34, False),
     "Q4_0": (18, False),
@@ -46,25 +47,24 @@ def exact_blocks(tensor: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | Non
     if kind not in EXACT_TYPES or len(tensor.shape) != 2:
         return None
     rows, cols = (int(n) for n in reversed(tensor.shape))
-    raw = np.asarray(tensor.data, np.uint8).reshape(rows, -1)
-    size = _LEGACY[kind][0] if kind in _LEGACY else _K_QUANTS[kind]
-    blocks = raw.reshape(-1, size).copy()
+    size, has_minimum = _LEGACY[kind] if kind in _LEGACY else (_K_QUANTS[kind], True)
+    blocks = np.asarray(tensor.data, np.uint8).reshape(-1, size).copy()
     factor = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)[:, 0]
-    second = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0]
-    blocks[:, 0:2] = _ONE_F16
-    if kind in _K_QUANTS or _LEGACY[kind][1]:
+    minimum = np.zeros_like(factor)
+    if has_minimum:
+        minimum = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)[:, 0]
         blocks[:, 2:4] = _ZERO_F16
+    blocks[:, 0:2] = _ONE_F16
     unit = dequantize(blocks.reshape(rows, -1), tensor.tensor_type).reshape(-1, BLOCK)
     if kind in _LEGACY:
         q = unit  # q (shifted by the format's own offset: Q4_0 -8..7, Q5_0 -16..15)
-        scale = factor
-        offset = second if _LEGACY[kind][1] else np.zeros_like(factor)
+        scale, offset = factor, minimum
     else:
         from gguf.quants import Q4_K
 
         sc, mins = Q4_K.get_scale_min(blocks[:, 4:16])  # [super-blocks, 8] each
         sc, mins = sc.reshape(-1).astype(np.float32), mins.reshape(-1).astype(np.float32)
-        super_d, super_min = np.repeat(factor, 8), np.repeat(second, 8)
+        super_d, super_min = np.repeat(factor, 8), np.repeat(minimum, 8)
         # The unit dequantization is sc * q; a sub-block with sc 0 is its offset alone.
         q = np.where(sc[:, None] > 0, unit / np.where(sc > 0, sc, 1)[:, None], 0)
         scale = super_d * sc  # float32, as gguf computes `d * sc`

@@ -199,49 +199,41 @@ def read_params(
     for name, (ours, heads) in names.items():
         if block_size_of(ours, targets) == gguf_blocks.BLOCK:
             blocks = gguf_blocks.exact_blocks(index[name])
-            if blocks is not None:
-                flat.update(_place_exact_blocks(name, ours, heads, blocks, targets, path))
+            if blocks is not None:  # the values, scales and offsets, each [out, ...]
+                flat.update(place_blocks(ours, *_our_layout(name, ours, heads, blocks, targets,
+                                                            path), targets))  # fmt: skip
                 continue
         value = dequantized(index[name], path)  # [out, in] (HF layout); norms: [D]
-        want = targets[ours].shape
-        expected = tuple(reversed(want)) if value.ndim == 2 and ours != "embed.embedding" else want
-        if tuple(value.shape) != tuple(expected):
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {list(value.shape)}, the metadata implies "
-                f"{list(expected)}"
-            )
-        if heads is not None:
-            value = unpermute_rope_rows(value, heads)
-        if value.ndim == 2 and ours != "embed.embedding":
-            value = np.ascontiguousarray(value.T)
+        (value,) = _our_layout(name, ours, heads, (value,), targets, path)
         flat.update(place(ours, value, targets))
         del value
     return flat
 
 
-def _place_exact_blocks(
+def _our_layout(
     name: str,
     ours: str,
     heads: int | None,
-    blocks: tuple[np.ndarray, np.ndarray, np.ndarray],
+    arrays: tuple[np.ndarray, ...],
     targets: AbstractFlat,
     path: pathlib.Path,
-) -> Flat:
-    """A tensor's own blocks ([out, in] values, [out, in / 32] scales and offsets) into
-    place: rows un-permuted and kernels transposed exactly like the float path."""
-    kernel = ours != "embed.embedding"
+) -> tuple[np.ndarray, ...]:
+    """Arrays of one GGUF tensor laid out by its rows ([out, ...]: the weight, or its block
+    values, scales and offsets) -> ours: the weight's shape checked against the metadata,
+    q/k rows un-permuted, kernels transposed to [in, out]."""
+    kernel = arrays[0].ndim == 2 and ours != "embed.embedding"
     want = targets[ours].shape
     expected = tuple(reversed(want)) if kernel else want
-    if blocks[0].shape != tuple(expected):
+    if tuple(arrays[0].shape) != tuple(expected):
         raise CheckpointError(
-            f"{path}: tensor {name!r} has shape {list(blocks[0].shape)}, the metadata implies "
+            f"{path}: tensor {name!r} has shape {list(arrays[0].shape)}, the metadata implies "
             f"{list(expected)}"
         )
     if heads is not None:
-        blocks = tuple(unpermute_rope_rows(b, heads) for b in blocks)
+        arrays = tuple(unpermute_rope_rows(a, heads) for a in arrays)
     if kernel:
-        blocks = tuple(np.ascontiguousarray(b.T) for b in blocks)
-    return place_blocks(ours, *blocks, targets)
+        arrays = tuple(np.ascontiguousarray(a.T) for a in arrays)
+    return arrays
 
 
 def dequantized(tensor: Any, path: pathlib.Path) -> np.ndarray:
