@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'mix':<13}{'contiguous':>11}{'paged mean':>12}{'ratio':>8}{'preempt/1k tok':>16}")
     for r in rows:
         ratio, preempted = r["capacity_ratio_vs_contiguous"], r["preemptions_per_1k_tokens"]
-        print(f"{r['shape']:<13}{r['contiguous_slots']:>11}{r['mean_concurrent']:>12.1f}"
-              f"{ratio:>8.2f}{preempted:>16.2f}")  # fmt: skip
+        print(
+            f"{r['shape']:<13}{r['contiguous_slots']:>11}{r['mean_concurrent']:>12.1f}"
+            f"{ratio:>8.2f}{preempted:>16.2f}"
+        )
     result = {
         "budget_tokens": args.budget_tokens,
         "page_size": args.page_size,

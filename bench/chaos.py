@@ -48,15 +48,24 @@ from bench.reliability import (
     run_stream,
 )
 
-WORKER_FLAGS = ("--slots", "8", "--prefill-buckets", "8,16,32", "--max-seq-len", "64",
-                "--drain-grace-s", "30")  # fmt: skip
+WORKER_FLAGS = (
+    "--slots",
+    "8",
+    "--prefill-buckets",
+    "8,16,32",
+    "--max-seq-len",
+    "64",
+    "--drain-grace-s",
+    "30",
+)
 MAX_TOKENS = 40
 
 
 def prompts(count: int, seed: int) -> list[tuple[int, ...]]:
     rng = random.Random(seed)
-    return [tuple([256, *(rng.randrange(256) for _ in range(rng.randint(1, 15)))])
-            for _ in range(count)]  # fmt: skip
+    return [
+        tuple([256, *(rng.randrange(256) for _ in range(rng.randint(1, 15)))]) for _ in range(count)
+    ]
 
 
 class Timeline:
@@ -83,9 +92,13 @@ class Timeline:
 
 
 async def steady_load(
-    cluster: Cluster, work: Sequence[tuple[int, ...]], concurrency: int,
-    stop: asyncio.Event, max_streams: int | None, outcomes: list[Outcome],
-) -> list[Outcome]:  # fmt: skip
+    cluster: Cluster,
+    work: Sequence[tuple[int, ...]],
+    concurrency: int,
+    stop: asyncio.Event,
+    max_streams: int | None,
+    outcomes: list[Outcome],
+) -> list[Outcome]:
     """`concurrency` streams at all times until `stop` (or `max_streams` started)."""
     tls = cluster.tls.client() if cluster.tls else None
     clients = client_pool(cluster.target, max(1, concurrency // 32), tls)
@@ -106,9 +119,15 @@ async def steady_load(
 
 
 async def fault_loop(
-    cluster: Cluster, timeline: Timeline, stop: asyncio.Event, rng: random.Random,
-    log: list[dict], *, first_after: Callable[[], bool] | None = None, once: bool = False,
-) -> None:  # fmt: skip
+    cluster: Cluster,
+    timeline: Timeline,
+    stop: asyncio.Event,
+    rng: random.Random,
+    log: list[dict],
+    *,
+    first_after: Callable[[], bool] | None = None,
+    once: bool = False,
+) -> None:
     """Every 15-30 s, a kill (then a restart) or a freeze of one random worker. `once`: a
     single kill of a decode worker, as soon as `first_after()` holds, and no restart."""
     while not stop.is_set():
@@ -155,17 +174,31 @@ async def rolling_upgrade(cluster: Cluster, timeline: Timeline, log: list[dict])
         started = time.perf_counter()
         await asyncio.to_thread(cluster.drain_restart, name)
         timeline.mark()
-        log.append({"worker": name, "action": "drain_restart",
-                    "readmitted_after_s": round(time.perf_counter() - started, 1)})  # fmt: skip
+        log.append(
+            {
+                "worker": name,
+                "action": "drain_restart",
+                "readmitted_after_s": round(time.perf_counter() - started, 1),
+            }
+        )
 
 
-def report(outcomes: list[Outcome], refs: dict, timeline: Timeline, faults: list[dict],
-           leaked: dict, rss_start: dict, rss_end: dict, restarted: set[str]) -> dict:  # fmt: skip
+def report(
+    outcomes: list[Outcome],
+    refs: dict,
+    timeline: Timeline,
+    faults: list[dict],
+    leaked: dict,
+    rss_start: dict,
+    rss_end: dict,
+    restarted: set[str],
+) -> dict:
     completed = [o for o in outcomes if o.finish is not None and o.code is None]
     mismatched = [o.index for o in completed if o.tokens != refs[o.prompt][: o.max_tokens]]
     errors = Counter(o.code for o in outcomes if o.code is not None)
-    explained = [o for o in outcomes if o.code == "UNAVAILABLE"
-                 and timeline.none_left(o.started, o.ended)]  # fmt: skip
+    explained = [
+        o for o in outcomes if o.code == "UNAVAILABLE" and timeline.none_left(o.started, o.ended)
+    ]
     growth = {
         name: (rss_end[name] - rss_start[name]) / rss_start[name]
         for name in rss_start
@@ -195,9 +228,17 @@ def report(outcomes: list[Outcome], refs: dict, timeline: Timeline, faults: list
     }
 
 
-async def run(cluster: Cluster, *, duration_s: float, concurrency: int, seed: int,
-              rolling: bool = False, max_streams: int | None = None,
-              one_kill: bool = False, references: Callable | None = None) -> dict:  # fmt: skip
+async def run(
+    cluster: Cluster,
+    *,
+    duration_s: float,
+    concurrency: int,
+    seed: int,
+    rolling: bool = False,
+    max_streams: int | None = None,
+    one_kill: bool = False,
+    references: Callable | None = None,
+) -> dict:
     """The whole run against a started cluster; the report (see the module docstring).
     `references(prompts, max_tokens)`: the reference tokens (default: a fresh engine)."""
     work = prompts(32, seed)
@@ -254,10 +295,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     cluster = Cluster(2, 2, WORKER_FLAGS, ("--max-queue", "1024"), tls=tls)
     try:
         cluster.start()
-        result = asyncio.run(run(
-            cluster, duration_s=args.duration_s, concurrency=args.concurrency, seed=args.seed,
-            rolling=args.rolling_upgrade, max_streams=args.max_streams,
-        ))  # fmt: skip
+        result = asyncio.run(
+            run(
+                cluster,
+                duration_s=args.duration_s,
+                concurrency=args.concurrency,
+                seed=args.seed,
+                rolling=args.rolling_upgrade,
+                max_streams=args.max_streams,
+            )
+        )
     finally:
         cluster.close()
     result = {
@@ -270,14 +317,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         **result,
     }
     result["passed"] = bool(
-        not result["mismatched_streams"] and not result["unexplained_errors"]
+        not result["mismatched_streams"]
+        and not result["unexplained_errors"]
         and not result["leaks"]
-    )  # fmt: skip
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    keys = ("streams", "completed", "mismatched_streams", "errors_by_status",
-            "unexplained_errors", "kills", "stops", "drain_restarts", "readmitted", "leaked",
-            "leaks", "rss_growth_fraction", "passed")  # fmt: skip
+    keys = (
+        "streams",
+        "completed",
+        "mismatched_streams",
+        "errors_by_status",
+        "unexplained_errors",
+        "kills",
+        "stops",
+        "drain_restarts",
+        "readmitted",
+        "leaked",
+        "leaks",
+        "rss_growth_fraction",
+        "passed",
+    )
     print(json.dumps({k: result[k] for k in keys}, indent=2))
     return 0 if result["passed"] else 1
 

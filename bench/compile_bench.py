@@ -106,8 +106,18 @@ def child(role: str, model: str, slots: int, cache_dir: str | None, warm: str) -
 
 
 def measure(role: str, model: str, slots: int, cache_dir: str | None, warm: str) -> dict:
-    argv = [sys.executable, __file__, "--child", role, "--model", model, "--slots", str(slots),
-            "--warm-up", warm]  # fmt: skip
+    argv = [
+        sys.executable,
+        __file__,
+        "--child",
+        role,
+        "--model",
+        model,
+        "--slots",
+        str(slots),
+        "--warm-up",
+        warm,
+    ]
     if cache_dir is not None:
         argv += ["--cache-dir", cache_dir]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -154,13 +164,18 @@ def main(argv: list[str] | None = None) -> int:
                 r = measure(role, args.model, args.slots, cache, warm)
                 results.setdefault(scenario, {})[role] = r
                 parts = ", ".join(f"{k} {v:.1f}" for k, v in r["compile_s"].items())
-                print(f"{scenario:<8} {role:<8} serving after {r['startup_s']:6.1f} s: import "
-                      f"{r['import_s']:.1f}, load {r['load_s']:.1f}, compile: {parts}",
-                      flush=True)  # fmt: skip
+                print(
+                    f"{scenario:<8} {role:<8} serving after {r['startup_s']:6.1f} s: import "
+                    f"{r['import_s']:.1f}, load {r['load_s']:.1f}, compile: {parts}",
+                    flush=True,
+                )
                 if "background_compile_s" in r:
-                    print(f"{'':<17} then in the background: {r['background_compile_s']}; "
-                          f"smallest requests while held {r['while_held']}, once compiled "
-                          f"{r['once_compiled']}", flush=True)  # fmt: skip
+                    print(
+                        f"{'':<17} then in the background: {r['background_compile_s']}; "
+                        f"smallest requests while held {r['while_held']}, once compiled "
+                        f"{r['once_compiled']}",
+                        flush=True,
+                    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

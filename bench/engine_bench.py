@@ -203,8 +203,10 @@ def print_table(result: dict) -> None:
         print(f"{r['config']:<8}{r['bucket']:>7}{r['ms']:>12.2f}")
     for name, loads in result.get("real_model_load", {}).items():
         for dtype, r in loads.items():
-            print(f"\n{name} {dtype}: load {r['seconds']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} "
-                  f"MiB, params {r['param_mib']:.0f} MiB")  # fmt: skip
+            print(
+                f"\n{name} {dtype}: load {r['seconds']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} "
+                f"MiB, params {r['param_mib']:.0f} MiB"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

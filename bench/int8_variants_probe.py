@@ -46,8 +46,9 @@ def per_channel(w: np.ndarray, axis: int) -> np.ndarray:
 def symmetric_groups(w: np.ndarray, axis: int) -> np.ndarray:
     g, shape = _groups(w, axis)
     scale = np.abs(g).max(axis=-1, keepdims=True) / 127.5
-    return _back(np.clip(np.round(g / np.where(scale == 0, 1, scale)), -127, 127) * scale,
-                 shape, axis)  # fmt: skip
+    return _back(
+        np.clip(np.round(g / np.where(scale == 0, 1, scale)), -127, 127) * scale, shape, axis
+    )
 
 
 def asymmetric_groups(w: np.ndarray, axis: int) -> np.ndarray:

@@ -36,10 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
-    ups = [jnp.asarray(rng.standard_normal((D_MODEL, FFN), np.float32) * 0.02)
-           for _ in range(LAYERS)]  # fmt: skip
-    downs = [jnp.asarray(rng.standard_normal((FFN, D_MODEL), np.float32) * 0.02)
-             for _ in range(LAYERS)]  # fmt: skip
+    ups = [
+        jnp.asarray(rng.standard_normal((D_MODEL, FFN), np.float32) * 0.02) for _ in range(LAYERS)
+    ]
+    downs = [
+        jnp.asarray(rng.standard_normal((FFN, D_MODEL), np.float32) * 0.02) for _ in range(LAYERS)
+    ]
     up_stack, down_stack = jnp.stack(ups), jnp.stack(downs)
 
     def layer(x: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
@@ -63,8 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         "stacked_static": (stacked_static, (up_stack, down_stack)),
         "scan": (scan, (up_stack, down_stack)),
     }
-    result: dict = {"layers": LAYERS, "d_model": D_MODEL, "ffn": FFN,
-                    "load_average_at_start": os.getloadavg(), "rows": {}}  # fmt: skip
+    result: dict = {
+        "layers": LAYERS,
+        "d_model": D_MODEL,
+        "ffn": FFN,
+        "load_average_at_start": os.getloadavg(),
+        "rows": {},
+    }
     jax.jit(lambda a: a + 1)(up_stack).block_until_ready()  # backend start-up, not timed
     for rows in (1, 128):
         x = jnp.ones((rows, D_MODEL), jnp.float32)
@@ -81,8 +88,11 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(time.perf_counter() - start)
             entry = {"compile_s": compile_s, "run_ms": statistics.median(runs) * 1e3}
             result["rows"].setdefault(str(rows), {})[name] = entry
-            print(f"{rows:>3} rows  {name:<15} compile {compile_s:5.2f} s  run "
-                  f"{entry['run_ms']:7.2f} ms", flush=True)  # fmt: skip
+            print(
+                f"{rows:>3} rows  {name:<15} compile {compile_s:5.2f} s  run "
+                f"{entry['run_ms']:7.2f} ms",
+                flush=True,
+            )
     result["load_average_at_end"] = os.getloadavg()
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -66,12 +66,22 @@ def main(argv: list[str] | None = None) -> int:
     args.workload_file, args.vocab_max = None, 255
     args.prompt_len, args.output_len = str(args.prompt_len), str(args.output_len)
     max_seq_len = int(args.prompt_len) + int(args.output_len) + 1
-    engine = ["--model", "tiny", "--slots", str(args.concurrency), "--prefill-buckets",
-              args.prompt_len, "--max-seq-len", str(max_seq_len)]  # fmt: skip
+    engine = [
+        "--model",
+        "tiny",
+        "--slots",
+        str(args.concurrency),
+        "--prefill-buckets",
+        args.prompt_len,
+        "--max-seq-len",
+        str(max_seq_len),
+    ]
     children = []
     try:
-        pool = {"prefill": [], "decode": [] if args.kv_pages is None else
-                ["--kv-pages", str(args.kv_pages)]}  # fmt: skip
+        pool = {
+            "prefill": [],
+            "decode": [] if args.kv_pages is None else ["--kv-pages", str(args.kv_pages)],
+        }
         launched = [
             launch(r, ["worker", "--role", r, *LOCAL, *engine, *pool[r]])
             for r in ("prefill", "decode")
@@ -79,21 +89,43 @@ def main(argv: list[str] | None = None) -> int:
         children += [c for c, _ in launched]
         for child, ready in launched:
             wait_ready(child, ready, args.startup_timeout_s)
-        orch = ["orchestrator", *LOCAL, "--model", "tiny", "--http-port", "0",
-                "--prefill", children[0].address, "--decode", children[1].address]  # fmt: skip
+        orch = [
+            "orchestrator",
+            *LOCAL,
+            "--model",
+            "tiny",
+            "--http-port",
+            "0",
+            "--prefill",
+            children[0].address,
+            "--decode",
+            children[1].address,
+        ]
         child, ready = launch("orchestrator", orch)
         children.append(wait_ready(child, ready, args.startup_timeout_s))
-        targets = {"grpc": child.address.replace("0.0.0.0", "127.0.0.1"),
-                   "openai": f"http://127.0.0.1:{child.http_port}"}  # fmt: skip
+        targets = {
+            "grpc": child.address.replace("0.0.0.0", "127.0.0.1"),
+            "openai": f"http://127.0.0.1:{child.http_port}",
+        }
         runs: dict[str, list[dict]] = {"grpc": [], "openai": []}
         for api, target in targets.items():
-            warm = RunConfig(target, concurrency=args.concurrency, num_requests=args.warmup,
-                             seed=args.seed + 1, api=api)  # fmt: skip
+            warm = RunConfig(
+                target,
+                concurrency=args.concurrency,
+                num_requests=args.warmup,
+                seed=args.seed + 1,
+                api=api,
+            )
             run_with_progress(warm, args, f"{api} warm-up")
         for round_ in range(args.rounds):
             for api, target in targets.items():
-                config = RunConfig(target, concurrency=args.concurrency, seed=args.seed,
-                                   num_requests=args.num_requests, api=api)  # fmt: skip
+                config = RunConfig(
+                    target,
+                    concurrency=args.concurrency,
+                    seed=args.seed,
+                    num_requests=args.num_requests,
+                    api=api,
+                )
                 loadavg = os.getloadavg()[0]
                 result = run_with_progress(config, args, f"{api} round {round_}")
                 report = build_report(result.records, result.duration_s, Slo(None, None))
@@ -124,19 +156,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'api':<8}{'tok/s':>10}{'TTFT p50 ms':>14}{'TTFT p99 ms':>14}{'TPOT p50 ms':>14}")
     for api in ("grpc", "openai"):
         s = summary[api]
-        print(f"{api:<8}{s['output_token_throughput']:>10.1f}{s['ttft_p50_ms']:>14.2f}"
-              f"{s['ttft_p99_ms']:>14.2f}{s['tpot_p50_ms']:>14.2f}")  # fmt: skip
+        print(
+            f"{api:<8}{s['output_token_throughput']:>10.1f}{s['ttft_p50_ms']:>14.2f}"
+            f"{s['ttft_p99_ms']:>14.2f}{s['tpot_p50_ms']:>14.2f}"
+        )
     print(
         f"\nthroughput openai / grpc: {summary['openai_over_grpc_throughput']:.3f} (goal >= 0.95)"
     )
-    print(f"TTFT p50 openai - grpc: {summary['openai_minus_grpc_ttft_p50_ms']:+.2f} ms "
-          "(goal <= +2 ms)")  # fmt: skip
-    keys = ("concurrency", "num_requests", "prompt_len", "output_len", "rounds", "warmup", "seed",
-            "kv_pages")  # fmt: skip
+    print(
+        f"TTFT p50 openai - grpc: {summary['openai_minus_grpc_ttft_p50_ms']:+.2f} ms "
+        "(goal <= +2 ms)"
+    )
+    keys = (
+        "concurrency",
+        "num_requests",
+        "prompt_len",
+        "output_len",
+        "rounds",
+        "warmup",
+        "seed",
+        "kv_pages",
+    )
     workload = {k: getattr(args, k) for k in keys}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"workload": workload, "summary": summary, "runs": runs},
-                                   indent=2) + "\n")  # fmt: skip
+    args.out.write_text(
+        json.dumps({"workload": workload, "summary": summary, "runs": runs}, indent=2) + "\n"
+    )
     return 0
 
 

@@ -73,9 +73,11 @@ async def bursts(target: str, vocab: int, args: argparse.Namespace) -> dict:
         for _ in range(args.warmup):  # unmeasured, distinct prompts
             await stream_once(client, rng_prompt(rng, vocab, args.prompt_len), 8, TIMEOUT_S)
         warm = await asyncio.gather(
-            *(stream_once(client, rng_prompt(rng, vocab, args.prompt_len), 8, TIMEOUT_S)
-              for _ in range(args.concurrency))
-        )  # fmt: skip
+            *(
+                stream_once(client, rng_prompt(rng, vocab, args.prompt_len), 8, TIMEOUT_S)
+                for _ in range(args.concurrency)
+            )
+        )
         rounds = []
         for _ in range(args.rounds):
             # Longer than the orchestrator's load-report interval (2 s): each burst starts
@@ -93,13 +95,27 @@ def part_a(args: argparse.Namespace) -> dict:
     vocab = VOCAB[args.model]
     max_seq_len = args.prompt_len + args.max_tokens + 1
     max_seq_len = -(-max_seq_len // 16) * 16
-    common = ["--slots", str(args.slots), "--max-seq-len", str(max_seq_len),
-              "--prefill-buckets", str(args.prompt_len)]  # fmt: skip
+    common = [
+        "--slots",
+        str(args.slots),
+        "--max-seq-len",
+        str(max_seq_len),
+        "--prefill-buckets",
+        str(args.prompt_len),
+    ]
     runs = {}
     for rows in (1, args.packed_rows):
-        prefill = flags(args.model, *common, "--prefill-chunk", str(args.prompt_len),
-                        "--prefill-max-rows", str(rows), "--prefix-cache-mib", "0",
-                        compilation_cache_dir=args.compilation_cache_dir)  # fmt: skip
+        prefill = flags(
+            args.model,
+            *common,
+            "--prefill-chunk",
+            str(args.prompt_len),
+            "--prefill-max-rows",
+            str(rows),
+            "--prefix-cache-mib",
+            "0",
+            compilation_cache_dir=args.compilation_cache_dir,
+        )
         decode = flags(args.model, *common, compilation_cache_dir=args.compilation_cache_dir)
         load = machine()
         started = time.perf_counter()
@@ -203,13 +219,27 @@ async def head_of_line(cluster: Cluster, args: argparse.Namespace) -> dict:
 
 
 def part_b(args: argparse.Namespace) -> dict:
-    common = ["--slots", "8", "--max-seq-len", str(args.hol_max_seq_len),
-              "--prefill-buckets", str(args.chunk)]  # fmt: skip
+    common = [
+        "--slots",
+        "8",
+        "--max-seq-len",
+        str(args.hol_max_seq_len),
+        "--prefill-buckets",
+        str(args.chunk),
+    ]
     runs = {}
     for rows in (1, 4):
-        prefill = flags("tiny", *common, "--prefill-chunk", str(args.chunk),
-                        "--prefill-max-rows", str(rows), "--prefix-cache-mib", "0",
-                        compilation_cache_dir=args.compilation_cache_dir)  # fmt: skip
+        prefill = flags(
+            "tiny",
+            *common,
+            "--prefill-chunk",
+            str(args.chunk),
+            "--prefill-max-rows",
+            str(rows),
+            "--prefix-cache-mib",
+            "0",
+            compilation_cache_dir=args.compilation_cache_dir,
+        )
         decode = flags("tiny", *common, compilation_cache_dir=args.compilation_cache_dir)
         load = machine()
         with Cluster.start(prefill, decode, "tiny", args.startup_timeout_s) as cluster:
@@ -223,9 +253,10 @@ def part_b(args: argparse.Namespace) -> dict:
         chunk = [s.ttft_s for s in got["lone_chunk"] if s.ttft_s is not None]
         lone_short = [s.ttft_s for s in got["lone_short"] if s.ttft_s is not None]
         short_first = sum(
-            1 for lo, sh in got["trials"] if sh.first is not None and lo.first is not None
-            and sh.first < lo.first
-        )  # fmt: skip
+            1
+            for lo, sh in got["trials"]
+            if sh.first is not None and lo.first is not None and sh.first < lo.first
+        )
         run = {
             "prefill_max_rows": rows,
             "trials": len(got["trials"]),
@@ -252,9 +283,12 @@ def part_b(args: argparse.Namespace) -> dict:
             )
             run["long_ttft_over_chunk_time"] = statistics.median(long) / statistics.median(chunk)
         runs[f"max_rows_{rows}"] = run
-        print(f"(b) max_rows={rows}: short {run['short_ttft_ms_median']:.1f} ms, long "
-              f"{run['long_ttft_ms_median']:.1f} ms, chunk {run['chunk_time_ms_client_median']:.1f}"
-              " ms", file=sys.stderr)  # fmt: skip
+        print(
+            f"(b) max_rows={rows}: short {run['short_ttft_ms_median']:.1f} ms, long "
+            f"{run['long_ttft_ms_median']:.1f} ms, chunk {run['chunk_time_ms_client_median']:.1f}"
+            " ms",
+            file=sys.stderr,
+        )
     return {
         "model": "tiny",
         "workload": {
@@ -333,17 +367,23 @@ def main(argv: list[str] | None = None) -> int:
         for r in a["runs"].values():
             t = r["ttft_ms"]
             print(f"{r['prefill_max_rows']:>9}{t['p50']:>10.0f}{t['p90']:>8.0f}{t['p99']:>8.0f}")
-        print(f"ttft_p99_ratio_c32_vs_batch1 {a['ttft_p99_ratio_c32_vs_batch1']:.2f} "
-              f"(goal <= 0.5: {a['goal_ttft_p99_ratio_le_0.5']})")  # fmt: skip
+        print(
+            f"ttft_p99_ratio_c32_vs_batch1 {a['ttft_p99_ratio_c32_vs_batch1']:.2f} "
+            f"(goal <= 0.5: {a['goal_ttft_p99_ratio_le_0.5']})"
+        )
     if "b_head_of_line" in result:
         print(f"\n(b) tiny, {args.long_len}-token prompt then a {args.short_len}-token one")
-        print(f"{'max_rows':>9}{'short':>8}{'long':>8}{'chunk':>8}{'chunk(w)':>9}"
-              f"{'short/chunk':>12}  ms")  # fmt: skip
+        print(
+            f"{'max_rows':>9}{'short':>8}{'long':>8}{'chunk':>8}{'chunk(w)':>9}"
+            f"{'short/chunk':>12}  ms"
+        )
         for r in result["b_head_of_line"]["runs"].values():
-            print(f"{r['prefill_max_rows']:>9}{r['short_ttft_ms_median']:>8.1f}"
-                  f"{r['long_ttft_ms_median']:>8.1f}{r['chunk_time_ms_client_median']:>8.1f}"
-                  f"{r['chunk_time_ms_worker_prefill_seconds_mean']:>9.1f}"
-                  f"{r.get('short_ttft_over_chunk_time', float('nan')):>12.2f}")  # fmt: skip
+            print(
+                f"{r['prefill_max_rows']:>9}{r['short_ttft_ms_median']:>8.1f}"
+                f"{r['long_ttft_ms_median']:>8.1f}{r['chunk_time_ms_client_median']:>8.1f}"
+                f"{r['chunk_time_ms_worker_prefill_seconds_mean']:>9.1f}"
+                f"{r.get('short_ttft_over_chunk_time', float('nan')):>12.2f}"
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0

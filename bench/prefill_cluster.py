@@ -57,9 +57,12 @@ class Cluster:
 
     @classmethod
     def start(
-        cls, prefill_flags: Sequence[str], decode_flags: Sequence[str], model: str,
+        cls,
+        prefill_flags: Sequence[str],
+        decode_flags: Sequence[str],
+        model: str,
         timeout_s: float = 600.0,
-    ) -> Cluster:  # fmt: skip
+    ) -> Cluster:
         """Both workers (loading and compiling in parallel), then the orchestrator."""
         argv = {
             "prefill": ["worker", "--role", "prefill", *LOCAL, *prefill_flags],
@@ -72,8 +75,16 @@ class Cluster:
             for child, ready in launched:
                 wait_ready(child, ready, timeout_s)
             prefill, decode = children
-            argv["orchestrator"] = ["orchestrator", *LOCAL, "--model", model, "--prefill",
-                                    prefill.address, "--decode", decode.address]  # fmt: skip
+            argv["orchestrator"] = [
+                "orchestrator",
+                *LOCAL,
+                "--model",
+                model,
+                "--prefill",
+                prefill.address,
+                "--decode",
+                decode.address,
+            ]
             child, ready = launch("orchestrator", argv["orchestrator"])
             children.append(child)
             wait_ready(child, ready, timeout_s)
@@ -125,9 +136,12 @@ class Stream:
 
 
 async def stream_once(
-    client: AsyncGeneratorClient, prompt: Sequence[int], max_tokens: int, timeout_s: float,
+    client: AsyncGeneratorClient,
+    prompt: Sequence[int],
+    max_tokens: int,
+    timeout_s: float,
     ignore_eos: bool = True,
-) -> Stream:  # fmt: skip
+) -> Stream:
     """Send one greedy request and read its whole stream (the answered token ids kept)."""
     s = Stream(time.perf_counter())
     try:
@@ -167,8 +181,9 @@ def git_state() -> dict:
 
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=10).stdout.strip()  # fmt: skip
+            return subprocess.run(
+                ["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
 

@@ -99,13 +99,20 @@ async def run_workload(target: str, workload: dict, concurrency: int) -> list[di
                 for turn, spec in enumerate(turns, start=1):
                     prompt = history + spec["message"]
                     s = await stream_once(client, prompt, spec["max_tokens"], REQUEST_TIMEOUT_S)
-                    records.append({
-                        "conversation": index, "turn": turn, "prompt": prompt,
-                        "prompt_len": len(prompt), "sent_s": s.sent - t0,
-                        "first_s": None if s.first is None else s.first - t0,
-                        "end_s": s.end - t0, "ttft_s": s.ttft_s, "answer": s.tokens,
-                        "error": s.error,
-                    })  # fmt: skip
+                    records.append(
+                        {
+                            "conversation": index,
+                            "turn": turn,
+                            "prompt": prompt,
+                            "prompt_len": len(prompt),
+                            "sent_s": s.sent - t0,
+                            "first_s": None if s.first is None else s.first - t0,
+                            "end_s": s.end - t0,
+                            "ttft_s": s.ttft_s,
+                            "answer": s.tokens,
+                            "error": s.error,
+                        }
+                    )
                     if s.error:
                         return  # the rest of this conversation would not be the same
                     history = prompt + s.tokens
@@ -182,8 +189,16 @@ def summarize(records: list[dict], counters: dict[str, float]) -> dict:
 
 def measure(name: str, args: argparse.Namespace, workload: dict, cache_mib: float) -> tuple:
     # --warm-up all: nothing compiles while a run is measured.
-    common = ["--model", args.model, "--max-seq-len", str(args.max_seq_len),
-              "--page-size", str(PAGE_SIZE), "--warm-up", "all"]  # fmt: skip
+    common = [
+        "--model",
+        args.model,
+        "--max-seq-len",
+        str(args.max_seq_len),
+        "--page-size",
+        str(PAGE_SIZE),
+        "--warm-up",
+        "all",
+    ]
     if args.compilation_cache_dir:
         common += ["--compilation-cache-dir", args.compilation_cache_dir]
     prefill = [*common, "--prefix-cache-mib", str(cache_mib)]
@@ -198,11 +213,16 @@ def measure(name: str, args: argparse.Namespace, workload: dict, cache_mib: floa
         alive = cluster.alive()
     print(f"{name}: {len(records)} requests, startup {startup_s:.0f} s", file=sys.stderr)
     summary = summarize(records, counters)
-    summary.update({
-        "prefix_cache_mib": cache_mib, "argv": cluster.argv, "startup_s": startup_s,
-        "machine_before": load_before, "machine_after": machine(),
-        "processes_alive_at_end": alive,
-    })  # fmt: skip
+    summary.update(
+        {
+            "prefix_cache_mib": cache_mib,
+            "argv": cluster.argv,
+            "startup_s": startup_s,
+            "machine_before": load_before,
+            "machine_after": machine(),
+            "processes_alive_at_end": alive,
+        }
+    )
     return summary, records
 
 
@@ -252,8 +272,10 @@ def main(argv: list[str] | None = None) -> int:
         for c in workload["conversations"]
     )
     if longest >= args.max_seq_len:
-        print(f"the longest conversation needs {longest} positions: raise --max-seq-len",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"the longest conversation needs {longest} positions: raise --max-seq-len",
+            file=sys.stderr,
+        )
         return 2
     started = time.time()
     off, _ = measure("cache off", args, workload, 0.0)
@@ -315,17 +337,25 @@ def main(argv: list[str] | None = None) -> int:
             for r in records_on
         ],
     }
-    print(f"\n{'run':<10}{'req':>5}{'TTFT p50':>10}{'p99':>9}{'t2+ p50':>9}{'t2+ p99':>9}"
-          f"{'computed/req':>14}{'hit tok':>9}")  # fmt: skip
+    print(
+        f"\n{'run':<10}{'req':>5}{'TTFT p50':>10}{'p99':>9}{'t2+ p50':>9}{'t2+ p99':>9}"
+        f"{'computed/req':>14}{'hit tok':>9}"
+    )
     for name, r in (("cache off", off), ("cache on", on)):
-        print(f"{name:<10}{r['requests']:>5}{r['ttft_ms']['p50']:>10.0f}{r['ttft_ms']['p99']:>9.0f}"
-              f"{r['ttft_ms_turns2plus']['p50']:>9.0f}{r['ttft_ms_turns2plus']['p99']:>9.0f}"
-              f"{r['prefill_tokens_computed_per_request']:>14.1f}"
-              f"{r['prefill_worker_counters']['cache_hit_tokens']:>9.0f}")  # fmt: skip
-    for key in ("ttft_p50_ratio_turns2plus", "prefill_tokens_saved_fraction",
-                "repeated_prompt_fraction", "repeated_prompt_fraction_block_aligned",
-                "repeated_prompt_fraction_available",
-                "repeated_prompt_fraction_available_block_aligned"):  # fmt: skip
+        print(
+            f"{name:<10}{r['requests']:>5}{r['ttft_ms']['p50']:>10.0f}{r['ttft_ms']['p99']:>9.0f}"
+            f"{r['ttft_ms_turns2plus']['p50']:>9.0f}{r['ttft_ms_turns2plus']['p99']:>9.0f}"
+            f"{r['prefill_tokens_computed_per_request']:>14.1f}"
+            f"{r['prefill_worker_counters']['cache_hit_tokens']:>9.0f}"
+        )
+    for key in (
+        "ttft_p50_ratio_turns2plus",
+        "prefill_tokens_saved_fraction",
+        "repeated_prompt_fraction",
+        "repeated_prompt_fraction_block_aligned",
+        "repeated_prompt_fraction_available",
+        "repeated_prompt_fraction_available_block_aligned",
+    ):
         print(f"{key:<50}{result[key]:.3f}")
     print("goals:", json.dumps(result["goals"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)

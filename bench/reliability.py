@@ -71,9 +71,13 @@ class Process:
     def start(self) -> threading.Event:
         env = child_environment({**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pdserve_cli", *self.argv], cwd=REPO, env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [sys.executable, "-m", "pdserve_cli", *self.argv],
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         ready = threading.Event()
         proc = self.proc
 
@@ -134,17 +138,32 @@ class TlsSetup:
 
     def worker_flags(self, name: str) -> list[str]:
         cert, key = self.files(name)
-        return ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca",
-                str(self.internal_ca), "--tls-server-name", self.INTERNAL_NAME]  # fmt: skip
+        return [
+            "--tls-cert",
+            str(cert),
+            "--tls-key",
+            str(key),
+            "--tls-ca",
+            str(self.internal_ca),
+            "--tls-server-name",
+            self.INTERNAL_NAME,
+        ]
 
     def orchestrator_flags(self, internal: bool) -> list[str]:
         cert, key = self.files("orchestrator")
         public_cert, public_key = self.files("public")
         flags = ["--tls-cert", str(public_cert), "--tls-key", str(public_key)]
         if internal:
-            flags += ["--internal-tls-cert", str(cert), "--internal-tls-key", str(key),
-                      "--internal-tls-ca", str(self.internal_ca),
-                      "--internal-tls-server-name", self.INTERNAL_NAME]  # fmt: skip
+            flags += [
+                "--internal-tls-cert",
+                str(cert),
+                "--internal-tls-key",
+                str(key),
+                "--internal-tls-ca",
+                str(self.internal_ca),
+                "--internal-tls-server-name",
+                self.INTERNAL_NAME,
+            ]
         return flags
 
     def client(self):  # -> shared.client.ClientTls
@@ -193,14 +212,34 @@ class Cluster:
         self.workers: dict[str, Process] = {}
         for name in names:
             port, metrics = free_port(), free_port()
-            argv = ["worker", "--role", name.split("-")[0], "--host", HOST, "--port", str(port),
-                    "--metrics-port", str(metrics), *worker_flags]  # fmt: skip
+            argv = [
+                "worker",
+                "--role",
+                name.split("-")[0],
+                "--host",
+                HOST,
+                "--port",
+                str(port),
+                "--metrics-port",
+                str(metrics),
+                *worker_flags,
+            ]
             if self.internal_tls:
                 argv += self.tls.worker_flags(name)
             self.workers[name] = Process(name, name.split("-")[0], argv, port, metrics)
         port, metrics = free_port(), free_port()
-        argv = ["orchestrator", "--host", HOST, "--port", str(port), "--metrics-port",
-                str(metrics), "--health-interval-s", "0.5", *orchestrator_flags]  # fmt: skip
+        argv = [
+            "orchestrator",
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics),
+            "--health-interval-s",
+            "0.5",
+            *orchestrator_flags,
+        ]
         for role in ("prefill", "decode"):
             addresses = [w.address for w in self.workers.values() if w.role == role]
             argv += [f"--{role}", ",".join([*addresses, *self.shared[role]])]
@@ -288,8 +327,10 @@ class Cluster:
 
     def workers_up(self) -> dict[str, int]:
         samples = self.metrics(self.orchestrator)
-        return {role: int(samples.get(f"pdserve_workers_up{{role={role}}}", 0))
-                for role in ("prefill", "decode")}  # fmt: skip
+        return {
+            role: int(samples.get(f"pdserve_workers_up{{role={role}}}", 0))
+            for role in ("prefill", "decode")
+        }
 
     def rss(self) -> dict[str, int | None]:
         return {p.name: p.rss_bytes() for p in self.processes()}
@@ -300,8 +341,9 @@ class Cluster:
 
         plain = TransportConfig(rpc_timeout_s=5.0)
         own = self.tls.transport("bench") if self.internal_tls else plain
-        targets = [(w.address, own) for w in self.workers.values()
-                   if w.role == "decode" and w.alive]  # fmt: skip
+        targets = [
+            (w.address, own) for w in self.workers.values() if w.role == "decode" and w.alive
+        ]
         targets += [(address, plain) for address in self.shared["decode"]]
         loads = {}
         for address, config in targets:
@@ -391,15 +433,22 @@ class Outcome:
     ended: float = 0.0
 
 
-async def run_stream(client, outcome: Outcome, *, cancel_after: int | None = None,
-                     timeout_s: float | None = None, **options) -> Outcome:  # fmt: skip
+async def run_stream(
+    client,
+    outcome: Outcome,
+    *,
+    cancel_after: int | None = None,
+    timeout_s: float | None = None,
+    **options,
+) -> Outcome:
     """One request through `client` (an AsyncGeneratorClient); never raises."""
     from shared.client.generator import GenerateError
 
     start = outcome.started = time.perf_counter()
     times: list[float] = []
-    stream = client.generate(list(outcome.prompt), max_tokens=outcome.max_tokens,
-                             timeout=timeout_s, **options)  # fmt: skip
+    stream = client.generate(
+        list(outcome.prompt), max_tokens=outcome.max_tokens, timeout=timeout_s, **options
+    )
     try:
         async with contextlib.aclosing(stream):
             async for chunk in stream:

@@ -47,8 +47,18 @@ PAGE_SIZE = 16
 
 
 def engine_flags(config: str) -> tuple[str, ...]:
-    return ("--model", config, "--slots", str(SLOTS), "--prefill-buckets", str(PROMPT_LEN),
-            "--max-seq-len", str(MAX_SEQ_LEN), "--page-size", str(PAGE_SIZE))  # fmt: skip
+    return (
+        "--model",
+        config,
+        "--slots",
+        str(SLOTS),
+        "--prefill-buckets",
+        str(PROMPT_LEN),
+        "--max-seq-len",
+        str(MAX_SEQ_LEN),
+        "--page-size",
+        str(PAGE_SIZE),
+    )
 
 
 async def one_request(client: AsyncGeneratorClient, seed: int) -> float | None:
@@ -144,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{'concurrency':>12}{'TPOT p50 ms':>13}{'engine step ms':>16}{'ratio':>8}")
     for r in rows:
-        print(f"{r['concurrency']:>12}{r['tpot_p50_ms']:>13.1f}{r['engine_step_ms']:>16.1f}"
-              f"{r['ratio']:>8.2f}")  # fmt: skip
+        print(
+            f"{r['concurrency']:>12}{r['tpot_p50_ms']:>13.1f}{r['engine_step_ms']:>16.1f}"
+            f"{r['ratio']:>8.2f}"
+        )
     result = {
         "config": args.config,
         "slots": SLOTS,

@@ -124,13 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     if ratios:
         result["tp2_over_tp1_step_ratio"] = max(ratios.values())
         result["tp2_over_tp1_step_ratio_by_batch"] = {str(b): r for b, r in ratios.items()}
-    print(f"\n{'tp':>3}{'batch':>6}{'params MiB/dev':>16}{'KV MiB/dev':>12}{'step ms':>10}"
-          f"{'prefill ms':>12}")  # fmt: skip
+    print(
+        f"\n{'tp':>3}{'batch':>6}{'params MiB/dev':>16}{'KV MiB/dev':>12}{'step ms':>10}"
+        f"{'prefill ms':>12}"
+    )
     for r in result["rows"]:
         prefill = f"{r['prefill_ms']:>12.1f}" if "prefill_ms" in r else f"{'':>12}"
         mib = (r["param_bytes_per_device"] / 2**20, r["kv_bytes_per_device"] / 2**20)
-        print(f"{r['tp']:>3}{r['batch']:>6}{mib[0]:>16.1f}{mib[1]:>12.1f}{r['step_ms']:>10.2f}"
-              f"{prefill}")  # fmt: skip
+        print(
+            f"{r['tp']:>3}{r['batch']:>6}{mib[0]:>16.1f}{mib[1]:>12.1f}{r['step_ms']:>10.2f}"
+            f"{prefill}"
+        )
     for tp, why in result["refused"].items():
         print(f"TP={tp} refused: {why}")
     if ratios:

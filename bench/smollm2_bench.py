@@ -40,27 +40,53 @@ REPO = Path(__file__).resolve().parents[1]
 SERVE_ENGINE_FLAGS = ("--slots", "8", "--prefill-buckets", "16,32,64,128", "--max-seq-len", "256")
 NEW_TOKENS = 32
 QUESTIONS = [
-    "What is the capital of France?", "Name three primary colors.",
-    "Write a haiku about autumn.", "What is 12 times 7?", "Who wrote Romeo and Juliet?",
-    "Explain photosynthesis in one sentence.", "Give me a synonym for happy.",
-    "What is the boiling point of water in Celsius?", "List the planets of the solar system.",
-    "Translate 'good morning' into Spanish.", "What does a CPU do?",
-    "Tell me a fun fact about octopuses.", "How many days are in a leap year?",
-    "What is the largest ocean on Earth?", "Suggest a name for a pet cat.",
-    "Why is the sky blue?", "What is Python used for?", "Describe a rainbow.",
-    "What is the square root of 81?", "Recommend a book for a long flight.",
-]  # fmt: skip
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write a haiku about autumn.",
+    "What is 12 times 7?",
+    "Who wrote Romeo and Juliet?",
+    "Explain photosynthesis in one sentence.",
+    "Give me a synonym for happy.",
+    "What is the boiling point of water in Celsius?",
+    "List the planets of the solar system.",
+    "Translate 'good morning' into Spanish.",
+    "What does a CPU do?",
+    "Tell me a fun fact about octopuses.",
+    "How many days are in a leap year?",
+    "What is the largest ocean on Earth?",
+    "Suggest a name for a pet cat.",
+    "Why is the sky blue?",
+    "What is Python used for?",
+    "Describe a rainbow.",
+    "What is the square root of 81?",
+    "Recommend a book for a long flight.",
+]
 
 
 def startup(role: str) -> dict:
     """Seconds from spawn to SERVING, and the worker's own load / compile split."""
-    argv = [sys.executable, "-m", "pdserve_cli", "worker", "--role", role, "--model", "smollm2",
-            "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-            *SERVE_ENGINE_FLAGS]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "pdserve_cli",
+        "worker",
+        "--role",
+        role,
+        "--model",
+        "smollm2",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        *SERVE_ENGINE_FLAGS,
+    ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     loaded_s = None
     try:
         for line in proc.stdout:
@@ -68,8 +94,12 @@ def startup(role: str) -> dict:
                 loaded_s = float(match[1])
             if "serving on" in line:
                 total = time.perf_counter() - start
-                return {"role": role, "total_s": total, "load_s": loaded_s,
-                        "compile_s": total - (loaded_s or 0.0)}  # fmt: skip
+                return {
+                    "role": role,
+                    "total_s": total,
+                    "load_s": loaded_s,
+                    "compile_s": total - (loaded_s or 0.0),
+                }
         raise RuntimeError(f"{role} exited with {proc.wait()} before serving")
     finally:
         proc.kill()
@@ -168,15 +198,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_startup:
         result["startup"] = [startup("prefill"), startup("decode")]
         for r in result["startup"]:
-            print(f"{r['role']:<8} startup {r['total_s']:6.1f} s  (load {r['load_s']:.1f} s, "
-                  f"compile + process start {r['compile_s']:.1f} s)")  # fmt: skip
+            print(
+                f"{r['role']:<8} startup {r['total_s']:6.1f} s  (load {r['load_s']:.1f} s, "
+                f"compile + process start {r['compile_s']:.1f} s)"
+            )
     result["int8_agreement"] = agreements = int8_agreement()
     for name, agreement in agreements.items():
         a = agreement
-        print(f"{name} vs float32 over {a['prompts']} prompts x {NEW_TOKENS} tokens: "
-              f"{a['mean_fraction_before_first_divergence']:.3f} of tokens before the first "
-              f"divergence (goal >= 0.90); {a['fully_agreeing_prompts']} prompts agree "
-              f"entirely; per-position agreement {a['position_agreement']:.3f}")  # fmt: skip
+        print(
+            f"{name} vs float32 over {a['prompts']} prompts x {NEW_TOKENS} tokens: "
+            f"{a['mean_fraction_before_first_divergence']:.3f} of tokens before the first "
+            f"divergence (goal >= 0.90); {a['fully_agreeing_prompts']} prompts agree "
+            f"entirely; per-position agreement {a['position_agreement']:.3f}"
+        )
     result["load_average_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

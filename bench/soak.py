@@ -98,20 +98,29 @@ async def soak(cluster: Cluster, duration_s: float, concurrency: int, seed: int)
 
 
 def growth(before: dict, after: dict) -> dict[str, float]:
-    return {name: (after[name] - before[name]) / before[name]
-            for name in before if before[name] and after.get(name)}  # fmt: skip
+    return {
+        name: (after[name] - before[name]) / before[name]
+        for name in before
+        if before[name] and after.get(name)
+    }
 
 
-def summarize(outcomes: list[Outcome], rss_start: dict, rss_warm: dict, rss_end: dict,
-              leaked: dict, warm_up: float) -> dict:  # fmt: skip
+def summarize(
+    outcomes: list[Outcome],
+    rss_start: dict,
+    rss_warm: dict,
+    rss_end: dict,
+    leaked: dict,
+    warm_up: float,
+) -> dict:
     # Finished by the server (stop, length, or the request's own deadline); a stream its
     # client cancelled is counted apart.
-    completed = [o for o in outcomes if o.code is None and o.finish in ("stop", "length",
-                                                                          "deadline")]  # fmt: skip
+    completed = [
+        o for o in outcomes if o.code is None and o.finish in ("stop", "length", "deadline")
+    ]
     cancelled = sum(o.finish == "client_cancelled" for o in outcomes)
     errors = Counter(o.code for o in outcomes if o.code is not None)
-    explained = sum(o.code == "DEADLINE_EXCEEDED" and o.intent == "call_deadline"
-                    for o in outcomes)  # fmt: skip
+    explained = sum(o.code == "DEADLINE_EXCEEDED" and o.intent == "call_deadline" for o in outcomes)
     after_warm_up, from_start = growth(rss_warm, rss_end), growth(rss_start, rss_end)
     finishes = Counter(o.finish for o in completed)
     samples = sorted({f"{o.intent} {o.code}: {o.message}" for o in outcomes if o.code})
@@ -165,13 +174,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     rss_growth = result["rss_growth_fraction"]
     result["passed"] = bool(
-        not result["unexplained_errors"] and not result["leaks"]
-        and rss_growth is not None and rss_growth < 0.10
-    )  # fmt: skip
+        not result["unexplained_errors"]
+        and not result["leaks"]
+        and rss_growth is not None
+        and rss_growth < 0.10
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    keys = ("requests", "completed", "errors_by_status", "unexplained_errors", "ttft_p99_s",
-            "tpot_p99_s", "rss_growth_fraction", "leaked", "leaks", "passed")  # fmt: skip
+    keys = (
+        "requests",
+        "completed",
+        "errors_by_status",
+        "unexplained_errors",
+        "ttft_p99_s",
+        "tpot_p99_s",
+        "rss_growth_fraction",
+        "leaked",
+        "leaks",
+        "passed",
+    )
     print(json.dumps({k: result[k] for k in keys}, indent=2))
     return 0 if result["passed"] else 1
 

@@ -93,8 +93,16 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
-        flags = ("--model", args.config, "--prefill-buckets", str(PROMPT_LEN),
-                 "--max-seq-len", str(MAX_SEQ_LEN), "--slots", str(batch))  # fmt: skip
+        flags = (
+            "--model",
+            args.config,
+            "--prefill-buckets",
+            str(PROMPT_LEN),
+            "--max-seq-len",
+            str(MAX_SEQ_LEN),
+            "--slots",
+            str(batch),
+        )
         prefill = spawn_worker("prefill", *flags, timeout=600)
         decode = spawn_worker("decode", *flags, timeout=600)
         try:
@@ -118,8 +126,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{'config':<8}{'batch':>6}{'server tok/s':>14}{'engine tok/s':>14}{'ratio':>8}")
     for r in rows:
-        print(f"{r['config']:<8}{r['batch']:>6}{r['server_tokens_per_s']:>14.1f}"
-              f"{r['engine_tokens_per_s']:>14.1f}{r['ratio']:>8.2f}")  # fmt: skip
+        print(
+            f"{r['config']:<8}{r['batch']:>6}{r['server_tokens_per_s']:>14.1f}"
+            f"{r['engine_tokens_per_s']:>14.1f}{r['ratio']:>8.2f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     return 0

@@ -47,10 +47,15 @@ async def serve(config: WorkerConfig, runtime: ModelRuntime) -> int:
     metrics = WorkerMetrics(registry, "colocated")
     decode = build_decode_worker(runtime, config, metrics, server.fatal)
     prefill_loop = PrefillLoop(
-        runtime.engine, runtime.params, LocalKvSink(decode.service), metrics,
-        max_queue=config.max_queue, on_fatal=server.fatal, settings=config.prefill,
+        runtime.engine,
+        runtime.params,
+        LocalKvSink(decode.service),
+        metrics,
+        max_queue=config.max_queue,
+        on_fatal=server.fatal,
+        settings=config.prefill,
         fingerprint=runtime.fingerprint,
-    )  # fmt: skip
+    )
     prefill = PrefillService(prefill_loop, runtime.fingerprint, config.max_queue)
     await asyncio.to_thread(compile_prefill_loop, prefill_loop)
     decode.start(asyncio.get_running_loop())

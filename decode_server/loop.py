@@ -203,9 +203,12 @@ class DecodeLoop:
         batch = self._batch
         assert batch is not None
         try:
-            batch.insert(prefixes, [lease.slot for lease in leases],
-                         [lease.lease_id for lease in leases],
-                         [lease.logprobs for lease in leases])  # fmt: skip
+            batch.insert(
+                prefixes,
+                [lease.slot for lease in leases],
+                [lease.lease_id for lease in leases],
+                [lease.logprobs for lease in leases],
+            )
         except PagesExhaustedError as err:
             # The promise covered the prompt the orchestrator announced; a longer KV
             # (a misbehaving sender) is refused, its slot freed.
@@ -263,9 +266,12 @@ class DecodeLoop:
         return None
 
     def _retire(
-        self, lease: Lease, tokens: tuple[int, ...], reason: DecodeFinish,
+        self,
+        lease: Lease,
+        tokens: tuple[int, ...],
+        reason: DecodeFinish,
         logprobs: tuple[TokenLogprob, ...] = (),
-    ) -> None:  # fmt: skip
+    ) -> None:
         """A live lease finished on its own: free the slot and close its stream."""
         self._free_kv(lease)
         self._table.free(lease.lease_id)
@@ -288,9 +294,13 @@ class DecodeLoop:
         self._metrics.kv_pages.labels("reserved").set(counts.reserved)
 
     def _close(
-        self, lease: Lease, tokens: tuple[int, ...], reason: DecodeFinish, detail: str,
+        self,
+        lease: Lease,
+        tokens: tuple[int, ...],
+        reason: DecodeFinish,
+        detail: str,
         logprobs: tuple[TokenLogprob, ...] = (),
-    ) -> None:  # fmt: skip
+    ) -> None:
         self._metrics.finished(reason.name.lower())
         self._outbox.append((lease.lease_id, TokenBatch(tokens, reason, detail, logprobs)))
 

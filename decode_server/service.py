@@ -61,9 +61,14 @@ class _Channel:
 
 class DecodeService:
     def __init__(
-        self, loop: DecodeLoop, table: SlotTable, inbox: KvInbox, max_seq_len: int,
-        metrics: WorkerMetrics, max_unsent_batches: int = 256,
-    ) -> None:  # fmt: skip
+        self,
+        loop: DecodeLoop,
+        table: SlotTable,
+        inbox: KvInbox,
+        max_seq_len: int,
+        metrics: WorkerMetrics,
+        max_unsent_batches: int = 256,
+    ) -> None:
         self._loop, self._table, self._inbox = loop, table, inbox
         self._max_seq_len = max_seq_len
         self._max_unsent = max_unsent_batches
@@ -138,9 +143,13 @@ class DecodeService:
         deadline = None if request.deadline is None else now_mono + request.deadline - now_wall
         try:
             lease = self._loop.reserve(
-                request.request_id, request.limits, request.ttl_seconds, deadline,
-                request.prompt_length, request.logprobs,
-            )  # fmt: skip
+                request.request_id,
+                request.limits,
+                request.ttl_seconds,
+                deadline,
+                request.prompt_length,
+                request.logprobs,
+            )
         except (SlotsExhaustedError, PagesExhaustedError) as err:
             raise TransportError(StatusCode.RESOURCE_EXHAUSTED, str(err)) from None
         self._channels[lease.lease_id] = _Channel()

@@ -77,8 +77,11 @@ def build_decode_worker(
         runtime.fingerprint,
         config.max_kv_bytes,
     )
-    inbox = KvInbox(spec, deliver=lambda lid, p: service.deliver_prefix(lid, p),
-                    reject=lambda lid, err: service.reject_prefix(lid, err))  # fmt: skip
+    inbox = KvInbox(
+        spec,
+        deliver=lambda lid, p: service.deliver_prefix(lid, p),
+        reject=lambda lid, err: service.reject_prefix(lid, err),
+    )
     service = DecodeService(
         loop, table, inbox, engine.config.max_seq_len, metrics, config.max_unsent_batches
     )

@@ -42,13 +42,20 @@ def build_orchestrator(
 ) -> Orchestrator:
     metrics = OrchestratorMetrics(registry)
     sources = Sources(
-        config.prefill, config.decode, config.colocated,
-        config.prefill_dns, config.decode_dns, config.colocated_dns,
-    )  # fmt: skip
+        config.prefill,
+        config.decode,
+        config.colocated,
+        config.prefill_dns,
+        config.decode_dns,
+        config.colocated_dns,
+    )
     workers = WorkerRegistry(
-        connector, sources, metrics,
-        health_interval_s=config.health_interval_s, dns_refresh_s=config.dns_refresh_s,
-    )  # fmt: skip
+        connector,
+        sources,
+        metrics,
+        health_interval_s=config.health_interval_s,
+        dns_refresh_s=config.dns_refresh_s,
+    )
     policy = policy or placement_policy(config)
     broker = SlotBroker(workers, policy, metrics, config.max_queue)
     model = model_info.config

@@ -170,8 +170,12 @@ class GenerateFlow:
                         f"decode workers' KV pools are too full; last: {err}",
                     ) from None
                 self._metrics.retries.labels("preempted").inc()
-                log.info("request %s: preempted after %d tokens, resuming: %s",
-                         job.request_id, len(generated), err)  # fmt: skip
+                log.info(
+                    "request %s: preempted after %d tokens, resuming: %s",
+                    job.request_id,
+                    len(generated),
+                    err,
+                )
             except _DecodeLost as err:
                 decode_resumes += 1
                 if decode_resumes > self._settings.decode_retries:
@@ -181,8 +185,9 @@ class GenerateFlow:
                         f"no worker left to resume on; last: {err}",
                     ) from None
                 self._metrics.retries.labels("decode_resume").inc()
-                log.warning("request %s: resuming after %d tokens: %s",
-                            job.request_id, len(generated), err)  # fmt: skip
+                log.warning(
+                    "request %s: resuming after %d tokens: %s", job.request_id, len(generated), err
+                )
             except NoWorkersError as err:
                 raise RequestFailed(StatusCode.UNAVAILABLE, str(err)) from None
 
@@ -194,9 +199,13 @@ class GenerateFlow:
             job.max_tokens - len(generated), job.stop_token_ids, job.stop_on_eos
         )
         reserve = ReserveRequest(
-            job.worker_key, len(prompt), limits, self._settings.lease_ttl_s, job.deadline,
+            job.worker_key,
+            len(prompt),
+            limits,
+            self._settings.lease_ttl_s,
+            job.deadline,
             job.logprobs,
-        )  # fmt: skip
+        )
         queued = time.perf_counter()
         try:
             worker, lease = await self._broker.acquire(reserve, first=resuming)
@@ -234,8 +243,10 @@ class GenerateFlow:
                         yield self._delta(job, worker, item.token_ids, item.logprobs)
                     raise _Preempted(f"{worker.address}: {item.detail}")
                 if item.finish not in _DECODE_FINISH:  # ERROR, LEASE_EXPIRED, CANCELLED
-                    raise _DecodeLost(f"{worker.address} ended the lease: "
-                                      f"{item.finish.name} {item.detail}".strip())  # fmt: skip
+                    raise _DecodeLost(
+                        f"{worker.address} ended the lease: "
+                        f"{item.finish.name} {item.detail}".strip()
+                    )
                 finish = _DECODE_FINISH[item.finish]
                 yield self._delta(job, worker, item.token_ids, item.logprobs, finish)
                 return
@@ -245,9 +256,12 @@ class GenerateFlow:
 
     @staticmethod
     def _delta(
-        job: GenerateJob, worker: Worker, token_ids: tuple[int, ...],
-        logprobs: tuple[TokenLogprob, ...], finish: FinishReason | None = None,
-    ) -> Delta:  # fmt: skip
+        job: GenerateJob,
+        worker: Worker,
+        token_ids: tuple[int, ...],
+        logprobs: tuple[TokenLogprob, ...],
+        finish: FinishReason | None = None,
+    ) -> Delta:
         """A delta; when the job asked for logprobs, exactly one per token, or the request
         fails loudly (a worker that predates logprobs ignores the field and sends none)."""
         if job.logprobs is None:
@@ -271,9 +285,14 @@ class GenerateFlow:
             broken.set()
 
     async def _prefill_unless_broken(
-        self, job: GenerateJob, prompt: tuple[int, ...], prefill: Worker, decode: Worker,
-        lease: Lease, broken: asyncio.Event,
-    ) -> PrefillResult:  # fmt: skip
+        self,
+        job: GenerateJob,
+        prompt: tuple[int, ...],
+        prefill: Worker,
+        decode: Worker,
+        lease: Lease,
+        broken: asyncio.Event,
+    ) -> PrefillResult:
         """`_prefill`, abandoned as soon as the decode worker's stream breaks: the KV push
         waits for its connection to the decode worker (which may be reconnecting after a
         restart), so a decode worker that died meanwhile must not hold the request until
@@ -315,9 +334,13 @@ class GenerateFlow:
             self._policy.prefilled(route, result)
 
     async def _prefill(
-        self, job: GenerateJob, prompt: tuple[int, ...], prefill: Worker, decode: Worker,
+        self,
+        job: GenerateJob,
+        prompt: tuple[int, ...],
+        prefill: Worker,
+        decode: Worker,
         lease: Lease,
-    ) -> PrefillResult:  # fmt: skip
+    ) -> PrefillResult:
         """The first token (and its logprob), from `prefill`, which pushed the KV to
         `decode`."""
         request = PrefillRequest(

@@ -134,8 +134,9 @@ class Frontend:
                 code = StatusCode.DEADLINE_EXCEEDED
                 raise RequestFailed(code, "the call's deadline passed") from None
             finish = FinishReason.DEADLINE  # timeout_seconds: the stream ends cleanly
-            yield GenerateOutput(job.request_id, (), text.finish(), finish,
-                                 len(job.prompt_ids), completion)  # fmt: skip
+            yield GenerateOutput(
+                job.request_id, (), text.finish(), finish, len(job.prompt_ids), completion
+            )
             code = None
         except asyncio.CancelledError:
             finish, code = FinishReason.CANCELLED, StatusCode.CANCELLED
@@ -157,18 +158,25 @@ class Frontend:
         outputs = []
         piece = text.push(delta.token_ids)
         if delta.token_ids or piece:
-            outputs.append(GenerateOutput(job.request_id, delta.token_ids, piece,
-                                          logprobs=delta.logprobs))  # fmt: skip
+            outputs.append(
+                GenerateOutput(job.request_id, delta.token_ids, piece, logprobs=delta.logprobs)
+            )
         finish = FinishReason.STOP if text.stopped else delta.finish
         if finish is not None:
-            outputs.append(GenerateOutput(job.request_id, (), text.finish(), finish,
-                                          len(job.prompt_ids), completion))  # fmt: skip
+            outputs.append(
+                GenerateOutput(
+                    job.request_id, (), text.finish(), finish, len(job.prompt_ids), completion
+                )
+            )
         return outputs
 
     def _account(
-        self, arrived: float, token_times: list[float], finish: FinishReason | None,
+        self,
+        arrived: float,
+        token_times: list[float],
+        finish: FinishReason | None,
         code: StatusCode | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         now = time.perf_counter()
         self._metrics.e2e_seconds.observe(now - arrived)
         if token_times:
@@ -187,8 +195,10 @@ class Frontend:
     ) -> tuple[GenerateJob, float | None]:
         """Check every field; returns the job and the request's own timeout (seconds)."""
         if len(r.request_id) > MAX_REQUEST_ID_CHARS:
-            raise InvalidRequest(f"request_id has {len(r.request_id)} characters; the limit "
-                                 f"is {MAX_REQUEST_ID_CHARS}")  # fmt: skip
+            raise InvalidRequest(
+                f"request_id has {len(r.request_id)} characters; the limit "
+                f"is {MAX_REQUEST_ID_CHARS}"
+            )
         prompt = self._prompt(r)
         limit = self._limits.max_tokens_limit
         if r.max_tokens < 0 or r.max_tokens > limit:

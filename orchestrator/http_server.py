@@ -40,9 +40,15 @@ class HttpServer:
             context = server_ssl_context(tls)
             factory = lambda _config, _default: context  # noqa: E731
         config = uvicorn.Config(
-            app, host=host, port=port, lifespan="off", access_log=False, log_level="warning",
-            timeout_graceful_shutdown=1, ssl_context_factory=factory,
-        )  # fmt: skip
+            app,
+            host=host,
+            port=port,
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
+            timeout_graceful_shutdown=1,
+            ssl_context_factory=factory,
+        )
         self._socket = config.bind_socket()
         self.port: int = self._socket.getsockname()[1]
         self.scheme = "https" if tls is not None else "http"

@@ -88,9 +88,13 @@ def launch(name: str, argv: Sequence[str]) -> tuple[Child, threading.Event]:
     # child_environment: a worker dies with this process, even when it is SIGKILLed.
     env = child_environment({**os.environ, "PYTHONUNBUFFERED": "1"})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pdserve_cli", *argv], env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [sys.executable, "-m", "pdserve_cli", *argv],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     child = Child(name, proc)
     ready = threading.Event()
 
@@ -132,10 +136,20 @@ def stop_all(children: Sequence[Child], timeout: float = 60.0) -> None:
 
 def worker_engine_args(args: argparse.Namespace) -> list[str]:
     """The model and engine flags every worker of the cluster gets."""
-    engine = ["--model", args.model, "--slots", str(args.slots), "--prefill-buckets",
-              args.prefill_buckets, "--max-seq-len", str(args.max_seq_len),
-              "--compilation-cache-dir", args.compilation_cache_dir,
-              "--quantize", args.quantize]  # fmt: skip
+    engine = [
+        "--model",
+        args.model,
+        "--slots",
+        str(args.slots),
+        "--prefill-buckets",
+        args.prefill_buckets,
+        "--max-seq-len",
+        str(args.max_seq_len),
+        "--compilation-cache-dir",
+        args.compilation_cache_dir,
+        "--quantize",
+        args.quantize,
+    ]
     if args.float_lm_head:
         engine.append("--float-lm-head")
     return engine
@@ -163,9 +177,19 @@ def main(argv: Sequence[str]) -> int:
         children += [child for child, _ in launched]
         for child, ready in launched:
             wait_ready(child, ready, args.startup_timeout_s)
-        orch = ["orchestrator", "--host", "127.0.0.1", "--port", str(args.port),
-                "--metrics-port", str(args.metrics_port), "--http-port", str(args.http_port),
-                "--model", args.model]  # fmt: skip
+        orch = [
+            "orchestrator",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(args.port),
+            "--metrics-port",
+            str(args.metrics_port),
+            "--http-port",
+            str(args.http_port),
+            "--model",
+            args.model,
+        ]
         for role in ("prefill", "decode", "colocated"):
             addresses = [c.address for c in children if c.name.startswith(role)]
             if addresses:
@@ -175,11 +199,14 @@ def main(argv: Sequence[str]) -> int:
         orchestrator = start("orchestrator", orch, args.startup_timeout_s)
         children.append(orchestrator)
         target = orchestrator.address.replace("0.0.0.0", "127.0.0.1")
-        print(f"pdserve cluster ready on {target}: pdserve generate --target {target} "
-              '"Hello"', flush=True)  # fmt: skip
+        print(
+            f'pdserve cluster ready on {target}: pdserve generate --target {target} "Hello"',
+            flush=True,
+        )
         if orchestrator.http_port >= 0:
-            print(f"OpenAI-compatible API: http://127.0.0.1:{orchestrator.http_port}/v1",
-                  flush=True)  # fmt: skip
+            print(
+                f"OpenAI-compatible API: http://127.0.0.1:{orchestrator.http_port}/v1", flush=True
+            )
         if args.once is not None:
             return _once(target, args)
         while not stopping.is_set():

@@ -44,9 +44,12 @@ async def start_public_server(config: OrchestratorConfig, frontend: Frontend) ->
     interceptors = [BearerTokenInterceptor(token)] if token else []
     servicer = GeneratorServicer(frontend, StreamsPerConnection(config.max_streams_per_connection))
     return await start_server(
-        config.address, [generator_service(servicer)], config.public_transport(), interceptors,
+        config.address,
+        [generator_service(servicer)],
+        config.public_transport(),
+        interceptors,
         health_address=config.health_address,
-    )  # fmt: skip
+    )
 
 
 async def start_http_server(

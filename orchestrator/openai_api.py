@@ -94,9 +94,13 @@ class ApiError(Exception):
     """A request that ends with an HTTP error and an OpenAI-shaped body."""
 
     def __init__(
-        self, code: StatusCode | tuple[int, str], message: str, *, param: str | None = None,
+        self,
+        code: StatusCode | tuple[int, str],
+        message: str,
+        *,
+        param: str | None = None,
         error_code: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__(message)
         if isinstance(code, tuple):
             self.status, self.type = code
@@ -106,8 +110,11 @@ class ApiError(Exception):
         self.headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 429 else {}
 
     def response(self) -> JSONResponse:
-        body = ErrorResponse(error=ErrorBody(message=self.message, type=self.type,
-                                             param=self.param, code=self.error_code))  # fmt: skip
+        body = ErrorResponse(
+            error=ErrorBody(
+                message=self.message, type=self.type, param=self.param, code=self.error_code
+            )
+        )
         return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
 
 
@@ -216,8 +223,11 @@ class _Api:
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
-                raise ApiError(StatusCode.INVALID_ARGUMENT, f"prompt is a list of {len(prompt)} "
-                               "strings; send one prompt per request", param="prompt")  # fmt: skip
+                raise ApiError(
+                    StatusCode.INVALID_ARGUMENT,
+                    f"prompt is a list of {len(prompt)} strings; send one prompt per request",
+                    param="prompt",
+                )
             prompt = prompt[0]
         text = prompt if isinstance(prompt, str) else None
         ids = tuple(prompt) if isinstance(prompt, list) else None
@@ -230,33 +240,54 @@ class _Api:
             return _sse(events)
         results = await asyncio.gather(*(_collect(s) for s in streams))
         return CompletionResponse(
-            id=rid, created=created, model=self._model, usage=_usage(results),
-            choices=[CompletionChoice(
-                index=i, text=r.text, finish_reason=r.finish,
-                logprobs=logprobs and logprobs.completion(r.token_ids, r.logprobs, 0)[0],
-            ) for i, r in enumerate(results)],
-        )  # fmt: skip
+            id=rid,
+            created=created,
+            model=self._model,
+            usage=_usage(results),
+            choices=[
+                CompletionChoice(
+                    index=i,
+                    text=r.text,
+                    finish_reason=r.finish,
+                    logprobs=logprobs and logprobs.completion(r.token_ids, r.logprobs, 0)[0],
+                )
+                for i, r in enumerate(results)
+            ],
+        )
 
     async def chat_completions(self, body: ChatCompletionRequest) -> object:
         self._check(body)
         if body.max_tokens is not None and body.max_completion_tokens is not None:
-            raise ApiError(StatusCode.INVALID_ARGUMENT, "give max_tokens or "
-                           "max_completion_tokens, not both", param="max_tokens")  # fmt: skip
+            raise ApiError(
+                StatusCode.INVALID_ARGUMENT,
+                "give max_tokens or max_completion_tokens, not both",
+                param="max_tokens",
+            )
         for i, m in enumerate(body.messages):
             # Chat templates have no common slot for a speaker's name (SmolLM2's ChatML
             # drops it): refuse it rather than answer as if it had been read.
             if m.name is not None:
-                raise ApiError(StatusCode.INVALID_ARGUMENT, f"messages[{i}].name is not "
-                               "supported: the chat template has no place for a speaker's "
-                               "name; put it in the content", param=f"messages.{i}.name",
-                               error_code="unsupported_parameter")  # fmt: skip
+                raise ApiError(
+                    StatusCode.INVALID_ARGUMENT,
+                    f"messages[{i}].name is not "
+                    "supported: the chat template has no place for a speaker's "
+                    "name; put it in the content",
+                    param=f"messages.{i}.name",
+                    error_code="unsupported_parameter",
+                )
         messages = tuple(ChatMessage(m.role, m.content) for m in body.messages)
         if not messages:
-            raise ApiError(StatusCode.INVALID_ARGUMENT, "messages is empty: a chat needs at "
-                           "least one message", param="messages")  # fmt: skip
+            raise ApiError(
+                StatusCode.INVALID_ARGUMENT,
+                "messages is empty: a chat needs at least one message",
+                param="messages",
+            )
         if body.top_logprobs and not body.logprobs:
-            raise ApiError(StatusCode.INVALID_ARGUMENT, f"top_logprobs={body.top_logprobs} "
-                           "needs logprobs=true", param="top_logprobs")  # fmt: skip
+            raise ApiError(
+                StatusCode.INVALID_ARGUMENT,
+                f"top_logprobs={body.top_logprobs} needs logprobs=true",
+                param="top_logprobs",
+            )
         count = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
         inputs = self._inputs(body, max_tokens, count, messages=messages)
@@ -267,49 +298,78 @@ class _Api:
             return _sse(_chat_events(streams, rid, created, self._model, body, logprobs))
         results = await asyncio.gather(*(_collect(s) for s in streams))
         return ChatCompletionResponse(
-            id=rid, created=created, model=self._model, usage=_usage(results),
-            choices=[ChatChoice(
-                index=i, message=ChatMessageOut(content=r.text), finish_reason=r.finish,
-                logprobs=logprobs and logprobs.chat(r.token_ids, r.logprobs),
-            ) for i, r in enumerate(results)],
-        )  # fmt: skip
+            id=rid,
+            created=created,
+            model=self._model,
+            usage=_usage(results),
+            choices=[
+                ChatChoice(
+                    index=i,
+                    message=ChatMessageOut(content=r.text),
+                    finish_reason=r.finish,
+                    logprobs=logprobs and logprobs.chat(r.token_ids, r.logprobs),
+                )
+                for i, r in enumerate(results)
+            ],
+        )
 
     def _check(self, body: CompletionRequest | ChatCompletionRequest) -> None:
         if body.model != self._model:
-            raise ApiError(StatusCode.NOT_FOUND, f"model {body.model!r} does not exist; this "
-                           f"server serves {self._model!r}", param="model",
-                           error_code="model_not_found")  # fmt: skip
+            raise ApiError(
+                StatusCode.NOT_FOUND,
+                f"model {body.model!r} does not exist; this server serves {self._model!r}",
+                param="model",
+                error_code="model_not_found",
+            )
         unsupported = body.unsupported_parameters()
         if unsupported:
-            raise ApiError(StatusCode.INVALID_ARGUMENT, "unsupported parameter(s): "
-                           f"{', '.join(unsupported)}", param=unsupported[0],
-                           error_code="unsupported_parameter")  # fmt: skip
+            raise ApiError(
+                StatusCode.INVALID_ARGUMENT,
+                f"unsupported parameter(s): {', '.join(unsupported)}",
+                param=unsupported[0],
+                error_code="unsupported_parameter",
+            )
         if body.stream_options is not None and not body.stream:
-            raise ApiError(StatusCode.INVALID_ARGUMENT, "stream_options needs stream=true",
-                           param="stream_options")  # fmt: skip
+            raise ApiError(
+                StatusCode.INVALID_ARGUMENT,
+                "stream_options needs stream=true",
+                param="stream_options",
+            )
 
     def _inputs(
-        self, body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None,
-        logprobs: int | None, **prompt: object,
-    ) -> list[GenerateInput]:  # fmt: skip
+        self,
+        body: CompletionRequest | ChatCompletionRequest,
+        max_tokens: int | None,
+        logprobs: int | None,
+        **prompt: object,
+    ) -> list[GenerateInput]:
         # OpenAI's defaults: temperature 1, a fresh seed per request when none is given.
         base_seed = body.seed if body.seed is not None else secrets.randbits(63)
         inputs = []
         for i in range(body.n):
             try:
                 sampling = SamplingParams(
-                    1.0 if body.temperature is None else body.temperature, body.top_k or 0,
-                    1.0 if body.top_p is None else body.top_p, (base_seed + i) % 2**63,
-                )  # fmt: skip
+                    1.0 if body.temperature is None else body.temperature,
+                    body.top_k or 0,
+                    1.0 if body.top_p is None else body.top_p,
+                    (base_seed + i) % 2**63,
+                )
             except SamplingError as err:
                 raise ApiError(StatusCode.INVALID_ARGUMENT, str(err)) from None
-            inputs.append(GenerateInput(
-                request_id=uuid.uuid4().hex, text=prompt.get("text"),
-                token_ids=prompt.get("token_ids"), max_tokens=max_tokens or 0,
-                sampling=sampling, stop=body.stop_strings(), ignore_eos=body.ignore_eos,
-                timeout_seconds=body.timeout_seconds or 0.0, messages=prompt.get("messages"),
-                logprobs=logprobs,
-            ))  # fmt: skip
+            inputs.append(
+                GenerateInput(
+                    request_id=uuid.uuid4().hex,
+                    text=prompt.get("text"),
+                    token_ids=prompt.get("token_ids"),
+                    max_tokens=max_tokens or 0,
+                    sampling=sampling,
+                    stop=body.stop_strings(),
+                    ignore_eos=body.ignore_eos,
+                    timeout_seconds=body.timeout_seconds or 0.0,
+                    messages=prompt.get("messages"),
+                    logprobs=logprobs,
+                )
+            )
         return inputs
 
 
@@ -392,8 +452,14 @@ async def _collect(choice: _Choice) -> _Result:
             last = out
     if last is None or last.finish is None:
         raise ApiError(StatusCode.INTERNAL, "the stream ended without a finish reason")
-    return _Result("".join(parts), _finish(last), last.prompt_tokens, last.completion_tokens,
-                   token_ids, logprobs)  # fmt: skip
+    return _Result(
+        "".join(parts),
+        _finish(last),
+        last.prompt_tokens,
+        last.completion_tokens,
+        token_ids,
+        logprobs,
+    )
 
 
 def _finish(out: GenerateOutput) -> str:
@@ -406,8 +472,9 @@ def _finish(out: GenerateOutput) -> str:
 def _usage(results: list[_Result]) -> Usage:
     prompt = results[0].prompt_tokens  # the same prompt for every choice: counted once
     completion = sum(r.completion_tokens for r in results)
-    return Usage(prompt_tokens=prompt, completion_tokens=completion,
-                 total_tokens=prompt + completion)  # fmt: skip
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
 
 
 # Streaming ---------------------------------------------------------------------------------
@@ -421,8 +488,9 @@ def _sse(events: AsyncIterator[BaseModel | dict]) -> StreamingResponse:
                 yield f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})  # fmt: skip
+    return StreamingResponse(
+        body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
 
 
 async def _merged(choices: list[_Choice]) -> AsyncIterator[tuple[int, GenerateOutput]]:
@@ -479,14 +547,19 @@ async def _choice_events(
 def _stream_usage(outs: dict[int, GenerateOutput]) -> Usage:
     prompt = next(iter(outs.values())).prompt_tokens if outs else 0
     completion = sum(o.completion_tokens for o in outs.values())
-    return Usage(prompt_tokens=prompt, completion_tokens=completion,
-                 total_tokens=prompt + completion)  # fmt: skip
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
 
 
 async def _completion_events(
-    choices: list[_Choice], rid: str, created: int, model: str, body: CompletionRequest,
+    choices: list[_Choice],
+    rid: str,
+    created: int,
+    model: str,
+    body: CompletionRequest,
     logprobs: _Logprobs | None,
-) -> AsyncIterator[BaseModel | dict]:  # fmt: skip
+) -> AsyncIterator[BaseModel | dict]:
     last: dict[int, GenerateOutput] = {}
     offsets = [0] * len(choices)  # text_offset runs on across each choice's chunks
     async for event in _choice_events(choices):
@@ -504,18 +577,22 @@ async def _completion_events(
                 shaped, offsets[index] = logprobs.completion(
                     out.token_ids, out.logprobs, offsets[index]
                 )
-            choice = CompletionChoice(index=index, text=text, finish_reason=finish,
-                                      logprobs=shaped)  # fmt: skip
+            choice = CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=shaped)
             yield CompletionResponse(id=rid, created=created, model=model, choices=[choice])
     if body.stream_options is not None and body.stream_options.include_usage:
-        yield CompletionResponse(id=rid, created=created, model=model, choices=[],
-                                 usage=_stream_usage(last))  # fmt: skip
+        yield CompletionResponse(
+            id=rid, created=created, model=model, choices=[], usage=_stream_usage(last)
+        )
 
 
 async def _chat_events(
-    choices: list[_Choice], rid: str, created: int, model: str, body: ChatCompletionRequest,
+    choices: list[_Choice],
+    rid: str,
+    created: int,
+    model: str,
+    body: ChatCompletionRequest,
     logprobs: _Logprobs | None,
-) -> AsyncIterator[BaseModel | dict]:  # fmt: skip
+) -> AsyncIterator[BaseModel | dict]:
     def chunk(
         index: int, delta: ChatDelta, finish: str | None = None, out: GenerateOutput | None = None
     ) -> ChatCompletionChunk:
@@ -538,8 +615,9 @@ async def _chat_events(
         if text or finish is not None or (logprobs and out.token_ids):
             yield chunk(index, ChatDelta(content=text or None), finish, out)
     if body.stream_options is not None and body.stream_options.include_usage:
-        yield ChatCompletionChunk(id=rid, created=created, model=model, choices=[],
-                                  usage=_stream_usage(last))  # fmt: skip
+        yield ChatCompletionChunk(
+            id=rid, created=created, model=model, choices=[], usage=_stream_usage(last)
+        )
 
 
 # Logprobs --------------------------------------------------------------------------------
@@ -565,8 +643,9 @@ class _Logprobs:
 
     def _check(self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob]) -> None:
         if len(logprobs) != len(token_ids):  # the flow guarantees it; never answer garbage
-            raise ApiError(StatusCode.INTERNAL, f"{len(token_ids)} tokens came with "
-                           f"{len(logprobs)} logprobs")  # fmt: skip
+            raise ApiError(
+                StatusCode.INTERNAL, f"{len(token_ids)} tokens came with {len(logprobs)} logprobs"
+            )
 
     def completion(
         self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob], offset: int
@@ -586,9 +665,11 @@ class _Logprobs:
             top.setdefault(text, _finite(logprob.logprob))  # the chosen one, always
             tops.append(top)
         shaped = CompletionLogprobs(
-            tokens=tokens, token_logprobs=[_finite(lp.logprob) for lp in logprobs],
-            top_logprobs=tops, text_offset=offsets,
-        )  # fmt: skip
+            tokens=tokens,
+            token_logprobs=[_finite(lp.logprob) for lp in logprobs],
+            top_logprobs=tops,
+            text_offset=offsets,
+        )
         return shaped, offset
 
     def chat(self, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob]) -> ChatLogprobs:

@@ -140,9 +140,12 @@ class PrefixAwarePolicy(LeastLoadedPolicy):
     def prefilled(self, route: PrefillRoute, result: PrefillResult) -> None:
         address = route.worker.address
         self.index.refresh(
-            address, route.hashes, route.prompt_tokens, route.predicted_blocks,
+            address,
+            route.hashes,
+            route.prompt_tokens,
+            route.predicted_blocks,
             result.timings.cached_tokens,
-        )  # fmt: skip
+        )
         self.index.record(address, route.hashes)
 
     def retain(self, workers: Sequence[Worker]) -> None:

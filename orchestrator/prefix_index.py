@@ -126,9 +126,13 @@ class PrefixIndex:
             lru.popitem(last=False)
 
     def refresh(
-        self, worker: str, hashes: Sequence[BlockHash], prompt_tokens: int, predicted: int,
+        self,
+        worker: str,
+        hashes: Sequence[BlockHash],
+        prompt_tokens: int,
+        predicted: int,
         cached_tokens: int,
-    ) -> int:  # fmt: skip
+    ) -> int:
         """Correct `worker`'s entry from its answer to a prompt of `prompt_tokens` whose
         blocks are `hashes`, routed when we predicted it held `predicted` leading blocks
         (the module docstring has the rule). Returns how many hashes were dropped."""

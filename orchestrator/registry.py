@@ -238,8 +238,11 @@ class WorkerRegistry:
 
     async def _resolve_all(self) -> None:
         s = self._sources
-        for kind, names in (("prefill", s.prefill_dns), ("decode", s.decode_dns),
-                            ("colocated", s.colocated_dns)):  # fmt: skip
+        for kind, names in (
+            ("prefill", s.prefill_dns),
+            ("decode", s.decode_dns),
+            ("colocated", s.colocated_dns),
+        ):
             if not names:
                 continue
             addresses: list[str] = []

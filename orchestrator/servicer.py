@@ -114,9 +114,11 @@ class GeneratorServicer(generate_pb2_grpc.GeneratorServicer):
 
 def _response(out: GenerateOutput) -> generate_pb2.GenerateResponse:
     response = generate_pb2.GenerateResponse(
-        request_id=out.request_id, token_ids=out.token_ids, text=out.text,
+        request_id=out.request_id,
+        token_ids=out.token_ids,
+        text=out.text,
         logprobs=[logprob_to_proto(lp) for lp in out.logprobs],
-    )  # fmt: skip
+    )
     if out.finish is not None:
         response.finish_reason = _FINISH[out.finish]
         response.usage.prompt_tokens = out.prompt_tokens

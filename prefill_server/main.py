@@ -27,10 +27,15 @@ async def serve(config: WorkerConfig, runtime: ModelRuntime) -> int:
     metrics = WorkerMetrics(registry, "prefill")
     sink = RemoteKvSink(config.transport, runtime.fingerprint)
     loop = PrefillLoop(
-        runtime.engine, runtime.params, sink, metrics,
-        max_queue=config.max_queue, on_fatal=server.fatal, settings=config.prefill,
+        runtime.engine,
+        runtime.params,
+        sink,
+        metrics,
+        max_queue=config.max_queue,
+        on_fatal=server.fatal,
+        settings=config.prefill,
         fingerprint=runtime.fingerprint,
-    )  # fmt: skip
+    )
     service = PrefillService(loop, runtime.fingerprint, config.max_queue)
     await asyncio.to_thread(compile_prefill_loop, loop)
     loop.start(asyncio.get_running_loop())

@@ -14,12 +14,37 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 # Latency buckets from 1 ms to ~1 min, roughly x2 apart.
 SECONDS_BUCKETS = (
-    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 60.0,
-)  # fmt: skip
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+    10.0,
+    20.0,
+    60.0,
+)
 # Per-token latencies are short: finer at the low end.
 TOKEN_SECONDS_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0,
-)  # fmt: skip
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+)
 BYTES_BUCKETS = tuple(float(2**k) for k in range(10, 34, 2))  # 1 KiB .. 8 GiB
 OCCUPANCY_BUCKETS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
@@ -86,9 +111,10 @@ class WorkerMetrics:
         )
         # Decode side.
         self.kv_received_bytes = Counter(
-            "pdserve_kv_received_bytes", "KV payload bytes received and accepted.",
+            "pdserve_kv_received_bytes",
+            "KV payload bytes received and accepted.",
             registry=registry,
-        )  # fmt: skip
+        )
         self.kv_receive_seconds = Histogram(
             "pdserve_kv_receive_seconds",
             "KV transfer time on the receiver, first message to validated prefix.",
@@ -96,9 +122,11 @@ class WorkerMetrics:
             registry=registry,
         )
         self.kv_rejections = Counter(
-            "pdserve_kv_rejections", "KV transfers rejected, by reason.", ["reason"],
+            "pdserve_kv_rejections",
+            "KV transfers rejected, by reason.",
+            ["reason"],
             registry=registry,
-        )  # fmt: skip
+        )
         self.slots = Gauge(
             "pdserve_decode_slots", "Decode slots by state.", ["state"], registry=registry
         )

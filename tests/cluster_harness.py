@@ -45,8 +45,18 @@ from tests.worker_harness import (
 
 
 def spawn_orchestrator(*flags: str, timeout: float = 120.0) -> WorkerProcess:
-    argv = ["orchestrator", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-            "--health-interval-s", "0.5", *flags]  # fmt: skip
+    argv = [
+        "orchestrator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--health-interval-s",
+        "0.5",
+        *flags,
+    ]
     return spawn_pdserve("orchestrator", argv, timeout)
 
 
@@ -135,9 +145,14 @@ class InProcessApi:
 def _chunk(out: GenerateOutput) -> Chunk:
     finish = out.finish.value if out.finish else None
     return Chunk(
-        out.request_id, out.token_ids, out.text, finish, out.prompt_tokens, out.completion_tokens,
+        out.request_id,
+        out.token_ids,
+        out.text,
+        finish,
+        out.prompt_tokens,
+        out.completion_tokens,
         out.logprobs,
-    )  # fmt: skip
+    )
 
 
 class FakeConnector:
@@ -221,9 +236,11 @@ class InProcessCluster:
         self.config = orch_config
         self.registry = CollectorRegistry()
         self.orchestrator = build_orchestrator(
-            orch_config, FakeConnector(self.network), model_info or load_model_info("tiny"),
+            orch_config,
+            FakeConnector(self.network),
+            model_info or load_model_info("tiny"),
             self.registry,
-        )  # fmt: skip
+        )
         self.api = InProcessApi(self.orchestrator)
 
     async def start(self) -> None:

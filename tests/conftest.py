@@ -68,8 +68,10 @@ def _hard_kill(nodeid: str, limit: float) -> None:
     capture = _config.pluginmanager.getplugin("capturemanager") if _config else None
     if capture is not None:
         capture.suspend_global_capture(in_=True)  # write to the terminal, not a capture
-    sys.stderr.write(f"\n+++ {nodeid} still running {HARD_KILL_GRACE_S:.0f}s past its "
-                     f"{limit:.0f}s limit: ending the test run +++\n")  # fmt: skip
+    sys.stderr.write(
+        f"\n+++ {nodeid} still running {HARD_KILL_GRACE_S:.0f}s past its "
+        f"{limit:.0f}s limit: ending the test run +++\n"
+    )
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     sys.stderr.flush()
     os._exit(3)

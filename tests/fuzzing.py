@@ -21,6 +21,10 @@ def fuzz_settings(examples: int) -> settings:
     if _long_run:
         return settings(max_examples=_long_run, deadline=None, suppress_health_check=checks)
     return settings(
-        max_examples=examples, deadline=None, derandomize=True, database=None,
-        suppress_health_check=checks, print_blob=True,
-    )  # fmt: skip
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=checks,
+        print_blob=True,
+    )

@@ -15,8 +15,11 @@ from shared.weights.gguf_import import permute_rope_rows, tensor_names
 
 def gpt2_byte_alphabet() -> list[str]:
     """GPT-2's byte -> printable character table (byte-level BPE vocabularies use it)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table, extra = {}, 0
     for b in range(256):
         if b in printable:

@@ -23,17 +23,27 @@ from tests.worker_harness import ENGINE_FLAGS, TRANSPORT
 def test_one_kill_during_32_streams_loses_nothing(process_cluster, engine, params) -> None:
     shared = process_cluster.workers
     cluster = Cluster(
-        0, 1, ENGINE_FLAGS, tls="public", startup_timeout_s=200,
-        shared_prefill=[shared.prefill.address], shared_decode=[shared.decode_address],
-    )  # fmt: skip
+        0,
+        1,
+        ENGINE_FLAGS,
+        tls="public",
+        startup_timeout_s=200,
+        shared_prefill=[shared.prefill.address],
+        shared_decode=[shared.decode_address],
+    )
     try:
         cluster.start()
         result = asyncio.run(
             chaos.run(
-                cluster, duration_s=120, concurrency=32, seed=1, max_streams=32, one_kill=True,
+                cluster,
+                duration_s=120,
+                concurrency=32,
+                seed=1,
+                max_streams=32,
+                one_kill=True,
                 references=lambda prompts, n: engine_references(engine, params, prompts, n),
             )
-        )  # fmt: skip
+        )
     finally:
         cluster.close()
     assert result["kills"] == 1 and result["faults"][0]["worker"] == "decode-0"
@@ -58,9 +68,13 @@ def test_leak_accounting_sees_a_held_lease_and_its_pages(process_cluster) -> Non
     reports exactly those (and the pass mark's `held()` names them) until it is cancelled."""
     shared = process_cluster.workers
     cluster = Cluster(
-        0, 0, ENGINE_FLAGS, startup_timeout_s=100,
-        shared_prefill=[shared.prefill.address], shared_decode=[shared.decode_address],
-    )  # fmt: skip
+        0,
+        0,
+        ENGINE_FLAGS,
+        startup_timeout_s=100,
+        shared_prefill=[shared.prefill.address],
+        shared_decode=[shared.decode_address],
+    )
     prompt_length = 20  # with its first token: 21 positions, 3 pages of 8 (ENGINE_FLAGS)
 
     async def reserve() -> str:
@@ -89,8 +103,10 @@ def test_leak_accounting_sees_a_held_lease_and_its_pages(process_cluster) -> Non
         assert (leaked["slots"], leaked["leases"], leaked["pages"]) == (1, 1, 3), leaked
         found = held(leaked)
         assert {k: found.get(k) for k in ("slots", "leases", "pages")} == {
-            "slots": 1, "leases": 1, "pages": 3,
-        }  # fmt: skip
+            "slots": 1,
+            "leases": 1,
+            "pages": 3,
+        }
         # The orchestrator counts the slot too once its load poll (every 0.5 s) saw it.
         assert set(found) <= {"slots", "leases", "pages", "orchestrator_slots_in_use"}
         assert leaked["pages_by_worker"][shared.decode_address]["held"] == 3

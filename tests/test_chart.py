@@ -280,9 +280,15 @@ def assert_exact_flags(args: list[str], parser: argparse.ArgumentParser) -> None
 
 # Flags that name a file the pod reads from a mounted Secret.
 FILE_FLAGS = (
-    "--auth-token-file", "--tls-cert", "--tls-key", "--tls-ca", "--tls-client-ca",
-    "--internal-tls-cert", "--internal-tls-key", "--internal-tls-ca",
-)  # fmt: skip
+    "--auth-token-file",
+    "--tls-cert",
+    "--tls-key",
+    "--tls-ca",
+    "--tls-client-ca",
+    "--internal-tls-cert",
+    "--internal-tls-key",
+    "--internal-tls-ca",
+)
 
 
 def secret_file(pod: Pod, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -116,8 +116,19 @@ def assert_answer(text: str, expected: Expected) -> None:
 @pytest.mark.timeout(60)  # compiles generate-local's own engine
 def test_generate_local_chat_answers_through_the_template(chat_model: ChatModel):
     out = io.StringIO()
-    argv = ["--tensor-parallel", "1", "--model", str(chat_model.path), "--chat", "Hi",
-            "--json", "--max-tokens", str(MAX_TOKENS), "--max-seq-len", "64"]  # fmt: skip
+    argv = [
+        "--tensor-parallel",
+        "1",
+        "--model",
+        str(chat_model.path),
+        "--chat",
+        "Hi",
+        "--json",
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--max-seq-len",
+        "64",
+    ]
     assert local_generate.run(local_generate.build_parser().parse_args(argv), out=out) == 0
     assert_answer(out.getvalue(), chat_model.hi)
 

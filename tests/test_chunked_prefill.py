@@ -127,8 +127,9 @@ LONG = 4000
 
 @pytest.fixture(scope="module")
 def long_engine() -> Engine:
-    config = EngineConfig(max_slots=1, prefill_buckets=(16, 64), max_seq_len=4096 + 64,
-                          page_size=16)  # fmt: skip
+    config = EngineConfig(
+        max_slots=1, prefill_buckets=(16, 64), max_seq_len=4096 + 64, page_size=16
+    )
     return Engine(ModelConfig.tiny(), config)
 
 
@@ -155,9 +156,14 @@ def test_a_4k_prompt_is_exact_and_a_short_one_behind_it_finishes_first(long_engi
 
     async def body() -> dict[str, object]:
         loop = PrefillLoop(
-            engine, params, sink, WorkerMetrics(CollectorRegistry(), "prefill"),
-            max_queue=8, on_fatal=pytest.fail, settings=settings,
-        )  # fmt: skip
+            engine,
+            params,
+            sink,
+            WorkerMetrics(CollectorRegistry(), "prefill"),
+            max_queue=8,
+            on_fatal=pytest.fail,
+            settings=settings,
+        )
         loop.compile()
         loop.start(asyncio.get_running_loop())
         try:
@@ -193,10 +199,14 @@ def test_a_prompt_with_no_room_to_generate_is_invalid_argument(long_engine):
 
     async def body() -> None:
         loop = PrefillLoop(
-            engine, engine.init_params(seed=0), sink, WorkerMetrics(CollectorRegistry(), "p"),
-            max_queue=8, on_fatal=pytest.fail,
+            engine,
+            engine.init_params(seed=0),
+            sink,
+            WorkerMetrics(CollectorRegistry(), "p"),
+            max_queue=8,
+            on_fatal=pytest.fail,
             settings=PrefillSettings(chunk=256, max_rows=1, prefix_cache_bytes=0),
-        )  # fmt: skip
+        )
         loop.start(asyncio.get_running_loop())
         try:
             too_long = (1,) * engine.config.max_seq_len

@@ -70,8 +70,12 @@ def test_short_call_deadlines_always_end_over_grpc(process_cluster):
 
     async def one(client: AsyncGeneratorClient, deadline: float) -> str:
         try:
-            chunks = [c async for c in client.generate(
-                PROMPT, max_tokens=MAX_TOKENS, ignore_eos=True, timeout=deadline)]  # fmt: skip
+            chunks = [
+                c
+                async for c in client.generate(
+                    PROMPT, max_tokens=MAX_TOKENS, ignore_eos=True, timeout=deadline
+                )
+            ]
         except GenerateError as err:
             return err.code
         assert sum(len(c.token_ids) for c in chunks) == MAX_TOKENS
@@ -105,8 +109,12 @@ def test_short_request_timeouts_always_end_over_grpc(process_cluster):
     stream ends with a "deadline" response (or all its tokens) within the bound."""
 
     async def one(client: AsyncGeneratorClient, timeout: float) -> str:
-        chunks = [c async for c in client.generate(
-            PROMPT, max_tokens=MAX_TOKENS, ignore_eos=True, timeout_seconds=timeout)]  # fmt: skip
+        chunks = [
+            c
+            async for c in client.generate(
+                PROMPT, max_tokens=MAX_TOKENS, ignore_eos=True, timeout_seconds=timeout
+            )
+        ]
         assert all(c.finish_reason is None for c in chunks[:-1])
         return chunks[-1].finish_reason
 

@@ -124,9 +124,17 @@ def test_engine_config_validation(kwargs: dict, message: str):
 def test_model_config_validation():
     with pytest.raises(ConfigError, match="num_heads=6 must be a multiple of num_kv_heads=4"):
         ModelConfig(
-            name="bad", vocab_size=10, d_model=8, num_layers=1, num_heads=6, num_kv_heads=4,
-            head_dim=4, ffn_dim=8, bos_id=None, eos_id=None,
-        )  # fmt: skip
+            name="bad",
+            vocab_size=10,
+            d_model=8,
+            num_layers=1,
+            num_heads=6,
+            num_kv_heads=4,
+            head_dim=4,
+            ffn_dim=8,
+            bos_id=None,
+            eos_id=None,
+        )
 
 
 def test_dtype_auto_is_float32_on_cpu_and_explicit_values_pass_through():

@@ -82,12 +82,16 @@ def requests(
     request = generate_pb2.GenerateRequest(
         request_id=draw(mostly(st.text(max_size=12), st.text(min_size=100, max_size=300))),
         max_tokens=draw(mostly(st.integers(1, 12), INT32)),
-        stop=draw(mostly(st.lists(st.text(min_size=1, max_size=3), max_size=3),
-                         st.lists(st.text(max_size=400), max_size=60))),
+        stop=draw(
+            mostly(
+                st.lists(st.text(min_size=1, max_size=3), max_size=3),
+                st.lists(st.text(max_size=400), max_size=60),
+            )
+        ),
         stop_token_ids=draw(mostly(st.lists(token, max_size=3), st.lists(INT32, max_size=300))),
         ignore_eos=draw(st.booleans()),
         timeout_seconds=draw(mostly(st.sampled_from([0.0, 10.0]), ANY_FLOAT)),
-    )  # fmt: skip
+    )
     prompt = draw(st.sampled_from(prompt_forms))
     if prompt == "text":
         request.text = draw(mostly(st.text(min_size=1, max_size=20), st.text(max_size=3000)))
@@ -220,9 +224,11 @@ def test_fuzzed_requests_get_invalid_argument_or_a_correct_stream(process_cluste
         not_utf8()
         # Still serving, and nothing held.
         responses, err = _call(
-            channel, generate_pb2.GenerateRequest(text="still there?", max_tokens=3,
-                                                  ignore_eos=True).SerializeToString()
-        )  # fmt: skip
+            channel,
+            generate_pb2.GenerateRequest(
+                text="still there?", max_tokens=3, ignore_eos=True
+            ).SerializeToString(),
+        )
         assert err is None and responses[-1].usage.completion_tokens == 3
     assert asyncio.run(_all_free(process_cluster))
 
@@ -264,9 +270,13 @@ def chat_orchestrator(process_cluster, tmp_path_factory) -> Iterator[WorkerProce
     (model / CHAT_TEMPLATE_FILE).write_text(TEMPLATE)
     workers = process_cluster.workers
     orchestrator = spawn_orchestrator(
-        "--model", str(model), "--prefill", workers.prefill.address,
-        "--decode", workers.decode_address,
-    )  # fmt: skip
+        "--model",
+        str(model),
+        "--prefill",
+        workers.prefill.address,
+        "--decode",
+        workers.decode_address,
+    )
     yield orchestrator
     stop_worker(orchestrator)
 

@@ -37,9 +37,12 @@ INT32 = st.integers(-(2**31), 2**31 - 1)
 
 def valid_stream() -> list[kv_pb2.KvTransfer]:
     payload = encode_prefix(
-        synthetic_prefix(), fingerprint=FINGERPRINT, request_id="r", lease_id="lease-1",
+        synthetic_prefix(),
+        fingerprint=FINGERPRINT,
+        request_id="r",
+        lease_id="lease-1",
         chunk_bytes=CHUNK,
-    )  # fmt: skip
+    )
     return [kv_pb2.KvTransfer.FromString(m.SerializeToString()) for m in payload.messages()]
 
 
@@ -72,10 +75,22 @@ def mutation(draw: st.DrawFn):
     """One damage to apply to the stream: (kind, arguments)."""
     kind = draw(
         st.sampled_from(
-            ["manifest", "leaf", "shape", "sampling", "chunk", "flip", "truncate", "drop",
-             "duplicate", "swap", "random", "trailer"]
+            [
+                "manifest",
+                "leaf",
+                "shape",
+                "sampling",
+                "chunk",
+                "flip",
+                "truncate",
+                "drop",
+                "duplicate",
+                "swap",
+                "random",
+                "trailer",
+            ]
         )
-    )  # fmt: skip
+    )
     if kind == "manifest":
         field = draw(st.sampled_from(sorted(MANIFEST_FIELDS)))
         return kind, (field, draw(MANIFEST_FIELDS[field]))
@@ -89,8 +104,13 @@ def mutation(draw: st.DrawFn):
         return kind, (field, draw(SAMPLING_FIELDS[field]))
     if kind == "chunk":
         field = draw(st.sampled_from(["index", "offset", "crc32c", "data"]))
-        value = draw(st.binary(max_size=300) if field == "data" else
-                     st.integers(0, 2**32 - 1) if field == "crc32c" else INT64)  # fmt: skip
+        value = draw(
+            st.binary(max_size=300)
+            if field == "data"
+            else st.integers(0, 2**32 - 1)
+            if field == "crc32c"
+            else INT64
+        )
         return kind, (draw(st.integers(0, 20)), field, value)
     if kind == "flip":
         return kind, (draw(st.integers(0, 20)), draw(st.integers(0, 10_000)))
@@ -191,8 +211,11 @@ def test_inbox_rejects_damage_and_forgets_the_lease(mutations) -> None:
         messages = damage(messages, kind, args)
     delivered: list[str] = []
     rejected: list[tuple[str, KvError]] = []
-    inbox = KvInbox(SPEC, lambda lease, _: delivered.append(lease),
-                    lambda lease, err: rejected.append((lease, err)))  # fmt: skip
+    inbox = KvInbox(
+        SPEC,
+        lambda lease, _: delivered.append(lease),
+        lambda lease, err: rejected.append((lease, err)),
+    )
 
     async def main() -> None:
         inbox.open("lease-1")

@@ -43,8 +43,17 @@ def run_cli(argv: list[str]) -> list[dict]:
 def test_json_tokens_match_reference(cli_engine: Engine):
     params = cli_engine.init_params(seed=0)
     prompt = [256, 72, 105, 33]
-    rows = run_cli(["--prompt-token-ids", "256,72,105,33", "--max-tokens", "6", "--json",
-                    "--max-seq-len", "64"])  # fmt: skip
+    rows = run_cli(
+        [
+            "--prompt-token-ids",
+            "256,72,105,33",
+            "--max-tokens",
+            "6",
+            "--json",
+            "--max-seq-len",
+            "64",
+        ]
+    )
     seq = list(prompt)
     for _ in range(6):
         seq.append(int(np.argmax(cli_engine.reference_logits(params, seq)[-1])))

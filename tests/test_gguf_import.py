@@ -70,8 +70,19 @@ def test_f32_gguf_loads_the_exact_params_and_config(f32_file, tiny):
     for path, value in flat.items():
         np.testing.assert_array_equal(got[path], value, err_msg=path)
     c = loaded.model_config
-    shape = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-             "ffn_dim", "rope_theta", "tie_embeddings", "bos_id", "eos_id")  # fmt: skip
+    shape = (
+        "vocab_size",
+        "d_model",
+        "num_layers",
+        "num_heads",
+        "num_kv_heads",
+        "head_dim",
+        "ffn_dim",
+        "rope_theta",
+        "tie_embeddings",
+        "bos_id",
+        "eos_id",
+    )
     assert {f: getattr(c, f) for f in shape} == {f: getattr(config, f) for f in shape}
     assert c.rms_eps == pytest.approx(config.rms_eps)
 
@@ -79,8 +90,15 @@ def test_f32_gguf_loads_the_exact_params_and_config(f32_file, tiny):
 # Largest error of each block format, as a fraction of the tensor's largest magnitude: one
 # quantization step of a block whose largest magnitude is the tensor's (symmetric formats
 # scale by amax / 2**(bits-1), offset ones by (max - min) / (2**bits - 1) <= 2 amax / ...).
-BOUNDS = {Q.F16: 2**-10, Q.BF16: 2**-7, Q.Q8_0: 1 / 127, Q.Q5_0: 1 / 16, Q.Q5_1: 2 / 31,
-          Q.Q4_0: 1 / 8, Q.Q4_1: 2 / 15}  # fmt: skip
+BOUNDS = {
+    Q.F16: 2**-10,
+    Q.BF16: 2**-7,
+    Q.Q8_0: 1 / 127,
+    Q.Q5_0: 1 / 16,
+    Q.Q5_1: 2 / 31,
+    Q.Q4_0: 1 / 8,
+    Q.Q4_1: 2 / 15,
+}
 
 
 def test_every_block_format_dequantizes_within_its_step(tmp_path, tiny):
@@ -107,8 +125,7 @@ def test_every_block_format_dequantizes_within_its_step(tmp_path, tiny):
 # the formats with an offset), in ggml's block layouts (gguf/quants.py splits them the same
 # way). Random bytes there could be inf or NaN, so those are overwritten with small finite
 # scales; every other byte (sub-block scales, low and high quant bits) stays random.
-K_SCALE_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
-                   Q.Q6_K: (208,)}  # fmt: skip
+K_SCALE_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
 
 
 def random_k_blocks(
@@ -151,8 +168,15 @@ def test_k_quants_load_exactly_what_gguf_dequantizes(tmp_path, tiny):
 
 # int8 blocks ---------------------------------------------------------------------------
 # The integer range each format's blocks hold (q of `q * scale + offset`).
-EXACT_RANGES = {Q.Q8_0: (-127, 127), Q.Q4_0: (-8, 7), Q.Q4_1: (0, 15), Q.Q5_0: (-16, 15),
-                Q.Q5_1: (0, 31), Q.Q4_K: (0, 15), Q.Q5_K: (0, 31)}  # fmt: skip
+EXACT_RANGES = {
+    Q.Q8_0: (-127, 127),
+    Q.Q4_0: (-8, 7),
+    Q.Q4_1: (0, 15),
+    Q.Q5_0: (-16, 15),
+    Q.Q5_1: (0, 31),
+    Q.Q4_K: (0, 15),
+    Q.Q5_K: (0, 31),
+}
 REROUNDED = (Q.F16, Q.Q6_K)  # no exact 32-weight form: min/max blocks of the floats
 
 
@@ -221,8 +245,9 @@ def test_int8_blocks_of_the_dequantized_floats_find_the_same_grids(mixed_file, t
             continue
         ours = names[name][0]
         values, scale, offset = (blocks[ours + s] for s in ("", "_scale", "_offset"))
-        back = quantization.dequantize_blocks(values, scale, offset, contracting_axis(ours),
-                                              jnp.float32)  # fmt: skip
+        back = quantization.dequantize_blocks(
+            values, scale, offset, contracting_axis(ours), jnp.float32
+        )
         want = np.asarray(floats[ours])
         tolerance = 16 * np.finfo(np.float32).eps * np.abs(want).max()
         assert np.abs(np.asarray(back) - want).max() <= tolerance, (name, kind.name)

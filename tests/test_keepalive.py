@@ -51,9 +51,12 @@ def peer(*args: str) -> Iterator[tuple[subprocess.Popen, str]]:
     """This module as a script in another process (dies with pytest); its first line."""
     env = child_environment({**os.environ, "JAX_PLATFORMS": "cpu"})
     proc = subprocess.Popen(
-        [sys.executable, __file__, *args], stdout=subprocess.PIPE, env=env, text=True,
+        [sys.executable, __file__, *args],
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
         cwd=Path(__file__).resolve().parent.parent,
-    )  # fmt: skip
+    )
     try:
         yield proc, proc.stdout.readline().strip()
     finally:

@@ -69,14 +69,26 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
     (tmp / "tiny" / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT}))
     # One after the other, from this thread: a child started from a thread that then exits
     # gets its parent-death signal (PR_SET_PDEATHSIG follows the creating thread).
-    processes = [spawn_worker(role, "--max-seq-len", str(MAX_SEQ_LEN))
-                 for role in ("prefill", "decode")]  # fmt: skip
+    processes = [
+        spawn_worker(role, "--max-seq-len", str(MAX_SEQ_LEN)) for role in ("prefill", "decode")
+    ]
     try:
-        processes.append(spawn_orchestrator(
-            "--prefill", processes[0].address, "--decode", processes[1].address,
-            "--model", str(tmp / "tiny"), "--served-model-name", MODEL, "--http-port", "0",
-            "--auth-token-file", str(tmp / "token"),
-        ))  # fmt: skip
+        processes.append(
+            spawn_orchestrator(
+                "--prefill",
+                processes[0].address,
+                "--decode",
+                processes[1].address,
+                "--model",
+                str(tmp / "tiny"),
+                "--served-model-name",
+                MODEL,
+                "--http-port",
+                "0",
+                "--auth-token-file",
+                str(tmp / "token"),
+            )
+        )
         orchestrator = processes[-1]
         base = f"http://127.0.0.1:{http_port(orchestrator)}"
         yield Cluster(processes[0], processes[1], orchestrator, base, tmp / "tiny")
@@ -119,9 +131,13 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 def test_streamed_completion_equals_grpc_for_the_same_seed(server, client):
     stream = client.completions.create(
-        model=MODEL, prompt="Hello, pdserve", max_tokens=12, stream=True,
-        stream_options={"include_usage": True}, **SAMPLING,
-    )  # fmt: skip
+        model=MODEL,
+        prompt="Hello, pdserve",
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+        **SAMPLING,
+    )
     chunks = list(stream)
     text, tokens, finish = grpc_text(server, "Hello, pdserve", max_tokens=12, **SAMPLING)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == text
@@ -154,8 +170,9 @@ def test_non_streamed_responses_carry_the_same_text_and_usage(server, client):
     assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (4, len(tokens))
     assert response.model == MODEL and response.object == "text_completion"
     text, tokens, finish = grpc_text(server, MESSAGES, max_tokens=8, temperature=0.0)
-    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8,
-                                          temperature=0)  # fmt: skip
+    chat = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0
+    )
     assert chat.choices[0].message.content == text and chat.choices[0].finish_reason == finish
     rendered = len(CHAT_RENDERED)  # bytes; a chat prompt gets no BOS (the template's job)
     assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (rendered, len(tokens))
@@ -185,13 +202,21 @@ def test_n_with_a_seed_gives_reproducible_different_completions(client):
     [
         (dict(model="nope", prompt="x"), 404, "model", "model 'nope' does not exist"),
         (dict(model=MODEL, prompt="x", temperature=-1), 400, "temperature", "greater than"),
-        (dict(model=MODEL, prompt="x", presence_penalty=0.5), 400, "presence_penalty",
-         "unsupported parameter(s): presence_penalty"),
-        (dict(model=MODEL, prompt="x" * MAX_SEQ_LEN), 400, None,
-         f"exceeds this worker's max_seq_len ({MAX_SEQ_LEN})"),
+        (
+            dict(model=MODEL, prompt="x", presence_penalty=0.5),
+            400,
+            "presence_penalty",
+            "unsupported parameter(s): presence_penalty",
+        ),
+        (
+            dict(model=MODEL, prompt="x" * MAX_SEQ_LEN),
+            400,
+            None,
+            f"exceeds this worker's max_seq_len ({MAX_SEQ_LEN})",
+        ),
         (dict(model=MODEL, prompt="x", max_tokens=10**6), 400, None, "max_tokens=1000000"),
     ],
-)  # fmt: skip
+)
 def test_bad_completion_requests_get_openai_errors(client, kwargs, status, param, message):
     code, body = error_of(lambda: client.completions.create(**kwargs))
     assert code == status
@@ -219,8 +244,9 @@ def test_a_message_name_is_refused_by_name_not_dropped(client):
     assert code == 400 and body["param"] == "messages.0.name", body
     assert body["code"] == "unsupported_parameter" and "messages[0].name" in body["message"]
     unnamed = [{"role": "user", "content": "Hi", "name": None}]
-    chat = client.chat.completions.create(model=MODEL, messages=unnamed, max_tokens=2,
-                                          temperature=0)  # fmt: skip
+    chat = client.chat.completions.create(
+        model=MODEL, messages=unnamed, max_tokens=2, temperature=0
+    )
     assert chat.usage.completion_tokens >= 1
 
 
@@ -245,8 +271,15 @@ def test_a_client_that_disconnects_mid_request_frees_its_slot(server, stream):
     before = cancelled_count(metrics_port)
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     # ~500 decode steps: about a second of generation left when the client goes away.
-    body = json.dumps({"model": MODEL, "prompt": "x", "max_tokens": MAX_SEQ_LEN - 24,
-                       "stream": stream, "ignore_eos": True})  # fmt: skip
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "prompt": "x",
+            "max_tokens": MAX_SEQ_LEN - 24,
+            "stream": stream,
+            "ignore_eos": True,
+        }
+    )
     headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
     conn.request("POST", "/v1/completions", body, headers)
     if stream:
@@ -275,8 +308,9 @@ def test_a_client_that_disconnects_mid_request_frees_its_slot(server, stream):
 @pytest.mark.parametrize("api_key", [None, "wrong"])
 def test_missing_or_wrong_token_is_401(server, api_key):
     headers = {} if api_key is None else {"Authorization": f"Bearer {api_key}"}
-    response = httpx.post(server[1] + "/v1/completions", json={"model": MODEL, "prompt": "x"},
-                          headers=headers)  # fmt: skip
+    response = httpx.post(
+        server[1] + "/v1/completions", json={"model": MODEL, "prompt": "x"}, headers=headers
+    )
     assert response.status_code == 401
     error = response.json()["error"]
     assert error["type"] == "authentication_error" and error["code"] == "invalid_api_key"
@@ -347,10 +381,19 @@ def test_a_full_queue_is_429_with_retry_after_and_draining_is_503(cluster):
     `Retry-After`; after SIGTERM new requests are 503 while the queued one is still served
     once the slots free up, and the process then exits cleanly."""
     orch = spawn_orchestrator(
-        "--prefill", cluster.prefill.address, "--decode", cluster.decode.address,
-        "--model", str(cluster.model), "--served-model-name", MODEL, "--http-port", "0",
-        "--max-queue", "1",
-    )  # fmt: skip
+        "--prefill",
+        cluster.prefill.address,
+        "--decode",
+        cluster.decode.address,
+        "--model",
+        str(cluster.model),
+        "--served-model-name",
+        MODEL,
+        "--http-port",
+        "0",
+        "--max-queue",
+        "1",
+    )
     held: list[str] = []
     body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "temperature": 0}
     try:
@@ -360,8 +403,10 @@ def test_a_full_queue_is_429_with_retry_after_and_draining_is_503(cluster):
         assert len(held) == 4  # tests/worker_harness.py ENGINE_FLAGS: --slots 4
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             queued = pool.submit(post, base, body, None)
-            wait_for(lambda: scrape(orch.metrics_port)["pdserve_queue_depth{}"] == 1,
-                     "a request waiting in the admission queue")  # fmt: skip
+            wait_for(
+                lambda: scrape(orch.metrics_port)["pdserve_queue_depth{}"] == 1,
+                "a request waiting in the admission queue",
+            )
             full = post(base, body, token=None)
             assert full.status_code == 429, full.text
             assert full.headers["Retry-After"] == "1"
@@ -395,9 +440,17 @@ def test_no_healthy_decode_worker_is_503(cluster):
         sock.bind(("127.0.0.1", 0))
         dead = f"127.0.0.1:{sock.getsockname()[1]}"
     orch = spawn_orchestrator(
-        "--prefill", cluster.prefill.address, "--decode", dead, "--model", str(cluster.model),
-        "--served-model-name", MODEL, "--http-port", "0",
-    )  # fmt: skip
+        "--prefill",
+        cluster.prefill.address,
+        "--decode",
+        dead,
+        "--model",
+        str(cluster.model),
+        "--served-model-name",
+        MODEL,
+        "--http-port",
+        "0",
+    )
     try:
         base = f"http://127.0.0.1:{http_port(orch)}"
         response = post(base, {"model": MODEL, "prompt": "x", "max_tokens": 2}, token=None)
@@ -414,8 +467,14 @@ def test_no_healthy_decode_worker_is_503(cluster):
 def test_a_timeout_that_passes_is_504_and_the_server_keeps_serving(server, stream):
     """`timeout_seconds` (1 ms) passes before the first token: 504, streamed or not (a
     stream's status is decided before any byte is sent)."""
-    body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "ignore_eos": True,
-            "timeout_seconds": 0.001, "stream": stream}  # fmt: skip
+    body = {
+        "model": MODEL,
+        "prompt": "x",
+        "max_tokens": 200,
+        "ignore_eos": True,
+        "timeout_seconds": 0.001,
+        "stream": stream,
+    }
     response = post(server[1], body)
     assert response.status_code == 504, response.text
     error = error_body(response)
@@ -434,14 +493,16 @@ def completion_text(client: openai.OpenAI, **kwargs: object) -> str:
 
 def test_stop_cuts_the_text_before_the_first_match(client):
     no_eos = {"ignore_eos": True}
-    full = client.completions.create(model=MODEL, prompt="Hello", max_tokens=16, temperature=0,
-                                     extra_body=no_eos).choices[0]  # fmt: skip
+    full = client.completions.create(
+        model=MODEL, prompt="Hello", max_tokens=16, temperature=0, extra_body=no_eos
+    ).choices[0]
     assert full.finish_reason == "length" and len(full.text) >= 6, full.text
     stop = full.text[4:6]  # two characters from the middle of the greedy text
     expected = full.text[: full.text.index(stop)]
     for stops in (stop, ["never in this text", stop]):
-        cut = client.completions.create(model=MODEL, prompt="Hello", max_tokens=16,
-                                        temperature=0, stop=stops, extra_body=no_eos)  # fmt: skip
+        cut = client.completions.create(
+            model=MODEL, prompt="Hello", max_tokens=16, temperature=0, stop=stops, extra_body=no_eos
+        )
         assert (cut.choices[0].text, cut.choices[0].finish_reason) == (expected, "stop")
 
 
@@ -457,10 +518,16 @@ def test_top_k_1_is_greedy_whatever_the_temperature_and_seed(client):
 def test_streamed_chat_reports_usage_only_when_asked(server, client):
     _, tokens, _ = grpc_text(server, MESSAGES, max_tokens=6, temperature=0.0)
     for include in (True, False):
-        chunks = list(client.chat.completions.create(
-            model=MODEL, messages=MESSAGES, max_completion_tokens=6, temperature=0,
-            stream=True, stream_options={"include_usage": include},
-        ))  # fmt: skip
+        chunks = list(
+            client.chat.completions.create(
+                model=MODEL,
+                messages=MESSAGES,
+                max_completion_tokens=6,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": include},
+            )
+        )
         assert all(c.usage is None for c in chunks[:-1])
         if not include:
             assert chunks[-1].usage is None and chunks[-1].choices
@@ -490,8 +557,11 @@ def test_a_stream_is_json_events_then_a_literal_done_line(server, path):
 
 def test_http_requests_are_counted_by_path_and_status(server, client):
     def counts() -> dict[str, float]:
-        return {k: v for k, v in scrape(server[0].metrics_port).items()
-                if k.startswith("pdserve_http_requests_total{")}  # fmt: skip
+        return {
+            k: v
+            for k, v in scrape(server[0].metrics_port).items()
+            if k.startswith("pdserve_http_requests_total{")
+        }
 
     before = counts()
     client.completions.create(model=MODEL, prompt="x", max_tokens=1, temperature=0)
@@ -541,8 +611,12 @@ def test_completion_logprobs_take_openai_s_shape_with_the_grpc_values(server, cl
         assert top == pytest.approx({k: allowed[k] for k in top}, abs=1e-6)
         assert token in top and 1 <= len(top) <= 3
     stream = client.completions.create(logprobs=2, stream=True, **kwargs)
-    streamed = [v for c in stream if c.choices and c.choices[0].logprobs
-                for v in c.choices[0].logprobs.token_logprobs]  # fmt: skip
+    streamed = [
+        v
+        for c in stream
+        if c.choices and c.choices[0].logprobs
+        for v in c.choices[0].logprobs.token_logprobs
+    ]
     assert streamed == lp.token_logprobs
     assert client.completions.create(**kwargs).choices[0].logprobs is None  # not asked
     code, body = error_of(lambda: client.completions.create(logprobs=21, **kwargs))
@@ -550,10 +624,14 @@ def test_completion_logprobs_take_openai_s_shape_with_the_grpc_values(server, cl
 
 
 def test_chat_logprobs_take_openai_s_shape_streamed_or_not(server, client):
-    kwargs = dict(model=MODEL, messages=MESSAGES, max_completion_tokens=6, temperature=0,
-                  extra_body={"ignore_eos": True})  # fmt: skip
-    ids, expected = grpc_logprobs(server, MESSAGES, max_tokens=6, top_logprobs=3,
-                                  ignore_eos=True)  # fmt: skip
+    kwargs = dict(
+        model=MODEL,
+        messages=MESSAGES,
+        max_completion_tokens=6,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    ids, expected = grpc_logprobs(server, MESSAGES, max_tokens=6, top_logprobs=3, ignore_eos=True)
     full = client.chat.completions.create(logprobs=True, top_logprobs=3, **kwargs)
     content = full.choices[0].logprobs.content
     assert len(content) == full.usage.completion_tokens == len(ids) == 6
@@ -566,8 +644,12 @@ def test_chat_logprobs_take_openai_s_shape_streamed_or_not(server, client):
         # Greedy: the chosen token is the likeliest one.
         assert (entry.token, entry.logprob) == tops[0]
     stream = client.chat.completions.create(logprobs=True, top_logprobs=3, stream=True, **kwargs)
-    streamed = [e for c in stream if c.choices and c.choices[0].logprobs
-                for e in c.choices[0].logprobs.content]  # fmt: skip
+    streamed = [
+        e
+        for c in stream
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
     assert streamed == content
     assert client.chat.completions.create(**kwargs).choices[0].logprobs is None  # not asked
     code, body = error_of(lambda: client.chat.completions.create(top_logprobs=2, **kwargs))
@@ -577,8 +659,9 @@ def test_chat_logprobs_take_openai_s_shape_streamed_or_not(server, client):
 def test_the_asyncio_client_streams_too(server):
     async def body() -> None:
         client = openai.AsyncOpenAI(base_url=server[1] + "/v1", api_key=TOKEN, max_retries=0)
-        stream = await client.completions.create(model=MODEL, prompt="Hi", max_tokens=4,
-                                                 stream=True, temperature=0)  # fmt: skip
+        stream = await client.completions.create(
+            model=MODEL, prompt="Hi", max_tokens=4, stream=True, temperature=0
+        )
         texts = [c.choices[0].text async for c in stream if c.choices]
         assert len("".join(texts)) >= 1
         await client.close()
@@ -592,9 +675,26 @@ def test_pdserve_bench_drives_the_openai_api(server, tmp_path):
     token = tmp_path / "token"
     token.write_text(TOKEN)
     out = tmp_path / "bench.json"
-    argv = ["bench", "--api", "openai", "--target", server[1], "--token-file", str(token),
-            "--concurrency", "2", "--num-requests", "4", "--prompt-len", "8",
-            "--output-len", "5", "--no-progress", "--out", str(out)]  # fmt: skip
+    argv = [
+        "bench",
+        "--api",
+        "openai",
+        "--target",
+        server[1],
+        "--token-file",
+        str(token),
+        "--concurrency",
+        "2",
+        "--num-requests",
+        "4",
+        "--prompt-len",
+        "8",
+        "--output-len",
+        "5",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert pdserve_cli.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["report"]["completed"] == 4

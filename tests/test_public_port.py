@@ -39,9 +39,11 @@ async def public_port(
 ) -> AsyncIterator[tuple[InProcessCluster, str]]:
     """An in-process cluster behind the real public gRPC server on a loopback port."""
     cluster = InProcessCluster(
-        engine, params, fingerprint,
+        engine,
+        params,
+        fingerprint,
         orchestrator_flags=["--host", "127.0.0.1", "--port", "0", *flags],
-    )  # fmt: skip
+    )
     await cluster.start()
     server = await start_public_server(cluster.config, cluster.orchestrator.frontend)
     try:
@@ -51,8 +53,14 @@ async def public_port(
         await cluster.close()
 
 
-async def generate(target: str, prompt: str | Sequence[int], *, token: str | None = None,
-                   tls: ClientTls | None = None, **options: object) -> list:  # fmt: skip
+async def generate(
+    target: str,
+    prompt: str | Sequence[int],
+    *,
+    token: str | None = None,
+    tls: ClientTls | None = None,
+    **options: object,
+) -> list:
     async with AsyncGeneratorClient(target, token, tls) as client:
         return [c async for c in client.generate(prompt, timeout=20, **options)]
 
@@ -109,8 +117,9 @@ def test_public_port_tls_modes(engine, params, tiny_fingerprint, public_pki, mod
     async def main() -> None:
         async with public_port(engine, params, tiny_fingerprint, *flags) as (_, target):
             good = _tls(pki, None if mode == "tls" else "frontend")
-            chunks = await generate(target, [256, 1, 2], token=token, tls=good, max_tokens=3,
-                                    ignore_eos=True)  # fmt: skip
+            chunks = await generate(
+                target, [256, 1, 2], token=token, tls=good, max_tokens=3, ignore_eos=True
+            )
             assert tokens_of(chunks) == expected
             assert (await refused(target, token=token)).code == "UNAVAILABLE"  # plaintext
             if mode == "tls":
@@ -135,10 +144,16 @@ def _https_client(pki, trust: Path, client: str | None = None) -> httpx.AsyncCli
 
 
 async def _complete(client: httpx.AsyncClient, base: str, n: int = 3) -> httpx.Response:
-    body = {"model": "tiny", "prompt": [256, 1, 2], "max_tokens": n, "temperature": 0,
-            "ignore_eos": True}  # fmt: skip
-    return await client.post(base + "/v1/completions", json=body,
-                             headers={"authorization": "Bearer s3cret"})  # fmt: skip
+    body = {
+        "model": "tiny",
+        "prompt": [256, 1, 2],
+        "max_tokens": n,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    return await client.post(
+        base + "/v1/completions", json=body, headers={"authorization": "Bearer s3cret"}
+    )
 
 
 @pytest.mark.parametrize("mode", ["tls", "client-cert"])
@@ -149,10 +164,19 @@ def test_http_api_serves_the_public_tls(
     as for gRPC, and a rotated server certificate is served to new connections while a
     connection opened before goes on with the one it negotiated."""
     pki = public_pki
-    served = pki["public"].issue("orchestrator", into=tmp_path / "served", filename="served",
-                                 server=True, client=False)  # fmt: skip
-    flags = ["--tls-cert", str(served.cert), "--tls-key", str(served.key), "--http-port", "0",
-             "--auth-token-file", str(pki["token"])]  # fmt: skip
+    served = pki["public"].issue(
+        "orchestrator", into=tmp_path / "served", filename="served", server=True, client=False
+    )
+    flags = [
+        "--tls-cert",
+        str(served.cert),
+        "--tls-key",
+        str(served.key),
+        "--http-port",
+        "0",
+        "--auth-token-file",
+        str(pki["token"]),
+    ]
     me = None
     if mode == "client-cert":
         flags += ["--tls-client-ca", str(pki["clients"].cert)]
@@ -171,8 +195,13 @@ def test_http_api_serves_the_public_tls(
                     assert response.json()["usage"]["completion_tokens"] == 3
                     # Rotation: the files now hold a certificate from another CA. The
                     # connection made before (kept alive) goes on with the old one.
-                    pki["other"].issue("orchestrator", into=tmp_path / "served",
-                                       filename="served", server=True, client=False)  # fmt: skip
+                    pki["other"].issue(
+                        "orchestrator",
+                        into=tmp_path / "served",
+                        filename="served",
+                        server=True,
+                        client=False,
+                    )
                     assert (await _complete(early, base, 2)).status_code == 200
                 async with _https_client(pki, pki["other"].cert, me) as fresh:
                     assert (await _complete(fresh, base, 2)).status_code == 200
@@ -198,10 +227,19 @@ def test_http_api_refuses_a_half_written_rotation(
 ) -> None:
     """A key that does not match its certificate is not taken; the next whole pair is."""
     pki = public_pki
-    served = pki["public"].issue("orchestrator", into=tmp_path, filename="served",
-                                 server=True, client=False)  # fmt: skip
-    flags = ["--tls-cert", str(served.cert), "--tls-key", str(served.key), "--http-port", "0",
-             "--auth-token-file", str(pki["token"])]  # fmt: skip
+    served = pki["public"].issue(
+        "orchestrator", into=tmp_path, filename="served", server=True, client=False
+    )
+    flags = [
+        "--tls-cert",
+        str(served.cert),
+        "--tls-key",
+        str(served.key),
+        "--http-port",
+        "0",
+        "--auth-token-file",
+        str(pki["token"]),
+    ]
 
     async def main() -> None:
         async with public_port(engine, params, tiny_fingerprint, *flags) as (cluster, _):
@@ -209,8 +247,9 @@ def test_http_api_refuses_a_half_written_rotation(
             http = await start_http_server(cluster.config, orch.frontend, orch.metrics)
             base = f"https://127.0.0.1:{http.port}"
             try:
-                fresh = pki["other"].issue("orchestrator", into=tmp_path / "next",
-                                           server=True, client=False)  # fmt: skip
+                fresh = pki["other"].issue(
+                    "orchestrator", into=tmp_path / "next", server=True, client=False
+                )
                 served.key.write_bytes(fresh.key.read_bytes())  # new key, old certificate
                 async with _https_client(pki, pki["public"].cert) as client:
                     assert (await _complete(client, base, 1)).status_code == 200

@@ -121,8 +121,7 @@ def test_a_push_to_a_restarted_decode_worker_waits_out_the_reconnect_backoff() -
                 # its bounded wait, and sets the channel reconnecting in the background.
                 started = time.monotonic()
                 with pytest.raises(TransportError) as caught:
-                    await sink.push(_prefill_request("during", address, "gone"),
-                                    synthetic_prefix())  # fmt: skip
+                    await sink.push(_prefill_request("during", address, "gone"), synthetic_prefix())
                 assert caught.value.code is StatusCode.UNAVAILABLE
                 assert time.monotonic() - started < bound_s + 2.0
                 await down.enough_attempts(timeout=60.0)

@@ -245,21 +245,45 @@ def test_slots_auto_arithmetic_from_a_fake_memory_source(tiny_config):
     stats = [{"bytes_limit": 16 * gib, "bytes_in_use": 0}, {"bytes_limit": 15 * gib}]
     memory = device_memory(stats, "tpu")
     assert memory == 15 * gib  # the tightest device decides
-    plan = plan_capacity(device_bytes=memory, params_bytes=2 * gib, bytes_per_token=per_token,
-                         fraction=0.9, headroom_bytes=gib, slots=None, max_seq_len=4096,
-                         context_limit=8192, min_seq_len=128)  # fmt: skip
+    plan = plan_capacity(
+        device_bytes=memory,
+        params_bytes=2 * gib,
+        bytes_per_token=per_token,
+        fraction=0.9,
+        headroom_bytes=gib,
+        slots=None,
+        max_seq_len=4096,
+        context_limit=8192,
+        min_seq_len=128,
+    )
     budget = int(0.9 * 15 * gib) - 2 * gib - gib
     assert plan.slots == budget // (4096 * per_token)
     assert plan.kv_bytes <= budget < plan.kv_bytes + 4096 * per_token
     assert "slots = " in plan.describe() and "headroom" in plan.describe()
-    fitted = plan_capacity(device_bytes=memory, params_bytes=2 * gib, bytes_per_token=per_token,
-                           fraction=0.9, headroom_bytes=gib, slots=64, max_seq_len=None,
-                           context_limit=1024, min_seq_len=128)  # fmt: skip
+    fitted = plan_capacity(
+        device_bytes=memory,
+        params_bytes=2 * gib,
+        bytes_per_token=per_token,
+        fraction=0.9,
+        headroom_bytes=gib,
+        slots=64,
+        max_seq_len=None,
+        context_limit=1024,
+        min_seq_len=128,
+    )
     assert fitted.max_seq_len == 1024  # capped at the model's context
     with pytest.raises(ConfigError, match="not even one slot"):
-        plan_capacity(device_bytes=gib, params_bytes=0, bytes_per_token=2**20, fraction=1.0,
-                      headroom_bytes=0, slots=None, max_seq_len=4096, context_limit=8192,
-                      min_seq_len=128)  # fmt: skip
+        plan_capacity(
+            device_bytes=gib,
+            params_bytes=0,
+            bytes_per_token=2**20,
+            fraction=1.0,
+            headroom_bytes=0,
+            slots=None,
+            max_seq_len=4096,
+            context_limit=8192,
+            min_seq_len=128,
+        )
     with pytest.raises(ConfigError, match=r"reports no memory statistics; give --slots N"):
         device_memory([jax.devices()[0].memory_stats()], "cpu")
 
@@ -334,8 +358,15 @@ def test_chunked_prefill_with_prefix_hits_is_sharded_and_equals_tp1(engines, tp_
             done = [lk.hit_tokens for lk in lookups]
             while any(d < len(t) for d, t in zip(done, tokens, strict=True)):
                 live = [i for i, t in enumerate(tokens) if done[i] < len(t)]
-                rows = [ChunkRow(np.asarray(tokens[i][done[i] : done[i] + 8]), done[i],
-                                 lookups[i].pages, SamplingParams()) for i in live]  # fmt: skip
+                rows = [
+                    ChunkRow(
+                        np.asarray(tokens[i][done[i] : done[i] + 8]),
+                        done[i],
+                        lookups[i].pages,
+                        SamplingParams(),
+                    )
+                    for i in live
+                ]
                 out = device.run(params, rows, False)
                 for j, i in enumerate(live):
                     done[i] += len(rows[j].tokens)

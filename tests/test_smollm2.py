@@ -65,15 +65,22 @@ def first_difference(got: list[int], chat: dict) -> str:
     i = next((k for k, (a, b) in enumerate(zip(got, chat["greedy"], strict=False)) if a != b), None)
     if i is None:
         return "same tokens, different lengths"
-    return (f"token {i}: pdserve {got[i]}, transformers {chat['greedy'][i]}; reference top-2 "
-            f"margin there {chat['margins'][i]:.5f}")  # fmt: skip
+    return (
+        f"token {i}: pdserve {got[i]}, transformers {chat['greedy'][i]}; reference top-2 "
+        f"margin there {chat['margins'][i]:.5f}"
+    )
 
 
 def test_the_config_is_smollm2s(smollm2: LoadedModel):
     c = smollm2.model_config
     assert (c.num_layers, c.d_model, c.num_heads, c.num_kv_heads, c.head_dim, c.ffn_dim) == (
-        30, 576, 9, 3, 64, 1536,
-    )  # fmt: skip
+        30,
+        576,
+        9,
+        3,
+        64,
+        1536,
+    )
     assert (c.vocab_size, c.rope_theta, c.tie_embeddings) == (49152, 100000.0, True)
     assert (c.bos_id, c.eos_id) == (REFERENCE["bos_token_id"], REFERENCE["eos_token_id"])
 
@@ -130,9 +137,12 @@ def test_int8_blocks_serve_the_files_own_weights_and_equal_transformers(smollm2:
     assert len(int8) == 30 * 7 + 1  # every kernel and the (tied) embedding table
     for path in int8:
         back = quantization.dequantize_blocks(
-            got[path], got[path + "_scale"], got[path + "_offset"], contracting_axis(path),
+            got[path],
+            got[path + "_scale"],
+            got[path + "_offset"],
+            contracting_axis(path),
             jnp.float32,
-        )  # fmt: skip
+        )
         assert np.array_equal(np.asarray(back), np.asarray(floats[path])), path
     assert param_bytes(blocks.params) < 0.33 * param_bytes(smollm2.params)
     engine = Engine(blocks.model_config, ENGINE)

@@ -387,12 +387,24 @@ def test_an_orchestrator_serving_plaintext_off_loopback_says_so_at_start(process
     workers = process_cluster.workers
     orchestrator = spawn_pdserve(
         "orchestrator",
-        ["orchestrator", "--host", "127.1", "--port", "0", "--metrics-port", "0",
-         "--http-port", "0", "--prefill", workers.prefill.address,
-         "--decode", workers.decode_address],
+        [
+            "orchestrator",
+            "--host",
+            "127.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--http-port",
+            "0",
+            "--prefill",
+            workers.prefill.address,
+            "--decode",
+            workers.decode_address,
+        ],
         timeout=90,
         extra_env={"GRPC_DNS_RESOLVER": "native"},
-    )  # fmt: skip
+    )
     try:
         output = "".join(orchestrator.output)
         for protocol in ("gRPC", "HTTP"):

@@ -110,8 +110,15 @@ class InboxDecodeHandler:
     async def get_load(self) -> LoadReport:
         held = len(self._held)
         # Pages as a paged decode worker reports them: 8 per lease of a 9-page pool.
-        return LoadReport(self.slots - held, self.slots, self.inbox.receiving, held,
-                          free_pages=9 - 8 * held, total_pages=9, page_size=16)  # fmt: skip
+        return LoadReport(
+            self.slots - held,
+            self.slots,
+            self.inbox.receiving,
+            held,
+            free_pages=9 - 8 * held,
+            total_pages=9,
+            page_size=16,
+        )
 
     def _deliver(self, lease_id: str, prefix: Prefix) -> None:
         self.delivered[lease_id] = prefix
@@ -393,30 +400,79 @@ def _edit_leaf(field: str, value: object) -> Callable[[KvPayload], KvPayload]:
 
 FAILS = {
     # name: (payload edit, faults, spec limit, reason, status)
-    "format-version": (_wrong_version, FaultPlan(), None, KvRejection.FORMAT_VERSION,
-                       StatusCode.FAILED_PRECONDITION),
-    "fingerprint": (_wrong_model, FaultPlan(), None, KvRejection.FINGERPRINT,
-                    StatusCode.FAILED_PRECONDITION),
-    "unknown-leaf": (_edit_leaf("path", "layers/7/mlp"), FaultPlan(), None,
-                     KvRejection.UNKNOWN_LEAF, StatusCode.FAILED_PRECONDITION),
-    "missing-leaf": (_edit_leaf("drop", None), FaultPlan(), None, KvRejection.MISSING_LEAF,
-                     StatusCode.FAILED_PRECONDITION),
-    "dtype": (_edit_leaf("dtype", "int8"), FaultPlan(), None, KvRejection.DTYPE,
-              StatusCode.FAILED_PRECONDITION),
-    "shape": (_edit_leaf("shape", None), FaultPlan(), None, KvRejection.SHAPE,
-              StatusCode.FAILED_PRECONDITION),
-    "corrupt-chunk": (None, FaultPlan(corrupt_chunk=4), None, KvRejection.CHECKSUM,
-                      StatusCode.DATA_LOSS),
-    "dropped-chunk": (None, FaultPlan(drop_chunk=2), None, KvRejection.SEQUENCE,
-                      StatusCode.DATA_LOSS),
-    "reordered-chunk": (None, FaultPlan(reorder_chunk=5), None, KvRejection.SEQUENCE,
-                        StatusCode.DATA_LOSS),
-    "dropped-last-chunk": (None, FaultPlan(drop_chunk=10), None, KvRejection.TRUNCATED,
-                           StatusCode.DATA_LOSS),
+    "format-version": (
+        _wrong_version,
+        FaultPlan(),
+        None,
+        KvRejection.FORMAT_VERSION,
+        StatusCode.FAILED_PRECONDITION,
+    ),
+    "fingerprint": (
+        _wrong_model,
+        FaultPlan(),
+        None,
+        KvRejection.FINGERPRINT,
+        StatusCode.FAILED_PRECONDITION,
+    ),
+    "unknown-leaf": (
+        _edit_leaf("path", "layers/7/mlp"),
+        FaultPlan(),
+        None,
+        KvRejection.UNKNOWN_LEAF,
+        StatusCode.FAILED_PRECONDITION,
+    ),
+    "missing-leaf": (
+        _edit_leaf("drop", None),
+        FaultPlan(),
+        None,
+        KvRejection.MISSING_LEAF,
+        StatusCode.FAILED_PRECONDITION,
+    ),
+    "dtype": (
+        _edit_leaf("dtype", "int8"),
+        FaultPlan(),
+        None,
+        KvRejection.DTYPE,
+        StatusCode.FAILED_PRECONDITION,
+    ),
+    "shape": (
+        _edit_leaf("shape", None),
+        FaultPlan(),
+        None,
+        KvRejection.SHAPE,
+        StatusCode.FAILED_PRECONDITION,
+    ),
+    "corrupt-chunk": (
+        None,
+        FaultPlan(corrupt_chunk=4),
+        None,
+        KvRejection.CHECKSUM,
+        StatusCode.DATA_LOSS,
+    ),
+    "dropped-chunk": (
+        None,
+        FaultPlan(drop_chunk=2),
+        None,
+        KvRejection.SEQUENCE,
+        StatusCode.DATA_LOSS,
+    ),
+    "reordered-chunk": (
+        None,
+        FaultPlan(reorder_chunk=5),
+        None,
+        KvRejection.SEQUENCE,
+        StatusCode.DATA_LOSS,
+    ),
+    "dropped-last-chunk": (
+        None,
+        FaultPlan(drop_chunk=10),
+        None,
+        KvRejection.TRUNCATED,
+        StatusCode.DATA_LOSS,
+    ),
     "truncated": ("truncate", FaultPlan(), None, KvRejection.TRUNCATED, StatusCode.DATA_LOSS),
-    "too-large": (None, FaultPlan(), 1000, KvRejection.TOO_LARGE,
-                  StatusCode.RESOURCE_EXHAUSTED),
-}  # fmt: skip
+    "too-large": (None, FaultPlan(), 1000, KvRejection.TOO_LARGE, StatusCode.RESOURCE_EXHAUSTED),
+}
 
 
 @pytest.mark.parametrize("kind", TRANSPORTS)

@@ -82,8 +82,14 @@ def test_warm_up_largest_then_the_rest_in_the_background(
     assert not thread.is_alive()
     assert engine.held_buckets == {"prefill": (), "generate": ()}
     assert set(done[0]) == {"prefill[8]", "prefill[16]", "generate[1]", "generate[2]", "total"}
-    for name in ("prefill[8]", "prefill[16]", "prefill[32]", "generate[1]", "generate[2]",
-                 "generate[4]"):  # fmt: skip
+    for name in (
+        "prefill[8]",
+        "prefill[16]",
+        "prefill[32]",
+        "generate[1]",
+        "generate[2]",
+        "generate[4]",
+    ):
         assert engine.compile_counts[name] == 1, name
     assert compile_held_buckets(runtime) is None  # nothing left to compile
 
@@ -133,8 +139,17 @@ def test_compilation_cache_flags(monkeypatch, tmp_path: pathlib.Path):
 
 
 def test_serve_passes_its_model_and_quantization_to_every_worker():
-    flags = ["--model", "smollm2", "--quantize", "int8-blocks", "--float-lm-head",
-             "--slots", "3", "--max-seq-len", "192"]  # fmt: skip
+    flags = [
+        "--model",
+        "smollm2",
+        "--quantize",
+        "int8-blocks",
+        "--float-lm-head",
+        "--slots",
+        "3",
+        "--max-seq-len",
+        "192",
+    ]
     engine = local_cluster.worker_engine_args(local_cluster.build_parser().parse_args(flags))
     for role in (Role.PREFILL, Role.DECODE):
         config = parse_worker_args(engine, role)

@@ -106,10 +106,12 @@ def test_sixteen_concurrent_requests_complete_exactly(run, kind, engine, params)
 
     async def body(workers) -> None:
         decode, prefill = workers.decode_client(), workers.prefill_client()
-        results = await asyncio.gather(*(
-            generate(decode, prefill, workers.decode_address, p, n, request_id=f"r{i}")
-            for i, (p, n) in enumerate(cases)
-        ))  # fmt: skip
+        results = await asyncio.gather(
+            *(
+                generate(decode, prefill, workers.decode_address, p, n, request_id=f"r{i}")
+                for i, (p, n) in enumerate(cases)
+            )
+        )
         for i, (tokens, _) in enumerate(results):
             assert tokens == expected[i], f"request {i}"
         await wait_all_free(decode)
@@ -167,8 +169,13 @@ def test_bad_kv_is_rejected_slot_freed_server_keeps_serving(
         lease = await decode.reserve(ReserveRequest("bad", 5, GenerationLimits(5), 30))
         stream = asyncio.create_task(collect(decode.stream_tokens(lease.lease_id)))
         fingerprint = "some-other-model" if fault == "wrong_model" else tiny_fingerprint
-        payload = encode_prefix(prefix, fingerprint=fingerprint, request_id="bad",
-                                lease_id=lease.lease_id, chunk_bytes=4096)  # fmt: skip
+        payload = encode_prefix(
+            prefix,
+            fingerprint=fingerprint,
+            request_id="bad",
+            lease_id=lease.lease_id,
+            chunk_bytes=4096,
+        )
         messages = list(payload.messages())
         if fault == "corrupt_chunk":
             data = bytearray(messages[2].chunk.data)
@@ -203,9 +210,11 @@ def test_prefill_reports_a_killed_decode_process_and_keeps_serving(
         prefill = process_workers.prefill_client()
         lease = await victim.reserve(ReserveRequest("k", 4, GenerationLimits(6), 30))
         doomed.signal(signal.SIGSTOP)  # frozen: the push cannot complete
-        push = asyncio.create_task(prefill.prefill(
-            PrefillRequest("k", tuple(prompt), SamplingParams(), doomed.address, lease.lease_id)
-        ))  # fmt: skip
+        push = asyncio.create_task(
+            prefill.prefill(
+                PrefillRequest("k", tuple(prompt), SamplingParams(), doomed.address, lease.lease_id)
+            )
+        )
         await asyncio.sleep(0.5)
         assert not push.done()
         # The prefill queue keeps moving while that push hangs.
@@ -250,9 +259,11 @@ def test_prefill_reports_a_dead_decode_peer_in_process(engine, params, tiny_fing
             victim = workers.network.decode_client("doomed", TRANSPORT)
             lease = await victim.reserve(ReserveRequest("k", 4, GenerationLimits(6), 30))
             prefill = workers.prefill_client()
-            push = asyncio.create_task(prefill.prefill(
-                PrefillRequest("k", tuple(prompt), SamplingParams(), "doomed", lease.lease_id)
-            ))  # fmt: skip
+            push = asyncio.create_task(
+                prefill.prefill(
+                    PrefillRequest("k", tuple(prompt), SamplingParams(), "doomed", lease.lease_id)
+                )
+            )
             await asyncio.sleep(0.3)
             assert not push.done()
             tokens, _ = await generate(
@@ -382,9 +393,12 @@ def test_health_and_metrics_of_worker_processes(process_workers: ProcessWorkers)
 
     async def body() -> None:
         await generate(
-            process_workers.decode_client(), process_workers.prefill_client(),
-            process_workers.decode_address, [1, 2, 3, 4, 5], 6,
-        )  # fmt: skip
+            process_workers.decode_client(),
+            process_workers.prefill_client(),
+            process_workers.decode_address,
+            [1, 2, 3, 4, 5],
+            6,
+        )
 
     asyncio.run(body())
     decode = scrape(process_workers.decode.metrics_port)

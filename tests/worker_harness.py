@@ -50,8 +50,15 @@ from shared.transport.types import (
 REPO = Path(__file__).resolve().parent.parent
 # The test engine's layout (tests/conftest.py), as worker flags.
 ENGINE_FLAGS = (
-    "--slots", "4", "--prefill-buckets", "8,16,32", "--max-seq-len", "64", "--page-size", "8",
-)  # fmt: skip
+    "--slots",
+    "4",
+    "--prefill-buckets",
+    "8,16,32",
+    "--max-seq-len",
+    "64",
+    "--page-size",
+    "8",
+)
 SERVING = re.compile(r"serving on (\S+):(\d+) metrics_port=(-?\d+)")
 TRANSPORT = TransportConfig(rpc_timeout_s=10.0, transfer_timeout_s=20.0)
 
@@ -83,8 +90,9 @@ def spawn_pdserve(
     environment variables for it."""
     cmd = [sys.executable, "-m", "pdserve_cli", *argv]
     # child_environment: the process dies with this one (pytest), however pytest ends.
-    env = child_environment({**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-                             **(extra_env or {})})  # fmt: skip
+    env = child_environment(
+        {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    )
     if devices is not None:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     proc = subprocess.Popen(
@@ -114,8 +122,19 @@ def spawn_worker(
     role: str, *flags: str, timeout: float = 180.0, devices: int | None = None
 ) -> WorkerProcess:
     """Start `pdserve worker --role ROLE` on a free loopback port; return once SERVING."""
-    argv = ["worker", "--role", role, "--host", "127.0.0.1", "--port", "0",
-            "--metrics-port", "0", *ENGINE_FLAGS, *flags]  # fmt: skip
+    argv = [
+        "worker",
+        "--role",
+        role,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        *ENGINE_FLAGS,
+        *flags,
+    ]
     return spawn_pdserve(role, argv, timeout, devices)
 
 
@@ -166,9 +185,13 @@ class InProcessWorkers:
         self.decode.start(asyncio.get_running_loop())
         self.sink = RemoteKvSink(TRANSPORT, fingerprint, self.network.decode_client)
         self.prefill_loop = PrefillLoop(
-            engine, params, self.sink, WorkerMetrics(CollectorRegistry(), "prefill"),
-            max_queue=64, on_fatal=self.fatal.append,
-        )  # fmt: skip
+            engine,
+            params,
+            self.sink,
+            WorkerMetrics(CollectorRegistry(), "prefill"),
+            max_queue=64,
+            on_fatal=self.fatal.append,
+        )
         self.prefill_loop.start(asyncio.get_running_loop())
         self.network.serve(self.decode_address, self.decode.service)
         self.network.serve(self.prefill_address, PrefillService(self.prefill_loop, fingerprint, 64))

@@ -50,11 +50,16 @@ def chat_messages(args: argparse.Namespace) -> list[dict[str, str]] | None:
             messages = json.loads(args.messages.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise ValueError(f"--messages {args.messages}: {err}") from None
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str)
-            and isinstance(m.get("content"), str)
-            for m in messages
-        )  # fmt: skip
+        ok = (
+            isinstance(messages, list)
+            and messages
+            and all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in messages
+            )
+        )
         if not ok:
             raise ValueError(
                 f"--messages {args.messages}: expected a non-empty JSON list of "
@@ -127,10 +132,16 @@ def main(argv: Sequence[str]) -> int:
     with GeneratorClient(args.target, token, tls) as client:
         try:
             for chunk in client.generate(
-                prompt, timeout=args.timeout, max_tokens=args.max_tokens,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
-            ):  # fmt: skip
+                prompt,
+                timeout=args.timeout,
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                seed=args.seed,
+                stop=args.stop,
+                ignore_eos=args.ignore_eos,
+            ):
                 printer.write(chunk)
         except GenerateError as err:
             print(f"\npdserve generate: {err}", file=sys.stderr)

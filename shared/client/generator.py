@@ -93,9 +93,14 @@ def _chunk(response: generate_pb2.GenerateResponse) -> Chunk:
         for lp in response.logprobs
     )
     return Chunk(
-        response.request_id, tuple(response.token_ids), response.text, finish,
-        response.usage.prompt_tokens, response.usage.completion_tokens, logprobs,
-    )  # fmt: skip
+        response.request_id,
+        tuple(response.token_ids),
+        response.text,
+        finish,
+        response.usage.prompt_tokens,
+        response.usage.completion_tokens,
+        logprobs,
+    )
 
 
 @dataclasses.dataclass(slots=True, frozen=True)
@@ -111,9 +116,12 @@ class ClientTls:
 
     @classmethod
     def from_files(
-        cls, ca: Path | None = None, cert: Path | None = None, key: Path | None = None,
+        cls,
+        ca: Path | None = None,
+        cert: Path | None = None,
+        key: Path | None = None,
         server_name: str | None = None,
-    ) -> ClientTls:  # fmt: skip
+    ) -> ClientTls:
         if (cert is None) != (key is None):
             raise ValueError("a client certificate needs both its cert and its key file")
         read = lambda p: p.read_bytes() if p is not None else None  # noqa: E731
@@ -141,9 +149,12 @@ class GeneratorClient:
     `options`: more gRPC channel arguments."""
 
     def __init__(
-        self, target: str, token: str | None = None, tls: ClientTls | None = None,
+        self,
+        target: str,
+        token: str | None = None,
+        tls: ClientTls | None = None,
         options: Sequence[tuple[str, Any]] = (),
-    ) -> None:  # fmt: skip
+    ) -> None:
         options = [*_OPTIONS, *options]
         if tls is None:
             self._channel = grpc.insecure_channel(target, options=options)
@@ -182,9 +193,12 @@ class AsyncGeneratorClient:
     """asyncio client; create and use it inside one event loop."""
 
     def __init__(
-        self, target: str, token: str | None = None, tls: ClientTls | None = None,
+        self,
+        target: str,
+        token: str | None = None,
+        tls: ClientTls | None = None,
         options: Sequence[tuple[str, Any]] = (),
-    ) -> None:  # fmt: skip
+    ) -> None:
         options = [*_OPTIONS, *options]
         if tls is None:
             self._channel = grpc.aio.insecure_channel(target, options=options)

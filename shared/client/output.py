@@ -48,8 +48,10 @@ class StreamPrinter:
             # the last one, which is when it became printable.
             self._line({"token_id": token, "text": text if i == last else ""})
         if chunk.finish_reason is not None:
-            usage = {"prompt_tokens": chunk.prompt_tokens,
-                     "completion_tokens": chunk.completion_tokens}  # fmt: skip
+            usage = {
+                "prompt_tokens": chunk.prompt_tokens,
+                "completion_tokens": chunk.completion_tokens,
+            }
             tail = text if not chunk.token_ids else ""
             self._line({"finish_reason": chunk.finish_reason, "usage": usage, "text": tail})
         elif not chunk.token_ids:

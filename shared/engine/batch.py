@@ -60,9 +60,12 @@ class DecodeBatch:
         return self._lengths[slot]
 
     def insert(
-        self, prefixes: Sequence[Prefix], slots: Sequence[int], keys: Sequence[str] | None = None,
+        self,
+        prefixes: Sequence[Prefix],
+        slots: Sequence[int],
+        keys: Sequence[str] | None = None,
         logprobs: Sequence[int | None] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Give each slot the pages its prefix (and its first step) needs, then write the
         prefixes. `keys` name the page promises admission made (consumed here). `logprobs`:
         per slot, None or how many alternatives its steps report (`last_logprobs`). All or

@@ -62,10 +62,15 @@ class _Programs:
         self.engine, config = engine, engine.config
         self.page_size = config.page_size
         self.graph, _, self.abstract_cache = abstract_model(
-            engine.model_config, "autoregressive", batch=num_pages, cache_len=self.page_size,
-            dtype=engine.dtype, parallelism=engine.parallelism, attention="xla",
+            engine.model_config,
+            "autoregressive",
+            batch=num_pages,
+            cache_len=self.page_size,
+            dtype=engine.dtype,
+            parallelism=engine.parallelism,
+            attention="xla",
             pages_per_block=config.pages_per_block,
-        )  # fmt: skip
+        )
         sharding = named(engine.mesh, CACHE_AXES, engine.rules)
         shardings = jax.tree.map(lambda _: sharding, nnx.to_pure_dict(self.abstract_cache))
         rep = replicated(engine.mesh)
@@ -191,9 +196,15 @@ class ChunkedPrefill:
         sampling = Engine._sampling_rows([r.sampling for r in rows] + filler)
         with jax.set_mesh(self.engine.mesh):
             self.pool, first, logits, step_logprobs = self._programs.chunk(
-                params, self.pool, tokens, starts, counts, tables, *sampling,
+                params,
+                self.pool,
+                tokens,
+                starts,
+                counts,
+                tables,
+                *sampling,
                 np.bool_(want_logprobs),
-            )  # fmt: skip
+            )
         return ChunkOutput(np.asarray(first)[: len(rows)], logits, step_logprobs)
 
     def copy_page(self, source: int, target: int) -> None:

@@ -359,15 +359,21 @@ class Engine:
         if logprobs is not None:
             chosen, ids, values = jax.device_get(step_logprobs)
             first_logprob = token_logprob(chosen[0], ids[0], values[0], logprobs)
-        return Prefix(cache=cache, true_length=true_length, first_token=int(first[0]),
-                      sampling=sampling, first_logprob=first_logprob)  # fmt: skip
+        return Prefix(
+            cache=cache,
+            true_length=true_length,
+            first_token=int(first[0]),
+            sampling=sampling,
+            first_logprob=first_logprob,
+        )
 
     def _prefill_bucket(self, length: int, allow_long: bool) -> int:
         if length <= self.config.max_prompt_len:
             return next(
-                b for b in self.config.prefill_buckets
+                b
+                for b in self.config.prefill_buckets
                 if b >= length and ("prefill", b) not in self._held
-            )  # fmt: skip
+            )
         if allow_long and length < self.config.max_seq_len:
             return self.config.max_seq_len
         if allow_long:
@@ -489,9 +495,13 @@ class Engine:
                 stacked,
             )
             fields = self._insert_rows_jit(
-                {f: getattr(state, f) for f in _ROW_FIELDS}, padded_slots, tables, lengths,
-                firsts, *self._sampling_rows(rows),
-            )  # fmt: skip
+                {f: getattr(state, f) for f in _ROW_FIELDS},
+                padded_slots,
+                tables,
+                lengths,
+                firsts,
+                *self._sampling_rows(rows),
+            )
         return DecodeState(cache=cache, **fields)
 
     def _stacked_caches(self, prefixes: Sequence[Prefix], length: int, count: int) -> CacheDict:
@@ -565,9 +575,16 @@ class Engine:
         top_p: jax.Array,
         seeds: jax.Array,
     ) -> dict[str, jax.Array]:
-        new = dict(page_table=tables, lengths=lengths, tokens=firsts,
-                   active=jnp.ones_like(slots, bool), temperature=temperature, top_k=top_k,
-                   top_p=top_p, seeds=seeds)  # fmt: skip
+        new = dict(
+            page_table=tables,
+            lengths=lengths,
+            tokens=firsts,
+            active=jnp.ones_like(slots, bool),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seeds=seeds,
+        )
         return {f: fields[f].at[slots].set(new[f], mode="drop") for f in _ROW_FIELDS}
 
     def release(self, state: DecodeState, slot: int) -> DecodeState:
@@ -616,16 +633,26 @@ class Engine:
             return self._generate_jit(params, state, padded, pages, np.bool_(logprobs))
 
     def _generate_impl(
-        self, params: Params, state: DecodeState, rows: jax.Array, new_pages: jax.Array,
+        self,
+        params: Params,
+        state: DecodeState,
+        rows: jax.Array,
+        new_pages: jax.Array,
         wanted: jax.Array,
-    ) -> tuple[DecodeState, jax.Array, StepLogprobs]:  # fmt: skip
+    ) -> tuple[DecodeState, jax.Array, StepLogprobs]:
         self.compile_counts[f"generate[{len(rows)}]"] += 1
         live, table, cache, logits = self._step(params, state, rows, new_pages)
         r = jnp.minimum(rows, self.config.max_slots - 1)
         lengths, tokens = state.lengths[r], state.tokens[r]
         # The new token lands right after the one fed in.
-        next_tokens = sample(logits, state.temperature[r], state.top_k[r], state.top_p[r],
-                             state.seeds[r], lengths + 1)  # fmt: skip
+        next_tokens = sample(
+            logits,
+            state.temperature[r],
+            state.top_k[r],
+            state.top_p[r],
+            state.seeds[r],
+            lengths + 1,
+        )
         next_tokens = jnp.where(live, next_tokens, tokens)
 
         def put(old: jax.Array, new: jax.Array) -> jax.Array:

@@ -84,8 +84,10 @@ class Parallelism:
         if block is not None:
             # Row-parallel kernels (o_proj, down_proj) split their input over the devices;
             # a block must not straddle two of them.
-            for name, size in (("num_heads * head_dim", config.num_heads * config.head_dim),
-                               ("ffn_dim", config.ffn_dim)):  # fmt: skip
+            for name, size in (
+                ("num_heads * head_dim", config.num_heads * config.head_dim),
+                ("ffn_dim", config.ffn_dim),
+            ):
                 if (size // tp) % block:
                     raise ConfigError(
                         f"--tensor-parallel={tp} splits {name} ({size}) into {size // tp} per "

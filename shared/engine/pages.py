@@ -130,8 +130,9 @@ class PageAllocator:
     def counts(self) -> PageCounts:
         with self._lock:
             total = self.num_pages - 1
-            return PageCounts(total, len(self._free), total - len(self._free),
-                              sum(self._reserved.values()))  # fmt: skip
+            return PageCounts(
+                total, len(self._free), total - len(self._free), sum(self._reserved.values())
+            )
 
     def check(self) -> None:
         """Raise AssertionError if a page is leaked, double-owned or out of range."""

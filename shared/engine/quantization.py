@@ -181,9 +181,12 @@ quantize_blocks_jit: Callable[[jax.Array, int, int], tuple[jax.Array, jax.Array,
 
 
 def dequantize_blocks(
-    values: jax.Array, scale: jax.Array, offset: jax.Array, contracting_axis: int,
+    values: jax.Array,
+    scale: jax.Array,
+    offset: jax.Array,
+    contracting_axis: int,
     dtype: jnp.dtype,
-) -> jax.Array:  # fmt: skip
+) -> jax.Array:
     """int8 values [.., K, ..] with per-block scale and offset [.., K / block, ..] -> float.
 
     An AQT QTensor with the block scale and the (negated) offset as its bias: AQT's

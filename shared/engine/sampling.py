@@ -114,8 +114,11 @@ def logprobs(
 
     def skip() -> tuple[jax.Array, jax.Array, jax.Array]:
         rows = logits.shape[0]
-        return (jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, n), jnp.int32),
-                jnp.zeros((rows, n), jnp.float32))  # fmt: skip
+        return (
+            jnp.zeros((rows,), jnp.float32),
+            jnp.zeros((rows, n), jnp.int32),
+            jnp.zeros((rows, n), jnp.float32),
+        )
 
     return jax.lax.cond(wanted, compute, skip)
 

@@ -161,8 +161,12 @@ class PrefixPagePool:
             parent = self._insert(ids, lookup)
             tail = len(ids) % self.page_size
             if parent is not None and tail:
-                self._add_entry(lookup.pages[len(ids) // self.page_size], parent,
-                                block_bytes(ids[len(ids) - tail :]), None)  # fmt: skip
+                self._add_entry(
+                    lookup.pages[len(ids) // self.page_size],
+                    parent,
+                    block_bytes(ids[len(ids) - tail :]),
+                    None,
+                )
         self.release(lookup)
 
     def cached_blocks(self, tokens: Sequence[int] | np.ndarray) -> int:

@@ -91,8 +91,15 @@ def plan_capacity(
     fits."""
     if not 0 < fraction <= 1:
         raise ConfigError(f"--kv-memory-fraction={fraction} must be in (0, 1]")
-    plan = CapacityPlan(device_bytes, fraction, params_bytes, headroom_bytes, bytes_per_token,
-                        slots or 0, max_seq_len or 0)  # fmt: skip
+    plan = CapacityPlan(
+        device_bytes,
+        fraction,
+        params_bytes,
+        headroom_bytes,
+        bytes_per_token,
+        slots or 0,
+        max_seq_len or 0,
+    )
     budget = plan.budget_bytes
     if budget <= 0:
         raise ConfigError(f"no memory is left for the KV cache: {plan.describe()}")
@@ -125,8 +132,7 @@ def plan_pages(
     page_size: int,
 ) -> int:
     """`--kv-pages auto`: the KV pages the budget holds (the scratch page included)."""
-    plan = CapacityPlan(device_bytes, fraction, params_bytes, headroom_bytes, bytes_per_token,
-                        0, 0)  # fmt: skip
+    plan = CapacityPlan(device_bytes, fraction, params_bytes, headroom_bytes, bytes_per_token, 0, 0)
     pages = plan.budget_bytes // (page_size * bytes_per_token)
     if pages < 2:
         raise ConfigError(f"no room for a KV page pool: {plan.describe()}")

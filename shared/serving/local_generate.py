@@ -136,8 +136,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     detok = IncrementalDetokenizer(tokenizer, list(prompt_ids))
     printer = StreamPrinter(out, err, json_lines=args.json)
     completion = 0
-    for token, finish in stream_tokens(engine, loaded.params, prompt_ids, sampling,
-                                       args.max_tokens, stop_ids):  # fmt: skip
+    for token, finish in stream_tokens(
+        engine, loaded.params, prompt_ids, sampling, args.max_tokens, stop_ids
+    ):
         if token is not None:
             completion += 1
             printer.write(Chunk("", (token,), detok.push(token), None))
@@ -156,7 +157,12 @@ def main(argv: Sequence[str]) -> int:
     try:
         return run(args)
     except (
-        ConfigError, CheckpointError, EngineError, SamplingError, FileNotFoundError, ValueError,
-    ) as err:  # fmt: skip
+        ConfigError,
+        CheckpointError,
+        EngineError,
+        SamplingError,
+        FileNotFoundError,
+        ValueError,
+    ) as err:
         print(f"pdserve generate-local: error: {err}", file=sys.stderr)
         return 2

@@ -87,9 +87,16 @@ class OrchestratorConfig:
             raise ConfigError("no prefill workers: give --prefill, --prefill-dns or --colocated")
         if not (self.decode or self.decode_dns or self.colocated or self.colocated_dns):
             raise ConfigError("no decode workers: give --decode, --decode-dns or --colocated")
-        positive = ("max_queue", "max_concurrency", "max_tokens_limit", "max_request_kib",
-                    "max_streams_per_connection", "max_stop_strings", "max_stop_chars",
-                    "max_unsent_tokens")  # fmt: skip
+        positive = (
+            "max_queue",
+            "max_concurrency",
+            "max_tokens_limit",
+            "max_request_kib",
+            "max_streams_per_connection",
+            "max_stop_strings",
+            "max_stop_chars",
+            "max_unsent_tokens",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)} must be > 0")
@@ -120,9 +127,11 @@ class OrchestratorConfig:
             if path is not None and not path.is_file():
                 raise ConfigError(f"--{flag.replace('_', '-')} {path} does not exist")
         tls_from_args(
-            self.internal_tls_cert, self.internal_tls_key, self.internal_tls_ca,
+            self.internal_tls_cert,
+            self.internal_tls_key,
+            self.internal_tls_ca,
             flag="--internal-tls",
-        )  # fmt: skip
+        )
         if self.internal_tls_server_name and self.internal_tls_cert is None:
             raise ConfigError("--internal-tls-server-name needs the --internal-tls-* files")
 
@@ -146,9 +155,11 @@ class OrchestratorConfig:
         if self.tls_cert is None or self.tls_key is None:
             return None
         return TlsConfig(
-            self.tls_cert, self.tls_key, self.tls_client_ca,
+            self.tls_cert,
+            self.tls_key,
+            self.tls_client_ca,
             require_client_cert=self.tls_client_ca is not None,
-        )  # fmt: skip
+        )
 
     def public_transport(self) -> TransportConfig:
         """The public port's server settings (README: Reliability)."""
@@ -177,9 +188,11 @@ class OrchestratorConfig:
         tls = None
         if self.internal_tls_cert and self.internal_tls_key and self.internal_tls_ca:
             tls = TlsConfig(
-                self.internal_tls_cert, self.internal_tls_key, self.internal_tls_ca,
+                self.internal_tls_cert,
+                self.internal_tls_key,
+                self.internal_tls_ca,
                 server_name=self.internal_tls_server_name,
-            )  # fmt: skip
+            )
         return TransportConfig(tls=tls)
 
     def auth_token(self) -> str | None:

@@ -114,8 +114,9 @@ class PrefillLoop:
         num_pages = 1 + settings.max_rows * config.max_pages_per_slot + cache_pages
         self.device = ChunkedPrefill(engine, num_pages, chunk, settings.max_rows)
         # Everything that changes a block's KV: weights, architecture, dtype, page size.
-        root = namespace(fingerprint, engine.model_config.fingerprint(), engine.dtype,
-                         config.page_size)  # fmt: skip
+        root = namespace(
+            fingerprint, engine.model_config.fingerprint(), engine.dtype, config.page_size
+        )
         self.pool = PrefixPagePool(num_pages, config.page_size, root, cache_pages, hash_fn)
         self.scheduler = ChunkScheduler(self.pool, chunk, settings.max_rows, settings.aging_s)
         self._max_queue = max_queue
@@ -195,8 +196,9 @@ class PrefillLoop:
         self._metrics.kv_sent_bytes.inc(kv_bytes)
         self._metrics.kv_send_seconds.observe(transfer_s)
         self._metrics.finished("ok")
-        timings = PrefillTimings(done.queue_s, done.prefill_s, transfer_s, kv_bytes,
-                                 done.cached_tokens)  # fmt: skip
+        timings = PrefillTimings(
+            done.queue_s, done.prefill_s, transfer_s, kv_bytes, done.cached_tokens
+        )
         return PrefillResult(done.prefix.first_token, timings, done.prefix.first_logprob)
 
     def cancel(self, request_id: str) -> bool:
@@ -272,10 +274,13 @@ class PrefillLoop:
                 self.scheduler.remove(work)
             elif deadline is not None and now >= deadline:
                 self.scheduler.remove(work)
-                self._resolve(job, TransportError(
-                    StatusCode.DEADLINE_EXCEEDED,
-                    f"request {job.request.request_id!r} passed its deadline while queued",
-                ))  # fmt: skip
+                self._resolve(
+                    job,
+                    TransportError(
+                        StatusCode.DEADLINE_EXCEEDED,
+                        f"request {job.request.request_id!r} passed its deadline while queued",
+                    ),
+                )
 
     def _call(self, chunks: list[ScheduledChunk]) -> None:
         rows, wants = [], False
@@ -287,8 +292,14 @@ class PrefillLoop:
                 self._metrics.prefill_queue_seconds.observe(c.work.started - c.work.arrived)
                 if lookup.copy_from is not None:  # part of a cached block, then its own
                     self.device.copy_page(lookup.copy_from, lookup.pages[lookup.hit_pages])
-            rows.append(ChunkRow(c.work.tokens[c.start : c.start + c.count], c.start,
-                                 lookup.pages, job.request.sampling))  # fmt: skip
+            rows.append(
+                ChunkRow(
+                    c.work.tokens[c.start : c.start + c.count],
+                    c.start,
+                    lookup.pages,
+                    job.request.sampling,
+                )
+            )
         out = self.device.run(self._params, rows, wants)
         self._metrics.prefill_tokens_computed.inc(sum(c.count for c in chunks))
         step_logprobs = None  # on the host, read once for every row that finishes

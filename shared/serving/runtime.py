@@ -84,8 +84,10 @@ def enable_compilation_cache(directory: Path | None) -> None:
 def load_runtime(config: WorkerConfig) -> ModelRuntime:
     tp = config.tensor_parallel or len(jax.local_devices())
     mesh = make_mesh(tp)
-    progress(f"{config.role.value}: loading model {config.model!r} over {tp} "
-             f"{mesh.devices.flat[0].platform} device(s)")  # fmt: skip
+    progress(
+        f"{config.role.value}: loading model {config.model!r} over {tp} "
+        f"{mesh.devices.flat[0].platform} device(s)"
+    )
     start = time.perf_counter()
     loaded = load_model(
         config.model,
@@ -96,10 +98,12 @@ def load_runtime(config: WorkerConfig) -> ModelRuntime:
     )
     engine_config = size_engine(config, loaded, mesh)
     engine = Engine(loaded.model_config, engine_config, mesh)
-    progress(f"{config.role.value}: loaded in {time.perf_counter() - start:.1f}s; "
-             f"{engine_config.max_slots} slots of up to {engine_config.max_seq_len} tokens, "
-             f"{engine_config.total_pages - 1} KV pages of {engine_config.page_size}; "
-             f"{engine.attention} attention")  # fmt: skip
+    progress(
+        f"{config.role.value}: loaded in {time.perf_counter() - start:.1f}s; "
+        f"{engine_config.max_slots} slots of up to {engine_config.max_seq_len} tokens, "
+        f"{engine_config.total_pages - 1} KV pages of {engine_config.page_size}; "
+        f"{engine.attention} attention"
+    )
     return ModelRuntime(engine, loaded.params, model_fingerprint(loaded), loaded.tokenizer_path)
 
 
@@ -122,31 +126,42 @@ def size_engine(config: WorkerConfig, loaded: LoadedModel, mesh: Mesh) -> Engine
     )
     params = max(params_bytes_per_device(loaded.params).values())
     mib = 2**20
-    progress(f"{config.role.value}: tensor parallel {mesh.size}: params {params / mib:.1f} MiB"
-             f" per device; KV {per_token} bytes per token per device "
-             f"({parallelism.cache_heads} cache heads, {parallelism.kv_replication}x "
-             f"replication)")  # fmt: skip
+    progress(
+        f"{config.role.value}: tensor parallel {mesh.size}: params {params / mib:.1f} MiB"
+        f" per device; KV {per_token} bytes per token per device "
+        f"({parallelism.cache_heads} cache heads, {parallelism.kv_replication}x "
+        f"replication)"
+    )
     if not config.auto_capacity:
         return config.engine_config()
     devices = list(mesh.devices.flat)
     memory = device_memory([d.memory_stats() for d in devices], devices[0].platform)
-    budget = dict(device_bytes=memory, params_bytes=params, bytes_per_token=per_token,
-                  fraction=config.kv_memory_fraction,
-                  headroom_bytes=config.memory_headroom_bytes)  # fmt: skip
+    budget = dict(
+        device_bytes=memory,
+        params_bytes=params,
+        bytes_per_token=per_token,
+        fraction=config.kv_memory_fraction,
+        headroom_bytes=config.memory_headroom_bytes,
+    )
     slots, max_seq_len = config.slots, config.max_seq_len
     if slots is None or max_seq_len is None:
         plan = plan_capacity(
-            **budget, slots=slots, max_seq_len=max_seq_len,
-            context_limit=model.max_position_embeddings, min_seq_len=config.prefill_buckets[-1],
-        )  # fmt: skip
+            **budget,
+            slots=slots,
+            max_seq_len=max_seq_len,
+            context_limit=model.max_position_embeddings,
+            min_seq_len=config.prefill_buckets[-1],
+        )
         progress(f"{config.role.value}: {plan.describe()}")
         slots, max_seq_len = plan.slots, plan.max_seq_len
     kv_pages = config.kv_pages
     if kv_pages is None:
         kv_pages = plan_pages(**budget, page_size=config.page_size)
-        progress(f"{config.role.value}: KV pool of {kv_pages} pages x {config.page_size} "
-                 f"positions ({kv_pages * config.page_size * per_token / mib:.1f} MiB per "
-                 "device)")  # fmt: skip
+        progress(
+            f"{config.role.value}: KV pool of {kv_pages} pages x {config.page_size} "
+            f"positions ({kv_pages * config.page_size * per_token / mib:.1f} MiB per "
+            "device)"
+        )
     return config.engine_config(slots, max_seq_len, kv_pages)
 
 
@@ -263,8 +278,10 @@ def compile_held_buckets(
                     log.exception("compiling %s[%d] failed; it stays unused", kind, bucket)
                     continue
                 seconds[f"{kind}[{bucket}]"] = time.perf_counter() - t
-                progress(f"compiled {kind}[{bucket}] in {seconds[f'{kind}[{bucket}]']:.1f}s "
-                         "(while serving)")  # fmt: skip
+                progress(
+                    f"compiled {kind}[{bucket}] in {seconds[f'{kind}[{bucket}]']:.1f}s "
+                    "(while serving)"
+                )
         seconds["total"] = time.perf_counter() - start
         progress(f"every bucket compiled, {seconds['total']:.1f}s after serving began")
         if on_done is not None:
@@ -307,9 +324,11 @@ class WorkerServer:
         if self.config.metrics_port >= 0:
             metrics = MetricsServer(self.registry, self.config.metrics_port, self.config.host)
         self._server = await start_server(
-            self.config.address, services, self.config.transport,
+            self.config.address,
+            services,
+            self.config.transport,
             health_address=self.config.health_address,
-        )  # fmt: skip
+        )
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
         metrics_port = metrics.port if metrics else -1

@@ -113,9 +113,14 @@ class WorkerConfig:
         if slots is None or max_seq_len is None or kv_pages is None:
             raise ConfigError("some sizes are auto: size them first (capacity.py)")
         return EngineConfig(
-            slots, self.prefill_buckets, max_seq_len, self.dtype, page_size=self.page_size,
-            num_pages=kv_pages or None, attention=self.attention,
-        )  # fmt: skip
+            slots,
+            self.prefill_buckets,
+            max_seq_len,
+            self.dtype,
+            page_size=self.page_size,
+            num_pages=kv_pages or None,
+            attention=self.attention,
+        )
 
     @property
     def address(self) -> str:

@@ -115,16 +115,20 @@ def lease_from_proto(message: worker_pb2.ReserveResponse) -> Lease:
 
 def tokens_to_proto(batch: TokenBatch) -> worker_pb2.StreamTokensResponse:
     return worker_pb2.StreamTokensResponse(
-        token_ids=batch.token_ids, finish_reason=_FINISH_TO_PROTO[batch.finish],
-        detail=batch.detail, logprobs=[logprob_to_proto(lp) for lp in batch.logprobs],
-    )  # fmt: skip
+        token_ids=batch.token_ids,
+        finish_reason=_FINISH_TO_PROTO[batch.finish],
+        detail=batch.detail,
+        logprobs=[logprob_to_proto(lp) for lp in batch.logprobs],
+    )
 
 
 def tokens_from_proto(message: worker_pb2.StreamTokensResponse) -> TokenBatch:
     return TokenBatch(
-        tuple(message.token_ids), _FINISH_FROM_PROTO[message.finish_reason], message.detail,
+        tuple(message.token_ids),
+        _FINISH_FROM_PROTO[message.finish_reason],
+        message.detail,
         tuple(logprob_from_proto(lp) for lp in message.logprobs),
-    )  # fmt: skip
+    )
 
 
 def load_to_proto(load: LoadReport) -> worker_pb2.LoadReport:

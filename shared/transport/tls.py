@@ -110,8 +110,11 @@ class _ServerFiles:
             except (OSError, ssl.SSLError) as err:
                 # Mid-rotation or broken: keep serving with the pair we have; retry on the
                 # next handshake (the stamp is not updated).
-                log.warning("TLS files %s unusable, keeping the current certificate: %s",
-                            [str(p) for p in self._paths], err)  # fmt: skip
+                log.warning(
+                    "TLS files %s unusable, keeping the current certificate: %s",
+                    [str(p) for p in self._paths],
+                    err,
+                )
                 return None
             if _stamp(self._paths) != stamp:
                 return None  # changed while we read: take it on the next handshake
@@ -170,8 +173,11 @@ class _HttpsFiles:
                 try:
                     fresh = self._context()
                 except (OSError, ssl.SSLError) as err:
-                    log.warning("TLS files %s unusable, keeping the current certificate: %s",
-                                [str(p) for p in self._paths], err)  # fmt: skip
+                    log.warning(
+                        "TLS files %s unusable, keeping the current certificate: %s",
+                        [str(p) for p in self._paths],
+                        err,
+                    )
                 else:
                     if _stamp(self._paths) == stamp:  # else: take it on the next handshake
                         self._stamp, self.current = stamp, fresh

@@ -33,9 +33,20 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 # Block formats the `gguf` package dequantizes and that we accept; anything else (the
 # IQ*, TQ* and FP4 formats, integer tensors) is refused by name.
 SUPPORTED_TYPES = (
-    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-)  # fmt: skip
+    "F32",
+    "F16",
+    "BF16",
+    "Q8_0",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q2_K",
+    "Q3_K",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
+)
 _REQUIRED_KEYS = (
     "block_count",
     "embedding_length",
@@ -200,8 +211,11 @@ def read_params(
         if block_size_of(ours, targets) == gguf_blocks.BLOCK:
             blocks = gguf_blocks.exact_blocks(index[name])
             if blocks is not None:  # the values, scales and offsets, each [out, ...]
-                flat.update(place_blocks(ours, *_our_layout(name, ours, heads, blocks, targets,
-                                                            path), targets))  # fmt: skip
+                flat.update(
+                    place_blocks(
+                        ours, *_our_layout(name, ours, heads, blocks, targets, path), targets
+                    )
+                )
                 continue
         value = dequantized(index[name], path)  # [out, in] (HF layout); norms: [D]
         (value,) = _our_layout(name, ours, heads, (value,), targets, path)

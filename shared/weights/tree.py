@@ -48,9 +48,13 @@ def abstract_params(
     """ShapeDtypeStruct params of `model_config` (int8 + scales when it is quantized); with
     a mesh, each carries its sharding, and every loader places tensors straight there."""
     _, abstract, _ = abstract_model(
-        model_config, "prefill", batch=1, cache_len=1, dtype=dtype,
+        model_config,
+        "prefill",
+        batch=1,
+        cache_len=1,
+        dtype=dtype,
         parallelism=Parallelism.of(model_config, 1),
-    )  # fmt: skip
+    )
     if mesh is None:
         return abstract
     rules = Parallelism.of(model_config, mesh.size).rules()

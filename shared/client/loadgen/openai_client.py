@@ -20,9 +20,13 @@ from shared.client.generator import Chunk, GenerateError
 
 # HTTP status -> the gRPC status name the load report uses for the same outcome.
 _STATUS_NAMES = {
-    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND",
-    429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
-}  # fmt: skip
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    404: "NOT_FOUND",
+    429: "RESOURCE_EXHAUSTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
 _PLACEHOLDER = -1  # a token id we do not know (SSE carries text)
 
 
@@ -32,8 +36,9 @@ class AsyncOpenAIClient:
     def __init__(self, base_url: str, token: str | None = None, model: str | None = None) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, limits=limits,
-                                       timeout=None)  # fmt: skip
+        self._http = httpx.AsyncClient(
+            base_url=base_url, headers=headers, limits=limits, timeout=None
+        )
         self._model = model
 
     async def model(self) -> str:
@@ -44,15 +49,23 @@ class AsyncOpenAIClient:
         return self._model
 
     async def generate(
-        self, prompt: str | Sequence[int], *, max_tokens: int = 0, ignore_eos: bool = False,
-        timeout: float | None = None, temperature: float = 0.0,
-    ) -> AsyncIterator[Chunk]:  # fmt: skip
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 0,
+        ignore_eos: bool = False,
+        timeout: float | None = None,
+        temperature: float = 0.0,
+    ) -> AsyncIterator[Chunk]:
         body = {
             "model": await self.model(),
             "prompt": prompt if isinstance(prompt, str) else list(prompt),
-            "max_tokens": max_tokens or None, "temperature": temperature, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": ignore_eos,
-        }  # fmt: skip
+            "max_tokens": max_tokens or None,
+            "temperature": temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": ignore_eos,
+        }
         counted, finish = 0, None
         request = self._http.stream("POST", "/v1/completions", json=body, timeout=timeout)
         try:
@@ -73,8 +86,14 @@ class AsyncOpenAIClient:
                     usage = event.get("usage")
                     if usage:  # the last event: the true counts and the finish
                         extra = max(0, usage["completion_tokens"] - counted)
-                        yield Chunk("", (_PLACEHOLDER,) * extra, "", finish,
-                                    usage["prompt_tokens"], usage["completion_tokens"])  # fmt: skip
+                        yield Chunk(
+                            "",
+                            (_PLACEHOLDER,) * extra,
+                            "",
+                            finish,
+                            usage["prompt_tokens"],
+                            usage["completion_tokens"],
+                        )
         except httpx.TimeoutException as err:
             raise GenerateError("DEADLINE_EXCEEDED", str(err)) from None
         except httpx.HTTPError as err:

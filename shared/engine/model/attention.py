@@ -114,8 +114,9 @@ def paged_attention_pallas(
         paged_attention, pages_per_compute_block=pages_per_block, mask_value=_MASKED
     )
 
-    def local(q: jax.Array, k: jax.Array, v: jax.Array, table: jax.Array,
-              lengths: jax.Array) -> jax.Array:  # fmt: skip
+    def local(
+        q: jax.Array, k: jax.Array, v: jax.Array, table: jax.Array, lengths: jax.Array
+    ) -> jax.Array:
         c, b, _, g, h = q.shape
         flat_q = q[:, :, 0].transpose(1, 0, 2, 3).reshape(b, c * g, h)  # head = c * G + g
         out = kernel(flat_q, k, v, lengths, table)  # [B, C * G, H]

@@ -79,9 +79,13 @@ class Dense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.kernel_offset is not None:
             y = quantization.block_int8_dot_general(
-                x, self.kernel[...], self.kernel_scale[...], self.kernel_offset[...], 0,
+                x,
+                self.kernel[...],
+                self.kernel_scale[...],
+                self.kernel_offset[...],
+                0,
                 self.dtype,
-            )  # fmt: skip
+            )
         elif self.kernel_scale is not None:
             y = quantization.int8_dot_general(
                 x, self.kernel[...], self.kernel_scale[...], 0, self.dtype
@@ -159,9 +163,13 @@ class Embed(nnx.Module):
         """Tied LM head: logits = x @ embedding.T."""
         if self.embedding_offset is not None:
             return quantization.block_int8_dot_general(
-                x, self.embedding[...], self.embedding_scale[...], self.embedding_offset[...],
-                1, self.dtype,
-            )  # fmt: skip
+                x,
+                self.embedding[...],
+                self.embedding_scale[...],
+                self.embedding_offset[...],
+                1,
+                self.dtype,
+            )
         if self.embedding_scale is not None:
             return quantization.int8_dot_general(
                 x, self.embedding[...], self.embedding_scale[...], 1, self.dtype

@@ -79,8 +79,7 @@ class Attention(nnx.Module):
         n, h = self.num_heads, self.head_dim
         c, rules = self.parallelism.cache_heads, self.parallelism.rules()
         q = apply_rope(self.q_proj(x).reshape(b, t, n, h), positions, self.inv_freq)
-        k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, h), positions,
-                       self.inv_freq)  # fmt: skip
+        k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, h), positions, self.inv_freq)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, h)
         # Cache heads [C, B, T, H]: KV head j becomes heads j*r .. j*r + r - 1 when each is
         # replicated r times, so cache head e serves query heads e*n/C .. (e+1)*n/C - 1.
@@ -122,14 +121,24 @@ class Attention(nnx.Module):
         if self.attention == "pallas" and q.shape[2] == 1:
             head_axis = rules["cache_heads"] if self.parallelism.tp > 1 else None
             out = paged_attention_pallas(
-                scaled, pool_k, pool_v, paged.page_table, paged.kv_lengths,
-                pages_per_block=self.pages_per_block, head_axis=head_axis,
-            )  # fmt: skip
+                scaled,
+                pool_k,
+                pool_v,
+                paged.page_table,
+                paged.kv_lengths,
+                pages_per_block=self.pages_per_block,
+                head_axis=head_axis,
+            )
         else:
             out = paged_attention_xla(
-                scaled, pool_k, pool_v, paged.page_table, paged.q_positions, paged.kv_lengths,
+                scaled,
+                pool_k,
+                pool_v,
+                paged.page_table,
+                paged.q_positions,
+                paged.kv_lengths,
                 pages_per_block=self.pages_per_block,
-            )  # fmt: skip
+            )
         return out.astype(q.dtype)
 
 
@@ -149,10 +158,16 @@ class Block(nnx.Module):
     ) -> None:
         self.input_norm = RMSNorm(config.d_model, eps=config.rms_eps, dtype=dtype)
         self.attn = Attention(
-            config, mode, batch=batch, cache_len=cache_len, dtype=dtype,
-            parallelism=parallelism, attention=attention, pages_per_block=pages_per_block,
+            config,
+            mode,
+            batch=batch,
+            cache_len=cache_len,
+            dtype=dtype,
+            parallelism=parallelism,
+            attention=attention,
+            pages_per_block=pages_per_block,
             rngs=rngs,
-        )  # fmt: skip
+        )
         self.post_attn_norm = RMSNorm(config.d_model, eps=config.rms_eps, dtype=dtype)
         self.mlp = MLP(
             config.d_model,
@@ -192,9 +207,14 @@ class Transformer(nnx.Module):
     ) -> None:
         parallelism = parallelism or Parallelism.of(config, 1)
         block_kw = dict(
-            batch=batch, cache_len=cache_len, dtype=dtype, parallelism=parallelism,
-            attention=attention, pages_per_block=pages_per_block, rngs=rngs,
-        )  # fmt: skip
+            batch=batch,
+            cache_len=cache_len,
+            dtype=dtype,
+            parallelism=parallelism,
+            attention=attention,
+            pages_per_block=pages_per_block,
+            rngs=rngs,
+        )
         self.config = config
         self.mode = mode
         quant = config.quantization
@@ -275,7 +295,13 @@ def _copy(state: nnx.State) -> nnx.State:
 @functools.lru_cache(maxsize=8)
 def _abstract_split(*key: Any) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     config, mode, batch, cache_len, dtype, parallelism, attention, pages_per_block = key
-    kw = dict(batch=batch, cache_len=cache_len, dtype=dtype, parallelism=parallelism,
-              attention=attention, pages_per_block=pages_per_block)  # fmt: skip
+    kw = dict(
+        batch=batch,
+        cache_len=cache_len,
+        dtype=dtype,
+        parallelism=parallelism,
+        attention=attention,
+        pages_per_block=pages_per_block,
+    )
     model = nnx.eval_shape(lambda: Transformer(config, mode, **kw, rngs=nnx.Rngs(0)))
     return nnx.split(model, nnx.Param, nnx.Cache)
