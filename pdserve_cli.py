@@ -39,8 +39,8 @@ _WORKER_FLAGS = "shared.serving.worker_config:worker_parser"
 SUBCOMMANDS: dict[str, Subcommand] = {
     "serve": Subcommand(
         "a local cluster: orchestrator + worker processes",
-        "orchestrator.local_cluster:build_parser",
-        "orchestrator.local_cluster:main",
+        "shared.cluster.local_cluster:build_parser",
+        "shared.cluster.local_cluster:main",
     ),
     "generate": Subcommand(
         "stream a completion from an orchestrator",
@@ -49,12 +49,12 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     ),
     "generate-local": Subcommand(
         "prefill + insert + generate in this process; stream to stdout",
-        "shared.serving.local_generate:build_parser",
-        "shared.serving.local_generate:main",
+        "decode_server.local_generate:build_parser",
+        "decode_server.local_generate:main",
     ),
     "orchestrator": Subcommand(
         "run the orchestrator (public Generate API)",
-        "shared.serving.orchestrator_config:orchestrator_parser",
+        "orchestrator.config:orchestrator_parser",
         "orchestrator.main:main",
     ),
     "worker": Subcommand(

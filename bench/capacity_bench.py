@@ -7,7 +7,7 @@ hold the longest request the deployment admits (prompt 1024 + output 512 here): 
 budget / max_seq_len slots, however short the requests are.
 
 The paged design is simulated with the decode worker's own page allocator
-(shared/engine/pages.py) and its policy (shared/engine/batch.py): a saturated queue of
+(shared/kv/pages.py) and its policy (decode_server/scheduler.py): a saturated queue of
 requests from bench/length_mix.py; each admitted request is promised the pages of its
 prompt and first token; every step each live request grows by one token (a page at a
 time, on demand); when the pool runs dry the youngest is preempted and goes back to the
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from length_mix import LONGEST, SHAPES, Request, request_mix
 
-from shared.engine.pages import PageAllocator, PagesExhaustedError, pages_for
+from shared.kv.pages import PageAllocator, PagesExhaustedError, pages_for
 
 
 def simulate_paged(

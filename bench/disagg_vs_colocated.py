@@ -10,7 +10,7 @@
    table and the ratios (disaggregated / colocated) are printed and written as JSON.
 
 Pinning: a child inherits the CPU affinity of the thread that forks it, so each worker is
-launched (with `orchestrator.local_cluster.launch`) while this thread is pinned to the
+launched (with `shared.cluster.local_cluster.launch`) while this thread is pinned to the
 worker's cores, and the mask is restored right after; the child's mask is read back and
 recorded. XLA's CPU thread pool sizes itself from the cores a process may use, so a worker
 pinned to one core computes with one thread, and the colocated worker with two. The
@@ -31,10 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # inherited by every child process
 
-from orchestrator.local_cluster import Child, launch, stop_all, wait_ready
 from shared.client.loadgen.cli import run_with_progress
 from shared.client.loadgen.report import Slo, build_report, format_table
 from shared.client.loadgen.runner import RunConfig
+from shared.cluster.local_cluster import Child, launch, stop_all, wait_ready
 
 LOCAL = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")
 # (report section, key, label) of each ratio, disaggregated / colocated.

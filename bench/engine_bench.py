@@ -34,10 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decode_server.scheduler import DecodeBatch
 from shared.config import MODEL_PRESETS, EngineConfig, model_preset
-from shared.engine.batch import DecodeBatch
-from shared.engine.engine import Engine, Params, Prefix
-from shared.engine.sampling import SamplingParams
+from shared.engine.engine import Engine, Params
+from shared.kv.prefix import Prefix
+from shared.sampling_params import SamplingParams
 
 MAX_SEQ_LEN = 4096  # the capacity a request may grow to; the live contexts are far shorter
 PREFILL_MAX_SEQ_LEN = 1024

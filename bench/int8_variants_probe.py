@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     import jax.numpy as jnp
     from flax import nnx
 
+    from decode_server.scheduler import DecodeBatch
     from shared.chat import ChatMessage, render_chat
     from shared.config import EngineConfig
-    from shared.engine.batch import DecodeBatch
     from shared.engine.engine import Engine
     from shared.weights.checkpoint import load_model
     from shared.weights.model_info import load_model_info

@@ -52,14 +52,14 @@ class _Shape:
 
 
 def _spec_from_layout(layout: list[Any], fingerprint: str, limit: int):
-    from shared.kv.codec import KvSpec, unflatten_cache
+    from shared.kv_transfer.codec import KvSpec, unflatten_cache
 
     cache = unflatten_cache((tuple(keys), _Shape(shape, dtype)) for keys, dtype, shape in layout)
     return KvSpec.from_cache(cache, fingerprint, limit)
 
 
 def _layout_of(cache: dict) -> list[Any]:
-    from shared.kv.codec import flatten_cache
+    from shared.kv_transfer.codec import flatten_cache
 
     return [[list(k), str(leaf.dtype), list(leaf.shape)] for k, leaf in flatten_cache(cache)]
 
@@ -69,7 +69,7 @@ class SinkHandler:
     KvInbox, the prefix is dropped once validated."""
 
     def __init__(self, spec: Any) -> None:
-        from shared.kv.inbox import KvInbox
+        from shared.kv_transfer.inbox import KvInbox
 
         self.inbox = KvInbox(spec, lambda lease_id, prefix: None)
         self._ids = itertools.count()
@@ -157,7 +157,7 @@ async def grpc_transfer_seconds(
     """Best seconds from the sender's arrays to the receiver's receipt (encode included),
     over one channel reused for every transfer, as a prefill worker reuses its channel to a
     decode worker. One untimed transfer first warms the connection's HTTP/2 windows."""
-    from shared.kv.codec import encode_prefix
+    from shared.kv_transfer.codec import encode_prefix
     from shared.transport.grpc_transport import GrpcDecodeClient
     from shared.transport.types import GenerationLimits, ReserveRequest
 
@@ -187,8 +187,8 @@ async def grpc_transfer_seconds(
 def synthetic_prefix(mib: int) -> Any:
     import numpy as np
 
-    from shared.engine.engine import Prefix
-    from shared.engine.sampling import SamplingParams
+    from shared.kv.prefix import Prefix
+    from shared.sampling_params import SamplingParams
 
     tokens = (mib << 20) // SYN_BYTES_PER_TOKEN
     rng = np.random.default_rng(mib)

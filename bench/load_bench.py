@@ -152,7 +152,7 @@ import json, statistics, sys, time
 import jax
 from shared.weights.checkpoint import load_model
 from shared.config import EngineConfig
-from shared.engine.batch import DecodeBatch
+from decode_server.scheduler import DecodeBatch
 from shared.engine.engine import Engine
 
 engine_config = EngineConfig(max_slots=8, prefill_buckets=(16,), max_seq_len=256)

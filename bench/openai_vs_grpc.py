@@ -31,10 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from orchestrator.local_cluster import launch, stop_all, wait_ready
 from shared.client.loadgen.cli import run_with_progress
 from shared.client.loadgen.report import Slo, build_report
 from shared.client.loadgen.runner import RunConfig
+from shared.cluster.local_cluster import launch, stop_all, wait_ready
 
 LOCAL = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")
 

@@ -2,7 +2,7 @@
 (orchestrator + one prefill + one decode worker, loopback gRPC) with per-role flags, the
 prefill worker's counters read from its /metrics, one timed stream, and the machine's load.
 
-Processes are started with `orchestrator.local_cluster.launch` (each dies with this
+Processes are started with `shared.cluster.local_cluster.launch` (each dies with this
 process) and stopped with its `stop_all`; /metrics is parsed by `tests.reference.scrape`;
 percentiles are `shared.client.loadgen.report.latency_stats_ms` (p50/p90/p99/mean, ms).
 """
@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # inherited by every child process
 
-from orchestrator.local_cluster import Child, launch, stop_all, wait_ready  # noqa: E402
 from shared.client.generator import AsyncGeneratorClient, GenerateError  # noqa: E402
 from shared.client.loadgen.report import latency_stats_ms  # noqa: E402
+from shared.cluster.local_cluster import Child, launch, stop_all, wait_ready  # noqa: E402
 from tests.reference import scrape  # noqa: E402
 
 LOCAL = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")

@@ -509,7 +509,7 @@ def greedy_references(
 def engine_references(engine, params, prompts: Sequence[tuple[int, ...]], max_tokens: int):
     """`greedy_references` with an engine already built (and compiled): prefill, insert
     into slot 0 of a DecodeBatch, step."""
-    from shared.engine.batch import DecodeBatch
+    from decode_server.scheduler import DecodeBatch
 
     out = {}
     for prompt in dict.fromkeys(prompts):

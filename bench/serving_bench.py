@@ -32,9 +32,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from engine_bench import synthetic_prefix  # noqa: E402
 
+from decode_server.scheduler import DecodeBatch  # noqa: E402
 from shared.client.generator import AsyncGeneratorClient  # noqa: E402
 from shared.config import EngineConfig, model_preset  # noqa: E402
-from shared.engine.batch import DecodeBatch  # noqa: E402
 from shared.engine.engine import Engine  # noqa: E402
 from tests.cluster_harness import spawn_orchestrator  # noqa: E402
 from tests.worker_harness import spawn_worker, stop_worker  # noqa: E402

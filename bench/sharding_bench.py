@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_bench import timed
 
+from decode_server.scheduler import DecodeBatch
 from shared.config import ConfigError, EngineConfig, model_preset
-from shared.engine.batch import DecodeBatch
 from shared.engine.engine import Engine
 from shared.engine.mesh import make_mesh
 

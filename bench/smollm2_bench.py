@@ -109,9 +109,9 @@ def startup(role: str) -> dict:
 def int8_agreement() -> dict:
     import numpy as np
 
+    from decode_server.scheduler import DecodeBatch
     from shared.chat import ChatMessage, render_chat
     from shared.config import EngineConfig, Quantization
-    from shared.engine.batch import DecodeBatch
     from shared.engine.engine import Engine
     from shared.weights.checkpoint import load_model
     from shared.weights.model_info import load_model_info

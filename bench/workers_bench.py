@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
 
+from decode_server.scheduler import DecodeBatch
 from shared.config import EngineConfig, model_preset
-from shared.engine.batch import DecodeBatch
 from shared.engine.engine import Engine
-from shared.engine.sampling import SamplingParams
+from shared.sampling_params import SamplingParams
 from shared.transport.grpc_transport import GrpcDecodeClient, GrpcPrefillClient
 from shared.transport.types import (
     GenerationLimits,

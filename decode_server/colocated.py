@@ -15,13 +15,13 @@ from prometheus_client import CollectorRegistry
 
 from decode_server.service import DecodeService
 from decode_server.worker import build_decode_worker
-from shared.engine.engine import Prefix
+from prefill_server.loop import PrefillLoop, compile_prefill_loop
+from prefill_server.service import PrefillService
+from shared.kv.prefix import Prefix
 from shared.metrics import WorkerMetrics
-from shared.serving.prefill_loop import PrefillLoop, PrefillService
 from shared.serving.runtime import (
     ModelRuntime,
     WorkerServer,
-    compile_prefill_loop,
     run_worker,
     wait_until,
 )

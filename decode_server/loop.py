@@ -36,10 +36,11 @@ import threading
 import time
 from collections.abc import Callable
 
+from decode_server.scheduler import DecodeBatch
 from decode_server.slots import Lease, SlotState, SlotTable
-from shared.engine.batch import DecodeBatch
-from shared.engine.engine import Engine, Params, Prefix
-from shared.engine.pages import PageAllocator, PagesExhaustedError
+from shared.engine.engine import Engine, Params
+from shared.kv.pages import PageAllocator, PagesExhaustedError
+from shared.kv.prefix import Prefix
 from shared.logprobs import TokenLogprob
 from shared.metrics import WorkerMetrics
 from shared.transport.types import DecodeFinish, GenerationLimits, TokenBatch

@@ -28,10 +28,10 @@ from decode_server.slots import (
     SlotTable,
     UnknownLeaseError,
 )
-from shared.engine.engine import Prefix
-from shared.engine.pages import PagesExhaustedError
-from shared.kv.codec import KvError
-from shared.kv.inbox import KvInbox
+from shared.kv.pages import PagesExhaustedError
+from shared.kv.prefix import Prefix
+from shared.kv_transfer.codec import KvError
+from shared.kv_transfer.inbox import KvInbox
 from shared.metrics import WorkerMetrics
 from shared.rpc.pdserve.v1 import kv_pb2
 from shared.transport.types import (

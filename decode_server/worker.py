@@ -9,9 +9,9 @@ from collections.abc import Callable
 from decode_server.loop import DecodeLoop
 from decode_server.service import DecodeService
 from decode_server.slots import SlotState, SlotTable
-from shared.engine.pages import PageAllocator
-from shared.kv.codec import KvRejection, KvSpec
-from shared.kv.inbox import KvInbox
+from shared.kv.pages import PageAllocator
+from shared.kv_transfer.codec import KvRejection, KvSpec
+from shared.kv_transfer.inbox import KvInbox
 from shared.metrics import WorkerMetrics
 from shared.serving.runtime import ModelRuntime, wait_until
 from shared.serving.worker_config import WorkerConfig

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import logging
 
-from orchestrator.policy import PlacementPolicy
+from orchestrator.placement import PlacementPolicy
 from orchestrator.registry import Worker, WorkerRegistry, WorkerRole
 from shared.metrics import OrchestratorMetrics
 from shared.transport.types import Lease, ReserveRequest, StatusCode, TransportError

@@ -7,13 +7,13 @@ import dataclasses
 from prometheus_client import CollectorRegistry
 
 from orchestrator.admission import SlotBroker
+from orchestrator.config import OrchestratorConfig
 from orchestrator.flow import FlowSettings, GenerateFlow
 from orchestrator.frontend import Frontend, FrontendLimits
-from orchestrator.policy import LeastLoadedPolicy, PlacementPolicy, PrefixAwarePolicy
+from orchestrator.placement import LeastLoadedPolicy, PlacementPolicy, PrefixAwarePolicy
 from orchestrator.prefix_index import PrefixIndex
 from orchestrator.registry import Connector, Sources, WorkerRegistry
 from shared.metrics import OrchestratorMetrics
-from shared.serving.orchestrator_config import OrchestratorConfig
 from shared.weights.model_info import ModelInfo
 
 
@@ -74,7 +74,7 @@ def build_orchestrator(
 
 
 def placement_policy(config: OrchestratorConfig) -> PlacementPolicy:
-    """The policy `--prefill-routing` names (orchestrator/policy.py)."""
+    """The policy `--prefill-routing` names (orchestrator/placement.py)."""
     if config.prefill_routing == "least-loaded":
         return LeastLoadedPolicy()
     index = PrefixIndex(config.prefix_block_tokens, config.prefix_index_blocks, config.model)

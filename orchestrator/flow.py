@@ -31,11 +31,11 @@ import uuid
 from collections.abc import AsyncIterator
 
 from orchestrator.admission import NoWorkersError, SlotBroker
-from orchestrator.policy import PlacementPolicy, PrefillRoute
+from orchestrator.placement import PlacementPolicy, PrefillRoute
 from orchestrator.registry import Worker, WorkerRegistry, WorkerRole
-from shared.engine.sampling import SamplingParams
 from shared.logprobs import TokenLogprob
 from shared.metrics import OrchestratorMetrics
+from shared.sampling_params import SamplingParams
 from shared.transport.types import (
     DecodeFinish,
     GenerationLimits,

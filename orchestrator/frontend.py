@@ -18,9 +18,9 @@ from orchestrator.outbox import ConsumerTooSlow, Outbox
 from orchestrator.text import TextStream
 from shared.chat import ChatError, ChatMessage, render_chat
 from shared.config import ModelConfig
-from shared.engine.sampling import SamplingError, SamplingParams
 from shared.logprobs import LogprobsError, TokenLogprob, check_top_logprobs
 from shared.metrics import OrchestratorMetrics
+from shared.sampling_params import SamplingError, SamplingParams
 from shared.tokenizer import ChatFormat, Tokenizer
 from shared.transport.types import StatusCode
 

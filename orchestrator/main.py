@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from orchestrator.app import build_orchestrator
 from orchestrator.auth import BearerTokenInterceptor
+from orchestrator.config import OrchestratorConfig, parse_orchestrator_args
 from orchestrator.connect import GrpcConnector
 from orchestrator.frontend import Frontend
 from orchestrator.http_server import HttpServer
@@ -29,9 +30,8 @@ from orchestrator.openai_api import build_openai_app
 from orchestrator.servicer import GeneratorServicer, generator_service
 from shared.config import ConfigError
 from shared.metrics import MetricsServer, OrchestratorMetrics
-from shared.serving.orchestrator_config import OrchestratorConfig, parse_orchestrator_args
 from shared.transport.server import RunningServer, start_server
-from shared.weights.checkpoint import CheckpointError
+from shared.weights.hf_config import CheckpointError
 from shared.weights.model_info import load_model_info
 
 log = logging.getLogger("pdserve.orchestrator")

@@ -65,9 +65,9 @@ from orchestrator.openai_schemas import (
     Usage,
 )
 from shared.chat import ChatMessage
-from shared.engine.sampling import SamplingError, SamplingParams
 from shared.logprobs import TokenLogprob
 from shared.metrics import OrchestratorMetrics
+from shared.sampling_params import SamplingError, SamplingParams
 from shared.transport.types import StatusCode
 
 # gRPC status -> (HTTP status, OpenAI error type): the same outcome through either door.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from shared.engine.engine import Prefix
-from shared.kv.codec import encode_prefix
+from shared.kv.prefix import Prefix
+from shared.kv_transfer.codec import encode_prefix
 from shared.transport.base import DecodeClient
 from shared.transport.grpc_transport import GrpcDecodeClient
 from shared.transport.types import PrefillRequest, TransportConfig

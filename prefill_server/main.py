@@ -8,12 +8,12 @@ from collections.abc import Sequence
 from prometheus_client import CollectorRegistry
 
 from prefill_server.kv_push import RemoteKvSink
+from prefill_server.loop import PrefillLoop, compile_prefill_loop
+from prefill_server.service import PrefillService
 from shared.metrics import WorkerMetrics
-from shared.serving.prefill_loop import PrefillLoop, PrefillService
 from shared.serving.runtime import (
     ModelRuntime,
     WorkerServer,
-    compile_prefill_loop,
     run_worker,
     wait_until,
 )

@@ -331,3 +331,27 @@ class EngineConfig:
     def default_dtype_for_platform(cls, platform: str) -> DType:
         """float32 on CPU (bfloat16 is several times slower there), bfloat16 on TPU/GPU."""
         return "float32" if platform == "cpu" else "bfloat16"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PrefillSettings:
+    """How the prefill engine batches work (flags of prefill and colocated workers).
+
+    `chunk`: tokens of one prompt per row and call (None: the largest prefill bucket).
+    `max_rows`: prompts packed into one call (1: one prompt at a time, no packing).
+    `prefix_cache_bytes`: the most memory idle cached prefix pages may hold (0: no prefix
+    cache). `aging_s`: a prompt waiting this long goes first whatever its length.
+    """
+
+    chunk: int | None = None
+    max_rows: int = 4
+    prefix_cache_bytes: int = 64 << 20
+    aging_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.chunk is not None and self.chunk <= 0:
+            raise ValueError(f"prefill chunk={self.chunk} must be > 0")
+        if self.max_rows <= 0:
+            raise ValueError(f"prefill max_rows={self.max_rows} must be > 0")
+        if self.prefix_cache_bytes < 0 or self.aging_s < 0:
+            raise ValueError("prefix_cache_bytes and aging_s must be >= 0")

@@ -19,16 +19,17 @@ from prometheus_client import CollectorRegistry
 from decode_server.worker import build_decode_worker
 from orchestrator.admission import QueueFullError
 from orchestrator.app import Orchestrator, build_orchestrator
+from orchestrator.config import parse_orchestrator_args
 from orchestrator.flow import RequestFailed
 from orchestrator.frontend import GenerateOutput, InvalidRequest
 from orchestrator.servicer import input_from_proto
 from prefill_server.kv_push import RemoteKvSink
+from prefill_server.loop import PrefillLoop
+from prefill_server.service import PrefillService
 from shared.client.generator import AsyncGeneratorClient, Chunk, GenerateError, build_request
 from shared.engine.engine import Engine, Params
-from shared.engine.pages import PageAllocator
+from shared.kv.pages import PageAllocator
 from shared.metrics import WorkerMetrics
-from shared.serving.orchestrator_config import parse_orchestrator_args
-from shared.serving.prefill_loop import PrefillLoop, PrefillService
 from shared.serving.runtime import ModelRuntime
 from shared.serving.worker_config import Role, parse_worker_args
 from shared.transport.fake import FakeNetwork

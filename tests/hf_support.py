@@ -10,7 +10,7 @@ import pathlib
 
 import numpy as np
 
-from shared.engine.batch import DecodeBatch
+from decode_server.scheduler import DecodeBatch
 from shared.engine.engine import Engine, Params
 
 HF_FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures" / "hf"

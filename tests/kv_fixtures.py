@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.engine.engine import Prefix
-from shared.engine.sampling import SamplingParams
-from shared.kv.codec import KvSpec
+from shared.kv.prefix import Prefix
+from shared.kv_transfer.codec import KvSpec
+from shared.sampling_params import SamplingParams
 
 FINGERPRINT = "tiny-test:weights-seed-0"
 KV_HEADS, BUCKET, HEAD_DIM, LAYERS = 2, 16, 8, 2

@@ -37,14 +37,14 @@ from prometheus_client import CollectorRegistry
 
 import pdserve_cli
 from decode_server.slots import SlotState
-from shared.metrics import WorkerMetrics
-from shared.serving.orchestrator_config import (
+from orchestrator.config import (
     DEFAULT_METRICS_PORT,
     DEFAULT_PORT,
     OrchestratorConfig,
     orchestrator_parser,
     parse_orchestrator_args,
 )
+from shared.metrics import WorkerMetrics
 from shared.serving.worker_config import (
     DEFAULT_METRICS_PORTS,
     DEFAULT_PORTS,

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import pdserve_cli
+from decode_server import local_generate
 from shared.engine.engine import Engine, Params
-from shared.serving import local_generate
 from shared.weights.checkpoint import load_model
 from shared.weights.model_info import load_model_info
 from shared.weights.tree import flatten

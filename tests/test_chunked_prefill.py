@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from shared.config import EngineConfig, ModelConfig
-from shared.engine.engine import Engine, Prefix
-from shared.engine.sampling import SamplingParams
+from prefill_server.loop import PrefillLoop
+from prefill_server.scheduler import ChunkScheduler, PrefillWork
+from shared.config import EngineConfig, ModelConfig, PrefillSettings
+from shared.engine.engine import Engine
+from shared.kv.prefix import Prefix
 from shared.kv.prefix_cache import PrefixPagePool
 from shared.kv.prefix_hash import namespace
 from shared.metrics import WorkerMetrics
-from shared.serving.prefill_loop import PrefillLoop
-from shared.serving.prefill_scheduler import ChunkScheduler, PrefillSettings, PrefillWork
+from shared.sampling_params import SamplingParams
 from shared.transport.types import PrefillRequest, StatusCode, TransportError
 
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 import pdserve_cli
-from shared.serving.orchestrator_config import DEFAULT_METRICS_PORT, DEFAULT_PORT
+from orchestrator.config import DEFAULT_METRICS_PORT, DEFAULT_PORT
 from shared.serving.worker_config import DEFAULT_METRICS_PORTS, DEFAULT_PORTS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,9 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from shared.engine.batch import DecodeBatch
-from shared.engine.engine import Engine, Params, Prefix
-from shared.engine.sampling import SamplingParams
+from decode_server.scheduler import DecodeBatch
+from shared.engine.engine import Engine, Params
+from shared.kv.prefix import Prefix
+from shared.sampling_params import SamplingParams
 from tests.reference import reference_greedy
 
 # Prompt lengths at and around the bucket edges of the test engine (buckets 8, 16, 32).

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from decode_server.scheduler import DecodeBatch
 from shared.config import ConfigError, EngineConfig, ModelConfig
-from shared.engine.batch import DecodeBatch
 from shared.engine.engine import (
     Engine,
     EngineError,

@@ -32,7 +32,7 @@ from shared.chat import ChatError, ChatMessage, render_chat
 from shared.config import ModelConfig
 from shared.rpc.pdserve.v1 import generate_pb2, sampling_pb2
 from shared.tokenizer import ByteTokenizer, ChatFormat
-from shared.weights.checkpoint import FORMAT_VERSION, METADATA_FILE
+from shared.weights.checkpoint_files import FORMAT_VERSION, METADATA_FILE
 from shared.weights.model_info import CHAT_TEMPLATE_FILE
 from tests.cluster_harness import spawn_orchestrator
 from tests.fuzzing import fuzz_settings

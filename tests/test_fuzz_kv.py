@@ -20,10 +20,10 @@ from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.engine.engine import Prefix
-from shared.kv.assembler import AssemblyState, KvAssembler
-from shared.kv.codec import KvError, encode_prefix, flatten_cache
-from shared.kv.inbox import KvInbox
+from shared.kv.prefix import Prefix
+from shared.kv_transfer.assembler import AssemblyState, KvAssembler
+from shared.kv_transfer.codec import KvError, encode_prefix, flatten_cache
+from shared.kv_transfer.inbox import KvInbox
 from shared.rpc.pdserve.v1 import kv_pb2
 from tests.fuzzing import fuzz_settings
 from tests.kv_fixtures import CHUNK, FINGERPRINT, synthetic_prefix, synthetic_spec

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import pdserve_cli
+from decode_server import local_generate
 from shared.config import EngineConfig, ModelConfig
 from shared.engine.engine import Engine
-from shared.engine.sampling import SamplingParams
-from shared.serving import local_generate
+from shared.sampling_params import SamplingParams
 from shared.tokenizer import ByteTokenizer
 
 # Each test compiles an engine of its own (or runs many steps): more than the default.

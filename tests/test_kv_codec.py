@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from shared.engine.engine import Engine, Params, Prefix
-from shared.engine.sampling import SamplingParams
-from shared.kv.assembler import AssemblyState, KvAssembler, decode_messages
-from shared.kv.codec import (
+from shared.engine.engine import Engine, Params
+from shared.kv.prefix import Prefix
+from shared.kv_transfer.assembler import AssemblyState, KvAssembler, decode_messages
+from shared.kv_transfer.codec import (
     FORMAT_VERSION,
     KvError,
     KvPayload,
@@ -23,6 +23,7 @@ from shared.kv.codec import (
     flatten_cache,
 )
 from shared.rpc.pdserve.v1 import kv_pb2
+from shared.sampling_params import SamplingParams
 from tests.kv_fixtures import (
     CHUNK,
     FINGERPRINT,

@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from shared.engine.batch import DecodeBatch
+from decode_server.scheduler import DecodeBatch
 from shared.engine.engine import Engine, Params
-from shared.engine.sampling import SamplingParams
 from shared.logprobs import MAX_TOP_LOGPROBS, LogprobsError, TokenLogprob
+from shared.sampling_params import SamplingParams
 from shared.transport import convert
 from shared.transport.types import (
     DecodeFinish,

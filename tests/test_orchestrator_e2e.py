@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from prometheus_client import generate_latest
 
+from decode_server.scheduler import DecodeBatch
 from shared.client.generator import GenerateError
 from shared.config import EngineConfig
-from shared.engine.batch import DecodeBatch
 from shared.engine.engine import Engine, Params
-from shared.engine.sampling import SamplingParams
+from shared.sampling_params import SamplingParams
 from shared.tokenizer import ByteTokenizer
 from tests.cluster_harness import InProcessCluster, ProcessApi, ProcessCluster, spawn_orchestrator
 from tests.reference import metric_samples, reference_greedy

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from orchestrator.admission import QueueFullError, SlotBroker
-from orchestrator.policy import LeastLoadedPolicy
+from orchestrator.placement import LeastLoadedPolicy
 from orchestrator.registry import Health, Sources, Worker, WorkerRegistry, WorkerRole, resolve
 from orchestrator.text import TextStream
 from shared.metrics import OrchestratorMetrics

@@ -12,12 +12,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from decode_server.loop import DecodeLoop
+from decode_server.scheduler import DecodeBatch
 from decode_server.slots import SlotState, SlotTable
-from shared.engine.batch import DecodeBatch
 from shared.engine.engine import Engine, Params
-from shared.engine.pages import PageAllocator, PagesExhaustedError, pages_for
-from shared.engine.sampling import SamplingParams
+from shared.kv.pages import PageAllocator, PagesExhaustedError, pages_for
 from shared.metrics import WorkerMetrics
+from shared.sampling_params import SamplingParams
 from shared.transport.types import DecodeFinish, GenerationLimits
 from tests.test_decode_loop import Collector, wait_no_pages_held
 

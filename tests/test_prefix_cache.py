@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from prefill_server.loop import PrefillLoop
+from shared.config import PrefillSettings
 from shared.engine.chunked_prefill import ChunkedPrefill, ChunkRow
-from shared.engine.engine import Engine, Params, Prefix
-from shared.engine.sampling import SamplingParams
-from shared.kv.prefix_cache import PoolExhaustedError, PrefixPagePool
+from shared.engine.engine import Engine, Params
+from shared.kv.pages import PagesExhaustedError
+from shared.kv.prefix import Prefix
+from shared.kv.prefix_cache import PrefixPagePool
 from shared.kv.prefix_hash import block_hashes, namespace
 from shared.metrics import WorkerMetrics
-from shared.serving.prefill_loop import PrefillLoop
-from shared.serving.prefill_scheduler import PrefillSettings
+from shared.sampling_params import SamplingParams
 from shared.transport.types import PrefillRequest
 
 ROOT = namespace("tiny", "test")
@@ -107,7 +109,7 @@ def test_budget_evicts_least_recent_chain_ends_first_and_never_in_use_pages():
     # Hold a's first block in use; now take every other page.
     held = probe
     assert pool.free_pages + pool.idle_cached_pages == 8 - len(held.pages)
-    with pytest.raises(PoolExhaustedError):
+    with pytest.raises(PagesExhaustedError):
         pool.acquire(list(range(2 * (9 - len(held.pages)))))
     pool.check()
     pool.release(held)
@@ -151,7 +153,7 @@ def test_random_operations_keep_every_page_accounted_for_and_reuse_only_true_pre
             tokens = rng.integers(0, 3, rng.integers(1, 12)).tolist()
             try:
                 lookup = pool.acquire(tokens)
-            except PoolExhaustedError:
+            except PagesExhaustedError:
                 continue
             if lookup.copy_from is not None:
                 lent += 1

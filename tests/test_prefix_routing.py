@@ -1,4 +1,4 @@
-"""Prefix-aware prefill routing (orchestrator/prefix_index.py, orchestrator/policy.py).
+"""Prefix-aware prefill routing (orchestrator/prefix_index.py, orchestrator/placement.py).
 
 1. The index: leading-chain matches, the LRU bound, the refresh from a worker's
    `cached_tokens` (evictions, a wholly cached prompt, a worker without a cache), forget.
@@ -23,16 +23,17 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from decode_server.worker import build_decode_worker
 from orchestrator.app import build_orchestrator, placement_policy
+from orchestrator.config import parse_orchestrator_args
 from orchestrator.connect import GrpcConnector
-from orchestrator.policy import LeastLoadedPolicy, PrefixAwarePolicy, RouteOutcome
+from orchestrator.placement import LeastLoadedPolicy, PrefixAwarePolicy, RouteOutcome
 from orchestrator.prefix_index import COLD_ANSWERS, PrefixIndex
 from orchestrator.registry import Health, Worker, WorkerRole
 from prefill_server.kv_push import RemoteKvSink
+from prefill_server.loop import PrefillLoop
+from prefill_server.service import PrefillService
 from shared.config import ConfigError
 from shared.engine.engine import Engine, Params
 from shared.metrics import WorkerMetrics
-from shared.serving.orchestrator_config import parse_orchestrator_args
-from shared.serving.prefill_loop import PrefillLoop, PrefillService
 from shared.serving.runtime import ModelRuntime
 from shared.serving.worker_config import Role, parse_worker_args
 from shared.transport.base import PrefillClient

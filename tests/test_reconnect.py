@@ -25,7 +25,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from prefill_server.kv_push import RemoteKvSink
-from shared.engine.sampling import SamplingParams
+from shared.sampling_params import SamplingParams
 from shared.transport.base import PrefillHandler
 from shared.transport.grpc_transport import CONNECT_WAIT_BACKOFFS
 from shared.transport.server import decode_service, start_server

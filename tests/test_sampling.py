@@ -6,9 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from shared.engine.batch import DecodeBatch
-from shared.engine.engine import Engine, Params, Prefix
-from shared.engine.sampling import SamplingError, SamplingParams, sample
+from decode_server.scheduler import DecodeBatch
+from shared.engine.engine import Engine, Params
+from shared.engine.sampling import sample
+from shared.kv.prefix import Prefix
+from shared.sampling_params import SamplingError, SamplingParams
 
 PROMPT_A = [5, 80, 13, 200, 7, 7, 42]
 PROMPT_B = [100, 3, 3, 9, 250, 17, 61, 90, 12, 4, 33]

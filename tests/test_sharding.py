@@ -12,11 +12,11 @@ import jax
 import numpy as np
 import pytest
 
+from decode_server.scheduler import DecodeBatch
 from shared.config import ConfigError, EngineConfig, ModelConfig
-from shared.engine.batch import DecodeBatch
 from shared.engine.engine import Engine, Params
 from shared.engine.mesh import Parallelism, make_mesh, valid_tensor_parallel
-from shared.engine.sampling import SamplingParams
+from shared.sampling_params import SamplingParams
 from shared.serving.capacity import device_memory, kv_bytes_per_token, plan_capacity
 from shared.weights.checkpoint import load_model, save_checkpoint
 from shared.weights.tree import flatten

@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from decode_server.local_generate import stream_tokens
 from shared.chat import ChatMessage, render_chat
 from shared.config import EngineConfig
 from shared.engine import quantization
 from shared.engine.engine import Engine
-from shared.engine.sampling import SamplingParams
-from shared.serving.local_generate import stream_tokens
+from shared.sampling_params import SamplingParams
 from shared.weights.checkpoint import LoadedModel, load_model, param_bytes, save_checkpoint
 from shared.weights.model_info import ModelInfo, load_model_info, save_text_files
 from shared.weights.tree import contracting_axis, flatten

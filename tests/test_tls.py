@@ -305,8 +305,8 @@ def test_worker_tls_flags_come_together(tmp_path: Path, monkeypatch, flags, mess
     ],
 )
 def test_orchestrator_tls_flags_come_together(tmp_path: Path, monkeypatch, flags, message):
+    from orchestrator.config import parse_orchestrator_args
     from shared.config import ConfigError
-    from shared.serving.orchestrator_config import parse_orchestrator_args
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "C").write_text("c")

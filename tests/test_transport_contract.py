@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `tests.`, run
 
 import pytest
 
-from shared.engine.engine import Prefix
-from shared.engine.sampling import SamplingParams
-from shared.kv.codec import KvError, KvPayload, KvRejection, KvSpec, encode_prefix
-from shared.kv.inbox import KvInbox
+from shared.kv.prefix import Prefix
+from shared.kv_transfer.codec import KvError, KvPayload, KvRejection, KvSpec, encode_prefix
+from shared.kv_transfer.inbox import KvInbox
 from shared.rpc.pdserve.v1 import kv_pb2
+from shared.sampling_params import SamplingParams
 from shared.serving.lifetime import child_environment, die_with_parent
 from shared.transport.base import DecodeClient, PrefillClient
 from shared.transport.fake import FakeNetwork, FaultPlan, apply_faults

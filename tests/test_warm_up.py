@@ -11,7 +11,7 @@ import threading
 import jax
 import pytest
 
-from orchestrator import local_cluster
+from shared.cluster import local_cluster
 from shared.config import ConfigError, EngineConfig, ModelConfig, Quantization
 from shared.engine.engine import Engine, EngineError, Params
 from shared.serving.runtime import (

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from shared.engine.engine import Engine, Params
-from shared.engine.sampling import SamplingParams
-from shared.kv.codec import encode_prefix
+from shared.kv_transfer.codec import encode_prefix
+from shared.sampling_params import SamplingParams
 from shared.transport.types import (
     DecodeFinish,
     GenerationLimits,

@@ -27,11 +27,12 @@ from prometheus_client import CollectorRegistry
 
 from decode_server.worker import DecodeWorker, build_decode_worker
 from prefill_server.kv_push import RemoteKvSink
+from prefill_server.loop import PrefillLoop
+from prefill_server.service import PrefillService
 from shared.engine.engine import Engine, Params
-from shared.engine.sampling import SamplingParams
 from shared.metrics import WorkerMetrics
+from shared.sampling_params import SamplingParams
 from shared.serving.lifetime import child_environment
-from shared.serving.prefill_loop import PrefillLoop, PrefillService
 from shared.serving.runtime import ModelRuntime
 from shared.serving.worker_config import Role, parse_worker_args
 from shared.transport.base import DecodeClient, PrefillClient

@@ -25,12 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shared.engine.engine import CacheDict, Engine, Params, StepLogprobs, power_of_two_buckets
+from shared.engine.engine import Engine, Params, StepLogprobs, power_of_two_buckets
 from shared.engine.mesh import CACHE_AXES, named, replicated
 from shared.engine.model.attention import PagedInputs
 from shared.engine.model.llama import abstract_model
-from shared.engine.pages import SCRATCH_PAGE
-from shared.engine.sampling import SamplingParams, logprobs, sample
+from shared.engine.sampling import logprobs, sample
+from shared.kv.pages import SCRATCH_PAGE
+from shared.kv.prefix import CacheDict
+from shared.sampling_params import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -3,7 +3,7 @@
 Who calls what:
 * A prefill worker calls `prefill` once per request (engine thread only). Prompts are padded
   to the smallest bucket that holds them, so `prefill` compiles once per bucket.
-* A decode worker's engine thread owns a `DecodeBatch` (shared/engine/batch.py), which
+* A decode worker's engine thread owns a `DecodeBatch` (decode_server/scheduler.py), which
   calls `init_decode_state` once, then between two steps `bulk_insert` for every prefix
   that arrived, `generate` once per step over the live rows only, and `release` for every
   slot that finished. The decode state passed to `generate`, `bulk_insert`, `insert` and
@@ -12,7 +12,7 @@ Who calls what:
 
 The decode KV lives in pages: each layer's pool is [C, pages, page_size, H] and the decode
 state holds each slot's page table; which page is whose is decided on the host
-(shared/engine/pages.py), and the jitted functions only see the resulting arrays.
+(shared/kv/pages.py), and the jitted functions only see the resulting arrays.
 `generate` runs the live rows only, padded to a batch bucket (powers of two up to the slot
 count): one compile per bucket, and a step costs what its live rows and their live pages
 cost, not what the slots could hold.
@@ -46,13 +46,14 @@ from shared.config import EngineConfig, ModelConfig
 from shared.engine.mesh import CACHE_AXES, Parallelism, make_mesh, named, replicated
 from shared.engine.model.attention import PagedInputs
 from shared.engine.model.llama import Transformer, abstract_model
-from shared.engine.pages import SCRATCH_PAGE
 from shared.engine.params import init_params, param_shardings, with_shardings
-from shared.engine.sampling import SamplingParams, logprobs, sample, token_logprob
-from shared.logprobs import TokenLogprob, check_top_logprobs
+from shared.engine.sampling import logprobs, sample, token_logprob
+from shared.kv.pages import SCRATCH_PAGE
+from shared.kv.prefix import CacheDict, Prefix
+from shared.logprobs import check_top_logprobs
+from shared.sampling_params import SamplingParams
 
 Params = nnx.State
-CacheDict = dict[str, Any]  # nested pure dict of per-layer K and V leaves
 # A step's logprobs (sampling.logprobs): log p(token) [R], top ids [R, N], top logprobs
 # [R, N]; zeros when the step was not asked for them.
 StepLogprobs = tuple[jax.Array, jax.Array, jax.Array]
@@ -72,30 +73,6 @@ class TokenOutOfVocabularyError(EngineError):
 
 class SlotError(EngineError):
     pass
-
-
-@dataclasses.dataclass(slots=True)
-class Prefix:
-    """What prefill hands to decode: the prompt's KV and how to continue it.
-
-    `cache` leaves are [num_kv_heads, L, head_dim] with L >= true_length (the prefill bucket,
-    or exactly true_length after `trimmed()`/a wire transfer): the model's own KV heads,
-    never the replicated cache heads, so a prefix moves between engines of any
-    tensor-parallel size. Positions >= true_length hold padding and are never read.
-    """
-
-    cache: CacheDict
-    true_length: int
-    first_token: int
-    sampling: SamplingParams
-    # The first token's logprob, when prefill was asked for it (never sent with the KV: the
-    # prefill worker returns it to the orchestrator with the first token).
-    first_logprob: TokenLogprob | None = None
-
-    def trimmed(self) -> Prefix:
-        """This prefix with only the true length of every leaf, as host numpy arrays."""
-        cache = jax.tree.map(lambda a: np.asarray(a)[:, : self.true_length], self.cache)
-        return dataclasses.replace(self, cache=cache)
 
 
 @jax.tree_util.register_dataclass
@@ -452,7 +429,7 @@ class Engine:
         """Write every prefix into the pages its slot was given, in one call. Donates
         `state`.
 
-        `pages[i]` lists slot i's pages in position order (shared/engine/pages.py): enough
+        `pages[i]` lists slot i's pages in position order (shared/kv/pages.py): enough
         for the prefix and the position of its first decode step. The batch is padded to a
         power of two (padding rows target slot `max_slots` and page `total_pages`, which the
         scatters drop) and every cache to the largest insert length among them, so this
@@ -589,7 +566,7 @@ class Engine:
 
     def release(self, state: DecodeState, slot: int) -> DecodeState:
         """Mark `slot` empty; steps stop reading it. Its pages go back to the pool on the
-        host (shared/engine/pages.py); the next owner overwrites them. Donates `state`."""
+        host (shared/kv/pages.py); the next owner overwrites them. Donates `state`."""
         self._check_slots(np.asarray([slot], np.int32), 1)
         with jax.set_mesh(self.mesh):
             return self._release_jit(state, np.int32(slot))

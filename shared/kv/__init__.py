@@ -1,12 +1,10 @@
-"""The KV of prompts: the wire format between prefill and decode workers, and the prefill
-worker's prefix cache.
+"""Host-side KV bookkeeping: which page of a device pool holds which positions, and what
+a prefill hands to decode. Plain Python and numpy: it imports no JAX and nothing of pdserve
+but config, logprobs and sampling_params (the engine, the workers and the transport
+import it).
 
-codec.py         a `Prefix` -> manifest + checksummed chunks + trailer (the sender's side)
-assembler.py     one stream -> a validated `Prefix`, or a typed `KvError` (fails closed)
-inbox.py         the decode worker's receiving side, one entry per lease
+pages.py         `FreePages` (every pool's free list) and the decode worker's allocator
 prefix_cache.py  the prefill worker's page pool: pages of running prefills, cached blocks
 prefix_hash.py   chained hashes of page-aligned token blocks (the orchestrator's index too)
-
-Imports `shared.engine` (the `Prefix` it carries) and `shared.rpc`; never the transport
-(the transport imports this) and never a server.
+prefix.py        `Prefix`: a prompt's KV, true length, first token and sampling
 """

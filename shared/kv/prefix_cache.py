@@ -36,12 +36,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from shared.engine.pages import SCRATCH_PAGE
+from shared.kv.pages import FreePages, PagesExhaustedError
 from shared.kv.prefix_hash import BlockHash, HashFn, blake2b_hash, block_bytes
-
-
-class PoolExhaustedError(RuntimeError):
-    """Not enough free or evictable pages for a prefill right now (it waits)."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -84,12 +80,10 @@ class PrefixPagePool:
         capacity_pages: int,
         hash_fn: HashFn = blake2b_hash,
     ) -> None:
-        if num_pages < 2:
-            raise ValueError(f"num_pages={num_pages}: needs the scratch page and at least one")
+        self._free = FreePages(num_pages)
         self.num_pages, self.page_size = num_pages, page_size
         self.capacity_pages = max(0, capacity_pages)
         self._root, self._hash = root, hash_fn
-        self._free = list(range(num_pages - 1, SCRATCH_PAGE, -1))  # pop() -> low ids first
         self._refs: dict[int, int] = {}  # page -> running prefills that list it
         self._by_hash: dict[BlockHash, _Entry] = {}  # whole blocks
         self._cached: dict[int, _Entry] = {}  # cached page -> its entry (whole or partial)
@@ -108,8 +102,8 @@ class PrefixPagePool:
     def acquire(self, tokens: Sequence[int] | np.ndarray) -> Lookup:
         """Pages for a prompt: the longest verified cached prefix (whole blocks, then part
         of one; never the whole prompt: its last token is always computed, for the first
-        token's logits), then new pages for the rest. PoolExhaustedError if free plus
-        evictable pages do not cover it; nothing changes then."""
+        token's logits), then new pages for the rest; when free plus
+        evictable pages do not cover it (PagesExhaustedError); nothing changes then."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1)
         total = -(-len(ids) // self.page_size)
         limit = (len(ids) - 1) // self.page_size
@@ -124,9 +118,11 @@ class PrefixPagePool:
         keep = {*hits, lender}
         evictable = sum(1 for p in self._idle if p not in keep)
         if needed > len(self._free) + evictable:
-            raise PoolExhaustedError(
-                f"prefill pool: {needed} pages needed, {len(self._free)} free and "
-                f"{evictable} evictable of {self.num_pages - 1}"
+            raise PagesExhaustedError(
+                needed,
+                len(self._free) + evictable,
+                self._free.total,
+                "prefill pool",
             )
         for page in hits:
             self._ref(page)
@@ -203,9 +199,7 @@ class PrefixPagePool:
 
     def check(self) -> None:
         """Raise AssertionError if a page is lost, counted twice or out of range."""
-        everything = list(self._free) + list(self._refs) + list(self._idle)
-        assert len(everything) == len(set(everything)), "a page is in two states"
-        assert sorted(everything) == list(range(1, self.num_pages)), "a page leaked"
+        self._free.check_partition(list(self._refs), list(self._idle))
         assert not set(self._idle) & set(self._refs), "an idle page is referenced"
         assert set(self._cached) <= set(self._idle) | set(self._refs), "a free page is cached"
         children = [p for blocks in self._children.values() for p in blocks.pages_held()]
@@ -281,12 +275,12 @@ class PrefixPagePool:
         if page in self._cached:
             self._idle[page] = None  # most recently used end
         else:
-            self._free.append(page)
+            self._free.give([page])
 
     def _take(self) -> int:
         if not self._free:
             self._evict_one()
-        return self._free.pop()
+        return self._free.take()[0]
 
     def _evict_one(self) -> None:
         page, _ = self._idle.popitem(last=False)
@@ -298,7 +292,7 @@ class PrefixPagePool:
         if not children:
             del self._children[entry.parent]
         self.stats.evictions += 1
-        self._free.append(page)
+        self._free.give([page])
 
     def _trim(self) -> None:
         while len(self._idle) > self.capacity_pages:

@@ -1,11 +1,9 @@
-"""What every serving process shares, so that servers never import each other.
+"""A worker process's life, shared by every role (prefill, decode, colocated).
 
-runtime.py              a worker's life: load, warm up, serve, drain (`run_worker`)
-prefill_loop.py         the prefill engine thread and its KV push (prefill + colocated roles)
-prefill_scheduler.py    which prompts' chunks the prefill engine runs next
-worker_config.py        worker flags -> a frozen `WorkerConfig` (the chart tests parse with it)
-orchestrator_config.py  orchestrator flags -> a frozen `OrchestratorConfig`
-local_generate.py       `pdserve generate-local`: one engine in this process, no servers
+runtime.py        load the model, warm up, serve the role's services, drain (`run_worker`)
+worker_config.py  worker flags -> a frozen `WorkerConfig` (the chart tests parse with it)
+capacity.py       slots, max_seq_len and KV pages from the devices' memory (`auto`)
+lifetime.py       a child process dies with the pdserve parent that started it
 
-May import every other part of `shared`; never a server package.
+May import every other part of `shared` except cluster and client; never a server package.
 """

@@ -22,7 +22,6 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -30,11 +29,12 @@ from jax.sharding import Mesh
 from prometheus_client import CollectorRegistry
 
 from shared.config import ConfigError, EngineConfig
-from shared.engine.engine import Engine, Params, Prefix
+from shared.engine.engine import Engine, Params
 from shared.engine.mesh import Parallelism, make_mesh
-from shared.engine.pages import SCRATCH_PAGE, pages_for
-from shared.engine.sampling import SamplingParams
+from shared.kv.pages import SCRATCH_PAGE, pages_for
+from shared.kv.prefix import Prefix
 from shared.metrics import MetricsServer
+from shared.sampling_params import SamplingParams
 from shared.serving.capacity import (
     device_memory,
     kv_bytes_per_token,
@@ -44,9 +44,6 @@ from shared.serving.capacity import (
 from shared.serving.worker_config import Role, WorkerConfig, parse_worker_args
 from shared.transport.server import RunningServer, Service, start_server
 from shared.weights.checkpoint import CheckpointError, LoadedModel, load_model
-
-if TYPE_CHECKING:
-    from shared.serving.prefill_loop import PrefillLoop
 
 log = logging.getLogger("pdserve.worker")
 
@@ -235,18 +232,6 @@ def warm_up(
     held = {k: v for k, v in engine.held_buckets.items() if v}
     later = f"; compiling {held} while serving" if held else ""
     progress(f"compiled in {seconds['total']:.1f}s{later}")
-    return seconds
-
-
-def compile_prefill_loop(loop: PrefillLoop) -> float:
-    """Compile a prefill loop's call shapes (every rows bucket at its chunk, every KV
-    read-out length) before it serves; returns the seconds (also printed)."""
-    device = loop.device
-    progress(f"compiling chunked prefill: chunk {device.chunk}, rows {device.row_buckets}")
-    start = time.perf_counter()
-    loop.compile()
-    seconds = time.perf_counter() - start
-    progress(f"compiled chunked prefill in {seconds:.1f}s")
     return seconds
 
 

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.config import ConfigError, EngineConfig, Quantization
-from shared.serving.prefill_scheduler import PrefillSettings
+from shared.config import ConfigError, EngineConfig, PrefillSettings, Quantization
 from shared.weights.flags import add_model_arguments, quantization_from_args
 
 if TYPE_CHECKING:

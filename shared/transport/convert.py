@@ -5,7 +5,7 @@ from __future__ import annotations
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
-from shared.kv.codec import sampling_from_proto, sampling_to_proto
+from shared.kv_transfer.codec import sampling_from_proto, sampling_to_proto
 from shared.logprobs import TokenLogprob
 from shared.rpc.pdserve.v1 import kv_pb2, sampling_pb2, worker_pb2
 from shared.transport.types import (

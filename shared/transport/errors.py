@@ -3,7 +3,7 @@ and the in-process fake alike, so both transports fail the same way."""
 
 from __future__ import annotations
 
-from shared.kv.codec import KvError, KvRejection
+from shared.kv_transfer.codec import KvError, KvRejection
 from shared.transport.types import StatusCode, TransportError
 
 # Metadata key that carries a KV rejection's reason next to the status (gRPC trailers).

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from shared.kv.codec import KvRejection
+from shared.kv_transfer.codec import KvRejection
 from shared.rpc.pdserve.v1 import worker_pb2, worker_pb2_grpc
 from shared.transport import convert
 from shared.transport.base import KvStream, as_async_iterator

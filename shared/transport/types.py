@@ -10,10 +10,10 @@ import dataclasses
 import enum
 from pathlib import Path
 
-from shared.engine.sampling import SamplingParams
-from shared.kv.codec import KvReceipt as KvReceipt  # re-exported: a call's result type
-from shared.kv.codec import KvRejection
+from shared.kv_transfer.codec import KvReceipt as KvReceipt  # re-exported: a call's result type
+from shared.kv_transfer.codec import KvRejection
 from shared.logprobs import TokenLogprob, check_top_logprobs
+from shared.sampling_params import SamplingParams
 
 
 class StatusCode(enum.Enum):

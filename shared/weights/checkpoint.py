@@ -36,8 +36,18 @@ from shared.config import MODEL_PRESETS, EngineConfig, ModelConfig, Quantization
 from shared.engine.mesh import Parallelism
 from shared.engine.params import init_params, param_shardings
 from shared.weights import gguf_import, hf
+from shared.weights.checkpoint_files import (
+    FORMAT_VERSION,
+    METADATA_FILE,
+    PARAMS_DIR,
+    TOKENIZER_FILE,
+    read_metadata,
+)
 from shared.weights.flags import QUANTIZE_CHOICES
-from shared.weights.hf import CheckpointError
+from shared.weights.gguf_reader import is_gguf, open_gguf
+from shared.weights.gguf_reader import read_config as read_gguf_config
+from shared.weights.hf_config import CheckpointError
+from shared.weights.hf_config import read_config as read_hf_config
 from shared.weights.packaged import PACKAGED_MODELS, resolve_packaged
 from shared.weights.tree import (
     AbstractFlat,
@@ -51,11 +61,6 @@ from shared.weights.tree import (
 )
 
 __all__ = ["CheckpointError", "LoadedModel", "ModelSource", "load_model", "save_checkpoint"]
-
-FORMAT_VERSION = 1
-METADATA_FILE = "pdserve.json"
-PARAMS_DIR = "params"
-TOKENIZER_FILE = "tokenizer.json"
 
 
 class ModelSource(enum.Enum):
@@ -109,7 +114,7 @@ def load_model(
     if spec in MODEL_PRESETS:
         return _load_preset(spec, quant, dtype, seed, mesh)
     path = resolve_packaged(spec) or pathlib.Path(spec).expanduser().resolve()
-    if gguf_import.is_gguf(path):
+    if is_gguf(path):
         return load_gguf(path, quant, dtype, mesh)
     if (path / METADATA_FILE).is_file():
         return load_checkpoint(path, quant, dtype, mesh)
@@ -154,7 +159,7 @@ def load_hf(
     hf_dir: pathlib.Path, quant: Quantization | None, dtype: jnp.dtype, mesh: Mesh | None = None
 ) -> LoadedModel:
     """An HF directory, converted (and quantized, if asked) tensor by tensor as it loads."""
-    config = dataclasses.replace(hf.read_config(hf_dir), quantization=quant)
+    config = dataclasses.replace(read_hf_config(hf_dir), quantization=quant)
     abstract = abstract_params(config, dtype, mesh)
     flat = hf.read_params(hf_dir, config, flatten(abstract))
     tokenizer = hf_dir / TOKENIZER_FILE
@@ -172,8 +177,8 @@ def load_gguf(
 ) -> LoadedModel:
     """A GGUF file, dequantized (and quantized to int8, if asked) tensor by tensor, each
     placed on its shards when there is a mesh."""
-    reader = gguf_import.open_gguf(path)
-    config = dataclasses.replace(gguf_import.read_config(reader, path), quantization=quant)
+    reader = open_gguf(path)
+    config = dataclasses.replace(read_gguf_config(reader, path), quantization=quant)
     abstract = abstract_params(config, dtype, mesh)
     flat = gguf_import.read_params(reader, path, config, flatten(abstract))
     # The tokenizer lives in the file's metadata (shared/weights/gguf_tokenizer.py).
@@ -218,23 +223,6 @@ def save_checkpoint(
         "param_dtype": float_dtypes.pop() if len(float_dtypes) == 1 else None,
     }
     (out / METADATA_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-
-
-def read_metadata(ckpt: pathlib.Path) -> tuple[ModelConfig, dict]:
-    path = ckpt / METADATA_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: unreadable ({err})") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: format_version={meta.get('format_version')!r}; this pdserve reads "
-            f"version {FORMAT_VERSION}"
-        )
-    try:
-        return ModelConfig.from_dict(meta["model_config"]), meta
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: bad model_config ({err})") from None
 
 
 def load_checkpoint(

@@ -15,8 +15,8 @@ import pathlib
 from typing import Any
 
 from shared.tokenizer import ChatFormat, HFTokenizer
-from shared.weights.gguf_import import metadata
-from shared.weights.hf import CheckpointError
+from shared.weights.gguf_reader import metadata
+from shared.weights.hf_config import CheckpointError
 
 # llama.cpp token types (llama_token_type / gguf.TokenType).
 _CONTROL, _USER_DEFINED = 3, 4

@@ -18,10 +18,11 @@ from typing import Any
 
 from shared.config import MODEL_PRESETS, ModelConfig, model_preset
 from shared.tokenizer import ByteTokenizer, ChatFormat, HFTokenizer, Tokenizer
-from shared.weights import gguf_import
-from shared.weights.checkpoint import METADATA_FILE, TOKENIZER_FILE, CheckpointError, read_metadata
+from shared.weights.checkpoint_files import METADATA_FILE, TOKENIZER_FILE, read_metadata
+from shared.weights.gguf_reader import is_gguf, open_gguf
+from shared.weights.gguf_reader import read_config as read_gguf_config
 from shared.weights.gguf_tokenizer import END_OF_TURN_TOKENS, gguf_chat_format, gguf_tokenizer
-from shared.weights.hf import read_config
+from shared.weights.hf_config import CheckpointError, read_config
 from shared.weights.packaged import resolve_packaged
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -42,9 +43,9 @@ def load_model_info(spec: str) -> ModelInfo:
         tokenizer = ByteTokenizer(config.vocab_size, config.bos_id, config.eos_id)
         return ModelInfo(config, tokenizer, None)
     path = resolve_packaged(spec) or pathlib.Path(spec).expanduser().resolve()
-    if gguf_import.is_gguf(path):
-        reader = gguf_import.open_gguf(path)
-        config = gguf_import.read_config(reader, path)
+    if is_gguf(path):
+        reader = open_gguf(path)
+        config = read_gguf_config(reader, path)
         return ModelInfo(config, gguf_tokenizer(reader, path), gguf_chat_format(reader))
     if (path / METADATA_FILE).is_file():
         config, _ = read_metadata(path)

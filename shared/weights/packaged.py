@@ -29,7 +29,7 @@ PACKAGED_MODELS = {
 def packaged_path(name: str) -> pathlib.Path:
     """The installed file of packaged model `name`; CheckpointError saying how to install
     it when it is missing."""
-    from shared.weights.hf import CheckpointError  # numpy + safetensors: only when loading
+    from shared.weights.hf_config import CheckpointError
 
     model = PACKAGED_MODELS[name]
     how = (

@@ -3,7 +3,7 @@
 The pool of one layer is `[C, P, S, H]`: C cache heads (the sharded axis), P pages of S
 positions, head_dim H. Row b's positions live in the pages its page-table row lists, in
 order: position p is at page `table[b, p // S]`, offset `p % S`. Page 0 is scratch
-(shared/engine/pages.py): padding rows write there and unused table entries point there.
+(shared/kv/pages.py): padding rows write there and unused table entries point there.
 
 Two implementations of the read, with one contract:
 * `paged_attention_xla`: any backend. A loop over blocks of pages, up to the longest

@@ -18,9 +18,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from shared.engine.engine import Prefix
-from shared.engine.sampling import SamplingError
-from shared.kv.codec import (
+from shared.kv.prefix import Prefix
+from shared.kv_transfer.codec import (
     FORMAT_VERSION,
     LENGTH_AXIS,
     MAX_CHUNK_BYTES,
@@ -34,6 +33,7 @@ from shared.kv.codec import (
     unflatten_cache,
 )
 from shared.rpc.pdserve.v1 import kv_pb2
+from shared.sampling_params import SamplingError
 
 
 class AssemblyState(enum.Enum):

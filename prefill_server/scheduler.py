@@ -31,35 +31,12 @@ from collections.abc import Callable
 
 import numpy as np
 
-from shared.kv.prefix_cache import Lookup, PoolExhaustedError, PrefixPagePool
+from shared.kv.pages import PagesExhaustedError
+from shared.kv.prefix_cache import Lookup, PrefixPagePool
 
 # Beside a prompt that finishes in a call, rows that attend to more than this many times
 # its length (or a chunk) wait for the next call.
 LONG_ROW_REACH = 2
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class PrefillSettings:
-    """How the prefill engine batches work (flags of prefill and colocated workers).
-
-    `chunk`: tokens of one prompt per row and call (None: the largest prefill bucket).
-    `max_rows`: prompts packed into one call (1: one prompt at a time, no packing).
-    `prefix_cache_bytes`: the most memory idle cached prefix pages may hold (0: no prefix
-    cache). `aging_s`: a prompt waiting this long goes first whatever its length.
-    """
-
-    chunk: int | None = None
-    max_rows: int = 4
-    prefix_cache_bytes: int = 64 << 20
-    aging_s: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.chunk is not None and self.chunk <= 0:
-            raise ValueError(f"prefill chunk={self.chunk} must be > 0")
-        if self.max_rows <= 0:
-            raise ValueError(f"prefill max_rows={self.max_rows} must be > 0")
-        if self.prefix_cache_bytes < 0 or self.aging_s < 0:
-            raise ValueError("prefix_cache_bytes and aging_s must be >= 0")
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -155,7 +132,7 @@ class ChunkScheduler:
             if work.lookup is None:
                 try:
                     work.lookup = self.pool.acquire(work.tokens)
-                except PoolExhaustedError:
+                except PagesExhaustedError:
                     continue  # waits for pages; the started prompts will free theirs
                 work.done = work.cached = work.lookup.hit_tokens
                 work.started = now

@@ -8,7 +8,7 @@ leaves nothing behind: the one receive buffer is dropped with the assembler.
 Sender: `encode_prefix` copies every leaf, cut to the prompt's true length on the sequence
 axis (axis 1), into one contiguous byte payload (the only copy it makes: device -> host and
 the cut happen in it); `KvPayload.messages()` then yields chunks that are slices of that
-payload. Receiver (shared/kv/assembler.py): `KvAssembler` allocates one buffer of the
+payload. Receiver (shared/kv_transfer/assembler.py): `KvAssembler` allocates one buffer of the
 manifest's size after the size limit check, writes each chunk into its place, and returns
 leaves as views of it.
 """
@@ -26,9 +26,9 @@ import google_crc32c
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so np.dtype("bfloat16") works)
 import numpy as np
 
-from shared.engine.engine import CacheDict, Prefix
-from shared.engine.sampling import SamplingParams
+from shared.kv.prefix import CacheDict, Prefix
 from shared.rpc.pdserve.v1 import kv_pb2, sampling_pb2
+from shared.sampling_params import SamplingParams
 
 FORMAT_VERSION = 2  # 2: chunk checksums are CRC-32C (1 used zlib CRC-32)
 LENGTH_AXIS = 1  # leaves are [num_kv_heads, length, head_dim]

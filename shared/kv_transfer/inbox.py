@@ -23,9 +23,9 @@ import dataclasses
 import enum
 from collections.abc import AsyncIterator, Callable
 
-from shared.engine.engine import Prefix
-from shared.kv.assembler import KvAssembler
-from shared.kv.codec import KvError, KvReceipt, KvRejection, KvSpec
+from shared.kv.prefix import Prefix
+from shared.kv_transfer.assembler import KvAssembler
+from shared.kv_transfer.codec import KvError, KvReceipt, KvRejection, KvSpec
 from shared.rpc.pdserve.v1 import kv_pb2
 
 

@@ -1,4 +1,6 @@
-"""The host side of the paged KV cache: which pages of the pool each slot owns.
+"""The host side of the paged KV cache: the free list every page pool uses (`FreePages`),
+and the decode worker's allocator (`PageAllocator`: which pages each slot owns). The
+prefill worker's pool (shared/kv/prefix_cache.py) takes its pages from a `FreePages` too.
 
 The device holds a pool of fixed-size pages per layer ([cache_heads, pages, page_size,
 head_dim]) and a page table ([slots, max_pages_per_slot] int32) in the decode state; this
@@ -26,11 +28,45 @@ SCRATCH_PAGE = 0
 class PagesExhaustedError(RuntimeError):
     """Not enough free pages; the message says how many were needed and free."""
 
-    def __init__(self, needed: int, free: int, total: int) -> None:
-        super().__init__(
-            f"KV pages exhausted: {needed} needed, {free} free of {total}; retry later"
-        )
+    def __init__(self, needed: int, free: int, total: int, pool: str = "KV pages") -> None:
+        super().__init__(f"{pool} exhausted: {needed} needed, {free} free of {total}; retry later")
         self.needed, self.free, self.total = needed, free, total
+
+
+class FreePages:
+    """The free pages of one pool of `num_pages` (ids 1..num_pages-1: the scratch page is
+    never handed out). `take` hands out low ids first (easier to read in logs and tests).
+    Not thread-safe: the pool that owns it decides the locking."""
+
+    def __init__(self, num_pages: int) -> None:
+        if num_pages < 2:
+            raise ValueError(f"num_pages={num_pages}: needs the scratch page and at least one")
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, SCRATCH_PAGE, -1))
+
+    @property
+    def total(self) -> int:
+        """Pages that can be handed out (the scratch page excluded)."""
+        return self.num_pages - 1
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    def take(self, count: int = 1) -> list[int]:
+        """`count` pages, or PagesExhaustedError with nothing taken."""
+        if count > len(self._free):
+            raise PagesExhaustedError(count, len(self._free), self.total)
+        return [self._free.pop() for _ in range(count)]
+
+    def give(self, pages: list[int]) -> None:
+        """Return pages (taken from this pool, not already free)."""
+        self._free.extend(reversed(pages))
+
+    def check_partition(self, *held: list[int]) -> None:
+        """AssertionError unless every page is free or in exactly one of `held` once."""
+        everything = [*self._free, *(p for pages in held for p in pages)]
+        assert len(everything) == len(set(everything)), "a page is held or free twice"
+        assert sorted(everything) == list(range(1, self.num_pages)), "a page leaked"
 
 
 def pages_for(tokens: int, page_size: int) -> int:
@@ -48,13 +84,10 @@ class PageCounts:
 
 class PageAllocator:
     def __init__(self, num_pages: int, page_size: int, max_pages_per_slot: int) -> None:
-        if num_pages < 2:
-            raise ValueError(f"num_pages={num_pages}: needs the scratch page and at least one")
+        self._free = FreePages(num_pages)
         self.num_pages, self.page_size = num_pages, page_size
         self.max_pages_per_slot = max_pages_per_slot
         self._lock = threading.Lock()
-        # pop() hands out low page ids first (easier to read in logs and tests).
-        self._free = list(range(num_pages - 1, SCRATCH_PAGE, -1))
         self._owned: dict[int, list[int]] = {}  # slot -> its pages, in position order
         self._reserved: dict[str, int] = {}  # lease -> pages promised at admission
 
@@ -67,7 +100,7 @@ class PageAllocator:
         with self._lock:
             available = len(self._free) - sum(self._reserved.values())
             if needed > available:
-                raise PagesExhaustedError(needed, available, self.num_pages - 1)
+                raise PagesExhaustedError(needed, available, self._free.total)
             self._reserved[key] = needed
 
     def unreserve(self, key: str) -> None:
@@ -90,9 +123,7 @@ class PageAllocator:
                 self._reserved.pop(key, None)
             if slot in self._owned:
                 raise ValueError(f"slot {slot} already owns pages {self._owned[slot]}")
-            if needed > len(self._free):
-                raise PagesExhaustedError(needed, len(self._free), self.num_pages - 1)
-            pages = [self._free.pop() for _ in range(needed)]
+            pages = self._free.take(needed)
             self._owned[slot] = pages
             return list(pages)
 
@@ -107,10 +138,10 @@ class PageAllocator:
                 return None
             if index != len(pages) or index >= self.max_pages_per_slot:
                 raise ValueError(f"slot {slot}: position {position} skips past page {len(pages)}")
-            if not self._free or len(self._free) <= sum(self._reserved.values()):
+            if len(self._free) <= sum(self._reserved.values()):
                 # Promised pages are not ours to take: admission said yes to someone.
-                raise PagesExhaustedError(1, len(self._free), self.num_pages - 1)
-            page = self._free.pop()
+                raise PagesExhaustedError(1, len(self._free), self._free.total)
+            [page] = self._free.take()
             pages.append(page)
             return page
 
@@ -118,7 +149,7 @@ class PageAllocator:
         """Return every page of `slot` to the pool. Idempotent; returns how many."""
         with self._lock:
             pages = self._owned.pop(slot, [])
-            self._free.extend(reversed(pages))
+            self._free.give(pages)
             return len(pages)
 
     # Introspection ----------------------------------------------------------------------------
@@ -129,7 +160,7 @@ class PageAllocator:
 
     def counts(self) -> PageCounts:
         with self._lock:
-            total = self.num_pages - 1
+            total = self._free.total
             return PageCounts(
                 total, len(self._free), total - len(self._free), sum(self._reserved.values())
             )
@@ -137,7 +168,4 @@ class PageAllocator:
     def check(self) -> None:
         """Raise AssertionError if a page is leaked, double-owned or out of range."""
         with self._lock:
-            owned = [p for pages in self._owned.values() for p in pages]
-            everything = owned + self._free
-            assert len(everything) == len(set(everything)), "a page is owned or free twice"
-            assert sorted(everything) == list(range(1, self.num_pages)), "a page leaked"
+            self._free.check_partition(*self._owned.values())

@@ -2,7 +2,7 @@
 
 The engine's jitted functions see arrays only; this object decides what goes in them:
 which slots are live (the rows of a step, padded to a compiled batch bucket), which pages
-each slot owns (shared/engine/pages.py), and when a slot needs its next page. The decode
+each slot owns (shared/kv/pages.py), and when a slot needs its next page. The decode
 worker's engine thread owns one; so do `generate-local` and the tests.
 
 A step:
@@ -25,9 +25,10 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from shared.engine.engine import DecodeState, Engine, Params, Prefix
-from shared.engine.pages import PageAllocator, PagesExhaustedError
+from shared.engine.engine import DecodeState, Engine, Params
 from shared.engine.sampling import token_logprob
+from shared.kv.pages import PageAllocator, PagesExhaustedError
+from shared.kv.prefix import Prefix
 from shared.logprobs import TokenLogprob, check_top_logprobs
 
 

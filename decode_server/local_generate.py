@@ -20,7 +20,7 @@ from shared.weights.packaged import default_model
 
 if TYPE_CHECKING:
     from shared.engine.engine import Engine, Params
-    from shared.engine.sampling import SamplingParams
+    from shared.sampling_params import SamplingParams
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +63,7 @@ def stream_tokens(
     end-of-turn token) ends with "stop" and is not yielded; the `max_tokens`-th token, or a
     token that would not fit the cache, ends with "length".
     """
-    from shared.engine.batch import DecodeBatch
+    from decode_server.scheduler import DecodeBatch
 
     stops = {engine.model_config.eos_id, *stop_ids}
     prefix = engine.prefill(params, prompt_ids, sampling=sampling)
@@ -91,7 +91,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     from shared.config import EngineConfig
     from shared.engine.engine import Engine, EngineError
     from shared.engine.mesh import make_mesh
-    from shared.engine.sampling import SamplingParams
+    from shared.sampling_params import SamplingParams
     from shared.serving.worker_config import resolve_dtype
     from shared.tokenizer import HFTokenizer, IncrementalDetokenizer, Tokenizer
     from shared.weights.checkpoint import load_model
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
 def main(argv: Sequence[str]) -> int:
     from shared.config import ConfigError
     from shared.engine.engine import EngineError
-    from shared.engine.sampling import SamplingError
+    from shared.sampling_params import SamplingError
     from shared.weights.checkpoint import CheckpointError
 
     args = build_parser().parse_args(argv)

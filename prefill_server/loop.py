@@ -1,14 +1,15 @@
 """The prefill engine thread and the KV push that follows each prefill.
 
-Shared by the prefill worker and the colocated worker (which lives in decode_server), so it
-sits in `shared`: servers never import each other.
+Run by the prefill worker, and by the colocated worker (decode_server/colocated.py, the
+one module of another server allowed to import it: it composes this loop with the decode
+worker's).
 
 The life of a request inside the prefill worker:
 1. A gRPC handler calls `PrefillLoop.submit` on the server's event loop. The request joins
    a queue bounded by `max_queue` prompts not yet prefilled (full: RESOURCE_EXHAUSTED,
    nothing queued).
 2. The engine thread moves arrivals into the chunk scheduler
-   (shared/serving/prefill_scheduler.py) and runs calls of packed chunks
+   (prefill_server/scheduler.py) and runs calls of packed chunks
    (shared/engine/chunked_prefill.py): up to `max_rows` prompts per call, `chunk` tokens
    of each, shortest remaining first with an aging bound. A prompt's first scheduling
    reuses the longest prefix of it held by the prefix cache (shared/kv/prefix_cache.py)
@@ -39,20 +40,21 @@ from typing import Protocol
 import jax
 import numpy as np
 
-from shared.engine.chunked_prefill import ChunkedPrefill, ChunkRow
-from shared.engine.engine import Engine, EngineError, Params, Prefix
-from shared.engine.sampling import token_logprob
-from shared.kv.prefix_cache import PrefixCacheStats, PrefixPagePool
-from shared.kv.prefix_hash import HashFn, blake2b_hash, namespace
-from shared.metrics import WorkerMetrics
-from shared.serving.prefill_scheduler import (
+from prefill_server.scheduler import (
     ChunkScheduler,
-    PrefillSettings,
     PrefillWork,
     ScheduledChunk,
 )
+from shared.config import PrefillSettings
+from shared.engine.chunked_prefill import ChunkedPrefill, ChunkRow
+from shared.engine.engine import Engine, EngineError, Params
+from shared.engine.sampling import token_logprob
+from shared.kv.prefix import Prefix
+from shared.kv.prefix_cache import PrefixCacheStats, PrefixPagePool
+from shared.kv.prefix_hash import HashFn, blake2b_hash, namespace
+from shared.metrics import WorkerMetrics
+from shared.serving.runtime import progress
 from shared.transport.types import (
-    LoadReport,
     PrefillRequest,
     PrefillResult,
     PrefillTimings,
@@ -365,38 +367,13 @@ class PrefillLoop:
             self._loop.call_soon_threadsafe(settle)
 
 
-class PrefillService:
-    """The `PrefillHandler` of prefill and colocated workers: checks, then the loop."""
-
-    def __init__(self, loop: PrefillLoop, fingerprint: str, max_queue: int) -> None:
-        self._loop, self._fingerprint, self._max_queue = loop, fingerprint, max_queue
-        self.draining = False
-
-    async def prefill(self, request: PrefillRequest) -> PrefillResult:
-        if self.draining:
-            raise TransportError(StatusCode.UNAVAILABLE, "prefill worker is draining")
-        if request.model_fingerprint and request.model_fingerprint != self._fingerprint:
-            raise TransportError(
-                StatusCode.FAILED_PRECONDITION,
-                f"this worker serves model {self._fingerprint}, the request expects "
-                f"{request.model_fingerprint}",
-            )
-        if not request.prompt_token_ids:
-            raise TransportError(StatusCode.INVALID_ARGUMENT, "prompt_token_ids is empty")
-        if not request.lease_id or not request.decode_target:
-            raise TransportError(
-                StatusCode.INVALID_ARGUMENT, "a prefill needs a decode_target and a lease_id"
-            )
-        return await self._loop.submit(request)
-
-    async def cancel(self, request_id: str) -> bool:
-        return self._loop.cancel(request_id)
-
-    async def get_load(self) -> LoadReport:
-        depth = self._loop.queue_depth
-        return LoadReport(
-            free_slots=max(0, self._max_queue - depth),
-            total_slots=self._max_queue,
-            queue_depth=depth,
-            live_requests=self._loop.live_requests,
-        )
+def compile_prefill_loop(loop: PrefillLoop) -> float:
+    """Compile a prefill loop's call shapes (every rows bucket at its chunk, every KV
+    read-out length) before it serves; returns the seconds (also printed)."""
+    device = loop.device
+    progress(f"compiling chunked prefill: chunk {device.chunk}, rows {device.row_buckets}")
+    start = time.perf_counter()
+    loop.compile()
+    seconds = time.perf_counter() - start
+    progress(f"compiled chunked prefill in {seconds:.1f}s")
+    return seconds
