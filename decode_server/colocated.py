@@ -19,13 +19,9 @@ from prefill_server.loop import PrefillLoop, compile_prefill_loop
 from prefill_server.service import PrefillService
 from shared.kv.prefix import Prefix
 from shared.metrics import WorkerMetrics
-from shared.serving.runtime import (
-    ModelRuntime,
-    WorkerServer,
-    run_worker,
-    wait_until,
-)
+from shared.serving.runtime import ModelRuntime, run_worker
 from shared.serving.worker_config import Role, WorkerConfig
+from shared.serving.worker_server import WorkerServer, wait_until
 from shared.transport.server import decode_service, prefill_service
 from shared.transport.types import PrefillRequest
 

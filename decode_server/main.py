@@ -9,12 +9,9 @@ from prometheus_client import CollectorRegistry
 
 from decode_server.worker import build_decode_worker
 from shared.metrics import WorkerMetrics
-from shared.serving.runtime import (
-    ModelRuntime,
-    WorkerServer,
-    run_worker,
-)
+from shared.serving.runtime import ModelRuntime, run_worker
 from shared.serving.worker_config import Role, WorkerConfig
+from shared.serving.worker_server import WorkerServer
 from shared.transport.server import decode_service
 
 

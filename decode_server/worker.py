@@ -13,8 +13,9 @@ from shared.kv.pages import PageAllocator
 from shared.kv_transfer.codec import KvRejection, KvSpec
 from shared.kv_transfer.inbox import KvInbox
 from shared.metrics import WorkerMetrics
-from shared.serving.runtime import ModelRuntime, wait_until
+from shared.serving.runtime import ModelRuntime
 from shared.serving.worker_config import WorkerConfig
+from shared.serving.worker_server import wait_until
 from shared.transport.types import DecodeFinish
 
 

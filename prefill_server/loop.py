@@ -53,7 +53,7 @@ from shared.kv.prefix import Prefix
 from shared.kv.prefix_cache import PrefixCacheStats, PrefixPagePool
 from shared.kv.prefix_hash import HashFn, blake2b_hash, namespace
 from shared.metrics import WorkerMetrics
-from shared.serving.runtime import progress
+from shared.serving.worker_server import progress
 from shared.transport.types import (
     PrefillRequest,
     PrefillResult,

@@ -11,13 +11,9 @@ from prefill_server.kv_push import RemoteKvSink
 from prefill_server.loop import PrefillLoop, compile_prefill_loop
 from prefill_server.service import PrefillService
 from shared.metrics import WorkerMetrics
-from shared.serving.runtime import (
-    ModelRuntime,
-    WorkerServer,
-    run_worker,
-    wait_until,
-)
+from shared.serving.runtime import ModelRuntime, run_worker
 from shared.serving.worker_config import Role, WorkerConfig
+from shared.serving.worker_server import WorkerServer, wait_until
 from shared.transport.server import prefill_service
 
 

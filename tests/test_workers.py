@@ -444,8 +444,9 @@ def test_dead_engine_thread_turns_health_not_serving(engine, params, tiny_finger
 
     from decode_server.worker import build_decode_worker
     from shared.metrics import WorkerMetrics
-    from shared.serving.runtime import ModelRuntime, WorkerServer
+    from shared.serving.runtime import ModelRuntime
     from shared.serving.worker_config import Role, parse_worker_args
+    from shared.serving.worker_server import WorkerServer
     from shared.transport.server import decode_service
     from tests.worker_harness import ENGINE_FLAGS
 
