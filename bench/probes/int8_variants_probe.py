@@ -1,6 +1,6 @@
 """Which int8 layout could keep SmolLM2's greedy tokens: a probe, not a serving path.
 
-    python bench/int8_variants_probe.py --out bench/results/int8_variants_probe.json
+    python bench/probes/int8_variants_probe.py --out bench/results/int8_variants_probe.json
 
 Each variant rounds the dequantized float32 weights (every dense kernel, and the embedding
 that is also the tied LM head) the way that layout would store them, then runs the float
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# bench/smollm2_bench.py (the prompts and the agreement metric) lives one folder up.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import smollm2_bench
 
 GROUP = 32  # the GGUF block size of Q4_1 and Q8_0
@@ -70,57 +71,72 @@ VARIANTS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _prompts() -> list[list[int]]:
+    from shared.chat import ChatMessage, render_chat
+    from shared.weights.model_info import load_model_info
+
+    info = load_model_info("smollm2")
+    return [
+        info.tokenizer.encode(render_chat(info.chat, [ChatMessage("user", q)]), add_bos=False)
+        for q in smollm2_bench.QUESTIONS
+    ]
+
+
+def _greedy(engine: object, params: object, prompts: list[list[int]]) -> np.ndarray:
+    """[prompts, NEW_TOKENS] greedy tokens of the float engine on `params`."""
+    from decode_server.scheduler import DecodeBatch
+
+    prefixes = [engine.prefill(params, p) for p in prompts]
+    batch = DecodeBatch(engine)
+    batch.insert(prefixes, list(range(len(prompts))))
+    steps = [np.array([p.first_token for p in prefixes])]
+    for _ in range(smollm2_bench.NEW_TOKENS - 1):
+        step = batch.step(params)[0]
+        steps.append(np.array([step[slot] for slot in range(len(prompts))]))
+    return np.stack(steps, axis=1)
+
+
+def _rounded_params(params: object, weights: dict, rounding: object) -> object:
+    """A copy of `params` whose kernels and embedding went through `rounding`."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from decode_server.scheduler import DecodeBatch
-    from shared.chat import ChatMessage, render_chat
-    from shared.config import EngineConfig
-    from shared.engine.engine import Engine
-    from shared.weights.checkpoint import load_model
-    from shared.weights.model_info import load_model_info
+    def rounded(path: tuple, leaf: object) -> object:
+        key = getattr(path[-1], "key", path[-1])
+        if key == "kernel":  # [in, out]: contracting axis 0
+            return jnp.asarray(rounding(np.asarray(leaf, np.float32), 0))
+        if key == "embedding":  # [V, D]: read along D, as the tied LM head contracts
+            return jnp.asarray(rounding(np.asarray(leaf, np.float32), 1))
+        return leaf
 
+    copy = jax.tree.map(lambda x: x, params)
+    nnx.replace_by_pure_dict(copy, jax.tree_util.tree_map_with_path(rounded, weights))
+    return copy
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    questions = smollm2_bench.QUESTIONS
-    config = EngineConfig(max_slots=len(questions), prefill_buckets=(64,), max_seq_len=128)
-    info = load_model_info("smollm2")
-    prompts = [
-        info.tokenizer.encode(render_chat(info.chat, [ChatMessage("user", q)]), add_bos=False)
-        for q in questions
-    ]
+
+    from flax import nnx
+
+    from shared.config import EngineConfig
+    from shared.engine.engine import Engine
+    from shared.weights.checkpoint import load_model
+
+    prompts = _prompts()
+    config = EngineConfig(max_slots=len(prompts), prefill_buckets=(64,), max_seq_len=128)
     loaded = load_model("smollm2", engine_config=config)
     engine = Engine(loaded.model_config, config)
     weights = nnx.to_pure_dict(loaded.params)
-
-    def greedy(params: object) -> np.ndarray:
-        prefixes = [engine.prefill(params, p) for p in prompts]
-        batch = DecodeBatch(engine)
-        batch.insert(prefixes, list(range(len(prompts))))
-        steps = [np.array([p.first_token for p in prefixes])]
-        for _ in range(smollm2_bench.NEW_TOKENS - 1):
-            step = batch.step(params)[0]
-            steps.append(np.array([step[slot] for slot in range(len(prompts))]))
-        return np.stack(steps, axis=1)
-
-    reference = greedy(loaded.params)
-    result = {"command": "python bench/int8_variants_probe.py " + " ".join(argv or sys.argv[1:])}
+    reference = _greedy(engine, loaded.params, prompts)
+    command = "python bench/probes/int8_variants_probe.py " + " ".join(argv or sys.argv[1:])
+    result: dict = {"command": command}
     for name, rounding in VARIANTS.items():
-
-        def rounded(path: tuple, leaf: object, rounding=rounding) -> object:
-            key = getattr(path[-1], "key", path[-1])
-            if key == "kernel":  # [in, out]: contracting axis 0
-                return jnp.asarray(rounding(np.asarray(leaf, np.float32), 0))
-            if key == "embedding":  # [V, D]: read along D, as the tied LM head contracts
-                return jnp.asarray(rounding(np.asarray(leaf, np.float32), 1))
-            return leaf
-
-        params = jax.tree.map(lambda x: x, loaded.params)
-        nnx.replace_by_pure_dict(params, jax.tree_util.tree_map_with_path(rounded, weights))
-        result[name] = smollm2_bench._agreement(reference, greedy(params))
+        params = _rounded_params(loaded.params, weights, rounding)
+        result[name] = smollm2_bench._agreement(reference, _greedy(engine, params, prompts))
         share = result[name]["mean_fraction_before_first_divergence"]
         print(f"{name:<32} {share:.3f} of tokens before the first divergence", flush=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Would scanning over layers cut SmolLM2's compile time for free? The cost on this CPU.
 
-    python bench/layer_scan_bench.py --out bench/results/layer_scan_bench.json
+    python bench/probes/layer_scan_bench.py --out bench/results/layer_scan_bench.json
 
 30 MLP-shaped layers of SmolLM2's sizes (d_model 576, FFN 1536, float32), three ways:
 * `separate`: one array per layer, unrolled (pdserve's layout today);
@@ -27,21 +27,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 LAYERS, D_MODEL, FFN = 30, 576, 1536
 
 
-def main(argv: list[str] | None = None) -> int:
+def _variants() -> dict:
+    """name -> (function of (x, ups, downs), its weights): the three layouts."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
-    ups = [
-        jnp.asarray(rng.standard_normal((D_MODEL, FFN), np.float32) * 0.02) for _ in range(LAYERS)
-    ]
-    downs = [
-        jnp.asarray(rng.standard_normal((FFN, D_MODEL), np.float32) * 0.02) for _ in range(LAYERS)
-    ]
+
+    def weights(shape: tuple[int, int]) -> list:
+        return [jnp.asarray(rng.standard_normal(shape, np.float32) * 0.02) for _ in range(LAYERS)]
+
+    ups, downs = weights((D_MODEL, FFN)), weights((FFN, D_MODEL))
     up_stack, down_stack = jnp.stack(ups), jnp.stack(downs)
 
     def layer(x: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:
@@ -60,36 +57,49 @@ def main(argv: list[str] | None = None) -> int:
     def scan(x: jax.Array, ups: jax.Array, downs: jax.Array) -> jax.Array:
         return jax.lax.scan(lambda x, w: (layer(x, *w), None), x, (ups, downs))[0]
 
-    variants = {
+    return {
         "separate": (separate, (ups, downs)),
         "stacked_static": (stacked_static, (up_stack, down_stack)),
         "scan": (scan, (up_stack, down_stack)),
     }
-    result: dict = {
-        "layers": LAYERS,
-        "d_model": D_MODEL,
-        "ffn": FFN,
-        "load_average_at_start": os.getloadavg(),
-        "rows": {},
-    }
-    jax.jit(lambda a: a + 1)(up_stack).block_until_ready()  # backend start-up, not timed
+
+
+def _measure(fn: object, x: object, weights: tuple) -> dict:
+    """Compile seconds and the median of 9 runs (after one untimed run)."""
+    import jax
+
+    jitted = jax.jit(fn)
+    start = time.perf_counter()
+    jitted.lower(x, *weights).compile()
+    compile_s = time.perf_counter() - start
+    jitted(x, *weights).block_until_ready()
+    runs = []
+    for _ in range(9):
+        start = time.perf_counter()
+        jitted(x, *weights).block_until_ready()
+        runs.append(time.perf_counter() - start)
+    return {"compile_s": compile_s, "run_ms": statistics.median(runs) * 1e3}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    variants = _variants()
+    result: dict = {"layers": LAYERS, "d_model": D_MODEL, "ffn": FFN}
+    result |= {"load_average_at_start": os.getloadavg(), "rows": {}}
+    jax.jit(lambda a: a + 1)(jnp.ones(4)).block_until_ready()  # backend start-up, not timed
     for rows in (1, 128):
         x = jnp.ones((rows, D_MODEL), jnp.float32)
         for name, (fn, weights) in variants.items():
-            jitted = jax.jit(fn)
-            start = time.perf_counter()
-            jitted.lower(x, *weights).compile()
-            compile_s = time.perf_counter() - start
-            jitted(x, *weights).block_until_ready()
-            runs = []
-            for _ in range(9):
-                start = time.perf_counter()
-                jitted(x, *weights).block_until_ready()
-                runs.append(time.perf_counter() - start)
-            entry = {"compile_s": compile_s, "run_ms": statistics.median(runs) * 1e3}
+            entry = _measure(fn, x, weights)
             result["rows"].setdefault(str(rows), {})[name] = entry
             print(
-                f"{rows:>3} rows  {name:<15} compile {compile_s:5.2f} s  run "
+                f"{rows:>3} rows  {name:<15} compile {entry['compile_s']:5.2f} s  run "
                 f"{entry['run_ms']:7.2f} ms",
                 flush=True,
             )
