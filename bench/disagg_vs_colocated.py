@@ -10,7 +10,7 @@
    table and the ratios (disaggregated / colocated) are printed and written as JSON.
 
 Pinning: a child inherits the CPU affinity of the thread that forks it, so each worker is
-launched (with `shared.cluster.local_cluster.launch`) while this thread is pinned to the
+launched (with `shared.cluster.processes.launch`) while this thread is pinned to the
 worker's cores, and the mask is restored right after; the child's mask is read back and
 recorded. XLA's CPU thread pool sizes itself from the cores a process may use, so a worker
 pinned to one core computes with one thread, and the colocated worker with two. The
@@ -34,7 +34,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # inherited by every child proces
 from shared.client.loadgen.cli import run_with_progress
 from shared.client.loadgen.report import Slo, build_report, format_table
 from shared.client.loadgen.runner import RunConfig
-from shared.cluster.local_cluster import Child, launch, stop_all, wait_ready
+from shared.cluster.processes import Child, launch, stop_all, wait_ready
 
 LOCAL = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")
 # (report section, key, label) of each ratio, disaggregated / colocated.
@@ -72,23 +72,23 @@ def start_cluster(
         launched = []
         for role, cores in workers:
             with pinned(cores):
-                child, ready = launch(role, ["worker", "--role", role, *LOCAL, *engine_flags])
+                child = launch(role, ["worker", "--role", role, *LOCAL, *engine_flags])
             children.append(child)
-            launched.append((child, ready))
+            launched.append(child)
             masks[role] = sorted(os.sched_getaffinity(child.proc.pid))
-        for child, ready in launched:  # they load and compile in parallel
-            wait_ready(child, ready, args.startup_timeout_s)
+        for child in launched:  # they load and compile in parallel
+            wait_ready(child, args.startup_timeout_s)
         orch = ["orchestrator", *LOCAL, "--model", args.model]
         for child in children:
             orch += [f"--{child.name}", child.address]
-        child, ready = launch("orchestrator", orch)
+        child = launch("orchestrator", orch)
         children.append(child)
-        wait_ready(child, ready, args.startup_timeout_s)
+        wait_ready(child, args.startup_timeout_s)
         masks["orchestrator"] = sorted(os.sched_getaffinity(child.proc.pid))
     except BaseException:
         stop_all(children)
         raise
-    return children, child.address.replace("0.0.0.0", "127.0.0.1"), masks
+    return children, child.address, masks
 
 
 def measure(

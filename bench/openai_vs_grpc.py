@@ -34,7 +34,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from shared.client.loadgen.cli import run_with_progress
 from shared.client.loadgen.report import Slo, build_report
 from shared.client.loadgen.runner import RunConfig
-from shared.cluster.local_cluster import launch, stop_all, wait_ready
+from shared.cluster.processes import launch, stop_all, wait_ready
 
 LOCAL = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")
 
@@ -86,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             launch(r, ["worker", "--role", r, *LOCAL, *engine, *pool[r]])
             for r in ("prefill", "decode")
         ]
-        children += [c for c, _ in launched]
-        for child, ready in launched:
-            wait_ready(child, ready, args.startup_timeout_s)
+        children += launched
+        for child in launched:
+            wait_ready(child, args.startup_timeout_s)
         orch = [
             "orchestrator",
             *LOCAL,
@@ -101,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             "--decode",
             children[1].address,
         ]
-        child, ready = launch("orchestrator", orch)
-        children.append(wait_ready(child, ready, args.startup_timeout_s))
+        child = launch("orchestrator", orch)
+        children.append(wait_ready(child, args.startup_timeout_s))
         targets = {
-            "grpc": child.address.replace("0.0.0.0", "127.0.0.1"),
+            "grpc": child.address,
             "openai": f"http://127.0.0.1:{child.http_port}",
         }
         runs: dict[str, list[dict]] = {"grpc": [], "openai": []}

@@ -2,7 +2,7 @@
 (orchestrator + one prefill + one decode worker, loopback gRPC) with per-role flags, the
 prefill worker's counters read from its /metrics, one timed stream, and the machine's load.
 
-Processes are started with `shared.cluster.local_cluster.launch` (each dies with this
+Processes are started with `shared.cluster.processes.launch` (each dies with this
 process) and stopped with its `stop_all`; /metrics is parsed by `tests.reference.scrape`;
 percentiles are `shared.client.loadgen.report.latency_stats_ms` (p50/p90/p99/mean, ms).
 """
@@ -23,7 +23,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # inherited by every child proces
 
 from shared.client.generator import AsyncGeneratorClient, GenerateError  # noqa: E402
 from shared.client.loadgen.report import latency_stats_ms  # noqa: E402
-from shared.cluster.local_cluster import Child, launch, stop_all, wait_ready  # noqa: E402
+from shared.cluster.processes import Child, launch, stop_all, wait_ready  # noqa: E402
 from tests.reference import scrape  # noqa: E402
 
 LOCAL = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")
@@ -71,9 +71,9 @@ class Cluster:
         children: list[Child] = []
         try:
             launched = [launch(role, argv[role]) for role in ("prefill", "decode")]
-            children += [child for child, _ in launched]
-            for child, ready in launched:
-                wait_ready(child, ready, timeout_s)
+            children += launched
+            for child in launched:
+                wait_ready(child, timeout_s)
             prefill, decode = children
             argv["orchestrator"] = [
                 "orchestrator",
@@ -85,13 +85,13 @@ class Cluster:
                 "--decode",
                 decode.address,
             ]
-            child, ready = launch("orchestrator", argv["orchestrator"])
+            child = launch("orchestrator", argv["orchestrator"])
             children.append(child)
-            wait_ready(child, ready, timeout_s)
+            wait_ready(child, timeout_s)
         except BaseException:
             stop_all(children)
             raise
-        target = child.address.replace("0.0.0.0", "127.0.0.1")
+        target = child.address
         return cls(children, target, prefill, decode, argv)
 
     def stop(self) -> None:

@@ -28,6 +28,7 @@ from orchestrator.http_server import HttpServer
 from orchestrator.limits import StreamsPerConnection
 from orchestrator.openai_api import build_openai_app
 from orchestrator.servicer import GeneratorServicer, generator_service
+from shared.cluster.ready import format_ready_line
 from shared.config import ConfigError
 from shared.metrics import MetricsServer, OrchestratorMetrics
 from shared.transport.server import RunningServer, start_server
@@ -81,12 +82,15 @@ async def serve(config: OrchestratorConfig) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    print(
-        f"pdserve orchestrator serving on {config.host}:{server.port} "
-        f"metrics_port={metrics.port if metrics else -1} http_port={http.port if http else -1} "
-        f"health_port={server.health_port}",
-        flush=True,
+    ready = format_ready_line(
+        "orchestrator",
+        config.host,
+        server.port,
+        metrics_port=metrics.port if metrics else -1,
+        health_port=server.health_port,
+        http_port=http.port if http else -1,
     )
+    print(ready, flush=True)
     await stop.wait()
     print("[pdserve] orchestrator: draining", file=sys.stderr, flush=True)
     orch.frontend.draining = True

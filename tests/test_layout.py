@@ -136,7 +136,11 @@ def test_plain_data_modules_import_no_jax(module: str) -> None:
     ],
 )
 def test_lower_layers_do_not_import_upper_ones(package: str, banned: tuple[str, ...]) -> None:
-    assert _violations(_modules(package), banned) == []
+    # The one exception: the ready line (standard library only), printed by the serving
+    # layer and read by the cluster harness, lives in one module for both.
+    found = _violations(_modules(package), banned)
+    ready_line = ("shared.cluster.ready",)
+    assert [v for v in found if not _banned(v.split(" imports ")[1], ready_line)] == []
 
 
 def test_client_loads_no_jax_at_import() -> None:

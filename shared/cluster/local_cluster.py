@@ -13,32 +13,17 @@ Only commands are started here; no server package is imported.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import os
-import re
 import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from shared.serving.lifetime import child_environment
+from shared.cluster.processes import Child, launch, start, stop_all, wait_ready
 from shared.serving.worker_config import add_compilation_cache_argument
 from shared.weights.flags import add_quantize_arguments
 from shared.weights.packaged import default_model
-
-SERVING = re.compile(r"serving on (\S+):(\d+) metrics_port=(-?\d+)(?: http_port=(-?\d+))?")
-
-
-@dataclasses.dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen
-    address: str = ""
-    metrics_port: int = -1
-    http_port: int = -1  # the orchestrator's OpenAI-compatible API (-1: off)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,58 +67,6 @@ def default_compilation_cache_dir() -> Path:
     return Path(cache_home) / "pdserve" / "jax"
 
 
-def launch(name: str, argv: Sequence[str]) -> tuple[Child, threading.Event]:
-    """Run `pdserve ARGV` and relay its output (prefixed); the event is set once it
-    serves (or exits)."""
-    # child_environment: a worker dies with this process, even when it is SIGKILLed.
-    env = child_environment({**os.environ, "PYTHONUNBUFFERED": "1"})
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pdserve_cli", *argv],
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    child = Child(name, proc)
-    ready = threading.Event()
-
-    def relay() -> None:
-        for line in proc.stdout:
-            if not ready.is_set() and (match := SERVING.search(line)):
-                child.address = f"{match[1]}:{match[2]}"
-                child.metrics_port = int(match[3])
-                child.http_port = int(match[4] or -1)
-                ready.set()
-            print(f"[{name}] {line}", end="", file=sys.stderr, flush=True)
-        ready.set()
-
-    threading.Thread(target=relay, daemon=True).start()
-    return child, ready
-
-
-def wait_ready(child: Child, ready: threading.Event, timeout: float) -> Child:
-    if not ready.wait(timeout) or not child.address:
-        child.proc.kill()
-        raise RuntimeError(f"{child.name} did not start (exit code {child.proc.poll()})")
-    return child
-
-
-def start(name: str, argv: Sequence[str], timeout: float) -> Child:
-    return wait_ready(*launch(name, argv), timeout)
-
-
-def stop_all(children: Sequence[Child], timeout: float = 60.0) -> None:
-    """SIGTERM everyone (the orchestrator first, so it stops sending work), then wait."""
-    for child in reversed(children):
-        if child.proc.poll() is None:
-            child.proc.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.proc.wait(timeout)
-        if child.proc.poll() is None:
-            child.proc.kill()
-
-
 def worker_engine_args(args: argparse.Namespace) -> list[str]:
     """The model and engine flags every worker of the cluster gets."""
     engine = [
@@ -169,14 +102,13 @@ def main(argv: Sequence[str]) -> int:
             else [("prefill", args.prefill_workers), ("decode", args.decode_workers)]
         )
         # Workers load and compile in parallel.
-        launched = [
-            launch(f"{role}-{i}", ["worker", "--role", role, *local, *engine])
+        children += [
+            launch(f"{role}-{i}", ["worker", "--role", role, *local, *engine], relay=True)
             for role, count in roles
             for i in range(count)
         ]
-        children += [child for child, _ in launched]
-        for child, ready in launched:
-            wait_ready(child, ready, args.startup_timeout_s)
+        for child in children:
+            wait_ready(child, args.startup_timeout_s)
         orch = [
             "orchestrator",
             "--host",
@@ -196,9 +128,9 @@ def main(argv: Sequence[str]) -> int:
                 orch += [f"--{role}", ",".join(addresses)]
         if args.auth_token_file:
             orch += ["--auth-token-file", args.auth_token_file]
-        orchestrator = start("orchestrator", orch, args.startup_timeout_s)
+        orchestrator = start("orchestrator", orch, args.startup_timeout_s, relay=True)
         children.append(orchestrator)
-        target = orchestrator.address.replace("0.0.0.0", "127.0.0.1")
+        target = orchestrator.address
         print(
             f'pdserve cluster ready on {target}: pdserve generate --target {target} "Hello"',
             flush=True,

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from prometheus_client import CollectorRegistry
 
+from shared.cluster.ready import format_ready_line
 from shared.metrics import MetricsServer
 from shared.serving.worker_config import WorkerConfig
 from shared.transport.server import RunningServer, Service, start_server
@@ -64,12 +65,14 @@ class WorkerServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._loop.add_signal_handler(sig, self._stop.set)
         metrics_port = metrics.port if metrics else -1
-        print(
-            f"pdserve {self.config.role.value} serving on {self.config.host}:"
-            f"{self._server.port} metrics_port={metrics_port} "
-            f"health_port={self._server.health_port}",
-            flush=True,
+        ready = format_ready_line(
+            self.config.role.value,
+            self.config.host,
+            self._server.port,
+            metrics_port=metrics_port,
+            health_port=self._server.health_port,
         )
+        print(ready, flush=True)
         await self._stop.wait()
         progress(f"{self.config.role.value}: draining (grace {self.config.drain_grace_s}s)")
         await self._server.set_serving(False)
