@@ -228,4 +228,5 @@ class DecodeService:
             free_pages=pages.free - pages.reserved,
             total_pages=pages.total,
             page_size=self._loop.pages.page_size,
+            max_seq_len=self._max_seq_len,
         )

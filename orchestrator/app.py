@@ -77,5 +77,6 @@ def placement_policy(config: OrchestratorConfig) -> PlacementPolicy:
     """The policy `--prefill-routing` names (orchestrator/placement.py)."""
     if config.prefill_routing == "least-loaded":
         return LeastLoadedPolicy()
-    index = PrefixIndex(config.prefix_block_tokens, config.prefix_index_blocks, config.model)
+    # Blocks of the prefill workers' page size, learnt from their load reports.
+    index = PrefixIndex(None, config.prefix_index_blocks, config.model)
     return PrefixAwarePolicy(index, config.prefix_affinity_max_queue)

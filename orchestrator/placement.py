@@ -13,7 +13,10 @@ Prefill (`--prefill-routing`):
   starts like one a worker prefilled recently (the next turn of a conversation, a shared
   system prompt) costs that worker only its new tokens. The policy keeps an approximate
   index of which worker holds which blocks (orchestrator/prefix_index.py) and routes to
-  the worker with the longest cached prefix of the prompt.
+  the worker with the longest cached prefix of the prompt. Its blocks are the prefill
+  workers' page size, from their load reports; a worker whose page size disagrees with
+  the others' is refused from prefix routing (orchestrator/prefix_blocks.py) and ranked
+  as if it held nothing.
 
   The trade-off is load against affinity: always following the cache would pile a popular
   prefix's traffic onto one worker while others idle, and queueing behind N prefills
@@ -112,8 +115,12 @@ class PrefixAwarePolicy(LeastLoadedPolicy):
     def rank_prefill(self, workers: Sequence[Worker], prompt: Sequence[int]) -> list[PrefillRoute]:
         if not workers:
             return []
+        self._learn_block_size(workers)
         hashes = self.index.hashes(prompt)
-        matched = {w.address: self.index.match(w.address, hashes) for w in workers}
+        matched = {
+            w.address: 0 if w.prefix_refused else self.index.match(w.address, hashes)
+            for w in workers
+        }
         least = min(w.outstanding for w in workers)
 
         def key(w: Worker) -> tuple:
@@ -130,14 +137,17 @@ class PrefixAwarePolicy(LeastLoadedPolicy):
         else:
             first = RouteOutcome.LOAD
         routes = []
+        block = self.index.block_tokens or 0
         for i, w in enumerate(ranked):
             blocks = matched[w.address]
-            tokens = self.index.expected_blocks(len(prompt), blocks) * self.index.block_tokens
+            tokens = self.index.expected_blocks(len(prompt), blocks) * block
             outcome = first if i == 0 else RouteOutcome.NONE
             routes.append(PrefillRoute(w, len(prompt), hashes, blocks, tokens, outcome))
         return routes
 
     def prefilled(self, route: PrefillRoute, result: PrefillResult) -> None:
+        if route.worker.prefix_refused:
+            return  # its cache's blocks are not ours: nothing it says is about our hashes
         address = route.worker.address
         self.index.refresh(
             address,
@@ -150,6 +160,15 @@ class PrefixAwarePolicy(LeastLoadedPolicy):
 
     def retain(self, workers: Sequence[Worker]) -> None:
         self.index.retain(w.address for w in workers)
+
+    def _learn_block_size(self, workers: Sequence[Worker]) -> None:
+        """The registry's agreement leaves one page size among the workers not refused
+        (orchestrator/prefix_blocks.py): hash in blocks of it. Workers that reported none
+        (hand-built in tests) leave the index's size as it is."""
+        for w in workers:
+            if w.prefill_page_size > 0 and not w.prefix_refused:
+                self.index.use_block_tokens(w.prefill_page_size)
+                return
 
 
 def _free_fraction(worker: Worker) -> float:

@@ -42,10 +42,13 @@ copy: per worker, a bounded LRU set of block hashes.
     it anyway only concentrates load. Any answer reporting cached tokens (a prompt routed
     there by load that happened to hit) clears the mark; so does `forget`.
 
-The hashes' root is a namespace of the model the orchestrator serves and the block size;
-it only has to be consistent within this index (the workers' own roots may differ:
-they report tokens, never hashes). Memory: about 150 bytes per held hash (16-byte digest,
-OrderedDict entry), i.e. ~10 MiB per worker at the default 65,536 blocks.
+The block size is the prefill workers' page size, learnt from their load reports
+(orchestrator/prefix_blocks.py; `use_block_tokens`), so blocks begin and end where the
+workers' cache pages do; until one has reported, nothing is hashed and every prompt is
+routed by load. The hashes' root is a namespace of the model the orchestrator serves and
+the block size; it only has to be consistent within this index (the workers' own roots
+may differ: they report tokens, never hashes). Memory: about 150 bytes per held hash
+(16-byte digest, OrderedDict entry), i.e. ~10 MiB per worker at the default 65,536 blocks.
 """
 
 from __future__ import annotations
@@ -69,15 +72,33 @@ class _WorkerBlocks:
 
 
 class PrefixIndex:
-    def __init__(self, block_tokens: int, blocks_per_worker: int, model: str = "") -> None:
-        if block_tokens <= 0 or blocks_per_worker <= 0:
-            raise ValueError(f"block_tokens={block_tokens}, blocks={blocks_per_worker}: not > 0")
-        self.block_tokens, self.capacity = block_tokens, blocks_per_worker
-        self._root = namespace("pdserve-orchestrator-prefix-index", model, block_tokens)
+    def __init__(self, block_tokens: int | None, blocks_per_worker: int, model: str = "") -> None:
+        """`block_tokens`: the workers' page size; None: learnt later (`use_block_tokens`)."""
+        if blocks_per_worker <= 0:
+            raise ValueError(f"blocks_per_worker={blocks_per_worker} must be > 0")
+        self.capacity, self._model = blocks_per_worker, model
+        self.block_tokens: int | None = None
+        self._root = b""
         self._workers: dict[str, _WorkerBlocks] = {}
+        if block_tokens is not None:
+            self.use_block_tokens(block_tokens)
+
+    def use_block_tokens(self, block_tokens: int) -> None:
+        """Hash in blocks of `block_tokens` from now on; a change forgets every worker
+        (hashes of blocks of another size name nothing they hold)."""
+        if block_tokens <= 0:
+            raise ValueError(f"block_tokens={block_tokens} must be > 0")
+        if block_tokens == self.block_tokens:
+            return
+        self.block_tokens = block_tokens
+        self._root = namespace("pdserve-orchestrator-prefix-index", self._model, block_tokens)
+        self._workers.clear()
 
     def hashes(self, prompt: Sequence[int]) -> tuple[BlockHash, ...]:
-        """The chained hashes of the prompt's whole blocks."""
+        """The chained hashes of the prompt's whole blocks (none before the block size is
+        known)."""
+        if self.block_tokens is None:
+            return ()
         return tuple(block_hashes(prompt, self.block_tokens, self._root))
 
     # Queries ------------------------------------------------------------------------------
@@ -98,6 +119,8 @@ class PrefixIndex:
     def expected_blocks(self, prompt_tokens: int, predicted: int) -> int:
         """Of `predicted` leading blocks held, how many the worker can serve from its cache:
         never the prompt's last token."""
+        if self.block_tokens is None:
+            return 0
         return max(0, min(predicted, (prompt_tokens - 1) // self.block_tokens))
 
     def blocks(self, worker: str) -> int:
@@ -149,7 +172,7 @@ class PrefixIndex:
                 held.lru.clear()
                 held.cacheless = True
                 return dropped
-        confirmed = max(0, cached_tokens) // self.block_tokens
+        confirmed = max(0, cached_tokens) // (self.block_tokens or 1)
         if confirmed >= expected:
             return 0
         lru, before = held.lru, len(held.lru)

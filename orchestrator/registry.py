@@ -2,9 +2,11 @@
 
 Workers come from static address lists and from DNS names re-resolved every
 `dns_refresh_s` (a Kubernetes headless Service: one A/AAAA record per pod). Every worker is
-health-checked (`grpc.health.v1`) every `health_interval_s`; decode workers also report
-their load. A worker whose call failed is ejected at once (DOWN) and re-admitted when its
-health check passes again. A colocated worker is one address in both roles.
+health-checked (`grpc.health.v1`) every `health_interval_s` and asked for its load report:
+a decode worker's slots and pages (placement), a prefill worker's page size (the prefix
+block size, orchestrator/prefix_blocks.py). A worker whose call failed is ejected at once
+(DOWN) and re-admitted when its health check passes again. A colocated worker is one
+address in both roles.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import socket
 from collections.abc import Iterable
 from typing import Protocol
 
+from orchestrator.prefix_blocks import BlockSizeAgreement
 from shared.metrics import OrchestratorMetrics
 from shared.transport.base import DecodeClient, PrefillClient
 from shared.transport.types import LoadReport, TransportError
@@ -63,6 +66,8 @@ class Worker:
     failed_checks: int = 0  # consecutive failed health checks
     pending_pages: int = 0  # pages our leases were promised since the last load report
     released_since_report: bool = False  # a lease of ours ended since the last report
+    prefill_page_size: int = 0  # a prefill-only worker's, from its last report (0: unknown)
+    prefix_refused: bool = False  # its page size disagrees: no prefix routing to it
 
     @property
     def free_slots(self) -> int:
@@ -142,6 +147,7 @@ class WorkerRegistry:
         self._workers: dict[str, Worker] = {}
         self._tasks: list[asyncio.Task] = []
         self.changed = asyncio.Event()  # set whenever health or load changes
+        self.prefix_blocks = BlockSizeAgreement(metrics)
 
     # Lifecycle ------------------------------------------------------------------------------
 
@@ -182,8 +188,9 @@ class WorkerRegistry:
         self._publish()
 
     async def check(self, worker: Worker) -> bool:
+        page_size = worker.prefill_page_size
         ok = await self._connector.healthy(worker.address, self._health_timeout)
-        if ok and worker.decode is not None:
+        if ok:
             ok = await self._read_load(worker)
         was = worker.health
         worker.failed_checks = 0 if ok else worker.failed_checks + 1
@@ -195,6 +202,10 @@ class WorkerRegistry:
             worker.health = Health.DOWN
         if was is not worker.health:
             log.info("worker %s is %s", worker.address, worker.health.value)
+        if page_size not in (0, worker.prefill_page_size):
+            # Restarted at another page size: agree again before it is routed to. (Not on
+            # its first report: the first round of checks agrees once, over all of them.)
+            self._agree_block_size()
         return ok
 
     async def refresh_load(self, worker: Worker) -> None:
@@ -204,15 +215,22 @@ class WorkerRegistry:
             await self._read_load(worker)
 
     async def _read_load(self, worker: Worker) -> bool:
-        """GetLoad into `worker`; False when it failed or timed out."""
+        """GetLoad into `worker` (its decode side's; a prefill-only worker's page size);
+        False when it failed or timed out."""
+        client = worker.decode if worker.decode is not None else worker.prefill
+        if client is None:
+            return True
         try:
             # asyncio.timeout, not wait_for: see SlotBroker._dispatch (a cancel lost here
             # would keep the refresh loop running and stop() waiting for it).
             async with asyncio.timeout(self._health_timeout):
-                load = await worker.decode.get_load()
+                load = await client.get_load()
         except (TransportError, TimeoutError):
             return False
-        worker.set_load(load)
+        if worker.decode is not None:
+            worker.set_load(load)
+        else:
+            worker.prefill_page_size = load.page_size
         return True
 
     async def check_all(self) -> None:
@@ -228,7 +246,12 @@ class WorkerRegistry:
         self._metrics.decode_slots_in_use.set(total - sum(w.free_slots for w in decode))
         self._metrics.decode_pages_total.set(sum(w.load.total_pages for w in decode))
         self._metrics.decode_pages_free.set(sum(w.free_pages or 0 for w in decode))
+        self._agree_block_size()
         self.changed.set()
+
+    def _agree_block_size(self) -> None:
+        # Colocated workers prefill only for their own slots: never prefix-routed.
+        self.prefix_blocks.update([w for w in self.up(WorkerRole.PREFILL) if len(w.roles) == 1])
 
     # Discovery ------------------------------------------------------------------------------
 

@@ -50,4 +50,7 @@ class PrefillService:
             total_slots=self._max_queue,
             queue_depth=depth,
             live_requests=self._loop.live_requests,
+            # The orchestrator's prefix routing hashes prompts in blocks of this size: it
+            # must be the size this worker's prefix cache keys its pages by.
+            page_size=self._loop.pool.page_size,
         )

@@ -297,6 +297,12 @@ class OrchestratorMetrics:
             "Prompt tokens prefill workers reported serving from their prefix caches.",
             registry=registry,
         )
+        self.prefix_refused_workers = Gauge(
+            "pdserve_prefix_routing_refused_workers",
+            "Healthy prefill workers left out of prefix routing (routed by load only) "
+            "because their --page-size differs from the other prefill workers'.",
+            registry=registry,
+        )
         for role in ("prefill", "decode"):
             self.workers_up.labels(role).set(0)
         for stage in ("prefill", "decode_resume", "preempted"):

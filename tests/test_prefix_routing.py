@@ -257,15 +257,15 @@ def test_what_a_prefill_teaches_and_forgetting_workers_no_longer_up():
 def test_flags_and_the_default_policy():
     base = ["--prefill", "p:1", "--decode", "d:1"]
     config = parse_orchestrator_args(base)
-    assert config.prefill_routing == "prefix" and config.prefix_block_tokens == 16
+    assert config.prefill_routing == "prefix"
     assert config.prefix_affinity_max_queue == 4 and config.prefix_index_blocks == 65536
     policy = placement_policy(config)
     assert isinstance(policy, PrefixAwarePolicy) and policy.max_queue_gap == 4
-    assert policy.index.block_tokens == 16 and policy.index.capacity == 65536
+    # The block size is the prefill workers' page size, learnt from their load reports.
+    assert policy.index.block_tokens is None and policy.index.capacity == 65536
     config = parse_orchestrator_args([*base, "--prefill-routing", "least-loaded"])
     assert type(placement_policy(config)) is LeastLoadedPolicy
     for bad in (
-        ["--prefix-block-tokens", "0"],
         ["--prefix-index-blocks", "0"],
         ["--prefix-affinity-max-queue", "-1"],
     ):
@@ -338,8 +338,8 @@ PREFILL_ADDRESSES = ("prefill-0:1", "prefill-1:1")  # the fake transport's
 
 class TwoPrefillCluster:
     """One decode worker, two prefill workers and the orchestrator (prefix routing, blocks
-    of the engine's page size, affinity bound 1) in this event loop, over the fake
-    transport or real loopback gRPC."""
+    of the engine's page size as the workers report it, affinity bound 1) in this event
+    loop, over the fake transport or real loopback gRPC."""
 
     def __init__(self, engine: Engine, params: Params, fingerprint: str, grpc: bool) -> None:
         self.engine, self.params, self.fingerprint, self.grpc = engine, params, fingerprint, grpc
@@ -403,8 +403,6 @@ class TwoPrefillCluster:
             decode_address,
             "--health-interval-s",
             "0.5",
-            "--prefix-block-tokens",
-            str(B),
             "--prefix-affinity-max-queue",
             "1",
         ]
@@ -494,6 +492,8 @@ def test_a_conversation_stays_on_one_prefill_worker_until_it_is_overloaded(
     async def body(cluster: TwoPrefillCluster) -> None:
         first, second = sorted(cluster.prefill)  # `first` wins address tie-breaks
         rec = cluster.recorder
+        # The block size came from the workers' load reports (no flag sets it).
+        assert cluster.orchestrator.registry.prefix_blocks.block_tokens == B
         # Turn 1 while `first` is busy with another prompt: least loaded is `second`.
         rec.gates[first] = asyncio.Event()
         busy = asyncio.create_task(ask(cluster, [256, 1, 2, 3, 4, 5, 6, 7, 8]))
@@ -526,10 +526,11 @@ def test_a_conversation_stays_on_one_prefill_worker_until_it_is_overloaded(
         await asyncio.gather(*held)
         # Predicted: turn 2 one block, turn 3 and the held prompts two, turn 4 none.
         assert cluster.metric("pdserve_prefix_predicted_tokens_total{}") == B + 3 * 2 * B
-        # The worker's own answers: turn 3 reused turns 1-2's two blocks from its prefix
-        # cache (0 from a worker running without one); turn 4's worker never saw them (at
-        # most its first token, 256, lent by the busy prompt's first block).
-        assert rec.cached[tuple(turn3)] in (0, 2 * B) and rec.cached[tuple(turn4)] in (0, 1)
+        # The worker's own answers: turn 3 reused turn 2's two blocks from its prefix
+        # cache (the orchestrator's blocks are the worker's pages); turn 4's worker never
+        # saw them (at most its first token, 256, lent by the busy prompt's first block).
+        assert cluster.policy.index.block_tokens == B
+        assert rec.cached[tuple(turn3)] == 2 * B and rec.cached[tuple(turn4)] in (0, 1)
         cached = cluster.metric("pdserve_prefix_cached_tokens_total{}")
         assert cached == sum(rec.cached.values())
 

@@ -140,6 +140,7 @@ def load_to_proto(load: LoadReport) -> worker_pb2.LoadReport:
         free_pages=load.free_pages,
         total_pages=load.total_pages,
         page_size=load.page_size,
+        max_seq_len=load.max_seq_len,
     )
 
 
@@ -152,6 +153,7 @@ def load_from_proto(message: worker_pb2.LoadReport) -> LoadReport:
         message.free_pages,
         message.total_pages,
         message.page_size,
+        message.max_seq_len,
     )
 
 

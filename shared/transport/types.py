@@ -115,7 +115,8 @@ class LoadReport:
     live_requests: int
     free_pages: int = 0  # KV pages free and not promised (decode workers)
     total_pages: int = 0
-    page_size: int = 0
+    page_size: int = 0  # decode: the KV pool's; prefill: the prefix cache's block size
+    max_seq_len: int = 0  # decode: the most positions one request may take (0: unknown)
 
     def pages_for(self, tokens: int) -> int:
         """KV pages `tokens` positions take on this worker (0 where it has no pages)."""

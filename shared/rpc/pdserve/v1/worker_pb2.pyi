@@ -111,7 +111,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("free_slots", "total_slots", "queue_depth", "live_requests", "free_pages", "total_pages", "page_size")
+    __slots__ = ("free_slots", "total_slots", "queue_depth", "live_requests", "free_pages", "total_pages", "page_size", "max_seq_len")
     FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SLOTS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,7 @@ class LoadReport(_message.Message):
     FREE_PAGES_FIELD_NUMBER: _ClassVar[int]
     TOTAL_PAGES_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     free_slots: int
     total_slots: int
     queue_depth: int
@@ -126,7 +127,8 @@ class LoadReport(_message.Message):
     free_pages: int
     total_pages: int
     page_size: int
-    def __init__(self, free_slots: _Optional[int] = ..., total_slots: _Optional[int] = ..., queue_depth: _Optional[int] = ..., live_requests: _Optional[int] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
+    max_seq_len: int
+    def __init__(self, free_slots: _Optional[int] = ..., total_slots: _Optional[int] = ..., queue_depth: _Optional[int] = ..., live_requests: _Optional[int] = ..., free_pages: _Optional[int] = ..., total_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., max_seq_len: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_target", "lease_id", "deadline", "model_fingerprint", "resume", "logprobs", "top_logprobs")
