@@ -32,21 +32,23 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.reliability import (
-    Cluster,
     Outcome,
+    Run,
     client_pool,
+    fault_cluster,
     greedy_references,
-    held,
     load_average,
     percentile,
     run_stream,
 )
+from shared.cluster.accounting import held, leaks
+from shared.cluster.faults import FaultCluster
 
 WORKER_FLAGS = (
     "--slots",
@@ -71,7 +73,7 @@ def prompts(count: int, seed: int) -> list[tuple[int, ...]]:
 class Timeline:
     """When each role had how many workers available (alive and not frozen)."""
 
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: FaultCluster) -> None:
         self._cluster = cluster
         self.points: list[tuple[float, dict[str, int]]] = []
         self.mark()
@@ -92,7 +94,7 @@ class Timeline:
 
 
 async def steady_load(
-    cluster: Cluster,
+    run: Run,
     work: Sequence[tuple[int, ...]],
     concurrency: int,
     stop: asyncio.Event,
@@ -100,8 +102,7 @@ async def steady_load(
     outcomes: list[Outcome],
 ) -> list[Outcome]:
     """`concurrency` streams at all times until `stop` (or `max_streams` started)."""
-    tls = cluster.tls.client() if cluster.tls else None
-    clients = client_pool(cluster.target, max(1, concurrency // 32), tls)
+    clients = client_pool(run.cluster.target, max(1, concurrency // 32), run.client_tls())
 
     async def lane(lane_id: int) -> None:
         client = clients[lane_id % len(clients)]
@@ -119,47 +120,35 @@ async def steady_load(
 
 
 async def fault_loop(
-    cluster: Cluster,
+    cluster: FaultCluster,
     timeline: Timeline,
     stop: asyncio.Event,
     rng: random.Random,
     log: list[dict],
-    *,
-    first_after: Callable[[], bool] | None = None,
-    once: bool = False,
 ) -> None:
-    """Every 15-30 s, a kill (then a restart) or a freeze of one random worker. `once`: a
-    single kill of a decode worker, as soon as `first_after()` holds, and no restart."""
+    """Every 15-30 s, a kill (then a restart) or a freeze of one random worker."""
     while not stop.is_set():
-        if first_after is not None:
-            while not first_after() and not stop.is_set():
-                await asyncio.sleep(0.02)
-        else:
-            try:
-                await asyncio.wait_for(stop.wait(), rng.uniform(15, 30))
-                return
-            except TimeoutError:
-                pass
-        names = sorted(n for n in cluster.workers if not once or n.startswith("decode"))
-        name = rng.choice(names)
-        action = "kill" if once else rng.choice(["kill", "stop"])
+        try:
+            await asyncio.wait_for(stop.wait(), rng.uniform(15, 30))
+            return
+        except TimeoutError:
+            pass
+        name = rng.choice(sorted(cluster.workers))
+        action = rng.choice(["kill", "stop"])
         at = time.perf_counter() - timeline.points[0][0]
         entry = {"worker": name, "action": action, "at_s": round(at, 1)}
         if action == "kill":
             await asyncio.to_thread(cluster.kill, name)
             timeline.mark()
-            if once:
-                log.append(entry)
-                return
             started = time.perf_counter()
             await asyncio.to_thread(cluster.restart, name)  # returns once re-admitted
             entry["readmitted_after_s"] = round(time.perf_counter() - started, 1)
         else:
             pause = rng.uniform(2, 5)
-            cluster.workers[name].signal(19)  # SIGSTOP
+            cluster.freeze(name)
             timeline.mark()
             await asyncio.sleep(pause)
-            cluster.workers[name].signal(18)  # SIGCONT
+            cluster.thaw(name)
             entry["stopped_s"] = round(pause, 1)
             await asyncio.to_thread(cluster.wait_admitted)
         timeline.mark()
@@ -167,7 +156,7 @@ async def fault_loop(
         log.append(entry)
 
 
-async def rolling_upgrade(cluster: Cluster, timeline: Timeline, log: list[dict]) -> None:
+async def rolling_upgrade(cluster: FaultCluster, timeline: Timeline, log: list[dict]) -> None:
     """Every worker in turn: SIGTERM, wait for its drain and exit, start, re-admit."""
     await asyncio.sleep(5)  # the load is up
     for name in sorted(cluster.workers):
@@ -229,38 +218,29 @@ def report(
 
 
 async def run(
-    cluster: Cluster,
+    run: Run,
     *,
     duration_s: float,
     concurrency: int,
     seed: int,
     rolling: bool = False,
     max_streams: int | None = None,
-    one_kill: bool = False,
-    references: Callable | None = None,
 ) -> dict:
-    """The whole run against a started cluster; the report (see the module docstring).
-    `references(prompts, max_tokens)`: the reference tokens (default: a fresh engine)."""
+    """The whole run against a started cluster; the report (see the module docstring)."""
+    cluster = run.cluster
     work = prompts(32, seed)
-    refs = await asyncio.to_thread(
-        references or (lambda w, n: greedy_references(w, n, WORKER_FLAGS)), work, MAX_TOKENS
-    )
-    rng = random.Random(seed)
+    refs = await asyncio.to_thread(greedy_references, work, MAX_TOKENS, WORKER_FLAGS)
     timeline = Timeline(cluster)
     faults: list[dict] = []
     stop = asyncio.Event()
     outcomes: list[Outcome] = []
-    load = asyncio.create_task(steady_load(cluster, work, concurrency, stop, max_streams, outcomes))
+    load = asyncio.create_task(steady_load(run, work, concurrency, stop, max_streams, outcomes))
     rss_start = cluster.rss()
     if rolling:
         chaos = asyncio.create_task(rolling_upgrade(cluster, timeline, faults))
     else:
-        first = None
-        if one_kill:  # the test: a decode worker killed once the streams are flowing
-            first = lambda: sum(len(o.tokens) for o in outcomes) >= 5 * concurrency  # noqa: E731
-        chaos = asyncio.create_task(
-            fault_loop(cluster, timeline, stop, rng, faults, first_after=first, once=one_kill)
-        )
+        rng = random.Random(seed)
+        chaos = asyncio.create_task(fault_loop(cluster, timeline, stop, rng, faults))
     deadline = time.monotonic() + duration_s
     while time.monotonic() < deadline and not load.done() and not (rolling and chaos.done()):
         await asyncio.sleep(0.2)
@@ -269,9 +249,9 @@ async def run(
     await load
     restarted = {f["worker"] for f in faults if f["action"] != "stop"}
     rss_end = cluster.rss()
-    leaked = await asyncio.to_thread(cluster.leaks)
+    leaked = await asyncio.to_thread(leaks, cluster, run.worker_transport())
     result = report(outcomes, refs, timeline, faults, leaked, rss_start, rss_end, restarted)
-    samples = cluster.metrics(cluster.orchestrator)
+    samples = cluster.metrics()
     result["orchestrator_retries"] = {
         stage: int(samples.get(f"pdserve_retries_total{{stage={stage}}}", 0))
         for stage in ("prefill", "decode_resume")
@@ -279,7 +259,7 @@ async def run(
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--duration-s", type=float, default=600.0)
@@ -288,16 +268,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rolling-upgrade", action="store_true")
     p.add_argument("--plaintext", action="store_true", help="no TLS/mTLS")
-    args = p.parse_args(argv)
+    return p
+
+
+# The report's lines printed at the end (the whole report goes to --out).
+SUMMARY_KEYS = (
+    "streams",
+    "completed",
+    "mismatched_streams",
+    "errors_by_status",
+    "unexplained_errors",
+    "kills",
+    "stops",
+    "drain_restarts",
+    "readmitted",
+    "leaked",
+    "leaks",
+    "rss_growth_fraction",
+    "passed",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     load_before = load_average()
     started = time.time()
     tls = "none" if args.plaintext else "all"
-    cluster = Cluster(2, 2, WORKER_FLAGS, ("--max-queue", "1024"), tls=tls)
-    try:
-        cluster.start()
+    with fault_cluster(2, 2, WORKER_FLAGS, ("--max-queue", "1024"), tls=tls) as cluster_run:
         result = asyncio.run(
             run(
-                cluster,
+                cluster_run,
                 duration_s=args.duration_s,
                 concurrency=args.concurrency,
                 seed=args.seed,
@@ -305,8 +305,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 max_streams=args.max_streams,
             )
         )
-    finally:
-        cluster.close()
     result = {
         "command": " ".join(["python", "bench/chaos.py", *(argv or sys.argv[1:])]),
         "mode": "rolling_upgrade" if args.rolling_upgrade else "faults",
@@ -316,29 +314,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_average_after": load_average(),
         **result,
     }
-    result["passed"] = bool(
-        not result["mismatched_streams"]
-        and not result["unexplained_errors"]
-        and not result["leaks"]
+    result["passed"] = not (
+        result["mismatched_streams"] or result["unexplained_errors"] or result["leaks"]
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    keys = (
-        "streams",
-        "completed",
-        "mismatched_streams",
-        "errors_by_status",
-        "unexplained_errors",
-        "kills",
-        "stops",
-        "drain_restarts",
-        "readmitted",
-        "leaked",
-        "leaks",
-        "rss_growth_fraction",
-        "passed",
-    )
-    print(json.dumps({k: result[k] for k in keys}, indent=2))
+    print(json.dumps({k: result[k] for k in SUMMARY_KEYS}, indent=2))
     return 0 if result["passed"] else 1
 
 

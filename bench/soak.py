@@ -38,14 +38,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.reliability import (
-    Cluster,
     Outcome,
     client_pool,
-    held,
+    fault_cluster,
     load_average,
     percentile,
     run_stream,
 )
+from shared.cluster.accounting import held, leaks
+from shared.cluster.faults import FaultCluster
 
 WORKER_FLAGS = ("--slots", "64", "--prefill-buckets", "16,32,64", "--max-seq-len", "128")
 ORCHESTRATOR_FLAGS = ("--max-queue", "4096", "--max-concurrency", "4096")
@@ -69,7 +70,7 @@ def draw(rng: random.Random, index: int) -> tuple[Outcome, dict]:
     return outcome, {}
 
 
-async def soak(cluster: Cluster, duration_s: float, concurrency: int, seed: int) -> dict:
+async def soak(cluster: FaultCluster, duration_s: float, concurrency: int, seed: int) -> dict:
     rng = random.Random(seed)
     clients = client_pool(cluster.target, CONNECTIONS)
     outcomes: list[Outcome] = []
@@ -93,7 +94,7 @@ async def soak(cluster: Cluster, duration_s: float, concurrency: int, seed: int)
     for client in clients:
         await client.close()
     rss_end = cluster.rss()
-    leaked = await asyncio.to_thread(cluster.leaks)
+    leaked = await asyncio.to_thread(leaks, cluster)
     return summarize(outcomes, rss_start, rss_warm, rss_end, leaked, warm_up)
 
 
@@ -158,12 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     load_before = load_average()
     started = time.time()
-    cluster = Cluster(1, 1, WORKER_FLAGS, ORCHESTRATOR_FLAGS)
-    try:
-        cluster.start()
-        result = asyncio.run(soak(cluster, args.duration_s, args.concurrency, args.seed))
-    finally:
-        cluster.close()
+    with fault_cluster(1, 1, WORKER_FLAGS, ORCHESTRATOR_FLAGS) as run:
+        result = asyncio.run(soak(run.cluster, args.duration_s, args.concurrency, args.seed))
     result = {
         "command": " ".join(["python", "bench/soak.py", *(argv or sys.argv[1:])]),
         "concurrency": args.concurrency,

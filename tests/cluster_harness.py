@@ -1,7 +1,8 @@
 """A whole cluster (orchestrator + workers) two ways, for the same end-to-end tests.
 
-* `ProcessCluster`: `pdserve orchestrator` + worker processes on loopback, called through
-  the public gRPC API with the real client.
+* `ProcessCluster`: `pdserve orchestrator` + worker processes on loopback (started by
+  shared/cluster's `Cluster` from `process_cluster_spec`), called through the public gRPC
+  API with the real client.
 * `InProcessCluster`: the orchestrator's `Frontend` and the worker assemblies in this
   process, linked by the fake transport; called with the same requests (built by the
   client's `build_request` and read by the servicer's `input_from_proto`).
@@ -11,12 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import urllib.request
 from collections.abc import AsyncIterator, Sequence
 
 from prometheus_client import CollectorRegistry
 
-from decode_server.worker import build_decode_worker
+from decode_server.worker import DecodeWorker, build_decode_worker
 from orchestrator.admission import QueueFullError
 from orchestrator.app import Orchestrator, build_orchestrator
 from orchestrator.config import parse_orchestrator_args
@@ -24,9 +24,11 @@ from orchestrator.flow import RequestFailed
 from orchestrator.frontend import GenerateOutput, InvalidRequest
 from orchestrator.servicer import input_from_proto
 from prefill_server.kv_push import RemoteKvSink
-from prefill_server.loop import PrefillLoop
 from prefill_server.service import PrefillService
 from shared.client.generator import AsyncGeneratorClient, Chunk, GenerateError, build_request
+from shared.cluster.cluster import Cluster, ClusterSpec, orchestrator_argv
+from shared.cluster.metrics import metrics_text
+from shared.cluster.processes import Child, kill
 from shared.engine.engine import Engine, Params
 from shared.kv.pages import PageAllocator
 from shared.metrics import WorkerMetrics
@@ -39,39 +41,50 @@ from tests.worker_harness import (
     ENGINE_FLAGS,
     TRANSPORT,
     ProcessWorkers,
-    WorkerProcess,
+    process_env,
     spawn_pdserve,
-    stop_worker,
+    start_prefill_loop,
 )
 
+# The orchestrator of a test: health checks every 0.5 s, so a worker's death or return is
+# seen within a test's patience.
+ORCHESTRATOR_FLAGS = ("--health-interval-s", "0.5")
 
-def spawn_orchestrator(*flags: str, timeout: float = 120.0) -> WorkerProcess:
-    argv = [
-        "orchestrator",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--health-interval-s",
-        "0.5",
-        *flags,
-    ]
+
+def spawn_orchestrator(*flags: str, timeout: float = 120.0) -> Child:
+    """`pdserve orchestrator` on a free loopback port; `flags` name its workers."""
+    argv = orchestrator_argv({}, *ORCHESTRATOR_FLAGS, *flags)
     return spawn_pdserve("orchestrator", argv, timeout)
 
 
+def process_cluster_spec(
+    prefill: int = 1,
+    decode: int = 1,
+    worker_flags: Sequence[str] = (),
+    orchestrator_flags: Sequence[str] = (),
+) -> ClusterSpec:
+    """A process cluster with the test engine (ENGINE_FLAGS, then `worker_flags`) and the
+    test orchestrator's flags (then `orchestrator_flags`), in the test environment."""
+    return ClusterSpec(
+        prefill=prefill,
+        decode=decode,
+        worker_flags=(*ENGINE_FLAGS, *worker_flags),
+        orchestrator_flags=(*ORCHESTRATOR_FLAGS, *orchestrator_flags),
+        env=process_env(),
+        startup_timeout_s=180.0,
+    )
+
+
 class ProcessCluster:
-    """`pdserve orchestrator` + one prefill and one decode process; conftest's session
-    fixture `process_cluster` shares one among the modules (tests that kill or reconfigure
-    a worker start their own)."""
+    """`pdserve orchestrator` + one prefill and one decode process (shared/cluster);
+    conftest's session fixture `process_cluster` shares one among the modules (tests that
+    kill or reconfigure a worker start their own)."""
 
     def __init__(self) -> None:
-        self.workers = ProcessWorkers()
-        self.orchestrator = spawn_orchestrator(
-            "--prefill", self.workers.prefill.address, "--decode", self.workers.decode_address
-        )
-        self.api = ProcessApi(self.orchestrator.address)
+        self.cluster = Cluster.start(process_cluster_spec())
+        self.workers = ProcessWorkers(self.cluster)
+        self.orchestrator = self.cluster.orchestrator
+        self.api = ProcessApi(self.cluster.target)
 
     async def all_free(self) -> bool:
         client = self.workers.decode_client()
@@ -82,12 +95,11 @@ class ProcessCluster:
         return load.free_slots == load.total_slots and load.live_requests == 0
 
     def metrics_text(self) -> str:
-        url = f"http://127.0.0.1:{self.orchestrator.metrics_port}/metrics"
-        return urllib.request.urlopen(url, timeout=5).read().decode()
+        return metrics_text(self.orchestrator.metrics_port)
 
     def close(self) -> None:
-        stop_worker(self.orchestrator)
-        self.workers.close()
+        for child in reversed(self.cluster.children()):  # the orchestrator first
+            kill(child)
 
 
 class ProcessApi:
@@ -193,56 +205,41 @@ class InProcessCluster:
         pool that runs dry), instead of the engine's whole pool."""
         self.network = FakeNetwork()
         self.fatal: list[BaseException] = []
-        runtime = ModelRuntime(engine, params, fingerprint, None)
-        config = parse_worker_args(["--port", "0", *ENGINE_FLAGS], Role.DECODE)
-        loop = asyncio.get_running_loop()
-        self.decode = {}
+        self.decode: dict[str, DecodeWorker] = {}
         self.decode_registries: dict[str, CollectorRegistry] = {}
+        runtime = ModelRuntime(engine, params, fingerprint, None)
         for i in range(decode_workers):
-            pages = None
-            if decode_pages is not None:
-                c = engine.config
-                pages = PageAllocator(decode_pages + 1, c.page_size, c.max_pages_per_slot)
-            registry = CollectorRegistry()
-            worker = build_decode_worker(
-                runtime, config, WorkerMetrics(registry, "decode"), self.fatal.append, pages
-            )
-            worker.start(loop)
-            address = f"decode-{i}:1"
-            self.network.serve(address, worker.service)
-            self.decode[address] = worker
-            self.decode_registries[address] = registry
+            self._serve_decode_worker(f"decode-{i}:1", runtime, decode_pages)
         self.sink = RemoteKvSink(TRANSPORT, fingerprint, self.network.decode_client)
-        self.prefill_loop = PrefillLoop(
-            engine,
-            params,
-            self.sink,
-            WorkerMetrics(CollectorRegistry(), "prefill"),
-            max_queue=64,
-            on_fatal=self.fatal.append,
-        )
-        self.prefill_loop.start(loop)
+        self.prefill_loop = start_prefill_loop(engine, params, self.sink, self.fatal.append)
         self.network.serve("prefill-0:1", PrefillService(self.prefill_loop, fingerprint, 64))
-        orch_config = parse_orchestrator_args(
-            [
-                "--prefill",
-                "prefill-0:1",
-                "--decode",
-                ",".join(self.decode),
-                "--health-interval-s",
-                "0.5",
-                *orchestrator_flags,
-            ]
-        )
-        self.config = orch_config
+        workers = ["--prefill", "prefill-0:1", "--decode", ",".join(self.decode)]
+        self.config = parse_orchestrator_args([*workers, *ORCHESTRATOR_FLAGS, *orchestrator_flags])
         self.registry = CollectorRegistry()
         self.orchestrator = build_orchestrator(
-            orch_config,
+            self.config,
             FakeConnector(self.network),
             model_info or load_model_info("tiny"),
             self.registry,
         )
         self.api = InProcessApi(self.orchestrator)
+
+    def _serve_decode_worker(self, address: str, runtime: ModelRuntime, pages: int | None) -> None:
+        """A decode worker (handing out only `pages` KV pages, if given) served at
+        `address`, its metrics in `decode_registries[address]`."""
+        config = parse_worker_args(["--port", "0", *ENGINE_FLAGS], Role.DECODE)
+        allocator = None
+        if pages is not None:
+            c = runtime.engine.config
+            allocator = PageAllocator(pages + 1, c.page_size, c.max_pages_per_slot)
+        registry = CollectorRegistry()
+        worker = build_decode_worker(
+            runtime, config, WorkerMetrics(registry, "decode"), self.fatal.append, allocator
+        )
+        worker.start(asyncio.get_running_loop())
+        self.network.serve(address, worker.service)
+        self.decode[address] = worker
+        self.decode_registries[address] = registry
 
     async def start(self) -> None:
         await self.orchestrator.start()

@@ -25,10 +25,10 @@ import pytest
 
 from orchestrator.main import start_http_server, start_public_server
 from shared.client.generator import AsyncGeneratorClient, ClientTls, GenerateError, build_request
+from shared.cluster.certificates import CertificateAuthority
 from shared.rpc.pdserve.v1 import generate_pb2
 from tests.cluster_harness import InProcessCluster
 from tests.reference import reference_greedy
-from tests.tls_certs import CertificateAuthority
 
 GENERATE = "/pdserve.v1.Generator/Generate"
 

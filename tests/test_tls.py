@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from shared.cluster.certificates import CertificateAuthority, Pem
 from shared.transport import tls as tls_module
 from shared.transport.grpc_transport import GrpcDecodeClient
 from shared.transport.server import decode_service, start_server
@@ -38,7 +39,6 @@ from shared.transport.types import (
     TransportConfig,
     TransportError,
 )
-from tests.tls_certs import CertificateAuthority, Pem
 from tests.worker_harness import spawn_pdserve, stop_worker
 
 LOAD = LoadReport(free_slots=3, total_slots=4, queue_depth=0, live_requests=1)

@@ -1,38 +1,35 @@
-"""Two ways to run prefill + decode workers for the same tests.
+"""Two ways to run prefill + decode workers for the same tests, and the test engine's flags.
 
-* `ProcessWorkers`: real `pdserve prefill` / `pdserve decode` processes on loopback, talked
-  to over gRPC.
+* `ProcessWorkers`: real `pdserve worker` processes on loopback (started by
+  shared/cluster), talked to over gRPC.
 * `InProcessWorkers`: the same worker assemblies built in this process and event loop,
-  talked to through the in-process fake transport.
+  talked to through the in-process fake transport; `start_prefill_loop` is the one place
+  a test builds a prefill worker's loop.
 
-Both expose the same clients and controls, so one test body proves both.
+Both expose the same clients and controls, so one test body proves both. `spawn_pdserve`
+/ `spawn_worker` start one process with the test environment (CPU, simulated devices).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
 from decode_server.worker import DecodeWorker, build_decode_worker
 from prefill_server.kv_push import RemoteKvSink
-from prefill_server.loop import PrefillLoop
+from prefill_server.loop import KvSink, PrefillLoop
 from prefill_server.service import PrefillService
+from shared.cluster.cluster import Cluster, worker_argv
+from shared.cluster.processes import Child, kill, start
+from shared.config import PrefillSettings
 from shared.engine.engine import Engine, Params
 from shared.metrics import WorkerMetrics
 from shared.sampling_params import SamplingParams
-from shared.serving.lifetime import child_environment
 from shared.serving.runtime import ModelRuntime
 from shared.serving.worker_config import Role, parse_worker_args
 from shared.transport.base import DecodeClient, PrefillClient
@@ -60,23 +57,21 @@ ENGINE_FLAGS = (
     "--page-size",
     "8",
 )
-SERVING = re.compile(r"serving on (\S+):(\d+) metrics_port=(-?\d+)")
 TRANSPORT = TransportConfig(rpc_timeout_s=10.0, transfer_timeout_s=20.0)
+# A test's processes compute on the CPU, whatever this machine has.
+TEST_ENV = {"JAX_PLATFORMS": "cpu"}
+WorkerProcess = Child  # a started `pdserve ...` process (shared/cluster/processes.py)
 
 
-@dataclasses.dataclass
-class WorkerProcess:
-    role: str
-    proc: subprocess.Popen
-    address: str
-    metrics_port: int
-    output: list[str]
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout)
+def process_env(
+    devices: int | None = None, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment variables a test's process gets on top of ours: the CPU platform,
+    `devices` simulated CPU devices (default: one) and `extra`."""
+    env = {**TEST_ENV, **(extra or {})}
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
 
 
 def spawn_pdserve(
@@ -85,74 +80,36 @@ def spawn_pdserve(
     timeout: float,
     devices: int | None = None,
     extra_env: dict[str, str] | None = None,
-) -> WorkerProcess:
+) -> Child:
     """Start `pdserve ARGV` (which must bind loopback port 0); return once it serves.
     `devices`: simulated CPU devices for the process (default: one); `extra_env`: more
     environment variables for it."""
-    cmd = [sys.executable, "-m", "pdserve_cli", *argv]
-    # child_environment: the process dies with this one (pytest), however pytest ends.
-    env = child_environment(
-        {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
-    )
-    if devices is not None:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    output: list[str] = []
-    ready = threading.Event()
-    found: list[re.Match] = []
-
-    def pump() -> None:  # keep reading, so the child never blocks on a full pipe
-        for line in proc.stdout:
-            output.append(line)
-            if not found and (match := SERVING.search(line)):
-                found.append(match)
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=pump, daemon=True).start()
-    if not ready.wait(timeout) or not found:
-        proc.kill()
-        raise RuntimeError(f"{name} did not start:\n{''.join(output)}")
-    match = found[0]
-    return WorkerProcess(name, proc, f"127.0.0.1:{match[2]}", int(match[3]), output)
+    return start(name, argv, timeout, env=process_env(devices, extra_env), cwd=REPO)
 
 
 def spawn_worker(
     role: str, *flags: str, timeout: float = 180.0, devices: int | None = None
-) -> WorkerProcess:
-    """Start `pdserve worker --role ROLE` on a free loopback port; return once SERVING."""
-    argv = [
-        "worker",
-        "--role",
-        role,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        *ENGINE_FLAGS,
-        *flags,
-    ]
-    return spawn_pdserve(role, argv, timeout, devices)
+) -> Child:
+    """Start `pdserve worker --role ROLE` (the test engine's flags, then `flags`) on a free
+    loopback port; return once it serves."""
+    return spawn_pdserve(role, worker_argv(role, *ENGINE_FLAGS, *flags), timeout, devices)
 
 
-def stop_worker(worker: WorkerProcess) -> None:
-    if worker.proc.poll() is None:
-        worker.signal(signal.SIGKILL)
-        worker.proc.wait(10)
+def stop_worker(worker: Child) -> None:
+    """SIGKILL it (a test's process need not drain)."""
+    kill(worker)
 
 
 class ProcessWorkers:
-    """One prefill and one decode process, shared by a module's tests."""
+    """The prefill and decode process of a started cluster (conftest's `process_cluster`),
+    with clients for them."""
 
     kind = "process"
 
-    def __init__(self) -> None:
-        self.prefill = spawn_worker("prefill")
-        self.decode = spawn_worker("decode")
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.prefill = cluster.workers["prefill-0"]
+        self.decode = cluster.workers["decode-0"]
         self.decode_address = self.decode.address
 
     def decode_client(self, address: str | None = None) -> DecodeClient:
@@ -160,10 +117,6 @@ class ProcessWorkers:
 
     def prefill_client(self) -> PrefillClient:
         return GrpcPrefillClient(self.prefill.address, TRANSPORT)
-
-    def close(self) -> None:
-        for worker in (self.prefill, self.decode):
-            stop_worker(worker)
 
 
 class InProcessWorkers:
@@ -185,15 +138,7 @@ class InProcessWorkers:
         )
         self.decode.start(asyncio.get_running_loop())
         self.sink = RemoteKvSink(TRANSPORT, fingerprint, self.network.decode_client)
-        self.prefill_loop = PrefillLoop(
-            engine,
-            params,
-            self.sink,
-            WorkerMetrics(CollectorRegistry(), "prefill"),
-            max_queue=64,
-            on_fatal=self.fatal.append,
-        )
-        self.prefill_loop.start(asyncio.get_running_loop())
+        self.prefill_loop = start_prefill_loop(engine, params, self.sink, self.fatal.append)
         self.network.serve(self.decode_address, self.decode.service)
         self.network.serve(self.prefill_address, PrefillService(self.prefill_loop, fingerprint, 64))
 
@@ -207,6 +152,26 @@ class InProcessWorkers:
         self.prefill_loop.stop()
         await self.decode.drain(0.0)
         assert not self.fatal, self.fatal
+
+
+def start_prefill_loop(
+    engine: Engine,
+    params: Params,
+    sink: KvSink,
+    on_fatal: Callable[[BaseException], None],
+    *,
+    max_queue: int = 64,
+    settings: PrefillSettings | None = None,
+    registry: CollectorRegistry | None = None,
+) -> PrefillLoop:
+    """A prefill worker's loop in this process, started in the running event loop; its
+    metrics in `registry` (default: a registry of its own). `stop()` it when done."""
+    metrics = WorkerMetrics(registry or CollectorRegistry(), "prefill")
+    loop = PrefillLoop(
+        engine, params, sink, metrics, max_queue=max_queue, on_fatal=on_fatal, settings=settings
+    )
+    loop.start(asyncio.get_running_loop())
+    return loop
 
 
 # Driving a request the way the orchestrator will -----------------------------------------

@@ -1,5 +1,5 @@
-"""Certificates made in the test with `cryptography`: a CA, and leaf certificates it signs
-(server, client or both), written as PEM files. Nothing is read from the repository.
+"""Certificates made for a test or a local run with `cryptography` (the test extra): a CA,
+and leaf certificates it signs (server, client or both), written as PEM files.
 
 EC P-256 keys: generating one takes microseconds (an RSA key takes tens of milliseconds).
 """

@@ -18,11 +18,13 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from shared.cluster.ready import ReadyLine, parse_ready_line
 from shared.serving.lifetime import child_environment
+
+KEEP_LINES = 5000  # of a child's output, at least (the most recent)
 
 
 @dataclasses.dataclass
@@ -77,25 +79,43 @@ def launch(
     env: Mapping[str, str] | None = None,
     relay: bool = False,
     cwd: Path | None = None,
+    cpus: Collection[int] | None = None,
 ) -> Child:
     """Start `pdserve ARGV` and read its output; `env`: extra environment variables;
     `relay`: print its lines prefixed to stderr instead of keeping them; `cwd`: its
-    working directory (default: ours, so relative paths in ARGV mean what they say)."""
+    working directory (default: ours, so relative paths in ARGV mean what they say);
+    `cpus`: the cores it may run on (default: ours)."""
     # child_environment: the child dies with this process, even when it is SIGKILLed.
     environment = child_environment({**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    proc = subprocess.Popen(
-        pdserve_command(argv),
-        cwd=cwd,
-        env=environment,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        # Its own session: a terminal's Ctrl-C reaches only us; we stop it in order.
-        start_new_session=True,
-    )
+    with _pinned(cpus):
+        proc = subprocess.Popen(
+            pdserve_command(argv),
+            cwd=cwd,
+            env=environment,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            # Its own session: a terminal's Ctrl-C reaches only us; we stop it in order.
+            start_new_session=True,
+        )
     child = Child(name, proc, output=None if relay else [])
     threading.Thread(target=_read_output, args=(child,), daemon=True).start()
     return child
+
+
+@contextlib.contextmanager
+def _pinned(cpus: Collection[int] | None) -> Iterator[None]:
+    """Pin this thread while a child is forked: the child inherits the mask of the thread
+    that forks it (pid 0 is the calling thread on Linux), from its first instruction."""
+    if cpus is None:
+        yield
+        return
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, set(cpus))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
 
 
 def _read_output(child: Child) -> None:
@@ -109,6 +129,8 @@ def _read_output(child: Child) -> None:
             print(f"[{child.name}] {line}", end="", file=sys.stderr, flush=True)
         else:
             child.output.append(line)
+            if len(child.output) > 2 * KEEP_LINES:  # a long run: keep the recent lines
+                del child.output[:-KEEP_LINES]
     child._seen.set()  # it exited: nobody waits for a line that cannot come
 
 
@@ -132,9 +154,11 @@ def start(
     env: Mapping[str, str] | None = None,
     relay: bool = False,
     cwd: Path | None = None,
+    cpus: Collection[int] | None = None,
 ) -> Child:
     """`launch` then `wait_ready`."""
-    return wait_ready(launch(name, argv, env=env, relay=relay, cwd=cwd), timeout)
+    child = launch(name, argv, env=env, relay=relay, cwd=cwd, cpus=cpus)
+    return wait_ready(child, timeout)
 
 
 def stop(child: Child, timeout: float = 60.0) -> int | None:
