@@ -11,16 +11,19 @@ import argparse
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shared.config import ConfigError
-from shared.serving.worker_config import add_connection_arguments, tls_from_args
+from shared.flags import ORCHESTRATOR, Flag, add_flags
+from shared.serving.flags import METRICS_PORTS, PORTS, SERVED_ORCHESTRATOR_FLAGS, SERVER_FLAGS
+from shared.serving.worker_config import tls_from_args
+from shared.weights.flags import MODEL
 
 if TYPE_CHECKING:
     from shared.transport.types import TlsConfig, TransportConfig
 
-DEFAULT_PORT = 50051
-DEFAULT_METRICS_PORT = 9160
+DEFAULT_PORT = PORTS.values[ORCHESTRATOR]
+DEFAULT_METRICS_PORT = METRICS_PORTS.values[ORCHESTRATOR]
 PREFILL_ROUTING = ("prefix", "least-loaded")
 
 
@@ -59,7 +62,6 @@ class OrchestratorConfig:
     drain_grace_s: float
     # Prefill routing (README: Prefix-aware routing).
     prefill_routing: str  # "prefix" or "least-loaded"
-    prefix_block_tokens: int  # tokens per hashed block: the prefill workers' --page-size
     prefix_affinity_max_queue: int  # affinity holds while the queue gap is at most this
     prefix_index_blocks: int  # block hashes remembered per prefill worker (LRU)
     # The public port: TLS, client certificates, and the limits a hostile client meets.
@@ -107,9 +109,8 @@ class OrchestratorConfig:
             raise ConfigError(
                 f"--prefill-routing={self.prefill_routing}: one of {', '.join(PREFILL_ROUTING)}"
             )
-        for name in ("prefix_block_tokens", "prefix_index_blocks"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)} must be > 0")
+        if self.prefix_index_blocks <= 0:
+            raise ConfigError(f"--prefix-index-blocks={self.prefix_index_blocks} must be > 0")
         if self.prefix_affinity_max_queue < 0:
             raise ConfigError(
                 f"--prefix-affinity-max-queue={self.prefix_affinity_max_queue} must be >= 0"
@@ -205,99 +206,165 @@ class OrchestratorConfig:
         return token
 
 
-def orchestrator_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pdserve orchestrator", allow_abbrev=False)
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="public gRPC port")
-    p.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
-    p.add_argument(
-        "--http-port",
+ROUTING = "prefill routing"
+PUBLIC = "the public port"
+INTERNAL = "mTLS to the workers"
+GROUPS = {
+    ROUTING: "prefix (the default): each prefill goes to the worker most likely to hold the "
+    "prompt's longest prefix in its prefix cache (in blocks of the prefill workers' page "
+    "size, which their load reports carry), unless that worker's queue of our prefills "
+    "exceeds the least-loaded one's by more than --prefix-affinity-max-queue; "
+    "least-loaded: to the fewest prefills in flight",
+    PUBLIC: "TLS, client authentication (a client certificate, the bearer token of "
+    "--auth-token-file, or both) and the limits every caller meets, each refused with a "
+    "status that says which limit. The TLS flags apply to --http-port too (HTTPS)",
+    INTERNAL: "All three files or none: this orchestrator's client certificate, its key, and "
+    "the internal CA the workers' certificates chain to (re-read when they change).",
+}
+_ADDRESSES = "HOST:PORT[,HOST:PORT...]"
+
+
+def _flag(name: str, help: str, group: str | None = None, **kw: Any) -> Flag:
+    """An orchestrator-only flag (`group`: its --help section)."""
+    return Flag(name, help, roles=(ORCHESTRATOR,), group=group, **kw)
+
+
+ORCHESTRATOR_FLAGS = (
+    MODEL,
+    *SERVER_FLAGS,
+    *SERVED_ORCHESTRATOR_FLAGS,
+    _flag("--served-model-name", "the model id of the HTTP API (default: the --model value)"),
+    _flag("--prefill", "prefill workers", type=_addresses, default=(), metavar=_ADDRESSES),
+    _flag("--decode", "decode workers", type=_addresses, default=(), metavar=_ADDRESSES),
+    _flag("--colocated", "colocated workers", type=_addresses, default=(), metavar=_ADDRESSES),
+    _flag("--prefill-dns", "NAME:PORT, resolved", type=_addresses, default=()),
+    _flag("--decode-dns", "NAME:PORT, resolved", type=_addresses, default=()),
+    _flag("--colocated-dns", "NAME:PORT, resolved", type=_addresses, default=()),
+    _flag(
+        "--dns-refresh-s",
+        "resolve the names this often",
+        type=float,
+        default=10.0,
+        chart="orchestrator.dnsRefreshS",
+    ),
+    _flag("--health-interval-s", "check each worker's health this often", type=float, default=2.0),
+    _flag(
+        "--max-queue",
+        "admitted requests waiting for a decode slot",
         type=int,
-        default=-1,
-        help="OpenAI-compatible HTTP API port (0: any free port; -1: off, the default)",
-    )
-    p.add_argument("--model", default="tiny", help="model spec (tokenizer and vocabulary)")
-    p.add_argument(
-        "--served-model-name", help="the model id of the HTTP API (default: the --model value)"
-    )
-    p.add_argument("--prefill", type=_addresses, default=(), help="HOST:PORT[,HOST:PORT...]")
-    p.add_argument("--decode", type=_addresses, default=())
-    p.add_argument("--colocated", type=_addresses, default=())
-    p.add_argument("--prefill-dns", type=_addresses, default=(), help="NAME:PORT, resolved")
-    p.add_argument("--decode-dns", type=_addresses, default=())
-    p.add_argument("--colocated-dns", type=_addresses, default=())
-    p.add_argument("--dns-refresh-s", type=float, default=10.0)
-    p.add_argument("--health-interval-s", type=float, default=2.0)
-    p.add_argument("--auth-token-file", type=Path)
-    p.add_argument("--max-queue", type=int, default=256)
-    p.add_argument("--max-concurrency", type=int, default=1024)
-    p.add_argument("--max-tokens-limit", type=int, default=4096)
-    p.add_argument("--lease-ttl-s", type=float, default=30.0)
-    p.add_argument("--prefill-retries", type=int, default=2)
-    p.add_argument("--decode-retries", type=int, default=2)
-    p.add_argument("--drain-grace-s", type=float, default=30.0)
-    routing = p.add_argument_group(
-        "prefill routing",
-        "prefix (the default): each prefill goes to the worker most likely to hold the "
-        "prompt's longest prefix in its prefix cache, unless that worker's queue of our "
-        "prefills exceeds the least-loaded one's by more than --prefix-affinity-max-queue; "
-        "least-loaded: to the fewest prefills in flight",
-    )
-    routing.add_argument("--prefill-routing", choices=PREFILL_ROUTING, default="prefix")
-    routing.add_argument(
-        "--prefix-block-tokens",
-        type=int,
-        default=16,
-        help="tokens per cached block; set it to the prefill workers' --page-size",
-    )
-    routing.add_argument(
-        "--prefix-affinity-max-queue",
-        type=int,
-        default=4,
-        help="how many more prefills in flight than the least-loaded worker a worker may "
-        "have and still win a prompt by its cached prefix",
-    )
-    routing.add_argument(
-        "--prefix-index-blocks",
-        type=int,
-        default=65536,
-        help="block hashes remembered per prefill worker (least recently used dropped; "
-        "about 150 bytes each)",
-    )
-    public = p.add_argument_group(
-        "the public port",
-        "TLS, client authentication (a client certificate, the bearer token of "
-        "--auth-token-file, or both) and the limits every caller meets, each refused with "
-        "a status that says which limit. The TLS flags apply to --http-port too (HTTPS)",
-    )
-    public.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate chain")
-    public.add_argument("--tls-key", type=Path, help="and this private key")
-    public.add_argument(
-        "--tls-client-ca", type=Path, help="require client certificates chaining to this CA"
-    )
-    public.add_argument("--max-request-kib", type=int, default=1024, help="largest request")
-    public.add_argument("--max-streams-per-connection", type=int, default=64)
-    public.add_argument("--max-stop-strings", type=int, default=16)
-    public.add_argument("--max-stop-chars", type=int, default=256, help="per stop string")
-    public.add_argument(
-        "--max-unsent-tokens",
+        default=256,
+        chart="orchestrator.maxQueue",
+    ),
+    _flag(
+        "--max-concurrency",
+        "requests past the queue at once",
         type=int,
         default=1024,
-        help="tokens a stream may have waiting for a client that does not read; past that "
-        "the request is cancelled (its slot freed) and the call ends RESOURCE_EXHAUSTED",
-    )
-    add_connection_arguments(public)
-    internal = p.add_argument_group(
-        "mTLS to the workers",
-        "All three files or none: this orchestrator's client certificate, its key, and the "
-        "internal CA the workers' certificates chain to (re-read when they change).",
-    )
-    internal.add_argument("--internal-tls-cert", type=Path)
-    internal.add_argument("--internal-tls-key", type=Path)
-    internal.add_argument("--internal-tls-ca", type=Path)
-    internal.add_argument(
-        "--internal-tls-server-name", help="the name workers' certificates carry (see workers)"
-    )
+        chart="orchestrator.maxConcurrency",
+    ),
+    _flag(
+        "--max-tokens-limit",
+        "the most max_tokens one request may ask for",
+        type=int,
+        default=4096,
+        chart="orchestrator.maxTokensLimit",
+    ),
+    _flag(
+        "--lease-ttl-s",
+        "a decode slot lease expires unless used this soon",
+        type=float,
+        default=30.0,
+        chart="orchestrator.leaseTtlS",
+    ),
+    _flag("--prefill-retries", "other prefill workers tried after a failure", type=int, default=2),
+    _flag(
+        "--decode-retries", "resumes on another decode worker after a failure", type=int, default=2
+    ),
+    _flag(
+        "--prefill-routing",
+        "prefix or least-loaded (see above)",
+        ROUTING,
+        default="prefix",
+        choices=PREFILL_ROUTING,
+        chart="orchestrator.prefillRouting.policy",
+    ),
+    _flag(
+        "--prefix-affinity-max-queue",
+        "how many more prefills in flight than the least-loaded worker a worker may have and "
+        "still win a prompt by its cached prefix",
+        ROUTING,
+        type=int,
+        default=4,
+        chart="orchestrator.prefillRouting.affinityMaxQueue",
+    ),
+    _flag(
+        "--prefix-index-blocks",
+        "block hashes remembered per prefill worker (least recently used dropped; about 150 "
+        "bytes each)",
+        ROUTING,
+        type=int,
+        default=65536,
+        chart="orchestrator.prefillRouting.indexBlocks",
+    ),
+    _flag("--tls-cert", "serve TLS with this certificate chain", PUBLIC, type=Path),
+    _flag("--tls-key", "and this private key", PUBLIC, type=Path),
+    _flag("--tls-client-ca", "require client certificates chaining to this CA", PUBLIC, type=Path),
+    _flag(
+        "--max-request-kib",
+        "largest request",
+        PUBLIC,
+        type=int,
+        default=1024,
+        chart="orchestrator.maxRequestKiB",
+    ),
+    _flag(
+        "--max-streams-per-connection",
+        "concurrent Generate calls on one connection",
+        PUBLIC,
+        type=int,
+        default=64,
+        chart="orchestrator.maxStreamsPerConnection",
+    ),
+    _flag(
+        "--max-stop-strings",
+        "stop strings per request",
+        PUBLIC,
+        type=int,
+        default=16,
+        chart="orchestrator.maxStopStrings",
+    ),
+    _flag(
+        "--max-stop-chars",
+        "per stop string",
+        PUBLIC,
+        type=int,
+        default=256,
+        chart="orchestrator.maxStopChars",
+    ),
+    _flag(
+        "--max-unsent-tokens",
+        "tokens a stream may have waiting for a client that does not read; past that the "
+        "request is cancelled (its slot freed) and the call ends RESOURCE_EXHAUSTED",
+        PUBLIC,
+        type=int,
+        default=1024,
+        chart="orchestrator.maxUnsentTokens",
+    ),
+    _flag("--internal-tls-cert", "this orchestrator's client certificate", INTERNAL, type=Path),
+    _flag("--internal-tls-key", "its private key", INTERNAL, type=Path),
+    _flag("--internal-tls-ca", "the internal CA", INTERNAL, type=Path),
+    _flag(
+        "--internal-tls-server-name",
+        "the name workers' certificates carry (see workers)",
+        INTERNAL,
+        chart="tls.internal.serverName",
+    ),
+)
+
+
+def orchestrator_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdserve orchestrator", allow_abbrev=False)
+    add_flags(p, ORCHESTRATOR_FLAGS, ORCHESTRATOR, GROUPS)
     return p
 
 

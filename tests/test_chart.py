@@ -5,26 +5,20 @@
 2. Every rendered manifest validates strictly against the Kubernetes schemas shipped by
    `kubernetes-validate` (Kubernetes K8S_VERSION), and the CRDs it does not know
    (PodMonitoring, PodMonitor, LeaderWorkerSet) against charts/tests/schemas.
-3. The manifests agree with the code: container args parse with the real CLI parsers;
-   ports agree between args, container ports, probes, Services and NetworkPolicies; the
-   orchestrator's `--*-dns` names are the headless Services that select the serving
-   worker pods; HPA metrics are metrics the workers export.
+3. The manifests agree with the code: ports agree between args, container ports, probes,
+   Services and NetworkPolicies; the orchestrator's `--*-dns` names are the headless
+   Services that select the serving worker pods; HPA metrics are metrics the workers
+   export. (Flags and values: tests/test_chart_flags.py.)
 
-helm comes from PATH or .tools/helm (`make tools` installs the pinned binary there). If
-neither exists these tests fail rather than skip: CI must run them.
+Rendering and reading pods back: tests/chart_harness.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import dataclasses
 import importlib.util
 import json
 import re
-import shutil
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,104 +26,44 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import referencing
-import yaml
 from prometheus_client import CollectorRegistry
 
-import pdserve_cli
 from decode_server.slots import SlotState
-from orchestrator.config import (
-    DEFAULT_METRICS_PORT,
-    DEFAULT_PORT,
-    OrchestratorConfig,
-    orchestrator_parser,
-    parse_orchestrator_args,
-)
 from shared.metrics import WorkerMetrics
-from shared.serving.worker_config import (
-    DEFAULT_METRICS_PORTS,
-    DEFAULT_PORTS,
-    Role,
-    WorkerConfig,
-    parse_worker_args,
-    worker_parser,
+from tests.chart_harness import (
+    BAD_FILES,
+    CHART,
+    CI_FILES,
+    CRD_SCHEMAS,
+    GKE_METRIC,
+    K8S_VERSION,
+    NAMESPACE,
+    RELEASE,
+    ROOT,
+    Rendered,
+    helm_binary,
+    orchestrator_pod,
+    parse_orchestrator,
+    parse_worker,
+    pods,
+    render_all,
+    run_helm,
+    secret_file,
+    selects,
+    template,
+    worker_pods,
 )
-from shared.weights.flags import QUANTIZE_CHOICES
-
-ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "charts" / "pdserve"
-CI_FILES = sorted((CHART / "ci").glob("*.yaml"))
-BAD_FILES = sorted((ROOT / "charts" / "tests" / "bad-values").glob("*.yaml"))
-CRD_SCHEMAS = ROOT / "charts" / "tests" / "schemas"
-NAMESPACE = "pdserve-test"
-RELEASE = "pds"
-# The oldest Kubernetes minor GKE's regular channel runs at the time of writing; the
-# chart's Chart.yaml kubeVersion allows 1.29+, whose APIs used here are the same.
-K8S_VERSION = "1.31"
-WORKER_ROLES = ("prefill", "decode", "colocated")
-GKE_METRIC = re.compile(r"prometheus\.googleapis\.com\|(\w+)\|gauge")
-
-
-# ---------------------------------------------------------------------------- helm
 
 
 @pytest.fixture(scope="session")
 def helm() -> str:
-    found = shutil.which("helm") or (ROOT / ".tools" / "helm")
-    if not Path(found).is_file():
-        pytest.fail("no helm: put one on PATH or run `make tools` (installs .tools/helm)")
-    return str(found)
-
-
-def run_helm(helm: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [helm, *map(str, args)], capture_output=True, text=True, timeout=60, check=False
-    )
-
-
-def template(helm: str, values: Path) -> subprocess.CompletedProcess[str]:
-    return run_helm(helm, "template", RELEASE, CHART, "-n", NAMESPACE, "-f", values)
-
-
-@dataclasses.dataclass
-class Rendered:
-    values: dict[str, Any]  # values.yaml with the ci file merged over it
-    docs: list[dict[str, Any]]
-
-    def of_kind(self, kind: str) -> list[dict[str, Any]]:
-        return [d for d in self.docs if d["kind"] == kind]
-
-    def one(self, kind: str, name: str) -> dict[str, Any]:
-        (doc,) = [d for d in self.of_kind(kind) if d["metadata"]["name"] == name]
-        return doc
-
-    @property
-    def roles(self) -> list[str]:
-        return ["colocated"] if self.values["mode"] == "colocated" else ["prefill", "decode"]
-
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """Helm's values coalescing: maps merge key by key, everything else replaces."""
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+    return helm_binary()
 
 
 @pytest.fixture(scope="session")
 def renders(helm: str) -> dict[str, Rendered]:
     """Each ci/ values file rendered once for the whole session."""
-    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
-    out = {}
-    for path in CI_FILES:
-        result = template(helm, path)
-        assert result.returncode == 0, f"{path.name}: {result.stderr}"
-        docs = [d for d in yaml.safe_load_all(result.stdout) if d]
-        values = deep_merge(defaults, yaml.safe_load(path.read_text()))
-        out[path.stem] = Rendered(values, docs)
-    return out
+    return render_all(CI_FILES)
 
 
 @pytest.fixture(params=[p.stem for p in CI_FILES])
@@ -214,166 +148,6 @@ def test_strict_validation_catches_a_wrong_field(renders: dict[str, Rendered]):
     deployment["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnly"] = 1
     with pytest.raises(jsonschema.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
-
-
-# ------------------------------------------------------------- pods and workloads
-
-
-@dataclasses.dataclass
-class Pod:
-    workload: dict[str, Any]
-    component: str
-    template: dict[str, Any]  # a PodTemplateSpec
-    serving: bool  # False only for LeaderWorkerSet non-leader pods
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        return self.template["spec"]
-
-    @property
-    def labels(self) -> dict[str, str]:
-        return self.template["metadata"]["labels"]
-
-    @property
-    def container(self) -> dict[str, Any]:
-        (container,) = self.spec["containers"]
-        return container
-
-    def port(self, name: str) -> int:
-        (port,) = [p["containerPort"] for p in self.container["ports"] if p["name"] == name]
-        return port
-
-
-def pods(rendered: Rendered) -> Iterator[Pod]:
-    for doc in rendered.of_kind("Deployment"):
-        template = doc["spec"]["template"]
-        yield Pod(
-            doc, template["metadata"]["labels"]["app.kubernetes.io/component"], template, True
-        )
-    for doc in rendered.of_kind("LeaderWorkerSet"):
-        lwt = doc["spec"]["leaderWorkerTemplate"]
-        for template, serving in ((lwt["leaderTemplate"], True), (lwt["workerTemplate"], False)):
-            component = template["metadata"]["labels"]["app.kubernetes.io/component"]
-            yield Pod(doc, component, template, serving)
-
-
-def worker_pods(rendered: Rendered) -> list[Pod]:
-    return [p for p in pods(rendered) if p.component in WORKER_ROLES]
-
-
-def orchestrator_pod(rendered: Rendered) -> Pod:
-    (pod,) = [p for p in pods(rendered) if p.component == "orchestrator"]
-    return pod
-
-
-def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in selector.items())
-
-
-def assert_exact_flags(args: list[str], parser: argparse.ArgumentParser) -> None:
-    """argparse accepts unique prefixes (`--max-queu`); the chart must spell flags out, so
-    a flag renamed in the code cannot keep "working" through an abbreviation."""
-    known = {option for action in parser._actions for option in action.option_strings}
-    flags = [arg.split("=", 1)[0] for arg in args if arg.startswith("--")]
-    assert set(flags) <= known, sorted(set(flags) - known)
-
-
-# Flags that name a file the pod reads from a mounted Secret.
-FILE_FLAGS = (
-    "--auth-token-file",
-    "--tls-cert",
-    "--tls-key",
-    "--tls-ca",
-    "--tls-client-ca",
-    "--internal-tls-cert",
-    "--internal-tls-key",
-    "--internal-tls-ca",
-)
-
-
-def secret_file(pod: Pod, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The read-only mount and the Secret volume that put `path` in the pod: the mount is
-    the file's directory (never a subPath, which the kubelet never updates: a rotated
-    certificate would not reach the process)."""
-    (mount,) = [m for m in pod.container["volumeMounts"] if m["mountPath"] == str(path.parent)]
-    assert mount.get("readOnly") is True and "subPath" not in mount, mount
-    (volume,) = [v for v in pod.spec["volumes"] if v["name"] == mount["name"]]
-    items = volume["secret"].get("items")
-    if items is not None:  # only these keys: the file must be one of them
-        assert path.name in [item["path"] for item in items]
-    return mount, volume
-
-
-def with_stand_ins(pod: Pod, args: list[str], tmp_path: Path) -> list[str]:
-    """`args` with every Secret file (checked to be mounted) pointed at a local stand-in:
-    the parsers check that the files exist."""
-    args = list(args)
-    for i, arg in enumerate(args[:-1]):
-        if arg in FILE_FLAGS:
-            secret_file(pod, Path(args[i + 1]))
-            stand_in = tmp_path / arg.lstrip("-")
-            stand_in.write_text("t")
-            args[i + 1] = str(stand_in)
-    return args
-
-
-def parse_worker(pod: Pod, tmp_path: Path) -> WorkerConfig:
-    """What `pdserve ARGS` would run for a worker, parsed by the worker's own parser."""
-    args = with_stand_ins(pod, pod.container["args"], tmp_path)
-    subcommand, rest = args[0], args[1:]
-    assert subcommand in pdserve_cli.SUBCOMMANDS, subcommand
-    role = None if subcommand == "worker" else Role(subcommand)
-    assert_exact_flags(rest, worker_parser(role))
-    return parse_worker_args(rest, role)
-
-
-def parse_orchestrator(pod: Pod, tmp_path: Path) -> OrchestratorConfig:
-    """The orchestrator's args, parsed (Secret files pointed at local stand-ins)."""
-    args = with_stand_ins(pod, pod.container["args"], tmp_path)
-    assert args[0] == "orchestrator" and "orchestrator" in pdserve_cli.SUBCOMMANDS
-    assert_exact_flags(args[1:], orchestrator_parser())
-    return parse_orchestrator_args(args[1:])
-
-
-def test_worker_args_parse_and_agree_with_the_pod(rendered: Rendered, tmp_path: Path):
-    values = rendered.values
-    seen = set()
-    for pod in worker_pods(rendered):
-        config = parse_worker(pod, tmp_path)
-        role_values = values[pod.component]
-        seen.add(config.role.value)
-        assert config.role.value == pod.component
-        assert (config.port, config.metrics_port) == (pod.port("grpc"), pod.port("metrics"))
-        assert config.port == role_values["port"]
-        assert config.metrics_port == role_values["metricsPort"]
-        assert config.model == values["model"]["path"]
-        assert config.dtype == values["model"]["dtype"]
-        # --quantize none parses to no quantization; int8(-blocks) to its Quantization.
-        assert config.quantization == QUANTIZE_CHOICES[values["model"]["quantize"]]
-        assert config.slots == (None if role_values["slots"] == "auto" else role_values["slots"])
-        tpu = role_values["tpu"]
-        assert config.tensor_parallel == (tpu["chipsPerHost"] if tpu["enabled"] else 1)
-        assert config.drain_grace_s == role_values["drainGraceS"]
-        assert pod.spec["terminationGracePeriodSeconds"] > config.drain_grace_s
-    assert seen == set(rendered.roles)
-
-
-def test_orchestrator_args_parse_and_agree_with_the_pod(rendered: Rendered, tmp_path: Path):
-    pod = orchestrator_pod(rendered)
-    config = parse_orchestrator(pod, tmp_path)
-    assert (config.port, config.metrics_port) == (pod.port("grpc"), pod.port("metrics"))
-    http = rendered.values["orchestrator"]["http"]
-    assert config.http_port == (pod.port("http") if http["enabled"] else -1)
-    assert config.model == rendered.values["model"]["path"]
-    assert (config.auth_token_file is not None) == rendered.values["orchestrator"]["auth"][
-        "enabled"
-    ]
-    assert pod.spec["terminationGracePeriodSeconds"] > config.drain_grace_s
-    assert not (config.prefill or config.decode or config.colocated), "discovery is DNS only"
-    # Prefix-aware routing hashes blocks of the prefill workers' page size.
-    for worker in worker_pods(rendered):
-        if worker.component in ("prefill", "colocated"):
-            assert parse_worker(worker, tmp_path).page_size == config.prefix_block_tokens
 
 
 def test_orchestrator_discovers_the_charts_headless_services(rendered: Rendered, tmp_path: Path):
@@ -523,15 +297,6 @@ def test_rollouts_drain_one_pod_at_a_time(rendered: Rendered, tmp_path: Path):
             assert any(selects(b["spec"]["selector"]["matchLabels"], labels) for b in budgets)
 
 
-def test_drain_fits_in_the_termination_grace_period(rendered: Rendered, tmp_path: Path):
-    for pod in worker_pods(rendered):
-        drain = parse_worker(pod, tmp_path).drain_grace_s
-        assert pod.spec["terminationGracePeriodSeconds"] >= drain + 5
-    pod = orchestrator_pod(rendered)
-    drain = parse_orchestrator(pod, tmp_path).drain_grace_s
-    assert pod.spec["terminationGracePeriodSeconds"] >= drain + 5
-
-
 def test_pods_are_non_root_with_a_read_only_root_and_a_writable_tmp(rendered: Rendered):
     for pod in pods(rendered):
         assert pod.spec["securityContext"]["runAsNonRoot"] is True
@@ -544,37 +309,6 @@ def test_pods_are_non_root_with_a_read_only_root_and_a_writable_tmp(rendered: Re
         (tmp,) = [m for m in pod.container["volumeMounts"] if m["mountPath"] == "/tmp"]
         (volume,) = [v for v in pod.spec["volumes"] if v["name"] == tmp["name"]]
         assert "emptyDir" in volume
-
-
-def test_workers_keep_compiled_programs_in_a_writable_cache_volume(
-    rendered: Rendered, tmp_path: Path
-):
-    """`--compilation-cache-dir` is the mounted cache volume (writable: JAX writes the
-    entries): an emptyDir of sizeLimit, or the named claim. The orchestrator compiles
-    nothing and mounts none."""
-    cache = rendered.values["compilationCache"]
-    for pod in worker_pods(rendered):
-        config = parse_worker(pod, tmp_path)
-        if not cache["enabled"]:
-            assert config.compilation_cache_dir is None
-            continue
-        assert config.compilation_cache_dir == Path(cache["mountPath"])
-        mounts = pod.container["volumeMounts"]
-        (mount,) = [m for m in mounts if m["mountPath"] == cache["mountPath"]]
-        assert not mount.get("readOnly", False)
-        (volume,) = [v for v in pod.spec["volumes"] if v["name"] == mount["name"]]
-        if cache["pvc"]["claimName"]:
-            assert volume["persistentVolumeClaim"] == {"claimName": cache["pvc"]["claimName"]}
-        else:
-            assert volume["emptyDir"] == {"sizeLimit": cache["sizeLimit"]}
-    orchestrator = orchestrator_pod(rendered)
-    mounted = [m["mountPath"] for m in orchestrator.container["volumeMounts"]]
-    assert cache["mountPath"] not in mounted
-
-
-def test_ci_scenarios_cover_both_cache_volumes(renders: dict[str, Rendered]):
-    claims = {r.values["compilationCache"]["pvc"]["claimName"] for r in renders.values()}
-    assert "" in claims and len(claims) > 1  # an emptyDir somewhere, a claim somewhere
 
 
 def test_tpu_workers_land_on_their_slices(rendered: Rendered):
@@ -725,42 +459,6 @@ def test_disruption_budgets_and_scrapes_select_the_pods(rendered: Rendered):
     for pod in all_pods:
         assert selects(scrape["spec"]["selector"]["matchLabels"], pod.labels)
         assert endpoint["port"] in [p["name"] for p in pod.container["ports"]]
-
-
-def test_chart_default_ports_are_the_code_defaults():
-    values = yaml.safe_load((CHART / "values.yaml").read_text())
-    for role in Role:
-        assert values[role.value]["port"] == DEFAULT_PORTS[role]
-        assert values[role.value]["metricsPort"] == DEFAULT_METRICS_PORTS[role]
-    assert values["orchestrator"]["port"] == DEFAULT_PORT
-    assert values["orchestrator"]["metricsPort"] == DEFAULT_METRICS_PORT
-
-
-def test_the_schemas_quantize_choices_are_the_flags():
-    schema = json.loads((CHART / "values.schema.json").read_text())
-    found = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if "quantize" in node.get("properties", {}):
-                found.append(node["properties"]["quantize"]["enum"])
-            for child in node.values():
-                walk(child)
-        elif isinstance(node, list):
-            for child in node:
-                walk(child)
-
-    walk(schema)
-    assert found == [list(QUANTIZE_CHOICES)]
-
-
-def test_values_schema_is_self_contained():
-    schema_text = (CHART / "values.schema.json").read_text()
-    refs = re.findall(r'"\$ref":\s*"([^"]*)"', schema_text)
-    assert refs and all(ref.startswith("#/") for ref in refs), refs
-    jsonschema.Draft7Validator.check_schema(json.loads(schema_text))
-    values = yaml.safe_load((CHART / "values.yaml").read_text())
-    jsonschema.Draft7Validator(json.loads(schema_text)).validate(values)
 
 
 def load_installer() -> Any:

@@ -46,6 +46,14 @@ def test_worker_help_lists_its_roles(capsys: pytest.CaptureFixture[str]):
         # No abbreviations: a typo must not silently match a longer flag.
         (["orchestrator", "--prefil", "a:1"], "unrecognized arguments: --prefil"),
         (["decode", "--slots", "many"], "expected an integer or 'auto', got 'many'"),
+        # Each role takes only the flags it reads; the message names the flag and the role.
+        (["prefill", "--slots", "4"], "--slots is not a prefill flag: only decode and"),
+        (["decode", "--max-queue", "4"], "--max-queue is not a decode flag: only prefill and"),
+        (["worker", "--role", "prefill", "--kv-pages", "9"], "--kv-pages is not a prefill flag"),
+        # Before --role too: the flag is checked once the role is known.
+        (["worker", "--attention", "xla", "--role", "prefill"], "--attention is not a prefill"),
+        (["worker", "--role", "colocated", "--kv-chunk-kib", "8"], "not a colocated flag"),
+        (["serve", "--max-queue", "4"], "unrecognized arguments: --max-queue"),
         (["decode", "--page-size", "12"], "page_size=12 must be a power of two"),
         (["decode", "--kv-pages", "-1"], "--kv-pages=-1 must be >= 0"),
         (
@@ -74,6 +82,41 @@ def test_help_does_not_import_jax(argv: list[str]):
     )
     assert done.returncode == 0, done.stderr
     assert "HEAVY [] RC 0" in done.stdout, done.stdout[-500:]
+
+
+def test_each_role_takes_the_flags_it_reads(capsys: pytest.CaptureFixture[str]):
+    """A role's --help lists its own flags only; every flag is some worker role's."""
+    assert pdserve_cli.main(["prefill", "--help"]) == 0
+    prefill = capsys.readouterr().out
+    assert "--prefix-cache-mib" in prefill and "--max-queue" in prefill
+    assert "--slots" not in prefill and "--kv-pages" not in prefill
+    assert pdserve_cli.main(["decode", "--help"]) == 0
+    decode = capsys.readouterr().out
+    assert "--slots" in decode and "--max-unsent-batches" in decode
+    assert "--max-queue" not in decode and "--prefix-cache-mib" not in decode
+    assert pdserve_cli.main(["worker", "--help"]) == 0
+    assert "--slots" in capsys.readouterr().out
+
+
+def test_serve_passes_worker_flags_with_the_workers_defaults(monkeypatch):
+    """`pdserve serve`'s pass-through flags default to what the processes they go to
+    default to, except where the declaration gives serve its own default and says why."""
+    from orchestrator.config import orchestrator_parser
+    from shared.cluster import local_cluster
+    from shared.serving.flags import SERVE_FLAGS, worker_parser
+
+    monkeypatch.delenv("PDSERVE_COMPILATION_CACHE_DIR", raising=False)
+    serve = vars(local_cluster.build_parser().parse_args([]))
+    own = {f.name for f in SERVE_FLAGS if f.serve.default is not None}
+    assert own == {"--model", "--compilation-cache-dir"}
+    assert all(f.serve.why for f in SERVE_FLAGS if f.name in own)
+    for flag in SERVE_FLAGS:
+        role = flag.serve_to[0]
+        parser = orchestrator_parser() if role == "orchestrator" else worker_parser(role)
+        default = vars(parser.parse_args([]))[flag.dest]
+        if flag.name not in own:
+            assert serve[flag.dest] == default, flag.name
+    assert serve["compilation_cache_dir"]  # on here, off in a worker
 
 
 def test_worker_role_goes_to_that_roles_entry_point():

@@ -139,26 +139,20 @@ def test_compilation_cache_flags(monkeypatch, tmp_path: pathlib.Path):
 
 
 def test_serve_passes_its_model_and_quantization_to_every_worker():
-    flags = [
-        "--model",
-        "smollm2",
-        "--quantize",
-        "int8-blocks",
-        "--float-lm-head",
-        "--slots",
-        "3",
-        "--max-seq-len",
-        "192",
-    ]
-    engine = local_cluster.worker_engine_args(local_cluster.build_parser().parse_args(flags))
-    for role in (Role.PREFILL, Role.DECODE):
-        config = parse_worker_args(engine, role)
-        assert config.model == "smollm2" and (config.slots, config.max_seq_len) == (3, 192)
+    flags = ["--model", "smollm2", "--quantize", "int8-blocks", "--float-lm-head"]
+    flags += ["--slots", "3", "--max-seq-len", "192", "--page-size", "8"]
+    args = local_cluster.build_parser().parse_args(flags)
+    for role in Role:
+        engine = local_cluster.worker_engine_args(args, role.value)
+        config = parse_worker_args(engine, role)  # the worker's own parser takes them all
+        assert config.model == "smollm2" and (config.max_seq_len, config.page_size) == (192, 8)
         assert config.quantization == Quantization(block_size=32, embedding=False, lm_head=False)
+        # Slots only to the roles that hold them (a prefill worker's parser refuses --slots).
+        assert ("--slots" in engine) == (role is not Role.PREFILL)
+        assert role is Role.PREFILL or config.slots == 3
     plain = local_cluster.build_parser().parse_args([])
-    assert (
-        parse_worker_args(local_cluster.worker_engine_args(plain), Role.DECODE).quantization is None
-    )
+    engine = local_cluster.worker_engine_args(plain, "decode")
+    assert parse_worker_args(engine, Role.DECODE).quantization is None
 
 
 @pytest.mark.timeout(120)  # starts a worker process

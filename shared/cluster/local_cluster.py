@@ -13,7 +13,6 @@ Only commands are started here; no server package is imported.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import threading
@@ -21,76 +20,39 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shared.cluster.processes import Child, launch, start, stop_all, wait_ready
-from shared.serving.worker_config import add_compilation_cache_argument
-from shared.weights.flags import add_quantize_arguments
-from shared.weights.packaged import default_model
+from shared.flags import add_serve_flags, serve_argv
+from shared.serving.flags import SERVE_FLAGS, default_compilation_cache_dir
+
+__all__ = ["build_parser", "default_compilation_cache_dir", "main", "worker_engine_args"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pdserve serve", description=__doc__.splitlines()[0])
-    p.add_argument(
-        "--model",
-        default=default_model(),
-        help="any worker --model; default: smollm2 when its package is installed, else tiny",
+    """serve's own flags, then the worker and orchestrator flags it passes through
+    (declared with them: shared/serving/flags.py), each to the processes that read it."""
+    p = argparse.ArgumentParser(
+        prog="pdserve serve", description=__doc__.splitlines()[0], allow_abbrev=False
     )
-    add_quantize_arguments(p)  # --quantize, --float-lm-head: passed to every worker
     p.add_argument("--prefill-workers", type=int, default=1)
     p.add_argument("--decode-workers", type=int, default=1)
     p.add_argument("--colocated", action="store_true", help="one colocated worker (baseline)")
-    p.add_argument("--port", type=int, default=50051, help="the orchestrator's public port")
-    p.add_argument("--metrics-port", type=int, default=9160, help="the orchestrator's /metrics")
-    p.add_argument(
-        "--http-port", type=int, default=-1, help="the OpenAI-compatible HTTP API (-1: off)"
-    )
-    p.add_argument("--slots", type=int, default=8)
-    p.add_argument("--prefill-buckets", default="16,32,64,128")
-    p.add_argument("--max-seq-len", type=int, default=256)
-    p.add_argument("--auth-token-file")
     p.add_argument("--startup-timeout-s", type=float, default=600.0)
     p.add_argument("--once", metavar="PROMPT", help="stream one answer, then shut down")
     p.add_argument(
         "--chat", action="store_true", help="with --once: send PROMPT as a user chat message"
     )
     p.add_argument("--max-tokens", type=int, default=48, help="with --once")
-    # On by default here (a user's machine, their own cache): the second `pdserve serve`
-    # or `make run` skips most of the compiling.
-    add_compilation_cache_argument(p, default=str(default_compilation_cache_dir()))
+    add_serve_flags(p, SERVE_FLAGS)
     return p
 
 
-def default_compilation_cache_dir() -> Path:
-    """Where `pdserve serve` keeps compiled programs: $JAX_COMPILATION_CACHE_DIR when set
-    (JAX's own variable), else pdserve's folder in the user's cache directory."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
-    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(cache_home) / "pdserve" / "jax"
-
-
-def worker_engine_args(args: argparse.Namespace) -> list[str]:
-    """The model and engine flags every worker of the cluster gets."""
-    engine = [
-        "--model",
-        args.model,
-        "--slots",
-        str(args.slots),
-        "--prefill-buckets",
-        args.prefill_buckets,
-        "--max-seq-len",
-        str(args.max_seq_len),
-        "--compilation-cache-dir",
-        args.compilation_cache_dir,
-        "--quantize",
-        args.quantize,
-    ]
-    if args.float_lm_head:
-        engine.append("--float-lm-head")
-    return engine
+def worker_engine_args(args: argparse.Namespace, role: str) -> list[str]:
+    """The model and engine flags a `role` worker of the cluster gets: each pass-through
+    flag that role reads."""
+    return serve_argv(args, SERVE_FLAGS, role)
 
 
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
-    engine = worker_engine_args(args)
     local = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
     children: list[Child] = []
     stopping = threading.Event()
@@ -103,31 +65,27 @@ def main(argv: Sequence[str]) -> int:
         )
         # Workers load and compile in parallel.
         children += [
-            launch(f"{role}-{i}", ["worker", "--role", role, *local, *engine], relay=True)
+            launch(
+                f"{role}-{i}",
+                ["worker", "--role", role, *local, *worker_engine_args(args, role)],
+                relay=True,
+            )
             for role, count in roles
             for i in range(count)
         ]
         for child in children:
             wait_ready(child, args.startup_timeout_s)
+        # --model, --port, --metrics-port, --http-port, --auth-token-file.
         orch = [
             "orchestrator",
             "--host",
             "127.0.0.1",
-            "--port",
-            str(args.port),
-            "--metrics-port",
-            str(args.metrics_port),
-            "--http-port",
-            str(args.http_port),
-            "--model",
-            args.model,
+            *serve_argv(args, SERVE_FLAGS, "orchestrator"),
         ]
         for role in ("prefill", "decode", "colocated"):
             addresses = [c.address for c in children if c.name.startswith(role)]
             if addresses:
                 orch += [f"--{role}", ",".join(addresses)]
-        if args.auth_token_file:
-            orch += ["--auth-token-file", args.auth_token_file]
         orchestrator = start("orchestrator", orch, args.startup_timeout_s, relay=True)
         children.append(orchestrator)
         target = orchestrator.address

@@ -166,10 +166,15 @@ readinessProbe:
   failureThreshold: 2
 {{- end -}}
 
-{{/* Container args of a worker role (after the `pdserve` entrypoint). */}}
+{{/* Container args of a worker role (after the `pdserve` entrypoint). Each flag goes only
+to the roles that read it (FLAGS.md; a role's parser refuses any other): decode slots and
+the decode KV pool to decode and colocated, the prompt queue and chunked prefill to
+prefill and colocated. */}}
 {{- define "pdserve.workerArgs" -}}
 {{- $v := .root.Values -}}
 {{- $cfg := .cfg -}}
+{{- $decoding := has .role (list "decode" "colocated") -}}
+{{- $prefilling := has .role (list "prefill" "colocated") -}}
 {{- if eq .role "colocated" }}
 - worker
 - --role
@@ -187,12 +192,6 @@ readinessProbe:
 - {{ $cfg.port | quote }}
 - --metrics-port
 - {{ $cfg.metricsPort | quote }}
-- --slots
-- {{ $cfg.slots | quote }}
-{{- if hasKey $cfg "kvMemoryFraction" }}
-- --kv-memory-fraction
-- {{ $cfg.kvMemoryFraction | quote }}
-{{- end }}
 {{- /* Every chip of the host: the model is sharded over them (CPU pods: one device). */}}
 - --tensor-parallel
 - {{ ternary (int $cfg.tpu.chipsPerHost) 1 $cfg.tpu.enabled | quote }}
@@ -200,9 +199,30 @@ readinessProbe:
 - {{ $cfg.maxSeqLen | quote }}
 - --prefill-buckets
 - {{ join "," $cfg.prefillBuckets | quote }}
+- --page-size
+- {{ $v.kvCache.pageSize | quote }}
+{{- if hasKey $cfg "kvMemoryFraction" }}
+- --kv-memory-fraction
+- {{ $cfg.kvMemoryFraction | quote }}
+{{- end }}
+{{- if hasKey $cfg "memoryHeadroomMiB" }}
+- --memory-headroom-mib
+- {{ $cfg.memoryHeadroomMiB | quote }}
+{{- end }}
+{{- if $decoding }}
+- --slots
+- {{ $cfg.slots | quote }}
+- --kv-pages
+- {{ $cfg.kvPages | quote }}
+- --attention
+- {{ $cfg.attention | quote }}
+- --max-kv-mib
+- {{ $cfg.maxKvMiB | quote }}
+{{- end }}
+{{- if $prefilling }}
 - --max-queue
 - {{ $cfg.maxQueue | quote }}
-{{- /* Prefill roles: chunked, packed prefill and the prefix cache (README "Chunked prefill"). */}}
+{{- /* Chunked, packed prefill and the prefix cache (README "Chunked prefill"). */}}
 {{- with $cfg.chunkedPrefill }}
 {{- if .chunk }}
 - --prefill-chunk
@@ -212,10 +232,9 @@ readinessProbe:
 - {{ .maxRows | quote }}
 - --prefix-cache-mib
 - {{ .prefixCacheMiB | quote }}
+- --prefill-aging-s
+- {{ .agingS | quote }}
 {{- end }}
-{{- if hasKey $cfg "maxKvMiB" }}
-- --max-kv-mib
-- {{ $cfg.maxKvMiB | quote }}
 {{- end }}
 - --drain-grace-s
 - {{ $cfg.drainGraceS | quote }}
