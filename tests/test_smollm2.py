@@ -26,6 +26,7 @@ from shared.config import EngineConfig
 from shared.engine import quantization
 from shared.engine.engine import Engine
 from shared.sampling_params import SamplingParams
+from shared.serving.flags import for_role
 from shared.weights.checkpoint import LoadedModel, load_model, param_bytes, save_checkpoint
 from shared.weights.model_info import ModelInfo, load_model_info, save_text_files
 from shared.weights.tree import contracting_axis, flatten
@@ -174,7 +175,8 @@ def test_greedy_equals_transformers_through_a_disaggregated_cluster(
     model = ("--model", str(ckpt))
     workers = []
     try:
-        workers.append(spawn_worker("prefill", *ENGINE_FLAGS, *model, timeout=300))
+        prefill = for_role("prefill", ENGINE_FLAGS)  # a prefill worker takes no --slots
+        workers.append(spawn_worker("prefill", *prefill, *model, timeout=300))
         workers.append(spawn_worker("decode", *ENGINE_FLAGS, *model, timeout=300))
         orchestrator = spawn_orchestrator(
             *model, "--prefill", workers[0].address, "--decode", workers[1].address

@@ -30,6 +30,7 @@ from shared.config import PrefillSettings
 from shared.engine.engine import Engine, Params
 from shared.metrics import WorkerMetrics
 from shared.sampling_params import SamplingParams
+from shared.serving.flags import for_role
 from shared.serving.runtime import ModelRuntime
 from shared.serving.worker_config import Role, parse_worker_args
 from shared.transport.base import DecodeClient, PrefillClient
@@ -92,7 +93,8 @@ def spawn_worker(
 ) -> Child:
     """Start `pdserve worker --role ROLE` (the test engine's flags, then `flags`) on a free
     loopback port; return once it serves."""
-    return spawn_pdserve(role, worker_argv(role, *ENGINE_FLAGS, *flags), timeout, devices)
+    engine = for_role(role, ENGINE_FLAGS)  # e.g. no --slots for a prefill worker
+    return spawn_pdserve(role, worker_argv(role, *engine, *flags), timeout, devices)
 
 
 def stop_worker(worker: Child) -> None:

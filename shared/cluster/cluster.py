@@ -24,6 +24,7 @@ from collections.abc import Collection, Mapping, Sequence
 
 from shared.cluster.metrics import scrape
 from shared.cluster.processes import Child, kill, launch, stop, stop_all, wait_ready
+from shared.serving.flags import for_role
 
 HOST = "127.0.0.1"
 WORKER_ROLES = ("prefill", "decode", "colocated")
@@ -59,7 +60,8 @@ def orchestrator_argv(
 
 @dataclasses.dataclass(frozen=True)
 class ClusterSpec:
-    """What to start. Flags: `worker_flags` go to every worker, `role_flags[ROLE]` to that
+    """What to start. Flags: `worker_flags` go to every worker (those its role reads),
+    `role_flags[ROLE]` to that
     role's workers after them, `orchestrator_flags` to the orchestrator. `extra`: role ->
     addresses of workers started elsewhere, handed to the orchestrator too. `cpus`: worker
     name ("prefill-0") -> the cores it runs on. `env`: extra environment variables for
@@ -117,7 +119,9 @@ class Cluster:
 
     def _worker_argv(self, role: str) -> list[str]:
         ports = (free_port(), free_port()) if self.spec.fixed_ports else (0, 0)
-        flags = (*self.spec.worker_flags, *self.spec.role_flags.get(role, ()))
+        # worker_flags are for every role: each gets the ones it reads (its parser refuses
+        # the others, e.g. --slots for a prefill worker).
+        flags = (*for_role(role, self.spec.worker_flags), *self.spec.role_flags.get(role, ()))
         return worker_argv(role, *flags, port=ports[0], metrics_port=ports[1])
 
     def _orchestrator_argv(self) -> list[str]:
