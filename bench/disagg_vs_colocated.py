@@ -35,6 +35,7 @@ from shared.client.loadgen.cli import run_with_progress
 from shared.client.loadgen.report import Slo, build_report, format_table
 from shared.client.loadgen.runner import RunConfig
 from shared.cluster.processes import Child, launch, stop_all, wait_ready
+from shared.serving.flags import for_role
 
 LOCAL = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")
 # (report section, key, label) of each ratio, disaggregated / colocated.
@@ -72,7 +73,8 @@ def start_cluster(
         launched = []
         for role, cores in workers:
             with pinned(cores):
-                child = launch(role, ["worker", "--role", role, *LOCAL, *engine_flags])
+                engine = for_role(role, engine_flags)  # e.g. no --slots for prefill
+                child = launch(role, ["worker", "--role", role, *LOCAL, *engine])
             children.append(child)
             launched.append(child)
             masks[role] = sorted(os.sched_getaffinity(child.proc.pid))

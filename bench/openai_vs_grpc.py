@@ -35,6 +35,7 @@ from shared.client.loadgen.cli import run_with_progress
 from shared.client.loadgen.report import Slo, build_report
 from shared.client.loadgen.runner import RunConfig
 from shared.cluster.processes import launch, stop_all, wait_ready
+from shared.serving.flags import for_role
 
 LOCAL = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             "decode": [] if args.kv_pages is None else ["--kv-pages", str(args.kv_pages)],
         }
         launched = [
-            launch(r, ["worker", "--role", r, *LOCAL, *engine, *pool[r]])
+            launch(r, ["worker", "--role", r, *LOCAL, *for_role(r, engine), *pool[r]])
             for r in ("prefill", "decode")
         ]
         children += launched

@@ -24,6 +24,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # inherited by every child proces
 from shared.client.generator import AsyncGeneratorClient, GenerateError  # noqa: E402
 from shared.client.loadgen.report import latency_stats_ms  # noqa: E402
 from shared.cluster.processes import Child, launch, stop_all, wait_ready  # noqa: E402
+from shared.serving.flags import for_role  # noqa: E402
 from tests.reference import scrape  # noqa: E402
 
 LOCAL = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")
@@ -65,8 +66,8 @@ class Cluster:
     ) -> Cluster:
         """Both workers (loading and compiling in parallel), then the orchestrator."""
         argv = {
-            "prefill": ["worker", "--role", "prefill", *LOCAL, *prefill_flags],
-            "decode": ["worker", "--role", "decode", *LOCAL, *decode_flags],
+            "prefill": ["worker", "--role", "prefill", *LOCAL, *for_role("prefill", prefill_flags)],
+            "decode": ["worker", "--role", "decode", *LOCAL, *for_role("decode", decode_flags)],
         }
         children: list[Child] = []
         try:

@@ -36,6 +36,7 @@ from decode_server.scheduler import DecodeBatch  # noqa: E402
 from shared.client.generator import AsyncGeneratorClient  # noqa: E402
 from shared.config import EngineConfig, model_preset  # noqa: E402
 from shared.engine.engine import Engine  # noqa: E402
+from shared.serving.flags import for_role  # noqa: E402
 from tests.cluster_harness import spawn_orchestrator  # noqa: E402
 from tests.worker_harness import spawn_worker, stop_worker  # noqa: E402
 
@@ -116,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
 
     flags = engine_flags(args.config)
-    prefill = spawn_worker("prefill", *flags, timeout=900)
-    decode = spawn_worker("decode", *flags, timeout=900)
+    prefill = spawn_worker("prefill", *for_role("prefill", flags), timeout=900)
+    decode = spawn_worker("decode", *for_role("decode", flags), timeout=900)
     orchestrator = spawn_orchestrator(
         "--model",
         args.config,

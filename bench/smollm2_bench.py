@@ -65,6 +65,8 @@ QUESTIONS = [
 
 def startup(role: str) -> dict:
     """Seconds from spawn to SERVING, and the worker's own load / compile split."""
+    from shared.serving.flags import for_role
+
     argv = [
         sys.executable,
         "-m",
@@ -80,7 +82,7 @@ def startup(role: str) -> dict:
         "0",
         "--metrics-port",
         "0",
-        *SERVE_ENGINE_FLAGS,
+        *for_role(role, SERVE_ENGINE_FLAGS),  # a prefill worker takes no --slots
     ]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     start = time.perf_counter()

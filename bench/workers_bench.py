@@ -28,6 +28,7 @@ from decode_server.scheduler import DecodeBatch
 from shared.config import EngineConfig, model_preset
 from shared.engine.engine import Engine
 from shared.sampling_params import SamplingParams
+from shared.serving.flags import for_role
 from shared.transport.grpc_transport import GrpcDecodeClient, GrpcPrefillClient
 from shared.transport.types import (
     GenerationLimits,
@@ -103,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             "--slots",
             str(batch),
         )
-        prefill = spawn_worker("prefill", *flags, timeout=600)
-        decode = spawn_worker("decode", *flags, timeout=600)
+        prefill = spawn_worker("prefill", *for_role("prefill", flags), timeout=600)
+        decode = spawn_worker("decode", *for_role("decode", flags), timeout=600)
         try:
             server = [
                 asyncio.run(server_tokens_per_s(prefill.address, decode.address, batch, args.steps))
