@@ -9,12 +9,13 @@ flags, one after the other (each alone on the machine):
 1. `cold_all`: `--warm-up all` from an empty compilation cache: every bucket compiled
    before serving (what every start paid before `--warm-up largest` and the cache).
 2. `cold`: the default `--warm-up largest` from an empty cache: a first start. Then the
-   held buckets compile (as a serving worker does in the background), and the smallest
-   requests are timed in the larger bucket first and in their own once it is compiled.
+   held decode batch buckets compile (as a serving worker does in the background), and a
+   1-row decode step is timed in the larger bucket first and in its own once compiled.
 3. `cached`: `cold` again on the cache `cold` filled: a restart (`--compilation-cache-dir`).
 
-The JSON holds the seconds of the load and of every compiled part (prefill buckets,
-inserts, each decode batch bucket), per role and scenario, and the load average.
+The JSON holds the seconds of the load and of every compiled part (the prefill loop's
+chunk shapes, inserts, each decode batch bucket), per role and scenario, and the load
+average.
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+if TYPE_CHECKING:
+    from shared.serving.runtime import ModelRuntime
+    from shared.serving.worker_config import WorkerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_ENGINE_FLAGS = ["--prefill-buckets", "16,32,64,128", "--max-seq-len", "256"]
@@ -36,18 +42,10 @@ SERVE_ENGINE_FLAGS = ["--prefill-buckets", "16,32,64,128", "--max-seq-len", "256
 
 def child(role: str, model: str, slots: int, cache_dir: str | None, warm: str) -> dict:
     """One worker startup in this process: seconds of load and of each compile; with
-    `--warm-up largest`, also the cost of a held bucket (a 16-token prompt and a 1-row
-    decode step served by the larger bucket, then by their own) and the background
-    compile's seconds."""
+    `--warm-up largest`, also the cost of a held batch bucket (a 1-row decode step served
+    by the larger bucket, then by its own) and the background compile's seconds."""
     started = time.perf_counter()
-    import numpy as np
-
-    from shared.serving.runtime import (
-        compile_held_buckets,
-        enable_compilation_cache,
-        load_runtime,
-        warm_up,
-    )
+    from shared.serving.runtime import compile_held_buckets, enable_compilation_cache, load_runtime
     from shared.serving.worker_config import Role, parse_worker_args
 
     argv = ["--model", model, "--slots", str(slots), "--warm-up", warm, *SERVE_ENGINE_FLAGS]
@@ -58,51 +56,67 @@ def child(role: str, model: str, slots: int, cache_dir: str | None, warm: str) -
     imported = time.perf_counter()
     runtime = load_runtime(config)
     loaded = time.perf_counter()
-    compiled = warm_up(
-        runtime, prefill=role != "decode", decode=role != "prefill", hold=warm == "largest"
-    )
     result = {
         "role": role,
         "warm_up": warm,
         "import_s": imported - started,
         "load_s": loaded - imported,
-        "compile_s": compiled,
+        "compile_s": compile_role(runtime, config, role, hold=warm == "largest"),
         "startup_s": time.perf_counter() - started,
     }
-    if warm != "largest":
-        return result
-    engine, params = runtime.engine, runtime.params
-
-    def step_costs() -> dict[str, float]:
-        """Median seconds of the smallest requests, in whatever bucket they get now."""
-        costs = {}
-        if role != "decode":
-            runs = []
-            for _ in range(5):
-                t = time.perf_counter()
-                engine.prefill(params, np.ones(16, np.int32))
-                runs.append(time.perf_counter() - t)
-            costs["prefill_16_tokens_s"] = sorted(runs)[2]
-        if role != "prefill":
-            state, runs = engine.init_decode_state(), []
-            for _ in range(5):
-                t = time.perf_counter()
-                state, tokens, _ = engine.generate(params, state, np.zeros(1, np.int32))
-                np.asarray(tokens)
-                runs.append(time.perf_counter() - t)
-            costs["decode_step_1_row_s"] = sorted(runs)[2]
-            del state
-        return costs
-
-    result["held_buckets"] = engine.held_buckets
-    result["while_held"] = step_costs()
+    if warm != "largest" or role == "prefill":
+        return result  # only decode batch buckets are ever held
+    result["held_buckets"] = runtime.engine.held_buckets
+    result["while_held"] = decode_step_cost(runtime)
     done: list[dict[str, float]] = []
     thread = compile_held_buckets(runtime, done.append)
     if thread is not None:
         thread.join()
     result["background_compile_s"] = done[0] if done else {}
-    result["once_compiled"] = step_costs()
+    result["once_compiled"] = decode_step_cost(runtime)
     return result
+
+
+def compile_role(
+    runtime: ModelRuntime, config: WorkerConfig, role: str, *, hold: bool
+) -> dict[str, float]:
+    """What the role compiles before it serves: the decode programs (runtime.warm_up) and
+    the prefill loop's chunk shapes (prefill_server/loop.py, as `serve` builds it)."""
+    from prefill_server.loop import PrefillLoop, compile_prefill_loop
+    from shared.metrics import WorkerMetrics
+    from shared.serving.runtime import warm_up
+
+    seconds = {}
+    if role != "prefill":
+        seconds.update(warm_up(runtime, hold=hold))
+    if role != "decode":
+        from prometheus_client import CollectorRegistry
+
+        loop = PrefillLoop(
+            runtime.engine,
+            runtime.params,
+            None,  # no KV is pushed: nothing is served
+            WorkerMetrics(CollectorRegistry(), role),
+            max_queue=config.max_queue,
+            on_fatal=lambda err: None,
+            settings=config.prefill,
+        )
+        seconds["chunked_prefill"] = compile_prefill_loop(loop)
+    return seconds
+
+
+def decode_step_cost(runtime: ModelRuntime) -> float:
+    """Median seconds of a 1-row decode step, in whatever batch bucket it gets now."""
+    import numpy as np
+
+    engine, params = runtime.engine, runtime.params
+    state, runs = engine.init_decode_state(), []
+    for _ in range(5):
+        t = time.perf_counter()
+        state, tokens, _ = engine.generate(params, state, np.zeros(1, np.int32))
+        np.asarray(tokens)
+        runs.append(time.perf_counter() - t)
+    return sorted(runs)[2]
 
 
 def measure(role: str, model: str, slots: int, cache_dir: str | None, warm: str) -> dict:
@@ -172,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                 if "background_compile_s" in r:
                     print(
                         f"{'':<17} then in the background: {r['background_compile_s']}; "
-                        f"smallest requests while held {r['while_held']}, once compiled "
-                        f"{r['once_compiled']}",
+                        f"1-row decode step while held {r['while_held']:.3f} s, once compiled "
+                        f"{r['once_compiled']:.3f} s",
                         flush=True,
                     )
     if args.out:

@@ -1,4 +1,5 @@
-"""Engine benchmark: prefill latency per bucket, decode step latency against its floor.
+"""Engine benchmark: prefill latency per prompt length (the chunked prefill program),
+decode step latency against its floor.
 
     python bench/engine_bench.py --out FILE.json [--configs tiny,small,smollm2] [--batches 8,32]
         [--contexts 128,512,1024]

@@ -74,7 +74,7 @@ def bench_engine(
     if prefill:
         long_prompt = [1 + i % 250 for i in range(PREFILL_LEN)]
         start = time.perf_counter()
-        engine.prefill(params, long_prompt)  # compiles the bucket
+        engine.prefill(params, long_prompt)  # compiles the chunk program
         row["prefill_compile_s"] = time.perf_counter() - start
         row["prefill_ms"] = timed(lambda: engine.prefill(params, long_prompt), repeats=3) * 1e3
     return row

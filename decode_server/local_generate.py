@@ -21,6 +21,8 @@ from shared.weights.packaged import default_model
 if TYPE_CHECKING:
     from shared.engine.engine import Engine, Params
     from shared.sampling_params import SamplingParams
+    from shared.tokenizer import Tokenizer
+    from shared.weights.model_info import ModelInfo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,13 +89,12 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     # JAX only now, once the flags parsed: `pdserve generate-local --help` stays instant.
     import jax
 
-    from shared.chat import ChatError, ChatMessage, render_chat
     from shared.config import EngineConfig
     from shared.engine.engine import Engine, EngineError
     from shared.engine.mesh import make_mesh
     from shared.sampling_params import SamplingParams
     from shared.serving.worker_config import resolve_dtype
-    from shared.tokenizer import HFTokenizer, IncrementalDetokenizer, Tokenizer
+    from shared.tokenizer import HFTokenizer, IncrementalDetokenizer
     from shared.weights.checkpoint import load_model
     from shared.weights.model_info import load_model_info
 
@@ -118,20 +119,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         if args.tokenizer
         else info.tokenizer
     )
-    stop_ids: tuple[int, ...] = ()
-    if messages is not None:
-        if info.chat is None:
-            raise EngineError(f"--model {args.model}: the model has no chat template")
-        try:
-            text = render_chat(info.chat, [ChatMessage(**m) for m in messages])
-        except ChatError as err:
-            raise EngineError(str(err)) from None
-        prompt_ids = tokenizer.encode(text, add_bos=False)
-        stop_ids = info.chat.end_of_turn_ids
-    elif args.prompt_token_ids is not None:
-        prompt_ids = args.prompt_token_ids
-    else:
-        prompt_ids = tokenizer.encode(args.prompt)
+    prompt_ids, stop_ids = _prompt(args, messages, tokenizer, info)
     engine = Engine(model_config, engine_config, mesh)
     detok = IncrementalDetokenizer(tokenizer, list(prompt_ids))
     printer = StreamPrinter(out, err, json_lines=args.json)
@@ -145,6 +133,30 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         else:
             printer.write(Chunk("", (), detok.flush(), finish, len(prompt_ids), completion))
     return 0
+
+
+def _prompt(
+    args: argparse.Namespace,
+    messages: list[dict[str, str]] | None,
+    tokenizer: Tokenizer,
+    info: ModelInfo,
+) -> tuple[Sequence[int], tuple[int, ...]]:
+    """The prompt's token ids (a chat rendered with the model's template, given ids, or
+    encoded text) and the extra ids that end the generation (a chat's end of turn)."""
+    from shared.chat import ChatError, ChatMessage, render_chat
+    from shared.engine.engine import EngineError
+
+    if messages is None:
+        if args.prompt_token_ids is not None:
+            return args.prompt_token_ids, ()
+        return tokenizer.encode(args.prompt), ()
+    if info.chat is None:
+        raise EngineError(f"--model {args.model}: the model has no chat template")
+    try:
+        text = render_chat(info.chat, [ChatMessage(**m) for m in messages])
+    except ChatError as err:
+        raise EngineError(str(err)) from None
+    return tokenizer.encode(text, add_bos=False), info.chat.end_of_turn_ids
 
 
 def main(argv: Sequence[str]) -> int:

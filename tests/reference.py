@@ -5,18 +5,15 @@ from __future__ import annotations
 import urllib.request
 from collections.abc import Sequence
 
-import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.engine.engine import Engine, Params
 
 
 def reference_greedy(engine: Engine, params: Params, prompt: Sequence[int], n: int) -> list[int]:
-    """The next `n` greedy tokens by repeated uncached full-sequence forwards."""
-    seq = list(prompt)
-    for _ in range(n):
-        seq.append(int(np.argmax(engine.reference_logits(params, seq)[-1])))
-    return seq[len(prompt) :]
+    """The next `n` greedy tokens by repeated uncached full-sequence forwards
+    (shared/engine/reference.py)."""
+    return engine.reference.greedy(params, prompt, n)
 
 
 def metric_samples(text: str) -> dict[str, float]:

@@ -121,8 +121,12 @@ def test_bulk_insert_equals_one_by_one(engine: Engine, params: Params):
     assert [one_by_one.pages.pages_of(s) for s in slots] == [bulk.pages.pages_of(s) for s in slots]
     for a, b in zip(jax.tree.leaves(one_by_one.state), jax.tree.leaves(bulk.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    greedy = [prefixes[0].first_token]  # slot 3: PROMPTS[7], greedy
     for _ in range(4):
-        assert one_by_one.step(params) == bulk.step(params)
+        tokens = bulk.step(params)
+        assert one_by_one.step(params) == tokens
+        greedy.append(tokens[0][3])
+    assert greedy == reference_greedy(engine, params, prompts[0], 5)
 
 
 def test_release_stops_a_slot_and_keeps_the_others(engine: Engine, params: Params):

@@ -15,23 +15,25 @@ from shared.engine.engine import (
     SlotError,
     TokenOutOfVocabularyError,
 )
+from shared.kv.pages import pages_for
 
 
 def test_generate_compiles_once_per_batch_bucket_while_slots_fill_and_empty(
     engine: Engine, params: Params
 ):
     """100 steps with requests arriving and leaving: one trace of `generate` per batch
-    bucket (the live rows, padded to a power of two); prefill once per bucket used."""
+    bucket (the live rows, padded to a power of two); prompts of every length share one
+    chunk program (one rows bucket) and one gather per power-of-two page count."""
     before = engine.compile_counts.copy()
     rng = np.random.default_rng(0)
     batch = DecodeBatch(engine)
     remaining = {}
-    buckets_used, batch_sizes = set(), set()
+    batch_sizes, page_counts = set(), set()
     for _ in range(100):
         free = [s for s in range(engine.config.max_slots) if s not in remaining]
         if free and rng.random() < 0.4:
             n = int(rng.integers(1, engine.config.max_prompt_len + 1))
-            buckets_used.add(engine.config.bucket_for(n))
+            page_counts.add(1 << (pages_for(n, engine.config.page_size) - 1).bit_length())
             batch.insert([engine.prefill(params, rng.integers(0, 256, n))], [free[0]])
             remaining[free[0]] = int(rng.integers(1, 12))
         if remaining:
@@ -44,15 +46,16 @@ def test_generate_compiles_once_per_batch_bucket_while_slots_fill_and_empty(
     traced = engine.compile_counts - before
     assert engine.batch_buckets == (1, 2, 4)
     assert batch_sizes == {1, 2, 4}, "the scenario should visit every bucket"
+    assert page_counts == {1, 2, 4}, "the scenario should read out every page count"
     for size in batch_sizes:
         assert engine.compile_counts[f"generate[{size}]"] == 1
     assert engine.compile_counts["release"] == 1
     batch.pages.check()
-    for bucket in buckets_used:
-        assert engine.compile_counts[f"prefill[{bucket}]"] == 1
-    assert not {k for k in traced if k.startswith("prefill")} - {
-        f"prefill[{b}]" for b in buckets_used
-    }
+    # At most once each (the session engine may have compiled them in an earlier test),
+    # and nothing else: no program of its own for any prompt length.
+    prefill = {k: v for k, v in traced.items() if k.startswith(("chunk", "gather"))}
+    assert set(prefill) <= {"chunk[1x32]", "gather[1]", "gather[2]", "gather[4]"}, prefill
+    assert set(prefill.values()) <= {1}, prefill
 
 
 def test_bulk_insert_compiles_per_power_of_two_not_per_slot_set(engine: Engine, params: Params):

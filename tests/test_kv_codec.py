@@ -61,7 +61,7 @@ def _assert_same_prefix(sent: Prefix, received: Prefix) -> None:
 
 def test_engine_prefix_round_trip_trims_padding(engine: Engine, params: Params) -> None:
     sampling = SamplingParams(temperature=0.8, top_k=7, top_p=0.95, seed=123456789012345)
-    prefix = engine.prefill(params, list(range(3, 14)), sampling=sampling)  # 11 -> bucket 16
+    prefix = engine.prefill(params, list(range(3, 14)), sampling=sampling)  # 11: 2 pages of 8
     bucket = jax.tree.leaves(prefix.cache)[0].shape[1]
     assert bucket > prefix.true_length
     spec = KvSpec.from_cache(prefix.cache, FINGERPRINT, 1 << 20)

@@ -19,6 +19,7 @@ from shared.kv.pages import PageAllocator, PagesExhaustedError, pages_for
 from shared.metrics import WorkerMetrics
 from shared.sampling_params import SamplingParams
 from shared.transport.types import DecodeFinish, GenerationLimits
+from tests.reference import reference_greedy
 from tests.test_decode_loop import Collector, wait_no_pages_held
 
 # Lengths around the test engine's page edges (page_size 8) and prefill buckets (8, 16, 32).
@@ -97,17 +98,24 @@ def test_random_reserve_assign_grow_release_never_leaks_or_double_owns(seed: int
             slot = rng.choice(sorted(owned))
             assert allocator.release(slot) == pages_for(owned.pop(slot), page_size)
             assert allocator.release(slot) == 0  # idempotent
-        allocator.check()
-        counts = allocator.counts()
-        assert counts.used == sum(pages_for(t, page_size) for t in owned.values())
-        assert counts.free == total - counts.used
-        assert counts.reserved == sum(promises.values())
+        _check_against_the_model(allocator, owned, promises)
     for slot in list(owned):
         allocator.release(slot)
     for key in list(promises):
         allocator.unreserve(key)
     allocator.check()
     assert allocator.counts().free == total
+
+
+def _check_against_the_model(
+    allocator: PageAllocator, owned: dict[int, int], promises: dict[str, int]
+) -> None:
+    """The allocator's own invariant check, and its counts equal the model's."""
+    allocator.check()
+    counts = allocator.counts()
+    assert counts.used == sum(pages_for(t, allocator.page_size) for t in owned.values())
+    assert counts.free == allocator.num_pages - 1 - counts.used
+    assert counts.reserved == sum(promises.values())
 
 
 def test_assign_is_refused_past_a_slots_page_table():
@@ -185,6 +193,15 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(engine: Engine, p
 # Pool exhaustion ----------------------------------------------------------------------------
 
 
+def _unpreempted(
+    engine: Engine, params: Params, prompt: list[int], sampling: SamplingParams, steps: int
+) -> list[int]:
+    batch = DecodeBatch(engine)
+    prefix = engine.prefill(params, prompt, sampling=sampling)
+    batch.insert([prefix], [0])
+    return [prefix.first_token] + [batch.step(params)[0][0] for _ in range(steps - 1)]
+
+
 def test_dry_pool_preempts_the_youngest_and_resuming_it_is_exact(engine: Engine, params: Params):
     """Fewer pages than the batch grows into: the youngest request is preempted (its pages
     freed, the others untouched), and resuming it from prompt + generated tokens (what the
@@ -198,13 +215,8 @@ def test_dry_pool_preempts_the_youngest_and_resuming_it_is_exact(engine: Engine,
         (prompt_of(7, 3), SamplingParams(temperature=0.7, top_p=0.8, seed=9)),
     ]
 
-    def unpreempted(prompt: list[int], sampling: SamplingParams) -> list[int]:
-        batch = DecodeBatch(engine)
-        prefix = engine.prefill(params, prompt, sampling=sampling)
-        batch.insert([prefix], [0])
-        return [prefix.first_token] + [batch.step(params)[0][0] for _ in range(steps - 1)]
-
-    expected = [unpreempted(p, s) for p, s in requests]
+    expected = [_unpreempted(engine, params, p, s, steps) for p, s in requests]
+    assert expected[0] == reference_greedy(engine, params, requests[0][0], steps)
 
     # 9 pages: enough for the three prefixes, not for thirty more tokens each.
     allocator = PageAllocator(10, page, engine.config.max_pages_per_slot)

@@ -1,14 +1,13 @@
 """Startup cuts (shared/serving/runtime.py): `--warm-up largest` serves once the largest
-buckets are compiled and compiles the others while serving (held buckets step up to the
-next larger one, with the same tokens); `--compilation-cache-dir` keeps compiled programs
-for the next start."""
+decode batch bucket is compiled and compiles the others while serving (held buckets step
+up to the next larger one, with the same tokens); `--compilation-cache-dir` keeps compiled
+programs for the next start, which then compiles nothing new."""
 
 from __future__ import annotations
 
 import pathlib
 import threading
 
-import jax
 import pytest
 
 from shared.cluster import local_cluster
@@ -21,49 +20,40 @@ from shared.serving.runtime import (
     warm_up,
 )
 from shared.serving.worker_config import COMPILATION_CACHE_ENV, Role, parse_worker_args
+from tests.reference import reference_greedy
 from tests.worker_harness import spawn_worker, stop_worker
 
-PROMPT = [5, 6, 7]  # bucket 8 of the test engine (buckets 8, 16, 32)
-
-
-def prefix_length(prefix) -> int:
-    return jax.tree.leaves(prefix.cache)[0].shape[1]
+PROMPT = [5, 6, 7]
 
 
 @pytest.mark.timeout(90)  # compiles a few programs of a fresh engine
-def test_held_buckets_step_up_until_compiled_with_the_same_tokens(
+def test_held_batch_buckets_step_up_until_compiled_with_the_same_tokens(
     tiny_config: ModelConfig, engine_config: EngineConfig, engine: Engine, params: Params
 ):
     held = Engine(tiny_config, engine_config)
-    with pytest.raises(EngineError, match="largest prefill and batch buckets cannot be held"):
-        held.hold_buckets(prefill=(32,))
-    with pytest.raises(EngineError, match="largest"):
-        held.hold_buckets(batch=(4,))
-    held.hold_buckets(prefill=(8, 16), batch=(1, 2))
-    assert held.held_buckets == {"prefill": (8, 16), "generate": (1, 2)}
-    expected = engine.prefill(params, PROMPT)  # the session engine: bucket 8
+    with pytest.raises(EngineError, match="largest batch bucket cannot be held"):
+        held.hold_buckets((4,))
+    held.hold_buckets((1, 2))
+    assert held.held_buckets == (1, 2)
+    expected = reference_greedy(engine, params, PROMPT, 2)
 
-    # Held: the 3-token prompt runs in bucket 32, one decode row in batch bucket 4.
+    # Held: one decode row runs in batch bucket 4.
     prefix = held.prefill(params, PROMPT)
-    assert prefix_length(prefix) == 32 and held.compile_counts["prefill[8]"] == 0
-    assert prefix.first_token == expected.first_token
+    assert prefix.first_token == expected[0]
     state = held.bulk_insert([prefix], held.init_decode_state(), [0], [[1]])
     state, tokens, _ = held.generate(params, state, [0])
     assert tokens.shape == (4,) and held.compile_counts["generate[1]"] == 0
-    step = int(tokens[0])
+    assert int(tokens[0]) == expected[1]
 
-    # Compiled ahead (nothing run, nothing donated): the next calls use their own buckets
-    # and trace nothing more.
-    held.compile_prefill(params, 8)
+    # Compiled ahead (nothing run, nothing donated): the next step uses its own bucket and
+    # traces nothing more.
     held.compile_generate(params, 1)
-    assert held.held_buckets == {"prefill": (16,), "generate": (2,)}
-    assert held.compile_counts["prefill[8]"] == 1 and held.compile_counts["generate[1]"] == 1
-    prefix = held.prefill(params, PROMPT)
-    assert prefix_length(prefix) == 8 and prefix.first_token == expected.first_token
+    assert held.held_buckets == (2,)
+    assert held.compile_counts["generate[1]"] == 1
     state = held.bulk_insert([prefix], held.release(state, 0), [0], [[1]])
     state, tokens, _ = held.generate(params, state, [0])
-    assert tokens.shape == (1,) and int(tokens[0]) == step
-    assert held.compile_counts["prefill[8]"] == 1 and held.compile_counts["generate[1]"] == 1
+    assert tokens.shape == (1,) and int(tokens[0]) == expected[1]
+    assert held.compile_counts["generate[1]"] == 1
 
 
 @pytest.mark.timeout(90)
@@ -72,24 +62,18 @@ def test_warm_up_largest_then_the_rest_in_the_background(
 ):
     runtime = ModelRuntime(Engine(tiny_config, engine_config), params, "tiny", None)
     engine = runtime.engine
-    seconds = warm_up(runtime, prefill=True, decode=True, hold=True)
-    assert set(seconds) == {"prefill[32]", "inserts", "generate[4]", "total"}
-    assert engine.held_buckets == {"prefill": (8, 16), "generate": (1, 2)}
+    seconds = warm_up(runtime, hold=True)
+    assert set(seconds) == {"inserts", "generate[4]", "total"}
+    assert engine.held_buckets == (1, 2)
+    assert engine.compile_counts["generate[4]"] == 1 and engine.compile_counts["release"] == 1
     done: list[dict[str, float]] = []
     thread = compile_held_buckets(runtime, done.append)
     assert thread is not None
     thread.join(60)
     assert not thread.is_alive()
-    assert engine.held_buckets == {"prefill": (), "generate": ()}
-    assert set(done[0]) == {"prefill[8]", "prefill[16]", "generate[1]", "generate[2]", "total"}
-    for name in (
-        "prefill[8]",
-        "prefill[16]",
-        "prefill[32]",
-        "generate[1]",
-        "generate[2]",
-        "generate[4]",
-    ):
+    assert engine.held_buckets == ()
+    assert set(done[0]) == {"generate[1]", "generate[2]", "total"}
+    for name in ("generate[1]", "generate[2]", "generate[4]"):
         assert engine.compile_counts[name] == 1, name
     assert compile_held_buckets(runtime) is None  # nothing left to compile
 
@@ -101,14 +85,15 @@ def test_background_compiles_stop_starting_once_asked(
     """A draining worker sets `stop` and joins the thread (run_worker): no bucket starts
     after that, so the process never tears down under a running XLA compile."""
     runtime = ModelRuntime(Engine(tiny_config, engine_config), params, "tiny", None)
-    warm_up(runtime, prefill=True, decode=True, hold=True)
+    warm_up(runtime, hold=True)
     stop = threading.Event()
     stop.set()
     thread = compile_held_buckets(runtime, stop=stop)
     assert thread is not None
     thread.join(60)
     assert not thread.is_alive()
-    assert runtime.engine.held_buckets == {"prefill": (8, 16), "generate": (1, 2)}  # untouched
+    assert runtime.engine.held_buckets == (1, 2)  # untouched
+    assert runtime.engine.compile_counts["generate[1]"] == 0
 
 
 def test_compilation_cache_flags(monkeypatch, tmp_path: pathlib.Path):
@@ -155,14 +140,27 @@ def test_serve_passes_its_model_and_quantization_to_every_worker():
     assert parse_worker_args(engine, Role.DECODE).quantization is None
 
 
-@pytest.mark.timeout(120)  # starts a worker process
-def test_a_worker_keeps_what_it_compiled_in_its_cache_dir(tmp_path: pathlib.Path):
+def _cache_entries(directory: pathlib.Path) -> set[str]:
+    return {str(f.relative_to(directory)) for f in directory.rglob("*") if f.is_file()}
+
+
+@pytest.mark.timeout(180)  # starts two worker processes, one after the other
+def test_a_second_start_compiles_nothing_new_from_the_cache_dir(tmp_path: pathlib.Path):
+    """The colocated worker warms up both halves (the decode programs, every chunk shape of
+    its prefill loop) into its cache dir; a second start from the same dir finds every
+    program there and writes no entry of its own (the tests lower JAX's minimum compile
+    time to 0 s, tests/conftest.py, so every compile would be stored)."""
     cache = tmp_path / "jax-cache"
-    worker = spawn_worker("prefill", "--compilation-cache-dir", str(cache), "--warm-up", "all")
-    try:
-        assert any("compilation cache: " in line for line in worker.output)
-        # Every prefill bucket was compiled before serving, each into the cache (the tests
-        # lower JAX's minimum compile time to 0 s: tests/conftest.py).
-        assert len([f for f in cache.rglob("*") if f.is_file()]) >= 3
-    finally:
-        stop_worker(worker)
+    flags = ("--compilation-cache-dir", str(cache), "--warm-up", "all")
+    first = spawn_worker("colocated", *flags)
+    stop_worker(first)
+    output = "".join(first.output)
+    assert "compilation cache: " in output
+    assert "compiled generate[" in output and "compiled chunked prefill" in output
+    stored = _cache_entries(cache)
+    # At least the decode step of each batch bucket and one chunk program.
+    assert len(stored) > output.count("compiled generate[")
+    second = spawn_worker("colocated", *flags)
+    stop_worker(second)
+    assert "compiled generate[" in "".join(second.output)
+    assert _cache_entries(cache) == stored

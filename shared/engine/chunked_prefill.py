@@ -1,38 +1,42 @@
-"""Chunked, packed prefill over a paged KV pool: the device side of a prefill worker.
+"""Chunked, packed prefill over a paged KV pool: the one prefill path. Prefill workers
+run it (prefill_server/loop.py), and so does `Engine.prefill` (shared/engine/prefill.py).
 
 A prompt is computed in chunks of `chunk` tokens. Each call runs up to `max_rows` rows,
-one chunk of one prompt per row (several prompts packed in one call), through the model
-in its paged mode: every row writes its chunk's K/V into its own pages and attends to its
-own pages only (the page table and per-row lengths keep prompts apart: no prompt sees
+one chunk of one prompt per row (several prompts packed in one call), through the
+engine's one paged forward (`Engine.forward`, the decode step's model call with T tokens
+per row): every row writes its chunk's K/V into its own pages and attends to its own
+pages only (the page table and per-row lengths keep prompts apart: no prompt sees
 another's tokens), so a chunk attends to the KV of the chunks before it, and to pages
-reused from the prefix cache (shared/kv/prefix_cache.py) exactly as if it had
-computed them. Shapes depend on (rows bucket, chunk) only: any prompt length up to
+reused from the prefix cache (shared/kv/prefix_cache.py) exactly as if it had computed
+them. Shapes depend on (rows bucket, chunk, pool pages) only: any prompt length up to
 max_seq_len - 1 runs without a compile of its own.
 
 When a prompt's last chunk has run, its first token is sampled from the logits at its
-last position (the same sampling and seed position as `Engine.prefill`), and `gather`
-reads its KV out of the pool as a layout-neutral `Prefix` (the model's KV heads, one
-copy each), which the worker pushes to a decode worker.
+last position (seeded by that position, as a decode step samples), and `gather` reads its
+KV out of the pool as a layout-neutral `Prefix` (the model's KV heads, one copy each),
+which the worker pushes to a decode worker.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from shared.engine.engine import Engine, Params, StepLogprobs, power_of_two_buckets
-from shared.engine.mesh import CACHE_AXES, named, replicated
+from shared.engine.base import Params, StepLogprobs, power_of_two_buckets, sampling_rows
+from shared.engine.mesh import CACHE_AXES, named
 from shared.engine.model.attention import PagedInputs
-from shared.engine.model.llama import abstract_model
 from shared.engine.sampling import logprobs, sample
 from shared.kv.pages import SCRATCH_PAGE
 from shared.kv.prefix import CacheDict
 from shared.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from shared.engine.engine import Engine
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -55,41 +59,28 @@ class ChunkOutput:
     logprobs: StepLogprobs
 
 
-class _Programs:
-    """The jitted calls of one (engine, pool size): shared by every ChunkedPrefill on that
-    engine (tests build many prefill loops on one session engine; each would otherwise
-    compile its own copies). Holds no pool: the pool is the caller's, passed in."""
+class ChunkPrograms:
+    """One engine's jitted chunk calls, owned by the engine (`Engine.chunk_programs`) and
+    shared by every `ChunkedPrefill` on it, whatever its pool size (a shape the programs
+    compile for): tests build many prefill loops on one session engine, and
+    `Engine.prefill` runs its prompts through the very same chunk program. Holds no pool:
+    the pool is the caller's, passed in."""
 
-    def __init__(self, engine: Engine, num_pages: int) -> None:
-        self.engine, config = engine, engine.config
-        self.page_size = config.page_size
-        self.graph, _, self.abstract_cache = abstract_model(
-            engine.model_config,
-            "autoregressive",
-            batch=num_pages,
-            cache_len=self.page_size,
-            dtype=engine.dtype,
-            parallelism=engine.parallelism,
-            attention="xla",
-            pages_per_block=config.pages_per_block,
-        )
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.page_size = engine, engine.config.page_size
         sharding = named(engine.mesh, CACHE_AXES, engine.rules)
-        shardings = jax.tree.map(lambda _: sharding, nnx.to_pure_dict(self.abstract_cache))
-        rep = replicated(engine.mesh)
+        self.pool_sharding = jax.tree.map(lambda _: sharding, engine.decode_pool_shapes)
+        rep = engine.replicated
         self.chunk = jax.jit(
-            self._chunk_impl, donate_argnums=(1,), out_shardings=(shardings, rep, rep, rep)
+            self._chunk_impl,
+            donate_argnums=(1,),
+            out_shardings=(self.pool_sharding, rep, rep, rep),
         )
         self.gather = jax.jit(self._gather_impl, out_shardings=rep)
-        self.init = jax.jit(self._init_impl, out_shardings=shardings)
-        self.copy_page = jax.jit(self._copy_page_impl, donate_argnums=(0,), out_shardings=shardings)
-
-    @staticmethod
-    def of(engine: Engine, num_pages: int) -> _Programs:
-        # Kept on the engine: they live and die with it (one engine per worker process).
-        programs = engine.__dict__.setdefault("_chunked_prefill_programs", {})
-        if num_pages not in programs:
-            programs[num_pages] = _Programs(engine, num_pages)
-        return programs[num_pages]
+        self.init = jax.jit(self._init_impl, static_argnums=(0,), out_shardings=self.pool_sharding)
+        self.copy_page = jax.jit(
+            self._copy_page_impl, donate_argnums=(0,), out_shardings=self.pool_sharding
+        )
 
     def _chunk_impl(
         self,
@@ -117,18 +108,16 @@ class _Programs:
         paged = PagedInputs(
             page_table=tables,
             q_positions=positions,
-            kv_lengths=kv_lengths,
+            # A padding row reads the scratch page's first position rather than nothing:
+            # a decode kernel (one-token chunks on TPU) wants every row to see something.
+            kv_lengths=jnp.maximum(kv_lengths, 1),
             write_pages=write_pages,
             write_offsets=positions % self.page_size,
         )
-        cache = jax.tree.map(lambda x: x, self.abstract_cache)
-        nnx.replace_by_pure_dict(cache, pool)
-        model = nnx.merge(self.graph, params, cache)
         last = jnp.maximum(counts - 1, 0)
-        logits = model(tokens, positions, logits_at=last, paged=paged)  # [R, V]
-        # As Engine.prefill: the sampled token lands at position kv_length.
+        logits, new_pool = self.engine.forward(params, pool, tokens, paged, logits_at=last)
+        # As a decode step: the sampled token lands at position kv_length.
         first = sample(logits, temperature, top_k, top_p, seeds, kv_lengths)
-        new_pool = nnx.to_pure_dict(nnx.state(model, nnx.Cache))
         return new_pool, first, logits, logprobs(logits, first, wanted)
 
     def _gather_impl(self, pool: CacheDict, pages: jax.Array) -> CacheDict:
@@ -146,9 +135,10 @@ class _Programs:
         # Every layer's page `source` into page `target`, on each device's own heads.
         return jax.tree.map(lambda leaf: leaf.at[:, target].set(leaf[:, source]), pool)
 
-    def _init_impl(self) -> CacheDict:
-        return nnx.to_pure_dict(
-            jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), self.abstract_cache)
+    def _init_impl(self, num_pages: int) -> CacheDict:
+        return jax.tree.map(
+            lambda s: jnp.zeros((s.shape[0], num_pages, *s.shape[2:]), s.dtype),
+            self.engine.decode_pool_shapes,
         )
 
 
@@ -162,9 +152,9 @@ class ChunkedPrefill:
         self.width = config.max_pages_per_slot  # a page-table row: max_seq_len positions
         self.row_buckets = power_of_two_buckets(max_rows)
         self.page_buckets = power_of_two_buckets(self.width)
-        self._programs = _Programs.of(engine, num_pages)
+        self.programs = engine.chunk_programs
         with jax.set_mesh(engine.mesh):
-            self.pool: CacheDict = self._programs.init()
+            self.pool: CacheDict = self.programs.init(num_pages)
 
     def rows_bucket(self, rows: int) -> int:
         return next(b for b in self.row_buckets if b >= rows)
@@ -195,9 +185,9 @@ class ChunkedPrefill:
             starts[i], counts[i] = row.start, n
             tables[i, : len(row.pages)] = row.pages
         filler = [SamplingParams()] * (bucket - len(rows))
-        sampling = Engine._sampling_rows([r.sampling for r in rows] + filler)
+        sampling = sampling_rows([r.sampling for r in rows] + filler)
         with jax.set_mesh(self.engine.mesh):
-            self.pool, first, logits, step_logprobs = self._programs.chunk(
+            self.pool, first, logits, step_logprobs = self.programs.chunk(
                 params,
                 self.pool,
                 tokens,
@@ -213,7 +203,7 @@ class ChunkedPrefill:
         """Page `source`'s KV into page `target` (a prefix-cache hit of part of a block:
         the prompt fills `target` on from there). In place (donated), in call order."""
         with jax.set_mesh(self.engine.mesh):
-            self.pool = self._programs.copy_page(self.pool, np.int32(source), np.int32(target))
+            self.pool = self.programs.copy_page(self.pool, np.int32(source), np.int32(target))
 
     # Reading a prompt's KV out ---------------------------------------------------------------
 
@@ -228,7 +218,7 @@ class ChunkedPrefill:
         padded = np.full((bucket,), SCRATCH_PAGE, np.int32)
         padded[:needed] = pages[:needed]
         with jax.set_mesh(self.engine.mesh):
-            cache = self._programs.gather(self.pool, padded)
+            cache = self.programs.gather(self.pool, padded)
         return jax.block_until_ready(cache)
 
     # Compiling ahead -------------------------------------------------------------------------
@@ -245,8 +235,8 @@ class ChunkedPrefill:
         tokens = np.zeros((bucket, self.chunk), np.int32)
         zeros = np.zeros((bucket,), np.int32)
         tables = np.full((bucket, self.width), SCRATCH_PAGE, np.int32)
-        sampling = Engine._sampling_rows([SamplingParams()] * bucket)
+        sampling = sampling_rows([SamplingParams()] * bucket)
         with jax.set_mesh(self.engine.mesh):
-            self._programs.chunk.lower(
+            self.programs.chunk.lower(
                 params, self.pool, tokens, zeros, zeros, tables, *sampling, np.bool_(False)
             ).compile()

@@ -12,7 +12,7 @@ axes, in one table, so changing the parallelism is a change here only (MaxText's
     LM head    [embed, vocab]             norms [norm] (replicated)
     int8       values shard like the float kernel; per-channel scales like its out axis,
                block scales and offsets like the kernel (blocks never straddle devices)
-    KV caches  [cache_heads, slots, seq, head_dim] (decode), [cache_heads, 1, T, head_dim]
+    KV pools   [cache_heads, pages, page_size, head_dim] (decode and prefill alike)
 
 KV heads. With `tp <= num_kv_heads` the KV heads split over the devices (tp must divide
 them). With `tp > num_kv_heads` (GQA models on many chips) each KV head is *replicated*

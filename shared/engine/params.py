@@ -44,9 +44,7 @@ def init_params(
     same weights."""
 
     def create() -> Params:
-        model = Transformer(
-            model_config, "prefill", batch=1, cache_len=1, dtype=dtype, rngs=nnx.Rngs(seed)
-        )
+        model = Transformer(model_config, dtype=dtype, rngs=nnx.Rngs(seed))
         return nnx.state(model, nnx.Param)
 
     return jax.jit(create, out_shardings=shardings)()

@@ -2,8 +2,9 @@
 
 1. Load the model (`--model`) and build the engine; any bad checkpoint fails here, before
    the server exists, so the process never reports healthy with bad weights.
-2. Warm up: compile every prefill bucket and/or the decode step and insert shapes, so the
-   first real request pays no compile.
+2. Warm up: compile the decode step and insert shapes (decode roles) and the chunked
+   prefill shapes (prefill roles, in their loop), so the first real request pays no
+   compile.
 3. Serve the role's gRPC services (+ health + reflection) and `/metrics`; print one
    "serving" line with the bound ports (tests and `pdserve serve` read it).
 4. On SIGTERM/SIGINT: health goes NOT_SERVING, the role's `drain` stops new work and lets
@@ -27,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from shared.config import ConfigError, EngineConfig
-from shared.engine.engine import Engine, Params
+from shared.engine.engine import DecodeState, Engine, Params
 from shared.engine.mesh import Parallelism, make_mesh
 from shared.kv.pages import SCRATCH_PAGE, pages_for
 from shared.kv.prefix import Prefix
@@ -159,72 +160,61 @@ def model_fingerprint(loaded: LoadedModel) -> str:
     return f"{loaded.model_config.fingerprint()}-{loaded.weights_id}"
 
 
-def warm_up(
-    runtime: ModelRuntime, *, prefill: bool, decode: bool, hold: bool = False
-) -> dict[str, float]:
-    """Compile what serving will run: every prefill bucket; the decode step for every
-    batch bucket, release, and bulk_insert for every power-of-two batch and insert length.
-    Everything is written to the scratch page, so no page is taken.
+def warm_up(runtime: ModelRuntime, *, hold: bool = False) -> dict[str, float]:
+    """Compile what a decode worker runs: bulk_insert for every power-of-two batch and
+    insert length, the decode step for every batch bucket, release. Everything is written
+    to the scratch page, so no page is taken. (Prefill compiles its chunk shapes in the
+    prefill loop: prefill_server/loop.py's `compile_prefill_loop`.)
 
-    `hold` (`--warm-up largest`): compile only the largest prefill bucket and the largest
-    decode batch now, and hold the others (the engine steps over them to the next larger
-    bucket) for `compile_held_buckets` to compile while the worker serves. Every request
-    is served from the start; a small one just runs in a larger bucket until its own is
-    ready. Each bucket of SmolLM2 takes ~7 s (prefill) to ~15-35 s (decode) to compile
-    here, so this is most of a first start (bench/compile_bench.py).
+    `hold` (`--warm-up largest`): compile only the largest batch bucket now, and hold the
+    others (the engine steps over them to the next larger bucket) for
+    `compile_held_buckets` to compile while the worker serves. Every request is served
+    from the start; a small batch just runs in a larger bucket until its own is ready.
+    Each batch bucket of SmolLM2 takes ~15-35 s to compile here, so this is most of a
+    first start (bench/compile_bench.py).
 
     Returns the seconds each part took (also printed): startup is mostly compiling, and
     operators (and bench/compile_bench.py) need to see which part."""
     engine, params = runtime.engine, runtime.params
     start = time.perf_counter()
     seconds: dict[str, float] = {}
-
-    def timed(name: str, started: float) -> None:
-        seconds[name] = time.perf_counter() - started
-        progress(f"compiled {name} in {seconds[name]:.1f}s")
-
-    prefill_buckets = engine.config.prefill_buckets
-    batch_buckets = engine.batch_buckets
+    buckets = engine.batch_buckets
     if hold:
-        engine.hold_buckets(
-            prefill=prefill_buckets[:-1] if prefill else (),
-            batch=batch_buckets[:-1] if decode else (),
-        )
-        prefill_buckets, batch_buckets = prefill_buckets[-1:], batch_buckets[-1:]
-    if prefill:
-        for bucket in prefill_buckets:
-            progress(f"compiling prefill bucket {bucket}")
-            t = time.perf_counter()
-            engine.prefill(params, np.zeros(bucket, np.int32))
-            timed(f"prefill[{bucket}]", t)
-    if decode:
-        progress(f"compiling inserts and the decode step for batches {batch_buckets}")
+        engine.hold_buckets(buckets[:-1])
+        buckets = buckets[-1:]
+    progress(f"compiling inserts and the decode step for batches {buckets}")
+    t = time.perf_counter()
+    state = _compile_inserts(engine)
+    seconds["inserts"] = time.perf_counter() - t
+    progress(f"compiled inserts in {seconds['inserts']:.1f}s")
+    for bucket in buckets:
         t = time.perf_counter()
-        state = engine.init_decode_state()
-        lengths = (*engine.config.prefill_buckets, engine.config.max_seq_len - 1)
-        count = 1
-        while count <= engine.config.max_slots:
-            for length in lengths:
-                fake = _zero_prefix(engine, length)
-                scratch = [SCRATCH_PAGE] * pages_for(length + 1, engine.config.page_size)
-                state = engine.bulk_insert(
-                    [fake] * count, state, np.arange(count, dtype=np.int32), [scratch] * count
-                )
-            count *= 2
-        jax.block_until_ready(state)
-        timed("inserts", t)
-        for bucket in batch_buckets:
-            t = time.perf_counter()
-            state, tokens, _ = engine.generate(params, state, np.arange(bucket, dtype=np.int32))
-            jax.block_until_ready(tokens)
-            timed(f"generate[{bucket}]", t)
-        state = engine.release(state, 0)
-        jax.block_until_ready((state, tokens))
+        state, tokens, _ = engine.generate(params, state, np.arange(bucket, dtype=np.int32))
+        jax.block_until_ready(tokens)
+        seconds[f"generate[{bucket}]"] = time.perf_counter() - t
+        progress(f"compiled generate[{bucket}] in {seconds[f'generate[{bucket}]']:.1f}s")
+    jax.block_until_ready(engine.release(state, 0))
     seconds["total"] = time.perf_counter() - start
-    held = {k: v for k, v in engine.held_buckets.items() if v}
-    later = f"; compiling {held} while serving" if held else ""
+    held = engine.held_buckets
+    later = f"; compiling generate{list(held)} while serving" if held else ""
     progress(f"compiled in {seconds['total']:.1f}s{later}")
     return seconds
+
+
+def _compile_inserts(engine: Engine) -> DecodeState:
+    """Run bulk_insert at every (power of two, insert length) on scratch pages."""
+    state = engine.init_decode_state()
+    lengths = (*engine.config.prefill_buckets, engine.config.max_seq_len - 1)
+    count = 1
+    while count <= engine.config.max_slots:
+        for length in lengths:
+            fake = _zero_prefix(engine, length)
+            scratch = [SCRATCH_PAGE] * pages_for(length + 1, engine.config.page_size)
+            state = engine.bulk_insert(
+                [fake] * count, state, np.arange(count, dtype=np.int32), [scratch] * count
+            )
+        count *= 2
+    return jax.block_until_ready(state)
 
 
 def compile_held_buckets(
@@ -232,33 +222,31 @@ def compile_held_buckets(
     on_done: Callable[[dict[str, float]], None] | None = None,
     stop: threading.Event | None = None,
 ) -> threading.Thread | None:
-    """Compile the buckets `warm_up(hold=True)` held, smallest first (the ones a lightly
-    loaded worker uses), in a daemon thread; each is used as soon as it is compiled.
-    `on_done` gets the seconds per bucket and in all; once `stop` is set, no further
-    bucket is started. None if nothing is held."""
+    """Compile the batch buckets `warm_up(hold=True)` held, smallest first (the ones a
+    lightly loaded worker uses), in a daemon thread; each is used as soon as it is
+    compiled. `on_done` gets the seconds per bucket and in all; once `stop` is set, no
+    further bucket is started. None if nothing is held."""
     engine, params = runtime.engine, runtime.params
     held = engine.held_buckets
-    if not any(held.values()):
+    if not held:
         return None
 
     def run() -> None:
         start, seconds = time.perf_counter(), {}
-        for kind, buckets in held.items():
-            compile_one = engine.compile_prefill if kind == "prefill" else engine.compile_generate
-            for bucket in buckets:
-                if stop is not None and stop.is_set():
-                    return
-                t = time.perf_counter()
-                try:
-                    compile_one(params, bucket)
-                except Exception:  # the larger buckets still serve: log, go on
-                    log.exception("compiling %s[%d] failed; it stays unused", kind, bucket)
-                    continue
-                seconds[f"{kind}[{bucket}]"] = time.perf_counter() - t
-                progress(
-                    f"compiled {kind}[{bucket}] in {seconds[f'{kind}[{bucket}]']:.1f}s "
-                    "(while serving)"
-                )
+        for bucket in held:
+            if stop is not None and stop.is_set():
+                return
+            t = time.perf_counter()
+            try:
+                engine.compile_generate(params, bucket)
+            except Exception:  # the larger buckets still serve: log, go on
+                log.exception("compiling generate[%d] failed; it stays unused", bucket)
+                continue
+            seconds[f"generate[{bucket}]"] = time.perf_counter() - t
+            progress(
+                f"compiled generate[{bucket}] in {seconds[f'generate[{bucket}]']:.1f}s "
+                "(while serving)"
+            )
         seconds["total"] = time.perf_counter() - start
         progress(f"every bucket compiled, {seconds['total']:.1f}s after serving began")
         if on_done is not None:
@@ -283,7 +271,9 @@ def run_worker(
     decode: bool,
 ) -> int:
     """A worker's `main`: flags, model, warm-up, then `serve` until it drains.
-    Bad flags or weights exit 2 with the reason, before anything reports healthy."""
+    Bad flags or weights exit 2 with the reason, before anything reports healthy.
+    `prefill` / `decode`: what the role runs. The decode programs are compiled here; a
+    prefill role's chunk shapes by its loop, in `serve` (it knows its chunk and rows)."""
     configure_logging()
     try:
         config = parse_worker_args(argv, role)
@@ -292,9 +282,9 @@ def run_worker(
     except (ConfigError, CheckpointError) as err:
         print(f"pdserve {role.value}: error: {err}", file=sys.stderr)
         return 2
-    # Prefill roles compile their chunked-prefill shapes in `serve` (compile_prefill_loop):
-    # Engine.prefill's buckets are not on their serving path.
-    warm_up(runtime, prefill=False, decode=decode, hold=config.warm_up == "largest")
+    # Prefill roles compile their chunked-prefill shapes in `serve` (compile_prefill_loop).
+    if decode:
+        warm_up(runtime, hold=config.warm_up == "largest")
     stop_compiling = threading.Event()
     compiling = compile_held_buckets(runtime, stop=stop_compiling)
     try:

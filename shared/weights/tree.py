@@ -47,13 +47,8 @@ def abstract_params(
 ) -> nnx.State:
     """ShapeDtypeStruct params of `model_config` (int8 + scales when it is quantized); with
     a mesh, each carries its sharding, and every loader places tensors straight there."""
-    _, abstract, _ = abstract_model(
-        model_config,
-        "prefill",
-        batch=1,
-        cache_len=1,
-        dtype=dtype,
-        parallelism=Parallelism.of(model_config, 1),
+    _, abstract = abstract_model(
+        model_config, dtype=dtype, parallelism=Parallelism.of(model_config, 1)
     )
     if mesh is None:
         return abstract

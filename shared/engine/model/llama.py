@@ -1,10 +1,13 @@
-"""Llama-family decoder in flax NNX, built in one of two model modes.
+"""Llama-family decoder in flax NNX. The model holds params only; its KV comes in and goes
+out explicitly (as flax's gemma example passes its cache), so one graph serves every use:
 
-* `prefill`: a batch of padded prompts [B, T]; causal attention over the prompt; the
-  K/V of every position is written to the layer's `nnx.Cache` ([C, B, T, H]).
-* `autoregressive`: one token per live decode row [B, 1]; the layer's cache is a pool of
-  pages ([C, P, page_size, H]); each row writes its new K/V into its page and attends over
-  the pages its page table lists (shared/engine/model/attention.py).
+* with a KV cache (`Transformer(..., cache=, paged=)`): the cache is a pool of pages per
+  layer ([C, P, page_size, H]); each row of tokens [B, T] writes its new K/V into the
+  pages `paged` names and attends over the pages its page table lists
+  (shared/engine/model/attention.py). T = 1 is a decode step, T > 1 a prefill chunk.
+  Returns the logits and the updated pools.
+* without one: the uncached full-sequence forward, causal attention over the tokens
+  themselves (shared/engine/reference.py: what tests compare served output to).
 
 Caches are head-major, C first: the cache heads (the model's KV heads, or the
 tensor-parallel size when KV heads are replicated: shared/engine/mesh.py), the sharded
@@ -22,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from shared.config import ModelConfig, ModelMode
+from shared.config import ModelConfig
 from shared.engine.mesh import CACHE_AXES, Parallelism, constrain
 from shared.engine.model.attention import (
     PagedInputs,
@@ -32,18 +35,19 @@ from shared.engine.model.attention import (
 )
 from shared.engine.model.layers import MLP, Dense, Embed, RMSNorm
 from shared.engine.model.rope import apply_rope, inverse_frequencies
+from shared.kv.prefix import CacheDict
 
 _MASKED = -1e30  # finite, so a fully masked row (an empty slot) gives no NaN
+
+# One layer's (K, V) page pools, each [C, P, page_size, H].
+LayerKV = tuple[jax.Array, jax.Array]
 
 
 class Attention(nnx.Module):
     def __init__(
         self,
         config: ModelConfig,
-        mode: ModelMode,
         *,
-        batch: int,
-        cache_len: int,
         dtype: jnp.dtype,
         parallelism: Parallelism,
         attention: str = "xla",
@@ -51,7 +55,6 @@ class Attention(nnx.Module):
         rngs: nnx.Rngs,
     ) -> None:
         c = config
-        self.mode = mode
         self.attention, self.pages_per_block = attention, pages_per_block  # static
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
         self.parallelism = parallelism  # frozen: static structure, not state
@@ -66,15 +69,18 @@ class Attention(nnx.Module):
         self.k_proj = Dense(c.d_model, kv_out, use_bias=bias, axes=("embed", "kv_heads"), **kw)
         self.v_proj = Dense(c.d_model, kv_out, use_bias=bias, axes=("embed", "kv_heads"), **kw)
         self.o_proj = Dense(q_out, c.d_model, axes=("q_heads", "embed"), **kw)
-        cache_shape = (parallelism.cache_heads, batch, cache_len, c.head_dim)
-        self.cache_k = nnx.Cache(jnp.zeros(cache_shape, dtype))
-        self.cache_v = nnx.Cache(jnp.zeros(cache_shape, dtype))
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, paged: PagedInputs | None = None
-    ) -> jax.Array:
-        """x [B, T, D]; positions [B, T] (prefill: 0..T-1; autoregressive: each row's
-        length, with `paged` saying where its K/V go and come from)."""
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        kv: LayerKV | None = None,
+        paged: PagedInputs | None = None,
+    ) -> tuple[jax.Array, LayerKV | None]:
+        """x [B, T, D]; positions [B, T] -> (out [B, T, D], the updated pools or None).
+
+        With `kv`, the new K/V go where `paged` says and each row reads its own pages;
+        without, attention is causal over x's own tokens (positions 0..T-1)."""
         b, t, _ = x.shape
         n, h = self.num_heads, self.head_dim
         c, rules = self.parallelism.cache_heads, self.parallelism.rules()
@@ -88,36 +94,27 @@ class Attention(nnx.Module):
         v = constrain(jnp.repeat(v, r, axis=2).transpose(2, 0, 1, 3), CACHE_AXES, rules)
         q = q.reshape(b, t, c, n // c, h).transpose(2, 0, 1, 3, 4)  # [C, B, T, G, H]
         q = constrain(q, (*CACHE_AXES[:3], None, "head_dim"), rules)
-        if self.mode == "prefill":
-            out = self._prefill_attention(q, k, v)
+        if kv is None:
+            out = _causal_attention(q, k, v)
         else:
-            assert paged is not None, "autoregressive mode reads a paged cache"
-            out = self._paged_attention(q, k, v, paged)
+            assert paged is not None, "a KV cache is read through its page tables"
+            out, kv = self._paged_attention(q, k, v, kv, paged)
         out = out.transpose(1, 2, 0, 3, 4).reshape(b, t, n * h)  # heads back in q order
-        return self.o_proj(out)
-
-    def _prefill_attention(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        """q [C, B, T, G, H]; k, v [C, B, T, H] -> [C, B, T, G, H]."""
-        t, h = q.shape[2], q.shape[-1]
-        self.cache_k[...] = k
-        self.cache_v[...] = v
-        causal = jnp.tril(jnp.ones((t, t), bool))  # [T, S]
-        scores = jnp.einsum("cbtgh,cbsh->cbgts", q, k).astype(jnp.float32) / jnp.sqrt(h)
-        probs = jax.nn.softmax(jnp.where(causal, scores, _MASKED), axis=-1).astype(v.dtype)
-        return jnp.einsum("cbgts,cbsh->cbtgh", probs, v)
+        return self.o_proj(out), kv
 
     def _paged_attention(
-        self, q: jax.Array, k: jax.Array, v: jax.Array, paged: PagedInputs
-    ) -> jax.Array:
+        self, q: jax.Array, k: jax.Array, v: jax.Array, kv: LayerKV, paged: PagedInputs
+    ) -> tuple[jax.Array, LayerKV]:
         """q [C, B, T, G, H]; k, v [C, B, T, H] written at (write_pages, write_offsets),
         then every row reads its live pages only."""
         rules = self.parallelism.rules()
-        pool_k = write_pages(self.cache_k[...], k, paged.write_pages, paged.write_offsets)
-        pool_v = write_pages(self.cache_v[...], v, paged.write_pages, paged.write_offsets)
-        self.cache_k[...] = pool_k = constrain(pool_k, CACHE_AXES, rules)
-        self.cache_v[...] = pool_v = constrain(pool_v, CACHE_AXES, rules)
-        # Scaled in float32, as the prefill path scales its scores.
+        pool_k = write_pages(kv[0], k, paged.write_pages, paged.write_offsets)
+        pool_v = write_pages(kv[1], v, paged.write_pages, paged.write_offsets)
+        pool_k = constrain(pool_k, CACHE_AXES, rules)
+        pool_v = constrain(pool_v, CACHE_AXES, rules)
+        # Scaled in float32, as the uncached path scales its scores.
         scaled = q.astype(jnp.float32) / jnp.sqrt(jnp.float32(q.shape[-1]))
+        # The Pallas kernel is a decode kernel: one query per row, at kv_length - 1.
         if self.attention == "pallas" and q.shape[2] == 1:
             head_axis = rules["cache_heads"] if self.parallelism.tp > 1 else None
             out = paged_attention_pallas(
@@ -139,17 +136,23 @@ class Attention(nnx.Module):
                 paged.kv_lengths,
                 pages_per_block=self.pages_per_block,
             )
-        return out.astype(q.dtype)
+        return out.astype(q.dtype), (pool_k, pool_v)
+
+
+def _causal_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """q [C, B, T, G, H]; k, v [C, B, T, H] -> [C, B, T, G, H], position t seeing 0..t."""
+    t, h = q.shape[2], q.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), bool))  # [T, S]
+    scores = jnp.einsum("cbtgh,cbsh->cbgts", q, k).astype(jnp.float32) / jnp.sqrt(h)
+    probs = jax.nn.softmax(jnp.where(causal, scores, _MASKED), axis=-1).astype(v.dtype)
+    return jnp.einsum("cbgts,cbsh->cbtgh", probs, v)
 
 
 class Block(nnx.Module):
     def __init__(
         self,
         config: ModelConfig,
-        mode: ModelMode,
         *,
-        batch: int,
-        cache_len: int,
         dtype: jnp.dtype,
         parallelism: Parallelism,
         attention: str = "xla",
@@ -159,9 +162,6 @@ class Block(nnx.Module):
         self.input_norm = RMSNorm(config.d_model, eps=config.rms_eps, dtype=dtype)
         self.attn = Attention(
             config,
-            mode,
-            batch=batch,
-            cache_len=cache_len,
             dtype=dtype,
             parallelism=parallelism,
             attention=attention,
@@ -180,25 +180,26 @@ class Block(nnx.Module):
         )
 
     def __call__(
-        self, x: jax.Array, positions: jax.Array, paged: PagedInputs | None = None
-    ) -> jax.Array:
-        x = x + self.attn(self.input_norm(x), positions, paged)
-        return x + self.mlp(self.post_attn_norm(x))
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        kv: LayerKV | None = None,
+        paged: PagedInputs | None = None,
+    ) -> tuple[jax.Array, LayerKV | None]:
+        out, kv = self.attn(self.input_norm(x), positions, kv, paged)
+        x = x + out
+        return x + self.mlp(self.post_attn_norm(x)), kv
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM. The cache of each layer is [C, batch, cache_len, H]: prompts x
-    positions in prefill mode, pages x page_size in autoregressive mode. `parallelism`
-    decides its cache heads (default: one device); `attention` the paged-attention
-    implementation ("xla" or "pallas") and `pages_per_block` its block."""
+    """Decoder-only LM, params only. `parallelism` decides its cache heads (default: one
+    device); `attention` the paged-attention implementation of decode steps ("xla" or
+    "pallas") and `pages_per_block` its block."""
 
     def __init__(
         self,
         config: ModelConfig,
-        mode: ModelMode,
         *,
-        batch: int,
-        cache_len: int,
         dtype: jnp.dtype = jnp.float32,
         parallelism: Parallelism | None = None,
         attention: str = "xla",
@@ -207,8 +208,6 @@ class Transformer(nnx.Module):
     ) -> None:
         parallelism = parallelism or Parallelism.of(config, 1)
         block_kw = dict(
-            batch=batch,
-            cache_len=cache_len,
             dtype=dtype,
             parallelism=parallelism,
             attention=attention,
@@ -216,7 +215,6 @@ class Transformer(nnx.Module):
             rngs=rngs,
         )
         self.config = config
-        self.mode = mode
         quant = config.quantization
         self.embed = Embed(
             config.vocab_size,
@@ -227,7 +225,7 @@ class Transformer(nnx.Module):
             block_size=quant.block_size if quant else None,
             rngs=rngs,
         )
-        self.layers = nnx.List([Block(config, mode, **block_kw) for _ in range(config.num_layers)])
+        self.layers = nnx.List([Block(config, **block_kw) for _ in range(config.num_layers)])
         self.final_norm = RMSNorm(config.d_model, eps=config.rms_eps, dtype=dtype)
         self.lm_head = (
             None
@@ -247,61 +245,74 @@ class Transformer(nnx.Module):
         self,
         tokens: jax.Array,
         positions: jax.Array,
-        logits_at: jax.Array | None = None,
+        cache: CacheDict | None = None,
         paged: PagedInputs | None = None,
-    ) -> jax.Array:
-        """tokens, positions [B, T] -> float32 logits [B, T, V].
+        logits_at: jax.Array | None = None,
+    ) -> tuple[jax.Array, CacheDict | None]:
+        """tokens, positions [B, T] -> (float32 logits [B, T, V], the updated cache).
 
-        With `logits_at` [B] only those positions go through the LM head -> [B, V]; prefill
-        uses it so a 512-token prompt does not pay for 512 vocabulary projections.
-        `paged`: where autoregressive rows read and write the paged cache.
+        `cache` (`kv_pool_shapes`' layout) and `paged`: the page pools and where each row
+        writes and reads them; None: the uncached forward, which returns no cache. With
+        `logits_at` [B] only those positions go through the LM head -> [B, V]; a chunk of
+        512 prompt tokens does not pay for 512 vocabulary projections.
         """
         x = self.embed(tokens)
-        for layer in self.layers:
-            x = layer(x, positions, paged)
+        new_cache: CacheDict = {"layers": {}}
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else _layer_kv(cache, i)
+            x, kv = layer(x, positions, kv, paged)
+            if kv is not None:
+                new_cache["layers"][i] = {"attn": {"cache_k": kv[0], "cache_v": kv[1]}}
         x = self.final_norm(x)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [B, D]
         logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits.astype(jnp.float32)
+        return logits.astype(jnp.float32), None if cache is None else new_cache
+
+
+def _layer_kv(cache: CacheDict, layer: int) -> LayerKV:
+    leaves = cache["layers"][layer]["attn"]
+    return leaves["cache_k"], leaves["cache_v"]
+
+
+def kv_pool_shapes(
+    config: ModelConfig, parallelism: Parallelism, pages: int, page_size: int, dtype: jnp.dtype
+) -> CacheDict:
+    """The cache a `Transformer` reads and returns, as ShapeDtypeStructs: per layer
+    {"attn": {"cache_k", "cache_v"}}, each [cache heads, pages, page_size, head_dim]."""
+    c = parallelism.cache_heads
+    leaf = jax.ShapeDtypeStruct((c, pages, page_size, config.head_dim), jnp.dtype(dtype))
+    return {
+        "layers": {
+            i: {"attn": {"cache_k": leaf, "cache_v": leaf}} for i in range(config.num_layers)
+        }
+    }
 
 
 def abstract_model(
     config: ModelConfig,
-    mode: ModelMode,
     *,
-    batch: int,
-    cache_len: int,
     dtype: jnp.dtype,
     parallelism: Parallelism,
     attention: str = "xla",
     pages_per_block: int = 1,
-) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """(graph, abstract params, abstract cache) of a Transformer, as `nnx.split` gives them.
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graph, abstract params) of a Transformer, as `nnx.split` gives them.
 
     Cached: building the abstract model traces every parameter's initializer (SmolLM2:
     several seconds on a busy 2-core machine), and a worker needs the same one for its
-    loader and its engine. Each call gets its own state containers."""
-    graph, params, cache = _abstract_split(
-        config, mode, batch, cache_len, jnp.dtype(dtype), parallelism, attention, pages_per_block
+    loader and its engine. Each call gets its own state container."""
+    graph, params = _abstract_split(
+        config, jnp.dtype(dtype), parallelism, attention, pages_per_block
     )  # jnp.dtype: jnp.float32 and dtype("float32") are one key
-    return graph, _copy(params), _copy(cache)
-
-
-def _copy(state: nnx.State) -> nnx.State:
-    return jax.tree.map(lambda leaf: leaf, state)
+    return graph, jax.tree.map(lambda leaf: leaf, params)
 
 
 @functools.lru_cache(maxsize=8)
-def _abstract_split(*key: Any) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    config, mode, batch, cache_len, dtype, parallelism, attention, pages_per_block = key
+def _abstract_split(*key: Any) -> tuple[nnx.GraphDef, nnx.State]:
+    config, dtype, parallelism, attention, pages_per_block = key
     kw = dict(
-        batch=batch,
-        cache_len=cache_len,
-        dtype=dtype,
-        parallelism=parallelism,
-        attention=attention,
-        pages_per_block=pages_per_block,
+        dtype=dtype, parallelism=parallelism, attention=attention, pages_per_block=pages_per_block
     )
-    model = nnx.eval_shape(lambda: Transformer(config, mode, **kw, rngs=nnx.Rngs(0)))
-    return nnx.split(model, nnx.Param, nnx.Cache)
+    model = nnx.eval_shape(lambda: Transformer(config, **kw, rngs=nnx.Rngs(0)))
+    return nnx.split(model, nnx.Param)
