@@ -27,7 +27,7 @@ from prefill_server.kv_push import RemoteKvSink
 from prefill_server.service import PrefillService
 from shared.client.generator import AsyncGeneratorClient, Chunk, GenerateError, build_request
 from shared.cluster.cluster import Cluster, ClusterSpec, orchestrator_argv
-from shared.cluster.metrics import metrics_text
+from shared.cluster.metrics import metrics_text, scrape
 from shared.cluster.processes import Child, kill
 from shared.engine.engine import Engine, Params
 from shared.kv.pages import PageAllocator
@@ -76,12 +76,12 @@ def process_cluster_spec(
 
 
 class ProcessCluster:
-    """`pdserve orchestrator` + one prefill and one decode process (shared/cluster);
-    conftest's session fixture `process_cluster` shares one among the modules (tests that
-    kill or reconfigure a worker start their own)."""
+    """`pdserve orchestrator` + one prefill and one decode process (shared/cluster; `spec`
+    default: `process_cluster_spec()`); conftest's session fixture `process_cluster` shares
+    one among the modules (tests that kill or reconfigure a worker start their own)."""
 
-    def __init__(self) -> None:
-        self.cluster = Cluster.start(process_cluster_spec())
+    def __init__(self, spec: ClusterSpec | None = None) -> None:
+        self.cluster = Cluster.start(spec or process_cluster_spec())
         self.workers = ProcessWorkers(self.cluster)
         self.orchestrator = self.cluster.orchestrator
         self.api = ProcessApi(self.cluster.target)
@@ -96,6 +96,10 @@ class ProcessCluster:
 
     def metrics_text(self) -> str:
         return metrics_text(self.orchestrator.metrics_port)
+
+    def tokens_generated(self) -> float:
+        """Tokens the decode worker generated so far, all requests together."""
+        return scrape(self.workers.decode.metrics_port)["pdserve_tokens_generated_total{}"]
 
     def close(self) -> None:
         for child in reversed(self.cluster.children()):  # the orchestrator first
