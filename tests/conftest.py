@@ -166,3 +166,13 @@ def process_cluster():
     cluster = ProcessCluster()
     yield cluster
     cluster.close()
+
+
+@pytest.fixture(scope="session")
+def openai_cluster(tmp_path_factory):
+    """The OpenAI-compatible API's cluster (tests/openai_support.py), shared by its test
+    modules."""
+    from tests.openai_support import start_openai_cluster
+
+    with start_openai_cluster(tmp_path_factory.mktemp("openai")) as cluster:
+        yield cluster

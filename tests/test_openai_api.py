@@ -1,20 +1,12 @@
 """The OpenAI-compatible HTTP API over a real loopback server, called with the official
 `openai` client (and raw HTTP where the client hides what is tested): an orchestrator
-process with `--http-port 0` in front of the session's tiny workers."""
+process with `--http-port 0` in front of tiny workers of its own (tests/openai_support.py).
+Busy, draining and slow servers and clients that go away: tests/test_openai_statuses.py."""
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import dataclasses
-import http.client
 import json
-import re
-import signal
-import socket
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import httpx
 import openai
@@ -22,85 +14,28 @@ import pytest
 
 import pdserve_cli
 from shared.client.generator import GeneratorClient
-from shared.transport.grpc_transport import GrpcDecodeClient
-from shared.transport.types import (
-    GenerationLimits,
-    ReserveRequest,
-    StatusCode,
-    TransportError,
+from shared.cluster.processes import Child
+from tests.openai_support import (
+    CHAT_RENDERED,
+    MAX_SEQ_LEN,
+    MODEL,
+    TOKEN,
+    OpenAiCluster,
+    error_of,
+    grpc_text,
+    post,
 )
-from shared.weights import convert_cli
-from tests.cluster_harness import spawn_orchestrator
 from tests.reference import scrape
-from tests.worker_harness import TRANSPORT, WorkerProcess, spawn_worker, stop_worker
 
-pytestmark = pytest.mark.timeout(360)  # the first test starts two workers and an orchestrator
-MAX_SEQ_LEN = 512
-TOKEN = "sesame"
-MODEL = "tiny"
-CHAT = "{% for m in messages %}{{ m.role[0] }}:{{ m.content }}|{% endfor %}"
-CHAT_RENDERED = "s:Be brief.|u:Hello|"  # the tiny engine's largest bucket is 32 tokens
-
-
-def http_port(process: WorkerProcess) -> int:
-    match = re.search(r"http_port=(\d+)", "".join(process.output))
-    assert match, process.output
-    return int(match[1])
-
-
-@dataclasses.dataclass
-class Cluster:
-    prefill: WorkerProcess
-    decode: WorkerProcess
-    orchestrator: WorkerProcess
-    base: str  # the HTTP API's URL
-    model: Path  # the checkpoint the orchestrator reads (tiny + a chat template)
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory) -> Iterator[Cluster]:
-    """The HTTP API with a bearer token in front of tiny workers of their own, with a cache
-    long enough (MAX_SEQ_LEN) that a stream is still generating when its client goes away.
-    The orchestrator reads `tiny` from a checkpoint that also has a chat template (the
-    preset has none), so chat is served too."""
-    tmp = tmp_path_factory.mktemp("openai")
-    (tmp / "token").write_text(TOKEN)
-    assert convert_cli.main(["--preset", "tiny", "--out", str(tmp / "tiny")]) == 0
-    (tmp / "tiny" / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT}))
-    # One after the other, from this thread: a child started from a thread that then exits
-    # gets its parent-death signal (PR_SET_PDEATHSIG follows the creating thread).
-    processes = [
-        spawn_worker(role, "--max-seq-len", str(MAX_SEQ_LEN)) for role in ("prefill", "decode")
-    ]
-    try:
-        processes.append(
-            spawn_orchestrator(
-                "--prefill",
-                processes[0].address,
-                "--decode",
-                processes[1].address,
-                "--model",
-                str(tmp / "tiny"),
-                "--served-model-name",
-                MODEL,
-                "--http-port",
-                "0",
-                "--auth-token-file",
-                str(tmp / "token"),
-            )
-        )
-        orchestrator = processes[-1]
-        base = f"http://127.0.0.1:{http_port(orchestrator)}"
-        yield Cluster(processes[0], processes[1], orchestrator, base, tmp / "tiny")
-    finally:
-        for process in reversed(processes):
-            stop_worker(process)
+pytestmark = pytest.mark.timeout(360)  # the first test may start the cluster
+SAMPLING = dict(temperature=0.8, top_p=0.9, seed=7)
+MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
 
 
 @pytest.fixture
-def server(cluster: Cluster) -> tuple[WorkerProcess, str]:
-    """(orchestrator process, base URL) of the module's cluster."""
-    return cluster.orchestrator, cluster.base
+def server(openai_cluster: OpenAiCluster) -> tuple[Child, str]:
+    """(orchestrator process, base URL) of the session's OpenAI-API cluster."""
+    return openai_cluster.orchestrator, openai_cluster.base
 
 
 @pytest.fixture
@@ -108,25 +43,7 @@ def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server[1] + "/v1", api_key=TOKEN, max_retries=0, timeout=60)
 
 
-def grpc_text(server, prompt, **options) -> tuple[str, list[int], str]:
-    """(text, token ids, finish reason) of the same request through the gRPC API."""
-    with GeneratorClient(server[0].address, TOKEN) as grpc_client:
-        chunks = list(grpc_client.generate(prompt, **options))
-    tokens = [t for c in chunks for t in c.token_ids]
-    return "".join(c.text for c in chunks), tokens, chunks[-1].finish_reason
-
-
-def error_of(call) -> tuple[int, dict]:
-    with pytest.raises(openai.APIStatusError) as err:
-        call()
-    return err.value.status_code, err.value.body
-
-
-SAMPLING = dict(temperature=0.8, top_p=0.9, seed=7)
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
-
-
-# 1-2. Same tokens as gRPC, streaming and not ----------------------------------------------
+# Same tokens as gRPC, streaming and not ----------------------------------------------
 
 
 def test_streamed_completion_equals_grpc_for_the_same_seed(server, client):
@@ -178,7 +95,7 @@ def test_non_streamed_responses_carry_the_same_text_and_usage(server, client):
     assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (rendered, len(tokens))
 
 
-# 3. n ----------------------------------------------------------------------------------------
+# n ------------------------------------------------------------------------------------------
 
 
 def test_n_with_a_seed_gives_reproducible_different_completions(client):
@@ -194,7 +111,7 @@ def test_n_with_a_seed_gives_reproducible_different_completions(client):
     assert len(set(first)) == 3, first
 
 
-# 4. Bad input ------------------------------------------------------------------------------
+# Bad input ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -255,54 +172,7 @@ def test_models_and_health(server, client):
     assert httpx.get(server[1] + "/health").json() == {"status": "ok"}
 
 
-# 5. Disconnect frees the slot ------------------------------------------------------------
-
-
-def cancelled_count(metrics_port: int) -> float:
-    key = "pdserve_requests_total{code=CANCELLED,finish_reason=cancelled}"
-    return scrape(metrics_port).get(key, 0.0)
-
-
-@pytest.mark.parametrize("stream", [True, False], ids=["stream", "no-stream"])
-def test_a_client_that_disconnects_mid_request_frees_its_slot(server, stream):
-    base = server[1].removeprefix("http://")
-    host, port = base.split(":")
-    metrics_port = server[0].metrics_port
-    before = cancelled_count(metrics_port)
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    # ~500 decode steps: about a second of generation left when the client goes away.
-    body = json.dumps(
-        {
-            "model": MODEL,
-            "prompt": "x",
-            "max_tokens": MAX_SEQ_LEN - 24,
-            "stream": stream,
-            "ignore_eos": True,
-        }
-    )
-    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
-    conn.request("POST", "/v1/completions", body, headers)
-    if stream:
-        response = conn.getresponse()
-        assert response.status == 200
-        assert response.readline().startswith(b"data: ")  # the stream is live
-    else:
-        time.sleep(0.1)  # no bytes come back before the end: let it get going
-    conn.sock.shutdown(socket.SHUT_RDWR)  # the client goes away mid-request (a response
-    conn.close()  # object may still hold the socket's file: shut it down, not just close)
-    deadline = time.monotonic() + 20
-    while True:
-        samples = scrape(metrics_port)
-        freed = samples["pdserve_decode_slots_in_use{}"] == 0
-        if cancelled_count(metrics_port) == before + 1 and freed:
-            break
-        assert time.monotonic() < deadline, {
-            k: v for k, v in samples.items() if "slots" in k or "requests_total" in k
-        }
-        time.sleep(0.1)
-
-
-# 6. Auth ----------------------------------------------------------------------------------
+# Auth -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("api_key", [None, "wrong"])
@@ -316,171 +186,6 @@ def test_missing_or_wrong_token_is_401(server, api_key):
     assert error["type"] == "authentication_error" and error["code"] == "invalid_api_key"
     assert ("missing" if api_key is None else "wrong") in error["message"]
     assert httpx.get(server[1] + "/health").status_code == 200  # probes need no token
-
-
-# Statuses of a busy, draining or slow server: 429, 503, 504 ------------------------------
-
-
-def post(base: str, body: dict, token: str | None = TOKEN, path: str = "/v1/completions"):
-    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
-    return httpx.post(base + path, json=body, headers=headers, timeout=60)
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def hold_every_slot(address: str) -> list[str]:
-    """Lease every free slot of the decode worker at `address` directly (a long TTL and no
-    KV ever sent): orchestrators in front of it see no room, so their requests wait in the
-    admission queue until `release`."""
-
-    async def run() -> list[str]:
-        client = GrpcDecodeClient(address, TRANSPORT)
-        leases: list[str] = []
-        try:
-            while True:
-                request = ReserveRequest(f"hold-{len(leases)}", 1, GenerationLimits(1), 120.0)
-                try:
-                    leases.append((await client.reserve(request)).lease_id)
-                except TransportError as err:
-                    assert err.code is StatusCode.RESOURCE_EXHAUSTED, err
-                    return leases
-        finally:
-            await client.close()
-
-    return asyncio.run(run())
-
-
-def release(address: str, leases: list[str]) -> None:
-    async def run() -> None:
-        client = GrpcDecodeClient(address, TRANSPORT)
-        try:
-            for lease in leases:
-                await client.cancel(lease)
-        finally:
-            await client.close()
-
-    if leases:
-        asyncio.run(run())
-
-
-def error_body(response: httpx.Response) -> dict:
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}, error
-    return error
-
-
-@pytest.mark.timeout(180)
-def test_a_full_queue_is_429_with_retry_after_and_draining_is_503(cluster):
-    """An orchestrator of its own with `--max-queue 1` in front of the module's workers,
-    whose decode slots are all held: one request waits in the queue, the next is 429 with
-    `Retry-After`; after SIGTERM new requests are 503 while the queued one is still served
-    once the slots free up, and the process then exits cleanly."""
-    orch = spawn_orchestrator(
-        "--prefill",
-        cluster.prefill.address,
-        "--decode",
-        cluster.decode.address,
-        "--model",
-        str(cluster.model),
-        "--served-model-name",
-        MODEL,
-        "--http-port",
-        "0",
-        "--max-queue",
-        "1",
-    )
-    held: list[str] = []
-    body = {"model": MODEL, "prompt": "x", "max_tokens": 2, "temperature": 0}
-    try:
-        base = f"http://127.0.0.1:{http_port(orch)}"
-        assert post(base, body, token=None).status_code == 200  # serving, workers found
-        held = hold_every_slot(cluster.decode.address)
-        assert len(held) == 4  # tests/worker_harness.py ENGINE_FLAGS: --slots 4
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            queued = pool.submit(post, base, body, None)
-            wait_for(
-                lambda: scrape(orch.metrics_port)["pdserve_queue_depth{}"] == 1,
-                "a request waiting in the admission queue",
-            )
-            full = post(base, body, token=None)
-            assert full.status_code == 429, full.text
-            assert full.headers["Retry-After"] == "1"
-            error = error_body(full)
-            assert (error["type"], error["code"]) == ("rate_limit_error", "queue_full")
-            assert "admission queue is full" in error["message"]
-
-            orch.signal(signal.SIGTERM)  # drain: the queued request is still in flight
-            wait_for(lambda: httpx.get(base + "/health").status_code == 503, "draining")
-            assert httpx.get(base + "/health").json() == {"status": "draining"}
-            refused = post(base, body, token=None)
-            assert refused.status_code == 503, refused.text
-            error = error_body(refused)
-            assert error["type"] == "service_unavailable" and "shutting down" in error["message"]
-            assert not queued.done()
-
-            release(cluster.decode.address, held)
-            held = []
-            answered = queued.result(timeout=60)
-        assert answered.status_code == 200, answered.text
-        assert answered.json()["usage"]["completion_tokens"] >= 1
-        assert orch.wait(30) == 0
-    finally:
-        release(cluster.decode.address, held)
-        stop_worker(orch)
-
-
-def test_no_healthy_decode_worker_is_503(cluster):
-    """An orchestrator whose only decode worker does not answer: 503, OpenAI-shaped."""
-    with socket.socket() as sock:  # a loopback port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        dead = f"127.0.0.1:{sock.getsockname()[1]}"
-    orch = spawn_orchestrator(
-        "--prefill",
-        cluster.prefill.address,
-        "--decode",
-        dead,
-        "--model",
-        str(cluster.model),
-        "--served-model-name",
-        MODEL,
-        "--http-port",
-        "0",
-    )
-    try:
-        base = f"http://127.0.0.1:{http_port(orch)}"
-        response = post(base, {"model": MODEL, "prompt": "x", "max_tokens": 2}, token=None)
-        assert response.status_code == 503, response.text
-        error = error_body(response)
-        assert error["type"] == "service_unavailable"
-        assert "no healthy decode worker" in error["message"]
-        assert httpx.get(base + "/health").status_code == 200  # up, just unable to serve
-    finally:
-        stop_worker(orch)
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["no-stream", "stream"])
-def test_a_timeout_that_passes_is_504_and_the_server_keeps_serving(server, stream):
-    """`timeout_seconds` (1 ms) passes before the first token: 504, streamed or not (a
-    stream's status is decided before any byte is sent)."""
-    body = {
-        "model": MODEL,
-        "prompt": "x",
-        "max_tokens": 200,
-        "ignore_eos": True,
-        "timeout_seconds": 0.001,
-        "stream": stream,
-    }
-    response = post(server[1], body)
-    assert response.status_code == 504, response.text
-    error = error_body(response)
-    assert error["type"] == "timeout" and "timeout" in error["message"]
-    body.update(timeout_seconds=30, max_tokens=2)
-    assert post(server[1], body).status_code == 200
 
 
 # Parameters and wire details the openai client does not check ----------------------------
