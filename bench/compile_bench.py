@@ -45,13 +45,14 @@ def child(role: str, model: str, slots: int, cache_dir: str | None, warm: str) -
     `--warm-up largest`, also the cost of a held batch bucket (a 1-row decode step served
     by the larger bucket, then by its own) and the background compile's seconds."""
     started = time.perf_counter()
+    from shared.serving.flags import for_role
     from shared.serving.runtime import compile_held_buckets, enable_compilation_cache, load_runtime
     from shared.serving.worker_config import Role, parse_worker_args
 
     argv = ["--model", model, "--slots", str(slots), "--warm-up", warm, *SERVE_ENGINE_FLAGS]
     if cache_dir is not None:
         argv += ["--compilation-cache-dir", cache_dir]
-    config = parse_worker_args(argv, Role(role))
+    config = parse_worker_args(for_role(role, argv), Role(role))  # a prefill worker: no --slots
     enable_compilation_cache(config.compilation_cache_dir)
     imported = time.perf_counter()
     runtime = load_runtime(config)

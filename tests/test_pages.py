@@ -79,21 +79,7 @@ def test_random_reserve_assign_grow_release_never_leaks_or_double_owns(seed: int
             allocator.unreserve(key)
             promises.pop(key)
         elif op < 0.85 and owned:
-            slot = rng.choice(sorted(owned))
-            if owned[slot] >= per_slot * page_size:
-                continue
-            before = len(allocator.pages_of(slot))
-            try:
-                added = allocator.grow(slot, owned[slot])
-            except PagesExhaustedError:
-                # Only when the free pages are all promised to admitted requests.
-                counts = allocator.counts()
-                assert counts.free <= counts.reserved
-                continue
-            needs_page = owned[slot] % page_size == 0
-            assert (added is not None) == needs_page
-            assert len(allocator.pages_of(slot)) == before + needs_page
-            owned[slot] += 1
+            _grow(allocator, owned, rng.choice(sorted(owned)))
         elif owned:
             slot = rng.choice(sorted(owned))
             assert allocator.release(slot) == pages_for(owned.pop(slot), page_size)
@@ -105,6 +91,25 @@ def test_random_reserve_assign_grow_release_never_leaks_or_double_owns(seed: int
         allocator.unreserve(key)
     allocator.check()
     assert allocator.counts().free == total
+
+
+def _grow(allocator: PageAllocator, owned: dict[int, int], slot: int) -> None:
+    """One more position for `slot` (unless it is full): a page exactly when its last one
+    is full, or PagesExhaustedError only when every free page is promised."""
+    page_size = allocator.page_size
+    if owned[slot] >= allocator.max_pages_per_slot * page_size:
+        return
+    before = len(allocator.pages_of(slot))
+    try:
+        added = allocator.grow(slot, owned[slot])
+    except PagesExhaustedError:
+        counts = allocator.counts()
+        assert counts.free <= counts.reserved
+        return
+    needs_page = owned[slot] % page_size == 0
+    assert (added is not None) == needs_page
+    assert len(allocator.pages_of(slot)) == before + needs_page
+    owned[slot] += 1
 
 
 def _check_against_the_model(
