@@ -4,6 +4,13 @@ Invariant: no prefill starts before its request holds a decode lease, so KV neve
 without a home. The queue is bounded (full: `QueueFullError` -> RESOURCE_EXHAUSTED with
 the depth); one dispatcher task places the head of the queue on the decode worker the
 policy ranks first, and waits for capacity (a release, a load report) when none has room.
+
+Only requests that some worker could hold wait: one larger (prompt + max_tokens) than
+every healthy decode worker's max_seq_len or whole KV pool, as their load reports say,
+would wait for room that never comes, so it is refused (`RequestTooLarge` ->
+INVALID_ARGUMENT naming the limits) when it arrives, and a waiting one is refused as soon
+as the workers that could hold it are gone. A request that fits an idle worker but not a
+busy one waits; with no decode worker up, placement fails as before (`NoWorkersError`).
 """
 
 from __future__ import annotations
@@ -34,6 +41,11 @@ class QueueFullError(Exception):
 
 class NoWorkersError(Exception):
     """No healthy worker of a role is left."""
+
+
+class RequestTooLarge(Exception):
+    """No healthy decode worker could ever hold the request, even idle; the message names
+    the request's size and the largest limits."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -78,6 +90,9 @@ class SlotBroker:
         """Wait in line for a lease; `first` (a preempted request resuming) goes to the head
         of the line, so that preemption does not cost it its turn. Cancelling the caller
         leaves the line (and releases a lease that was granted at that very moment)."""
+        refusal = self._too_large(request)
+        if refusal is not None:
+            raise refusal
         if len(self._waiting) >= self._max_queue and not first:
             raise QueueFullError(len(self._waiting))
         waiter = _Waiter(request, asyncio.get_running_loop().create_future())
@@ -104,6 +119,29 @@ class SlotBroker:
         worker.leases = max(0, worker.leases - 1)
         worker.released_since_report = True
         self._kick.set()
+
+    def _too_large(self, request: ReserveRequest) -> RequestTooLarge | None:
+        """The refusal for a request no healthy decode worker could ever hold; None when
+        one could (or none is up: placement says so)."""
+        workers = self._registry.up(WorkerRole.DECODE)
+        positions = request.prompt_length + request.limits.max_tokens
+        if not workers or any(w.could_ever_hold(positions) for w in workers):
+            return None
+        return RequestTooLarge(
+            f"no healthy decode worker can hold prompt_tokens ({request.prompt_length}) + "
+            f"max_tokens ({request.limits.max_tokens}) = {positions} tokens: "
+            f"{_limits(workers, positions)}; shorten the prompt or lower max_tokens"
+        )
+
+    def _refuse_too_large(self) -> None:
+        """Refuse every waiting request that no worker left up could hold (the workers
+        that could were ejected or went away while it waited)."""
+        for waiter in list(self._waiting):
+            if waiter.future.done():
+                continue
+            refusal = self._too_large(waiter.request)
+            if refusal is not None:
+                waiter.future.set_exception(refusal)
 
     def _refresh_stale(self) -> None:
         """Nothing fits: re-read the load of every decode worker whose page estimate is
@@ -142,6 +180,7 @@ class SlotBroker:
                     await self._wait_event()
             self._kick.clear()
             self._registry.changed.clear()
+            self._refuse_too_large()
             while self._waiting:
                 head = self._waiting[0]
                 if head.future.done():
@@ -175,7 +214,11 @@ class SlotBroker:
         candidates = self._registry.up(WorkerRole.DECODE)
         if not candidates:
             raise NoWorkersError("no healthy decode worker is left")
-        for worker in self._policy.rank_decode(candidates, request.prompt_length):
+        # Never one too small for it even when idle: its Reserve would refuse the request
+        # (INVALID_ARGUMENT) though a larger worker can hold it.
+        positions = request.prompt_length + request.limits.max_tokens
+        roomy = [w for w in candidates if w.could_ever_hold(positions)]
+        for worker in self._policy.rank_decode(roomy, request.prompt_length):
             worker.granted(request.prompt_length)  # counted now: placement runs ahead
             try:
                 return worker, await worker.decode.reserve(request)
@@ -188,3 +231,29 @@ class SlotBroker:
                 else:
                     self._registry.eject(worker, f"Reserve failed: {err}")
         return None
+
+
+def _limits(workers: list[Worker], positions: int) -> str:
+    """Which limits `positions` exceeds: the largest max_seq_len's, the largest KV pool's
+    (in the decode worker's own words for the first)."""
+    # By address: of equally large workers, the message names the same one every time.
+    loads = sorted((w.address, w.load) for w in workers if w.load is not None)
+    clauses = []
+    seq = [(address, load) for address, load in loads if load.max_seq_len]
+    if seq:
+        address, load = max(seq, key=lambda item: item[1].max_seq_len)
+        if positions > load.max_seq_len:
+            clauses.append(
+                f"the one with the largest max_seq_len, {address}: {positions} exceeds this "
+                f"worker's max_seq_len ({load.max_seq_len})"
+            )
+    pools = [(address, load) for address, load in loads if load.total_pages]
+    if pools:
+        address, load = max(pools, key=lambda item: item[1].total_pages * item[1].page_size)
+        tokens = load.total_pages * load.page_size
+        if positions > tokens:
+            clauses.append(
+                f"the one with the largest KV pool, {address}: {positions} exceeds its whole "
+                f"pool ({load.total_pages} pages of {load.page_size} = {tokens} tokens)"
+            )
+    return "; ".join(clauses) or "none has both the max_seq_len and the KV pool for it"

@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from orchestrator.admission import NoWorkersError, SlotBroker
+from orchestrator.admission import NoWorkersError, RequestTooLarge, SlotBroker
 from orchestrator.placement import PlacementPolicy, PrefillRoute
 from orchestrator.registry import Worker, WorkerRegistry, WorkerRole
 from shared.logprobs import TokenLogprob
@@ -117,6 +117,16 @@ _DECODE_FINISH = {
 
 
 @dataclasses.dataclass(slots=True)
+class _Held:
+    """One attempt's decode lease, and what must be undone when it ends."""
+
+    worker: Worker
+    lease: Lease
+    prefill: Worker | None = None  # the prefill worker asked, once one is
+    done: bool = False  # the lease finished on the decode worker: nothing to cancel there
+
+
+@dataclasses.dataclass(slots=True)
 class FlowSettings:
     eos_id: int | None
     lease_ttl_s: float
@@ -194,7 +204,30 @@ class GenerateFlow:
     async def _attempt(
         self, job: GenerateJob, generated: list[int], *, resuming: bool = False
     ) -> AsyncIterator[Delta]:
+        """One try on one decode lease: the first token from a prefill, the rest from the
+        decode stream. Raises _PrefillLost, _DecodeLost, _Preempted for `run` to retry."""
         prompt = job.prompt_ids + tuple(generated)
+        held = await self._lease(job, prompt, generated, resuming)
+        tokens: asyncio.Queue[TokenBatch | BaseException] = asyncio.Queue()
+        broken = asyncio.Event()  # the decode stream failed
+        reader = asyncio.create_task(self._read(held.worker, held.lease, tokens, broken))
+        try:
+            first = await self._first_delta(job, prompt, held, broken)
+            yield first
+            if first.finish is not None:
+                return
+            async with contextlib.aclosing(self._decoded(job, held, tokens)) as deltas:
+                async for delta in deltas:
+                    yield delta
+        finally:
+            reader.cancel()
+            self._cleanup(job, held.worker, held.lease, held.prefill, cancel=not held.done)
+
+    async def _lease(
+        self, job: GenerateJob, prompt: tuple[int, ...], generated: list[int], resuming: bool
+    ) -> _Held:
+        """Wait in the admission queue for a decode lease for `prompt` and what is left of
+        the job's tokens; a request no slot can take fails (RequestFailed)."""
         limits = GenerationLimits(
             job.max_tokens - len(generated), job.stop_token_ids, job.stop_on_eos
         )
@@ -211,48 +244,58 @@ class GenerateFlow:
             worker, lease = await self._broker.acquire(reserve, first=resuming)
         except TransportError as err:  # this request cannot fit any decode slot
             raise RequestFailed(err.code, err.message) from None
+        except RequestTooLarge as err:
+            # A new request is the caller's to shrink; one under way was admitted, and only
+            # lost the workers that could hold it.
+            code = StatusCode.UNAVAILABLE if generated else StatusCode.INVALID_ARGUMENT
+            raise RequestFailed(code, str(err)) from None
         if not generated:
             self._metrics.queue_seconds.observe(time.perf_counter() - queued)
-        tokens: asyncio.Queue[TokenBatch | BaseException] = asyncio.Queue()
-        broken = asyncio.Event()  # the decode stream failed
-        reader = asyncio.create_task(self._read(worker, lease, tokens, broken))
-        done = False
-        prefill: Worker | None = None
-        try:
-            route = self._prefill_route(worker, prompt)
-            prefill = route.worker
-            result = await self._prefill_unless_broken(job, prompt, prefill, worker, lease, broken)
-            self._prefilled(route, result)
-            first = result.first_token
-            if first in job.stop_token_ids or (job.stop_on_eos and first == self._settings.eos_id):
-                yield Delta((), FinishReason.STOP)
-                return
-            first_logprob = () if result.first_logprob is None else (result.first_logprob,)
-            yield self._delta(job, prefill, (first,), first_logprob)
-            while True:
-                item = await tokens.get()
-                if isinstance(item, BaseException):
-                    self._registry.eject(worker, f"token stream failed: {item}")
-                    raise _DecodeLost(f"{worker.address}: {item}")
-                if item.finish is None:
+        return _Held(worker, lease)
+
+    async def _first_delta(
+        self, job: GenerateJob, prompt: tuple[int, ...], held: _Held, broken: asyncio.Event
+    ) -> Delta:
+        """Prefill toward the lease: the first token's delta (a STOP finish when the first
+        token ends the request)."""
+        route = self._prefill_route(held.worker, prompt)
+        held.prefill = route.worker
+        result = await self._prefill_unless_broken(
+            job, prompt, route.worker, held.worker, held.lease, broken
+        )
+        self._prefilled(route, result)
+        first = result.first_token
+        if first in job.stop_token_ids or (job.stop_on_eos and first == self._settings.eos_id):
+            return Delta((), FinishReason.STOP)
+        first_logprob = () if result.first_logprob is None else (result.first_logprob,)
+        return self._delta(job, route.worker, (first,), first_logprob)
+
+    async def _decoded(
+        self, job: GenerateJob, held: _Held, tokens: asyncio.Queue[TokenBatch | BaseException]
+    ) -> AsyncIterator[Delta]:
+        """The decode stream's deltas, to its finish; a finish that is no answer (ERROR,
+        LEASE_EXPIRED, CANCELLED, PREEMPTED) or a broken stream raises for a retry."""
+        worker = held.worker
+        while True:
+            item = await tokens.get()
+            if isinstance(item, BaseException):
+                self._registry.eject(worker, f"token stream failed: {item}")
+                raise _DecodeLost(f"{worker.address}: {item}")
+            if item.finish is None:
+                yield self._delta(job, worker, item.token_ids, item.logprobs)
+                continue
+            held.done = True
+            if item.finish is DecodeFinish.PREEMPTED:
+                if item.token_ids:
                     yield self._delta(job, worker, item.token_ids, item.logprobs)
-                    continue
-                done = True
-                if item.finish is DecodeFinish.PREEMPTED:
-                    if item.token_ids:
-                        yield self._delta(job, worker, item.token_ids, item.logprobs)
-                    raise _Preempted(f"{worker.address}: {item.detail}")
-                if item.finish not in _DECODE_FINISH:  # ERROR, LEASE_EXPIRED, CANCELLED
-                    raise _DecodeLost(
-                        f"{worker.address} ended the lease: "
-                        f"{item.finish.name} {item.detail}".strip()
-                    )
-                finish = _DECODE_FINISH[item.finish]
-                yield self._delta(job, worker, item.token_ids, item.logprobs, finish)
-                return
-        finally:
-            reader.cancel()
-            self._cleanup(job, worker, lease, prefill, cancel=not done)
+                raise _Preempted(f"{worker.address}: {item.detail}")
+            if item.finish not in _DECODE_FINISH:  # ERROR, LEASE_EXPIRED, CANCELLED
+                raise _DecodeLost(
+                    f"{worker.address} ended the lease: {item.finish.name} {item.detail}".strip()
+                )
+            finish = _DECODE_FINISH[item.finish]
+            yield self._delta(job, worker, item.token_ids, item.logprobs, finish)
+            return
 
     @staticmethod
     def _delta(

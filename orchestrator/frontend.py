@@ -7,6 +7,7 @@ everything a frontend can observe is decided here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -67,6 +68,16 @@ class FrontendLimits:
     max_unsent_tokens: int = 1024  # a stream's output waiting for a slow client (outbox.py)
 
 
+@dataclasses.dataclass(slots=True)
+class _Tally:
+    """What one stream has produced so far: for its last response and its metrics."""
+
+    completion: int = 0  # tokens streamed
+    token_times: list[float] = dataclasses.field(default_factory=list)  # one per token
+    finish: FinishReason | None = None
+    code: StatusCode | None = StatusCode.INTERNAL  # the status it ends with (None: OK)
+
+
 class Frontend:
     def __init__(
         self,
@@ -93,10 +104,7 @@ class Frontend:
         job, own_timeout = self._job(request, call_time_left)
         text = TextStream(self._tok, job.prompt_ids, request.stop)
         self._metrics.prompt_tokens.inc(len(job.prompt_ids))
-        completion, token_times = 0, []
-        finish: FinishReason | None = None
-        code = StatusCode.INTERNAL
-        self.in_flight += 1
+        tally = _Tally()
         loop = asyncio.get_running_loop()
         deadline = None if own_timeout is None else loop.time() + own_timeout
         # The job's deadline is the tighter of the two; when it is the call's, the workers
@@ -105,50 +113,68 @@ class Frontend:
         call_deadline_first = call_time_left is not None and (
             own_timeout is None or call_time_left < own_timeout
         )
+        self.in_flight += 1
         try:
-            async with Outbox(self._flow.run(job), self._limits.max_unsent_tokens) as deltas:
-                while finish is None:
-                    # The request's own timeout covers waiting for the flow, never a
-                    # `yield`: while suspended there, the caller (grpc.aio writing the last
-                    # response) would get our cancellation, and grpc.aio takes a
-                    # CancelledError in a handler for the client's own cancel, so it ends
-                    # the RPC without a status and the client waits forever.
-                    if deadline is not None and loop.time() >= deadline:
-                        raise TimeoutError  # tokens may be queued: anext would not wait
-                    async with asyncio.timeout_at(deadline):
-                        delta = await deltas.get()
-                    if delta is None:
-                        break
-                    if delta.finish is FinishReason.DEADLINE and call_deadline_first:
-                        code = StatusCode.DEADLINE_EXCEEDED
-                        raise RequestFailed(code, "the call's deadline passed")
-                    token_times += [time.perf_counter()] * len(delta.token_ids)
-                    completion += len(delta.token_ids)
-                    for out in self._outputs(job, text, delta, completion):
-                        finish = out.finish
-                        yield out
-            code = StatusCode.UNKNOWN if finish is None else None
+            outputs = self._stream(job, text, tally, deadline, call_deadline_first)
+            async with contextlib.aclosing(outputs) as stream:
+                async for out in stream:
+                    yield out
+            tally.code = StatusCode.UNKNOWN if tally.finish is None else None
         except TimeoutError:
             if deadline is None or loop.time() < deadline:
                 # The call's own deadline (the tighter one) passed: its status says so.
-                code = StatusCode.DEADLINE_EXCEEDED
-                raise RequestFailed(code, "the call's deadline passed") from None
-            finish = FinishReason.DEADLINE  # timeout_seconds: the stream ends cleanly
+                tally.code = StatusCode.DEADLINE_EXCEEDED
+                raise RequestFailed(tally.code, "the call's deadline passed") from None
+            tally.finish = FinishReason.DEADLINE  # timeout_seconds: the stream ends cleanly
+            prompt_tokens = len(job.prompt_ids)
             yield GenerateOutput(
-                job.request_id, (), text.finish(), finish, len(job.prompt_ids), completion
+                job.request_id, (), text.finish(), tally.finish, prompt_tokens, tally.completion
             )
-            code = None
+            tally.code = None
         except asyncio.CancelledError:
-            finish, code = FinishReason.CANCELLED, StatusCode.CANCELLED
+            tally.finish, tally.code = FinishReason.CANCELLED, StatusCode.CANCELLED
             raise
         except (RequestFailed, QueueFullError) as err:
-            code = getattr(err, "code", StatusCode.RESOURCE_EXHAUSTED)
+            tally.code = getattr(err, "code", StatusCode.RESOURCE_EXHAUSTED)
             if isinstance(err, ConsumerTooSlow):
                 self._metrics.slow_consumers.inc()
             raise
         finally:
             self.in_flight -= 1
-            self._account(arrived, token_times, finish, code)
+            self._account(arrived, tally.token_times, tally.finish, tally.code)
+
+    async def _stream(
+        self,
+        job: GenerateJob,
+        text: TextStream,
+        tally: _Tally,
+        deadline: float | None,
+        call_deadline_first: bool,
+    ) -> AsyncIterator[GenerateOutput]:
+        """The flow's deltas as outputs, counted in `tally`, until a finish; TimeoutError
+        at `deadline` (event-loop time; None: none)."""
+        loop = asyncio.get_running_loop()
+        async with Outbox(self._flow.run(job), self._limits.max_unsent_tokens) as deltas:
+            while tally.finish is None:
+                # The request's own timeout covers waiting for the flow, never a `yield`:
+                # while suspended there, the caller (grpc.aio writing the last response)
+                # would get our cancellation, and grpc.aio takes a CancelledError in a
+                # handler for the client's own cancel, so it ends the RPC without a status
+                # and the client waits forever.
+                if deadline is not None and loop.time() >= deadline:
+                    raise TimeoutError  # tokens may be queued: anext would not wait
+                async with asyncio.timeout_at(deadline):
+                    delta = await deltas.get()
+                if delta is None:
+                    return
+                if delta.finish is FinishReason.DEADLINE and call_deadline_first:
+                    tally.code = StatusCode.DEADLINE_EXCEEDED
+                    raise RequestFailed(tally.code, "the call's deadline passed")
+                tally.token_times += [time.perf_counter()] * len(delta.token_ids)
+                tally.completion += len(delta.token_ids)
+                for out in self._outputs(job, text, delta, tally.completion):
+                    tally.finish = out.finish
+                    yield out
 
     def _outputs(
         self, job: GenerateJob, text: TextStream, delta: Delta, completion: int

@@ -89,6 +89,16 @@ class Worker:
         """Pages a request of `prompt_length` takes at admission (prompt + first token)."""
         return self.load.pages_for(prompt_length + 1) if self.load is not None else 0
 
+    def could_ever_hold(self, positions: int) -> bool:
+        """Whether a request of `positions` (prompt + max_tokens) fits this worker when it is
+        idle: within its max_seq_len and its whole KV pool (True where it reports neither)."""
+        load = self.load
+        if load is None:
+            return True  # not reported yet: it may
+        if load.max_seq_len and positions > load.max_seq_len:
+            return False
+        return not load.total_pages or load.pages_for(positions) <= load.total_pages
+
     def fits(self, prompt_length: int) -> bool:
         free = self.free_pages
         return self.free_slots > 0 and (free is None or free >= self.pages_for(prompt_length))

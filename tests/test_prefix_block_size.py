@@ -84,7 +84,8 @@ def test_the_block_size_is_the_workers_and_a_disagreeing_worker_is_refused(caplo
             await reg.start()
         try:
             assert reg.prefix_blocks.block_tokens == B
-            assert [w.prefix_refused for w in reg.all()] == [False, False, True]
+            refused = {w.address: w.prefix_refused for w in reg.all()}
+            assert refused == {"p0:1": False, "p1:1": False, "p2:1": True}
             assert refused_gauge(metrics) == 1
             (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
             message = record.getMessage()
