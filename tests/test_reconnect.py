@@ -40,7 +40,7 @@ from shared.transport.types import (
 from tests.cluster_harness import InProcessCluster
 from tests.kv_fixtures import CHUNK, FINGERPRINT, synthetic_prefix, synthetic_spec
 from tests.reference import metric_samples, reference_greedy
-from tests.test_transport_contract import InboxDecodeHandler, reserve_request
+from tests.transport_support import InboxDecodeHandler, reserve_request
 
 # The workers' transport settings (TransportConfig's defaults: a 1 s reconnect backoff),
 # with the small chunks of the synthetic KV.

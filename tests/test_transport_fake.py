@@ -10,7 +10,7 @@ import time
 from shared.transport.fake import FakeNetwork, FaultPlan
 from shared.transport.types import StatusCode, TransportError
 from tests.kv_fixtures import synthetic_prefix, synthetic_spec
-from tests.test_transport_contract import CONFIG, InboxDecodeHandler, encode, reserve_request
+from tests.transport_support import CONFIG, InboxDecodeHandler, encode, reserve_request
 
 
 def _setup(faults: FaultPlan, **config: float) -> tuple[InboxDecodeHandler, object]:
