@@ -1,6 +1,6 @@
 """The prefill worker's prefix cache: the page pool's bookkeeping (no JAX), and served
 prompts that reuse cached pages giving the very same logits, KV and tokens as a cold
-prefill (Issue 14, tests 1-3)."""
+prefill."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import asyncio
 import jax
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
 
 from prefill_server.loop import PrefillLoop
 from shared.config import PrefillSettings
@@ -19,9 +18,9 @@ from shared.kv.pages import PagesExhaustedError
 from shared.kv.prefix import Prefix
 from shared.kv.prefix_cache import PrefixPagePool
 from shared.kv.prefix_hash import block_hashes, namespace
-from shared.metrics import WorkerMetrics
 from shared.sampling_params import SamplingParams
 from shared.transport.types import PrefillRequest
+from tests.worker_harness import start_prefill_loop
 
 ROOT = namespace("tiny", "test")
 
@@ -262,23 +261,14 @@ def serve_prompts(
     params: Params,
     prompts: list[list[int]],
     settings: PrefillSettings,
-    **loop_kw,
 ) -> tuple[list, RecordingSink, PrefillLoop]:
     """Each prompt through a prefill loop, one after another -> results, sink, loop."""
     sink = RecordingSink()
 
     async def body() -> list:
-        loop = PrefillLoop(
-            engine,
-            params,
-            sink,
-            WorkerMetrics(CollectorRegistry(), "prefill"),
-            max_queue=16,
-            on_fatal=pytest.fail,
-            settings=settings,
-            **loop_kw,
+        loop = start_prefill_loop(
+            engine, params, sink, pytest.fail, max_queue=16, settings=settings
         )
-        loop.start(asyncio.get_running_loop())
         results = []
         try:
             for i, prompt in enumerate(prompts):

@@ -156,6 +156,32 @@ async def _complete(client: httpx.AsyncClient, base: str, n: int = 3) -> httpx.R
     )
 
 
+def _https_flags(pki, served, mode: str) -> tuple[list[str], str | None]:
+    """The orchestrator's flags for an HTTPS API with `served`'s certificate (and, for
+    "client-cert", client certificates required), and the client certificate to use."""
+    flags = ["--tls-cert", str(served.cert), "--tls-key", str(served.key)]
+    flags += ["--http-port", "0", "--auth-token-file", str(pki["token"])]
+    if mode != "client-cert":
+        return flags, None
+    return [*flags, "--tls-client-ca", str(pki["clients"].cert)], "frontend"
+
+
+async def _rotation_is_served_to_new_connections(pki, base: str, me, rotate) -> None:
+    """A kept-alive connection goes on with the certificate it negotiated after `rotate()`
+    puts one from another CA in the files; new connections get the new one."""
+    async with _https_client(pki, pki["public"].cert, me) as early:
+        response = await _complete(early, base)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 3
+        rotate()
+        assert (await _complete(early, base, 2)).status_code == 200
+    async with _https_client(pki, pki["other"].cert, me) as fresh:
+        assert (await _complete(fresh, base, 2)).status_code == 200
+    async with _https_client(pki, pki["public"].cert, me) as stale:
+        with pytest.raises(httpx.ConnectError):
+            await _complete(stale, base)
+
+
 @pytest.mark.parametrize("mode", ["tls", "client-cert"])
 def test_http_api_serves_the_public_tls(
     engine, params, tiny_fingerprint, public_pki, tmp_path: Path, mode: str
@@ -164,23 +190,9 @@ def test_http_api_serves_the_public_tls(
     as for gRPC, and a rotated server certificate is served to new connections while a
     connection opened before goes on with the one it negotiated."""
     pki = public_pki
-    served = pki["public"].issue(
-        "orchestrator", into=tmp_path / "served", filename="served", server=True, client=False
-    )
-    flags = [
-        "--tls-cert",
-        str(served.cert),
-        "--tls-key",
-        str(served.key),
-        "--http-port",
-        "0",
-        "--auth-token-file",
-        str(pki["token"]),
-    ]
-    me = None
-    if mode == "client-cert":
-        flags += ["--tls-client-ca", str(pki["clients"].cert)]
-        me = "frontend"
+    where = dict(into=tmp_path / "served", filename="served", server=True, client=False)
+    served = pki["public"].issue("orchestrator", **where)
+    flags, me = _https_flags(pki, served, mode)
 
     async def main() -> None:
         async with public_port(engine, params, tiny_fingerprint, *flags) as (cluster, _):
@@ -189,25 +201,8 @@ def test_http_api_serves_the_public_tls(
             assert http is not None and http.scheme == "https"
             base = f"https://127.0.0.1:{http.port}"
             try:
-                async with _https_client(pki, pki["public"].cert, me) as early:
-                    response = await _complete(early, base)
-                    assert response.status_code == 200, response.text
-                    assert response.json()["usage"]["completion_tokens"] == 3
-                    # Rotation: the files now hold a certificate from another CA. The
-                    # connection made before (kept alive) goes on with the old one.
-                    pki["other"].issue(
-                        "orchestrator",
-                        into=tmp_path / "served",
-                        filename="served",
-                        server=True,
-                        client=False,
-                    )
-                    assert (await _complete(early, base, 2)).status_code == 200
-                async with _https_client(pki, pki["other"].cert, me) as fresh:
-                    assert (await _complete(fresh, base, 2)).status_code == 200
-                async with _https_client(pki, pki["public"].cert, me) as stale:
-                    with pytest.raises(httpx.ConnectError):
-                        await _complete(stale, base)
+                rotate = lambda: pki["other"].issue("orchestrator", **where)  # noqa: E731
+                await _rotation_is_served_to_new_connections(pki, base, me, rotate)
                 async with httpx.AsyncClient(timeout=20) as plain:  # plaintext: refused
                     with pytest.raises(httpx.TransportError):
                         await plain.get(f"http://127.0.0.1:{http.port}/health")
