@@ -61,11 +61,10 @@ def orchestrator_argv(
 @dataclasses.dataclass(frozen=True)
 class ClusterSpec:
     """What to start. Flags: `worker_flags` go to every worker (those its role reads),
-    `role_flags[ROLE]` to that
-    role's workers after them, `orchestrator_flags` to the orchestrator. `extra`: role ->
-    addresses of workers started elsewhere, handed to the orchestrator too. `cpus`: worker
-    name ("prefill-0") -> the cores it runs on. `env`: extra environment variables for
-    every process. `orchestrator=False`: workers only."""
+    `role_flags[ROLE]` to that role's workers after them, `orchestrator_flags` to the
+    orchestrator. `extra`: role -> addresses of workers started elsewhere, handed to the
+    orchestrator too. `cpus`: worker name ("prefill-0") -> the cores it runs on. `env`:
+    extra environment variables for every process. `orchestrator=False`: workers only."""
 
     prefill: int = 1
     decode: int = 1
@@ -159,9 +158,9 @@ class Cluster:
         """Every process, in start order (the orchestrator last)."""
         return [*self.workers.values(), *([self.orchestrator] if self.orchestrator else [])]
 
-    def argv(self, name: str) -> list[str]:
-        """The `pdserve ...` arguments `name` was started with."""
-        return list(self._argv[name])
+    def arguments(self) -> dict[str, list[str]]:
+        """Each process's `pdserve ...` arguments, by name."""
+        return {name: list(argv) for name, argv in self._argv.items()}
 
     def metrics(self, name: str = "orchestrator") -> dict[str, float]:
         """`name`'s /metrics, parsed (`shared.cluster.metrics.metric_samples`)."""

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from shared.cluster.processes import Child, launch, start, stop_all, wait_ready
+from shared.cluster.cluster import WORKER_ROLES, Cluster, ClusterSpec
 from shared.flags import add_serve_flags, serve_argv
 from shared.serving.flags import SERVE_FLAGS, default_compilation_cache_dir
 
@@ -51,54 +51,42 @@ def worker_engine_args(args: argparse.Namespace, role: str) -> list[str]:
     return serve_argv(args, SERVE_FLAGS, role)
 
 
+def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
+    """The workers (each role with the pass-through flags it reads) and an orchestrator on
+    the user's ports, every process's output relayed."""
+    if args.colocated:
+        counts = {"prefill": 0, "decode": 0, "colocated": 1}
+    else:
+        counts = {"prefill": args.prefill_workers, "decode": args.decode_workers}
+    return ClusterSpec(
+        **counts,
+        role_flags={role: worker_engine_args(args, role) for role in WORKER_ROLES},
+        # --model, --port, --metrics-port, --http-port, --auth-token-file: after the
+        # harness's loopback port 0, so the user's ports are the ones taken.
+        orchestrator_flags=serve_argv(args, SERVE_FLAGS, "orchestrator"),
+        relay=True,
+        startup_timeout_s=args.startup_timeout_s,
+    )
+
+
+def announce(cluster: Cluster) -> None:
+    target = cluster.target
+    print(f'pdserve cluster ready on {target}: pdserve generate --target {target} "Hello"')
+    if cluster.orchestrator is not None and cluster.orchestrator.http_port >= 0:
+        print(f"OpenAI-compatible API: {cluster.http_url}/v1")
+    sys.stdout.flush()
+
+
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(list(argv))
-    local = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
-    children: list[Child] = []
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    cluster = None
     try:
-        roles = (
-            [("colocated", 1)]
-            if args.colocated
-            else [("prefill", args.prefill_workers), ("decode", args.decode_workers)]
-        )
-        # Workers load and compile in parallel.
-        children += [
-            launch(
-                f"{role}-{i}",
-                ["worker", "--role", role, *local, *worker_engine_args(args, role)],
-                relay=True,
-            )
-            for role, count in roles
-            for i in range(count)
-        ]
-        for child in children:
-            wait_ready(child, args.startup_timeout_s)
-        # --model, --port, --metrics-port, --http-port, --auth-token-file.
-        orch = [
-            "orchestrator",
-            "--host",
-            "127.0.0.1",
-            *serve_argv(args, SERVE_FLAGS, "orchestrator"),
-        ]
-        for role in ("prefill", "decode", "colocated"):
-            addresses = [c.address for c in children if c.name.startswith(role)]
-            if addresses:
-                orch += [f"--{role}", ",".join(addresses)]
-        orchestrator = start("orchestrator", orch, args.startup_timeout_s, relay=True)
-        children.append(orchestrator)
-        target = orchestrator.address
-        print(
-            f'pdserve cluster ready on {target}: pdserve generate --target {target} "Hello"',
-            flush=True,
-        )
-        if orchestrator.http_port >= 0:
-            print(
-                f"OpenAI-compatible API: http://127.0.0.1:{orchestrator.http_port}/v1", flush=True
-            )
+        cluster = Cluster.start(cluster_spec(args))  # workers load and compile in parallel
+        announce(cluster)
         if args.once is not None:
-            return _once(target, args)
+            return _once(cluster.target, args)
         while not stopping.is_set():
             stopping.wait(0.5)
         return 0
@@ -106,7 +94,8 @@ def main(argv: Sequence[str]) -> int:
         return 0
     finally:
         print("[pdserve] shutting the cluster down", file=sys.stderr, flush=True)
-        stop_all(children)
+        if cluster is not None:
+            cluster.stop()
 
 
 def _once(target: str, args: argparse.Namespace) -> int:
