@@ -10,10 +10,10 @@
    table and the ratios (disaggregated / colocated) are printed and written as JSON.
 
 Pinning: a child inherits the CPU affinity of the thread that forks it, so each worker is
-launched (with `shared.cluster.processes.launch`) while this thread is pinned to the
-worker's cores, and the mask is restored right after; the child's mask is read back and
-recorded. XLA's CPU thread pool sizes itself from the cores a process may use, so a worker
-pinned to one core computes with one thread, and the colocated worker with two. The
+launched (shared/cluster's `ClusterSpec.cpus`) while this thread is pinned to the worker's
+cores, and the mask is restored right after; the child's mask is read back and recorded.
+XLA's CPU thread pool sizes itself from the cores a process may use, so a worker pinned
+to one core computes with one thread, and the colocated worker with two. The
 orchestrator and this load generator are unpinned in both runs and share the same cores
 with the workers: on a two-core machine nothing else is left to give them.
 """
@@ -21,11 +21,10 @@ with the workers: on a two-core machine nothing else is left to give them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,10 +33,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # inherited by every child proces
 from shared.client.loadgen.cli import run_with_progress
 from shared.client.loadgen.report import Slo, build_report, format_table
 from shared.client.loadgen.runner import RunConfig
-from shared.cluster.processes import Child, launch, stop_all, wait_ready
-from shared.serving.flags import for_role
+from shared.cluster.cluster import Cluster, ClusterSpec
 
-LOCAL = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")
 # (report section, key, label) of each ratio, disaggregated / colocated.
 RATIOS = (
     ("ttft_ms", "p50", "TTFT p50"),
@@ -51,46 +48,23 @@ RATIOS = (
 )
 
 
-@contextlib.contextmanager
-def pinned(cores: set[int]) -> Iterator[None]:
-    """Pin this thread (pid 0 = the calling thread on Linux) while a child is forked."""
-    saved = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cores)
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, saved)
-
-
 def start_cluster(
     workers: Sequence[tuple[str, set[int]]], engine_flags: Sequence[str], args: argparse.Namespace
-) -> tuple[list[Child], str, dict[str, list[int]]]:
-    """Start workers (role, cores) and an orchestrator; return (children, target, masks).
-    Children already started are left in the list for the caller to stop on failure."""
-    children: list[Child] = []
-    masks: dict[str, list[int]] = {}
-    try:
-        launched = []
-        for role, cores in workers:
-            with pinned(cores):
-                engine = for_role(role, engine_flags)  # e.g. no --slots for prefill
-                child = launch(role, ["worker", "--role", role, *LOCAL, *engine])
-            children.append(child)
-            launched.append(child)
-            masks[role] = sorted(os.sched_getaffinity(child.proc.pid))
-        for child in launched:  # they load and compile in parallel
-            wait_ready(child, args.startup_timeout_s)
-        orch = ["orchestrator", *LOCAL, "--model", args.model]
-        for child in children:
-            orch += [f"--{child.name}", child.address]
-        child = launch("orchestrator", orch)
-        children.append(child)
-        wait_ready(child, args.startup_timeout_s)
-        masks["orchestrator"] = sorted(os.sched_getaffinity(child.proc.pid))
-    except BaseException:
-        stop_all(children)
-        raise
-    return children, child.address, masks
+) -> tuple[Cluster, dict[str, list[int]]]:
+    """Workers (role, cores) and an orchestrator; the cluster and each process's CPU mask
+    as read back from the kernel."""
+    counts = {role: sum(r == role for r, _ in workers) for role in ("prefill", "decode")}
+    counts["colocated"] = sum(r == "colocated" for r, _ in workers)
+    spec = ClusterSpec(
+        **counts,
+        worker_flags=engine_flags,
+        orchestrator_flags=("--model", args.model),
+        cpus={f"{role}-0": cores for role, cores in workers},
+        startup_timeout_s=args.startup_timeout_s,
+    )
+    cluster = Cluster.start(spec)
+    masks = {c.name: sorted(os.sched_getaffinity(c.proc.pid)) for c in cluster.children()}
+    return cluster, masks
 
 
 def measure(
@@ -101,15 +75,14 @@ def measure(
 ) -> dict:
     # The machine is shared: the 1-minute load average before each run says how quiet it was.
     loadavg = os.getloadavg()[0]
-    children, target, masks = start_cluster(workers, engine_flags, args)
-    try:
+    cluster, masks = start_cluster(workers, engine_flags, args)
+    with cluster:
+        target = cluster.target
         if args.warmup:
             warm = RunConfig(target, concurrency=2, num_requests=args.warmup, seed=args.seed + 1)
             run_with_progress(warm, args, f"{name} warm-up")
         config = RunConfig(target, rate=args.rate, num_requests=args.num_requests, seed=args.seed)
         result = run_with_progress(config, args, name)
-    finally:
-        stop_all(children)
     report = build_report(
         result.records, result.duration_s, Slo(args.slo_ttft_ms, args.slo_tpot_ms)
     )

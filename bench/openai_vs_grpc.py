@@ -34,10 +34,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from shared.client.loadgen.cli import run_with_progress
 from shared.client.loadgen.report import Slo, build_report
 from shared.client.loadgen.runner import RunConfig
-from shared.cluster.processes import launch, stop_all, wait_ready
-from shared.serving.flags import for_role
-
-LOCAL = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")
+from shared.cluster.cluster import Cluster, ClusterSpec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,80 +58,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # The knobs `run_with_progress` reads, as `pdserve bench` would have them.
-    args.workload_file, args.vocab_max = None, 255
-    args.prompt_len, args.output_len = str(args.prompt_len), str(args.output_len)
+def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
+    """The tiny cluster: `--slots` = the concurrency, both front doors on the orchestrator."""
     max_seq_len = int(args.prompt_len) + int(args.output_len) + 1
-    engine = [
-        "--model",
-        "tiny",
-        "--slots",
-        str(args.concurrency),
-        "--prefill-buckets",
-        args.prompt_len,
-        "--max-seq-len",
-        str(max_seq_len),
-    ]
-    children = []
-    try:
-        pool = {
-            "prefill": [],
-            "decode": [] if args.kv_pages is None else ["--kv-pages", str(args.kv_pages)],
-        }
-        launched = [
-            launch(r, ["worker", "--role", r, *LOCAL, *for_role(r, engine), *pool[r]])
-            for r in ("prefill", "decode")
-        ]
-        children += launched
-        for child in launched:
-            wait_ready(child, args.startup_timeout_s)
-        orch = [
-            "orchestrator",
-            *LOCAL,
-            "--model",
-            "tiny",
-            "--http-port",
-            "0",
-            "--prefill",
-            children[0].address,
-            "--decode",
-            children[1].address,
-        ]
-        child = launch("orchestrator", orch)
-        children.append(wait_ready(child, args.startup_timeout_s))
-        targets = {
-            "grpc": child.address,
-            "openai": f"http://127.0.0.1:{child.http_port}",
-        }
-        runs: dict[str, list[dict]] = {"grpc": [], "openai": []}
+    engine = ["--model", "tiny", "--slots", str(args.concurrency)]
+    engine += ["--prefill-buckets", args.prompt_len, "--max-seq-len", str(max_seq_len)]
+    pool = [] if args.kv_pages is None else ["--kv-pages", str(args.kv_pages)]
+    return ClusterSpec(
+        worker_flags=engine,
+        role_flags={"decode": pool},
+        orchestrator_flags=("--model", "tiny", "--http-port", "0"),
+        startup_timeout_s=args.startup_timeout_s,
+    )
+
+
+def run_both(targets: dict[str, str], args: argparse.Namespace) -> dict[str, list[dict]]:
+    """A warm-up of each API, then `--rounds` rounds alternating them: each round's report."""
+    runs: dict[str, list[dict]] = {api: [] for api in targets}
+    for api, target in targets.items():
+        warm = RunConfig(
+            target,
+            concurrency=args.concurrency,
+            num_requests=args.warmup,
+            seed=args.seed + 1,
+            api=api,
+        )
+        run_with_progress(warm, args, f"{api} warm-up")
+    for round_ in range(args.rounds):
         for api, target in targets.items():
-            warm = RunConfig(
+            config = RunConfig(
                 target,
                 concurrency=args.concurrency,
-                num_requests=args.warmup,
-                seed=args.seed + 1,
+                seed=args.seed,
+                num_requests=args.num_requests,
                 api=api,
             )
-            run_with_progress(warm, args, f"{api} warm-up")
-        for round_ in range(args.rounds):
-            for api, target in targets.items():
-                config = RunConfig(
-                    target,
-                    concurrency=args.concurrency,
-                    seed=args.seed,
-                    num_requests=args.num_requests,
-                    api=api,
-                )
-                loadavg = os.getloadavg()[0]
-                result = run_with_progress(config, args, f"{api} round {round_}")
-                report = build_report(result.records, result.duration_s, Slo(None, None))
-                report["loadavg_1m_before"] = loadavg
-                assert report["completed"] == args.num_requests, report["errors"]
-                runs[api].append(report)
-    finally:
-        stop_all(children)
+            loadavg = os.getloadavg()[0]
+            result = run_with_progress(config, args, f"{api} round {round_}")
+            report = build_report(result.records, result.duration_s, Slo(None, None))
+            report["loadavg_1m_before"] = loadavg
+            assert report["completed"] == args.num_requests, report["errors"]
+            runs[api].append(report)
+    return runs
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Per API the median over rounds; then openai / grpc throughput and TTFT p50 gap."""
 
     def median(api: str, section: str | None, key: str) -> float:
         return statistics.median(r[section][key] if section else r[key] for r in runs[api])
@@ -154,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     summary["openai_minus_grpc_ttft_p50_ms"] = (
         summary["openai"]["ttft_p50_ms"] - summary["grpc"]["ttft_p50_ms"]
     )
+    return summary
+
+
+def print_summary(summary: dict) -> None:
     print(f"\n{'api':<8}{'tok/s':>10}{'TTFT p50 ms':>14}{'TTFT p99 ms':>14}{'TPOT p50 ms':>14}")
     for api in ("grpc", "openai"):
         s = summary[api]
@@ -168,17 +141,30 @@ def main(argv: list[str] | None = None) -> int:
         f"TTFT p50 openai - grpc: {summary['openai_minus_grpc_ttft_p50_ms']:+.2f} ms "
         "(goal <= +2 ms)"
     )
-    keys = (
-        "concurrency",
-        "num_requests",
-        "prompt_len",
-        "output_len",
-        "rounds",
-        "warmup",
-        "seed",
-        "kv_pages",
-    )
-    workload = {k: getattr(args, k) for k in keys}
+
+
+WORKLOAD_KEYS = (
+    "concurrency",
+    "num_requests",
+    "prompt_len",
+    "output_len",
+    "rounds",
+    "warmup",
+    "seed",
+    "kv_pages",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # The knobs `run_with_progress` reads, as `pdserve bench` would have them.
+    args.workload_file, args.vocab_max = None, 255
+    args.prompt_len, args.output_len = str(args.prompt_len), str(args.output_len)
+    with Cluster.start(cluster_spec(args)) as cluster:
+        runs = run_both({"grpc": cluster.target, "openai": cluster.http_url}, args)
+    summary = summarize(runs)
+    print_summary(summary)
+    workload = {k: getattr(args, k) for k in WORKLOAD_KEYS}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps({"workload": workload, "summary": summary, "runs": runs}, indent=2) + "\n"

@@ -39,15 +39,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prefill_cluster import (
     VOCAB,
-    Cluster,
     git_state,
     latency_stats_ms,
     machine,
     prefill_delta,
+    prefill_metrics,
+    start_cluster,
     stream_once,
 )
 
 from shared.client.generator import AsyncGeneratorClient
+from shared.cluster.cluster import Cluster
 
 TIMEOUT_S = 300.0
 GOAL_P99_RATIO = 0.5
@@ -91,63 +93,61 @@ async def bursts(target: str, vocab: int, args: argparse.Namespace) -> dict:
     return {"warm_errors": [s.error for s in warm if s.error], "rounds": rounds}
 
 
+def worker_flags(
+    args: argparse.Namespace, model: str, common: list[str], chunk: int, rows: int
+) -> tuple[list[str], list[str]]:
+    """(prefill flags, decode flags): packed prefill of `rows` rows of `chunk` tokens, no
+    prefix cache."""
+    packing = ["--prefill-chunk", str(chunk), "--prefill-max-rows", str(rows)]
+    cache = args.compilation_cache_dir
+    prefill = flags(
+        model, *common, *packing, "--prefix-cache-mib", "0", compilation_cache_dir=cache
+    )
+    return prefill, flags(model, *common, compilation_cache_dir=cache)
+
+
+def burst_run(args: argparse.Namespace, rows: int, common: list[str]) -> dict:
+    """One cluster with `--prefill-max-rows rows`: the bursts' TTFTs and what it took."""
+    prefill, decode = worker_flags(args, args.model, common, args.prompt_len, rows)
+    load = machine()
+    started = time.perf_counter()
+    with start_cluster(prefill, decode, args.model, args.startup_timeout_s) as cluster:
+        startup = time.perf_counter() - started
+        before = prefill_metrics(cluster)
+        got = asyncio.run(bursts(cluster.target, VOCAB[args.model], args))
+        counters = prefill_delta(before, prefill_metrics(cluster))
+        alive = cluster.alive()
+    streams = [s for r in got["rounds"] for s in r]
+    ok = [s for s in streams if s.error is None and s.ttft_s is not None]
+    return {
+        "prefill_max_rows": rows,
+        "requests": len(streams),
+        "errors": [s.error for s in streams if s.error] + got["warm_errors"],
+        "ttft_ms": latency_stats_ms([s.ttft_s for s in ok]),
+        "ttft_ms_per_round": [
+            latency_stats_ms([s.ttft_s for s in r if s.ttft_s is not None]) for r in got["rounds"]
+        ],
+        "ttft_ms_by_round": [
+            [None if s.ttft_s is None else round(s.ttft_s * 1e3, 1) for s in r]
+            for r in got["rounds"]
+        ],
+        "burst_wall_s": [max(s.end for s in r) - min(s.sent for s in r) for r in got["rounds"]],
+        "prefill_worker_counters": counters,
+        "argv": cluster.arguments(),
+        "startup_s": startup,
+        "machine_before": load,
+        "machine_after": machine(),
+        "processes_alive_at_end": alive,
+    }
+
+
 def part_a(args: argparse.Namespace) -> dict:
-    vocab = VOCAB[args.model]
-    max_seq_len = args.prompt_len + args.max_tokens + 1
-    max_seq_len = -(-max_seq_len // 16) * 16
-    common = [
-        "--slots",
-        str(args.slots),
-        "--max-seq-len",
-        str(max_seq_len),
-        "--prefill-buckets",
-        str(args.prompt_len),
-    ]
+    max_seq_len = -(-(args.prompt_len + args.max_tokens + 1) // 16) * 16
+    common = ["--slots", str(args.slots), "--max-seq-len", str(max_seq_len)]
+    common += ["--prefill-buckets", str(args.prompt_len)]
     runs = {}
     for rows in (1, args.packed_rows):
-        prefill = flags(
-            args.model,
-            *common,
-            "--prefill-chunk",
-            str(args.prompt_len),
-            "--prefill-max-rows",
-            str(rows),
-            "--prefix-cache-mib",
-            "0",
-            compilation_cache_dir=args.compilation_cache_dir,
-        )
-        decode = flags(args.model, *common, compilation_cache_dir=args.compilation_cache_dir)
-        load = machine()
-        started = time.perf_counter()
-        with Cluster.start(prefill, decode, args.model, args.startup_timeout_s) as cluster:
-            startup = time.perf_counter() - started
-            before = cluster.prefill_metrics()
-            got = asyncio.run(bursts(cluster.target, vocab, args))
-            counters = prefill_delta(before, cluster.prefill_metrics())
-            alive = cluster.alive()
-        streams = [s for r in got["rounds"] for s in r]
-        ok = [s for s in streams if s.error is None and s.ttft_s is not None]
-        runs[f"max_rows_{rows}"] = {
-            "prefill_max_rows": rows,
-            "requests": len(streams),
-            "errors": [s.error for s in streams if s.error] + got["warm_errors"],
-            "ttft_ms": latency_stats_ms([s.ttft_s for s in ok]),
-            "ttft_ms_per_round": [
-                latency_stats_ms([s.ttft_s for s in r if s.ttft_s is not None])
-                for r in got["rounds"]
-            ],
-            "ttft_ms_by_round": [
-                [None if s.ttft_s is None else round(s.ttft_s * 1e3, 1) for s in r]
-                for r in got["rounds"]
-            ],
-            "burst_wall_s": [max(s.end for s in r) - min(s.sent for s in r) for r in got["rounds"]],
-            "prefill_worker_counters": counters,
-            "argv": cluster.argv,
-            "startup_s": startup,
-            "machine_before": load,
-            "machine_after": machine(),
-            "processes_alive_at_end": alive,
-        }
+        runs[f"max_rows_{rows}"] = burst_run(args, rows, common)
         print(f"(a) max_rows={rows}: TTFT {runs[f'max_rows_{rows}']['ttft_ms']}", file=sys.stderr)
     off, on = runs["max_rows_1"], runs[f"max_rows_{args.packed_rows}"]
     ratio = {
@@ -194,11 +194,11 @@ async def head_of_line(cluster: Cluster, args: argparse.Namespace) -> dict:
         for n in (256, args.long_len, args.short_len):  # unmeasured
             await stream_once(client, rng_prompt(rng, vocab, n), 4, TIMEOUT_S)
         # One chunk's time: a lone single-chunk (256-token) prompt, client and worker side.
-        before = cluster.prefill_metrics()
+        before = prefill_metrics(cluster)
         for _ in range(args.trials):
             s = await stream_once(client, rng_prompt(rng, vocab, args.chunk), 4, TIMEOUT_S)
             out["lone_chunk"].append(s)
-        after = cluster.prefill_metrics()
+        after = prefill_metrics(cluster)
         d = prefill_delta(before, after)
         out["worker_chunk_prefill_s"] = d["prefill_seconds_sum"] / max(
             1, d["prefill_seconds_count"]
@@ -218,70 +218,65 @@ async def head_of_line(cluster: Cluster, args: argparse.Namespace) -> dict:
     return out
 
 
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def median_ms(values: list[float]) -> float | None:
+    return ms(statistics.median(values)) if values else None
+
+
+def head_of_line_summary(got: dict, rows: int) -> dict:
+    """One run's TTFTs: the short prompt sent while a long one prefills, each alone, and
+    how they compare to one chunk's time."""
+    errors = [s.error for s in got["lone_chunk"] + got["lone_short"] if s.error]
+    errors += [s.error for pair in got["trials"] for s in pair if s.error]
+    short = [s.ttft_s for _, s in got["trials"] if s.ttft_s is not None]
+    long = [s.ttft_s for s, _ in got["trials"] if s.ttft_s is not None]
+    chunk = [s.ttft_s for s in got["lone_chunk"] if s.ttft_s is not None]
+    lone_short = [s.ttft_s for s in got["lone_short"] if s.ttft_s is not None]
+    short_first = sum(
+        1
+        for lo, sh in got["trials"]
+        if sh.first is not None and lo.first is not None and sh.first < lo.first
+    )
+    run = {
+        "prefill_max_rows": rows,
+        "trials": len(got["trials"]),
+        "errors": errors,
+        "short_ttft_ms_median": median_ms(short),
+        "short_ttft_ms": [ms(v) for v in short],
+        "long_ttft_ms_median": median_ms(long),
+        "long_ttft_ms": [ms(v) for v in long],
+        "short_sent_after_long_ms": [ms(sh.sent - lo.sent) for lo, sh in got["trials"]],
+        "short_first_token_before_long": short_first,
+        "chunk_time_ms_client_median": median_ms(chunk),
+        "chunk_time_ms_client": [ms(v) for v in chunk],
+        "chunk_time_ms_worker_prefill_seconds_mean": ms(got["worker_chunk_prefill_s"]),
+        "lone_short_ttft_ms_median": median_ms(lone_short),
+    }
+    if short and chunk:
+        run["short_ttft_over_chunk_time"] = statistics.median(short) / statistics.median(chunk)
+        run["short_ttft_over_chunk_time_worker"] = (
+            statistics.median(short) / got["worker_chunk_prefill_s"]
+        )
+        run["long_ttft_over_chunk_time"] = statistics.median(long) / statistics.median(chunk)
+    return run
+
+
 def part_b(args: argparse.Namespace) -> dict:
-    common = [
-        "--slots",
-        "8",
-        "--max-seq-len",
-        str(args.hol_max_seq_len),
-        "--prefill-buckets",
-        str(args.chunk),
-    ]
+    common = ["--slots", "8", "--max-seq-len", str(args.hol_max_seq_len)]
+    common += ["--prefill-buckets", str(args.chunk)]
     runs = {}
     for rows in (1, 4):
-        prefill = flags(
-            "tiny",
-            *common,
-            "--prefill-chunk",
-            str(args.chunk),
-            "--prefill-max-rows",
-            str(rows),
-            "--prefix-cache-mib",
-            "0",
-            compilation_cache_dir=args.compilation_cache_dir,
-        )
-        decode = flags("tiny", *common, compilation_cache_dir=args.compilation_cache_dir)
+        prefill, decode = worker_flags(args, "tiny", common, args.chunk, rows)
         load = machine()
-        with Cluster.start(prefill, decode, "tiny", args.startup_timeout_s) as cluster:
+        with start_cluster(prefill, decode, "tiny", args.startup_timeout_s) as cluster:
             got = asyncio.run(head_of_line(cluster, args))
             alive = cluster.alive()
-        ms = lambda v: None if v is None else v * 1e3  # noqa: E731
-        errors = [s.error for s in got["lone_chunk"] + got["lone_short"] if s.error]
-        errors += [s.error for pair in got["trials"] for s in pair if s.error]
-        short = [s.ttft_s for _, s in got["trials"] if s.ttft_s is not None]
-        long = [s.ttft_s for s, _ in got["trials"] if s.ttft_s is not None]
-        chunk = [s.ttft_s for s in got["lone_chunk"] if s.ttft_s is not None]
-        lone_short = [s.ttft_s for s in got["lone_short"] if s.ttft_s is not None]
-        short_first = sum(
-            1
-            for lo, sh in got["trials"]
-            if sh.first is not None and lo.first is not None and sh.first < lo.first
-        )
-        run = {
-            "prefill_max_rows": rows,
-            "trials": len(got["trials"]),
-            "errors": errors,
-            "short_ttft_ms_median": ms(statistics.median(short)) if short else None,
-            "short_ttft_ms": [ms(v) for v in short],
-            "long_ttft_ms_median": ms(statistics.median(long)) if long else None,
-            "long_ttft_ms": [ms(v) for v in long],
-            "short_sent_after_long_ms": [ms(sh.sent - lo.sent) for lo, sh in got["trials"]],
-            "short_first_token_before_long": short_first,
-            "chunk_time_ms_client_median": ms(statistics.median(chunk)) if chunk else None,
-            "chunk_time_ms_client": [ms(v) for v in chunk],
-            "chunk_time_ms_worker_prefill_seconds_mean": ms(got["worker_chunk_prefill_s"]),
-            "lone_short_ttft_ms_median": ms(statistics.median(lone_short)) if lone_short else None,
-            "argv": cluster.argv,
-            "machine_before": load,
-            "machine_after": machine(),
-            "processes_alive_at_end": alive,
-        }
-        if short and chunk:
-            run["short_ttft_over_chunk_time"] = statistics.median(short) / statistics.median(chunk)
-            run["short_ttft_over_chunk_time_worker"] = (
-                statistics.median(short) / got["worker_chunk_prefill_s"]
-            )
-            run["long_ttft_over_chunk_time"] = statistics.median(long) / statistics.median(chunk)
+        run = head_of_line_summary(got, rows)
+        run.update(argv=cluster.arguments(), machine_before=load, machine_after=machine())
+        run["processes_alive_at_end"] = alive
         runs[f"max_rows_{rows}"] = run
         print(
             f"(b) max_rows={rows}: short {run['short_ttft_ms_median']:.1f} ms, long "

@@ -2,8 +2,8 @@
 (orchestrator + one prefill + one decode worker, loopback gRPC) with per-role flags, the
 prefill worker's counters read from its /metrics, one timed stream, and the machine's load.
 
-Processes are started with `shared.cluster.processes.launch` (each dies with this
-process) and stopped with its `stop_all`; /metrics is parsed by `tests.reference.scrape`;
+The cluster is shared/cluster's `Cluster` (each process dies with this one); /metrics is
+read with `Cluster.metrics`;
 percentiles are `shared.client.loadgen.report.latency_stats_ms` (p50/p90/p99/mean, ms).
 """
 
@@ -23,11 +23,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # inherited by every child proces
 
 from shared.client.generator import AsyncGeneratorClient, GenerateError  # noqa: E402
 from shared.client.loadgen.report import latency_stats_ms  # noqa: E402
-from shared.cluster.processes import Child, launch, stop_all, wait_ready  # noqa: E402
+from shared.cluster.cluster import Cluster, ClusterSpec  # noqa: E402
 from shared.serving.flags import for_role  # noqa: E402
-from tests.reference import scrape  # noqa: E402
 
-LOCAL = ("--host", "127.0.0.1", "--port", "0", "--metrics-port", "0")
 # The prefill worker's counters the benches difference (before/after a measured run).
 PREFILL_COUNTERS = {
     "tokens_computed": "pdserve_prefill_tokens_computed_total{}",
@@ -42,75 +40,45 @@ PREFILL_GAUGES = {
     "cache_bytes": "pdserve_prefix_cache_bytes{}",
 }
 
-__all__ = ["Cluster", "git_state", "latency_stats_ms", "machine", "prefill_delta", "stream_once"]
+__all__ = [
+    "git_state",
+    "latency_stats_ms",
+    "machine",
+    "prefill_delta",
+    "prefill_metrics",
+    "start_cluster",
+    "stream_once",
+]
 
 # Vocabulary sizes of the presets the benches prompt (random token ids below them).
 VOCAB = {"small": 32000, "tiny": 320}
 
 
-@dataclasses.dataclass
-class Cluster:
-    children: list[Child]
-    target: str
-    prefill: Child
-    decode: Child
-    argv: dict[str, list[str]]  # role -> the `pdserve ...` arguments it was started with
+def start_cluster(
+    prefill_flags: Sequence[str],
+    decode_flags: Sequence[str],
+    model: str,
+    timeout_s: float = 600.0,
+) -> Cluster:
+    """One prefill and one decode worker (loading and compiling in parallel), each with
+    the flags of its list that its role reads, then the orchestrator for `model`; stopped
+    on leaving its `with`."""
+    spec = ClusterSpec(
+        role_flags={
+            "prefill": for_role("prefill", prefill_flags),
+            "decode": for_role("decode", decode_flags),
+        },
+        orchestrator_flags=("--model", model),
+        startup_timeout_s=timeout_s,
+    )
+    return Cluster.start(spec)
 
-    @classmethod
-    def start(
-        cls,
-        prefill_flags: Sequence[str],
-        decode_flags: Sequence[str],
-        model: str,
-        timeout_s: float = 600.0,
-    ) -> Cluster:
-        """Both workers (loading and compiling in parallel), then the orchestrator."""
-        argv = {
-            "prefill": ["worker", "--role", "prefill", *LOCAL, *for_role("prefill", prefill_flags)],
-            "decode": ["worker", "--role", "decode", *LOCAL, *for_role("decode", decode_flags)],
-        }
-        children: list[Child] = []
-        try:
-            launched = [launch(role, argv[role]) for role in ("prefill", "decode")]
-            children += launched
-            for child in launched:
-                wait_ready(child, timeout_s)
-            prefill, decode = children
-            argv["orchestrator"] = [
-                "orchestrator",
-                *LOCAL,
-                "--model",
-                model,
-                "--prefill",
-                prefill.address,
-                "--decode",
-                decode.address,
-            ]
-            child = launch("orchestrator", argv["orchestrator"])
-            children.append(child)
-            wait_ready(child, timeout_s)
-        except BaseException:
-            stop_all(children)
-            raise
-        target = child.address
-        return cls(children, target, prefill, decode, argv)
 
-    def stop(self) -> None:
-        stop_all(self.children)
-
-    def prefill_metrics(self) -> dict[str, float]:
-        samples = scrape(self.prefill.metrics_port)
-        names = PREFILL_COUNTERS | PREFILL_GAUGES
-        return {key: samples.get(name, 0.0) for key, name in names.items()}
-
-    def alive(self) -> dict[str, bool]:
-        return {c.name: c.proc.poll() is None for c in self.children}
-
-    def __enter__(self) -> Cluster:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+def prefill_metrics(cluster: Cluster) -> dict[str, float]:
+    """The prefill worker's counters and gauges the benches report."""
+    samples = cluster.metrics("prefill-0")
+    names = PREFILL_COUNTERS | PREFILL_GAUGES
+    return {key: samples.get(name, 0.0) for key, name in names.items()}
 
 
 def prefill_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

@@ -36,15 +36,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from prefill_cluster import (
     VOCAB,
-    Cluster,
     git_state,
     latency_stats_ms,
     machine,
     prefill_delta,
+    prefill_metrics,
+    start_cluster,
     stream_once,
 )
 
 from shared.client.generator import AsyncGeneratorClient
+from shared.cluster.cluster import Cluster
 
 PAGE_SIZE = 16
 REQUEST_TIMEOUT_S = 300.0
@@ -207,7 +209,7 @@ def measure(name: str, args: argparse.Namespace, workload: dict, cache_mib: floa
         prefill += ["--prefill-chunk", str(args.prefill_chunk)]
     load_before = machine()
     started = time.perf_counter()
-    with Cluster.start(prefill, decode, args.model, args.startup_timeout_s) as cluster:
+    with start_cluster(prefill, decode, args.model, args.startup_timeout_s) as cluster:
         startup_s = time.perf_counter() - started
         records, counters = asyncio.run(measured(cluster, workload, args))
         alive = cluster.alive()
@@ -216,7 +218,7 @@ def measure(name: str, args: argparse.Namespace, workload: dict, cache_mib: floa
     summary.update(
         {
             "prefix_cache_mib": cache_mib,
-            "argv": cluster.argv,
+            "argv": cluster.arguments(),
             "startup_s": startup_s,
             "machine_before": load_before,
             "machine_after": machine(),
@@ -238,9 +240,9 @@ async def measured(
             s = await stream_once(client, prompt, 8, REQUEST_TIMEOUT_S)
             if s.error:
                 raise RuntimeError(f"warm-up request failed: {s.error}")
-    before = cluster.prefill_metrics()
+    before = prefill_metrics(cluster)
     records = await run_workload(cluster.target, workload, args.concurrency)
-    return records, prefill_delta(before, cluster.prefill_metrics())
+    return records, prefill_delta(before, prefill_metrics(cluster))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,28 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.concurrency = args.concurrency or args.conversations
-    workload = make_workload(args.seed, args.conversations, VOCAB[args.model], args.system_len)
-    longest = max(
-        args.system_len + sum(len(t["message"]) + t["max_tokens"] for t in c)
-        for c in workload["conversations"]
-    )
-    if longest >= args.max_seq_len:
-        print(
-            f"the longest conversation needs {longest} positions: raise --max-seq-len",
-            file=sys.stderr,
-        )
-        return 2
-    started = time.time()
-    off, _ = measure("cache off", args, workload, 0.0)
-    on, records_on = measure("cache on", args, workload, args.prefix_cache_mib)
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def build_result(
+    args: argparse.Namespace, workload: dict, longest: int, off: dict, on: dict, records_on: list
+) -> dict:
+    """The report: both runs, their ratios, the repeated-token bound and the goals."""
     repeated = repeated_tokens(records_on)
-
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
-
     ttft_ratio = ratio(on["ttft_ms_turns2plus"]["p50"], off["ttft_ms_turns2plus"]["p50"])
     saved = 1 - on["prefill_tokens_computed"] / off["prefill_tokens_computed"]
     result = {
@@ -331,12 +320,16 @@ def main(argv: list[str] | None = None) -> int:
             "prefill_tokens_saved_fraction >= repeated_prompt_fraction": saved
             >= repeated["repeated_prompt_fraction"],
         },
-        "wall_s": time.time() - started,
         "requests_cache_on": [
             {k: r[k] for k in ("conversation", "turn", "prompt_len", "sent_s", "ttft_s")}
             for r in records_on
         ],
     }
+    return result
+
+
+def print_table(result: dict) -> None:
+    off, on = result["cache_off"], result["cache_on"]
     print(
         f"\n{'run':<10}{'req':>5}{'TTFT p50':>10}{'p99':>9}{'t2+ p50':>9}{'t2+ p99':>9}"
         f"{'computed/req':>14}{'hit tok':>9}"
@@ -358,6 +351,28 @@ def main(argv: list[str] | None = None) -> int:
     ):
         print(f"{key:<50}{result[key]:.3f}")
     print("goals:", json.dumps(result["goals"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.concurrency = args.concurrency or args.conversations
+    workload = make_workload(args.seed, args.conversations, VOCAB[args.model], args.system_len)
+    longest = max(
+        args.system_len + sum(len(t["message"]) + t["max_tokens"] for t in c)
+        for c in workload["conversations"]
+    )
+    if longest >= args.max_seq_len:
+        print(
+            f"the longest conversation needs {longest} positions: raise --max-seq-len",
+            file=sys.stderr,
+        )
+        return 2
+    started = time.time()
+    off, _ = measure("cache off", args, workload, 0.0)
+    on, records_on = measure("cache on", args, workload, args.prefix_cache_mib)
+    result = build_result(args, workload, longest, off, on, records_on)
+    result["wall_s"] = time.time() - started
+    print_table(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0
