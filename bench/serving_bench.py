@@ -34,11 +34,9 @@ from engine_bench import synthetic_prefix  # noqa: E402
 
 from decode_server.scheduler import DecodeBatch  # noqa: E402
 from shared.client.generator import AsyncGeneratorClient  # noqa: E402
+from shared.cluster.cluster import Cluster, ClusterSpec  # noqa: E402
 from shared.config import EngineConfig, model_preset  # noqa: E402
 from shared.engine.engine import Engine  # noqa: E402
-from shared.serving.flags import for_role  # noqa: E402
-from tests.cluster_harness import spawn_orchestrator  # noqa: E402
-from tests.worker_harness import spawn_worker, stop_worker  # noqa: E402
 
 SLOTS = 32
 PROMPT_LEN = 128
@@ -106,38 +104,36 @@ def engine_step_seconds(config: str, batch: int, steps: int) -> float:
     return statistics.median(samples)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--config", default="small")
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--requests", type=int, default=32, help="at least, per concurrency")
     parser.add_argument("--steps", type=int, default=30)
-    args = parser.parse_args(argv)
-    levels = [int(c) for c in args.concurrency.split(",")]
+    return parser
 
-    flags = engine_flags(args.config)
-    prefill = spawn_worker("prefill", *for_role("prefill", flags), timeout=900)
-    decode = spawn_worker("decode", *for_role("decode", flags), timeout=900)
-    orchestrator = spawn_orchestrator(
-        "--model",
-        args.config,
-        "--prefill",
-        prefill.address,
-        "--decode",
-        decode.address,
-        timeout=300,
+
+def served_tpots(config: str, levels: list[int], requests: int) -> dict[int, list[float]]:
+    """Each concurrency's request TPOTs through a cluster of `config` workers."""
+    spec = ClusterSpec(
+        worker_flags=engine_flags(config),
+        orchestrator_flags=("--model", config),
+        startup_timeout_s=900.0,
     )
     served: dict[int, list[float]] = {}
-    try:
+    with Cluster.start(spec) as cluster:
         for c in levels:
-            rounds = max(1, -(-args.requests // c)) if c > 1 else min(8, args.requests)
-            served[c] = asyncio.run(serve_round(orchestrator.address, c, rounds))
+            rounds = max(1, -(-requests // c)) if c > 1 else min(8, requests)
+            served[c] = asyncio.run(serve_round(cluster.target, c, rounds))
             print(f"concurrency {c}: {len(served[c])} requests", file=sys.stderr)
-    finally:
-        for process in (orchestrator, decode, prefill):
-            stop_worker(process)
+    return served
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    served = served_tpots(args.config, levels, args.requests)
     rows = []
     for c in levels:
         step = engine_step_seconds(args.config, c, args.steps)

@@ -4,7 +4,8 @@
 
 1. Startup: `pdserve worker --role prefill` and `--role decode` with `pdserve serve`'s
    default engine flags, one after the other (each alone on the machine), timed from
-   spawn to the "serving" line; the worker's own progress lines split load from compile.
+   spawn to its ready line (shared/cluster); the worker's own progress lines split load
+   from compile.
 2. int8 agreement: greedy tokens of each int8 model (weight-only) against float32 (the
    dequantized file), over 20 chat prompts of NEW_TOKENS tokens each (past the end of
    turn too): the fraction of tokens before the first divergence, averaged (the goal is
@@ -29,14 +30,17 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from shared.cluster.cluster import worker_argv  # noqa: E402
+from shared.cluster.processes import kill, launch, wait_ready  # noqa: E402
+
 SERVE_ENGINE_FLAGS = ("--slots", "8", "--prefill-buckets", "16,32,64,128", "--max-seq-len", "256")
 NEW_TOKENS = 32
 QUESTIONS = [
@@ -64,48 +68,25 @@ QUESTIONS = [
 
 
 def startup(role: str) -> dict:
-    """Seconds from spawn to SERVING, and the worker's own load / compile split."""
+    """Seconds from spawn to the ready line, and the worker's own load / compile split."""
     from shared.serving.flags import for_role
 
-    argv = [
-        sys.executable,
-        "-m",
-        "pdserve_cli",
-        "worker",
-        "--role",
-        role,
-        "--model",
-        "smollm2",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        *for_role(role, SERVE_ENGINE_FLAGS),  # a prefill worker takes no --slots
-    ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    flags = ["--model", "smollm2", *for_role(role, SERVE_ENGINE_FLAGS)]  # prefill: no --slots
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    loaded_s = None
+    child = launch(role, worker_argv(role, *flags), env={"JAX_PLATFORMS": "cpu"})
     try:
-        for line in proc.stdout:
-            if (match := re.search(r"loaded in ([\d.]+)s", line)) and loaded_s is None:
-                loaded_s = float(match[1])
-            if "serving on" in line:
-                total = time.perf_counter() - start
-                return {
-                    "role": role,
-                    "total_s": total,
-                    "load_s": loaded_s,
-                    "compile_s": total - (loaded_s or 0.0),
-                }
-        raise RuntimeError(f"{role} exited with {proc.wait()} before serving")
+        wait_ready(child, timeout=1800.0)
+        total = time.perf_counter() - start
     finally:
-        proc.kill()
-        proc.wait()
+        kill(child)
+    loaded = re.search(r"loaded in ([\d.]+)s", child.text())
+    loaded_s = float(loaded[1]) if loaded else None
+    return {
+        "role": role,
+        "total_s": total,
+        "load_s": loaded_s,
+        "compile_s": total - (loaded_s or 0.0),
+    }
 
 
 def int8_agreement() -> dict:

@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 
 from decode_server.scheduler import DecodeBatch
+from shared.cluster.cluster import Cluster, ClusterSpec
 from shared.config import EngineConfig, model_preset
 from shared.engine.engine import Engine
 from shared.sampling_params import SamplingParams
-from shared.serving.flags import for_role
 from shared.transport.grpc_transport import GrpcDecodeClient, GrpcPrefillClient
 from shared.transport.types import (
     GenerationLimits,
@@ -36,7 +36,6 @@ from shared.transport.types import (
     ReserveRequest,
     TransportConfig,
 )
-from tests.worker_harness import spawn_worker, stop_worker
 
 PROMPT_LEN = 64
 MAX_SEQ_LEN = 512
@@ -104,16 +103,13 @@ def main(argv: list[str] | None = None) -> int:
             "--slots",
             str(batch),
         )
-        prefill = spawn_worker("prefill", *for_role("prefill", flags), timeout=600)
-        decode = spawn_worker("decode", *for_role("decode", flags), timeout=600)
-        try:
+        spec = ClusterSpec(worker_flags=flags, orchestrator=False, startup_timeout_s=600.0)
+        with Cluster.start(spec) as cluster:
+            prefill, decode = cluster.workers["prefill-0"], cluster.workers["decode-0"]
             server = [
                 asyncio.run(server_tokens_per_s(prefill.address, decode.address, batch, args.steps))
                 for _ in range(args.repeats)
             ]
-        finally:
-            stop_worker(prefill)
-            stop_worker(decode)
         engine = [engine_tokens_per_s(args.config, batch, args.steps) for _ in range(args.repeats)]
         row = {
             "config": args.config,
