@@ -39,9 +39,6 @@ class FaultCluster(Cluster):
             raise
         return cluster
 
-    def kill(self, name: str) -> None:
-        kill(self.workers[name])
-
     def freeze(self, name: str) -> None:
         self.workers[name].signal(signal.SIGSTOP)
         self.frozen.add(name)
