@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--vocab-max", type=int, default=255, help="prompt token ids from [1, vocab-max]"
     )
     p.add_argument(
-        "--engine-steps", type=int, default=20, help="timed engine steps per batch (median)"
+        "--engine-steps", type=int, default=50, help="timed engine steps per batch (median)"
     )
     p.add_argument("--startup-timeout-s", type=float, default=1800.0, help="per process, to serve")
     p.add_argument(
@@ -257,12 +257,13 @@ def run_engine_child(rows: Sequence[dict], args: argparse.Namespace) -> dict:
     job["steps"] = args.engine_steps
     command = [sys.executable, str(Path(__file__).resolve()), "--engine-child", json.dumps(job)]
     print(f"engine child: {job}", file=sys.stderr, flush=True)
+    load = os.getloadavg()[0]
     done = subprocess.run(
         command, cwd=ROOT, env=child_environment(), stdout=subprocess.PIPE, text=True
     )
     if done.returncode != 0:
         raise RuntimeError(f"engine child exited {done.returncode}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "load_avg_before": load}
 
 
 def attach_engine_steps(rows: list[dict], engine: dict) -> None:
@@ -318,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     attach_engine_steps(rows, engine)
     result = {"machine": machine_info(engine["device"]), "model": args.model}
     result |= {"worker_flags": worker_flags(args), "engine_context": ENGINE_CONTEXT}
+    result |= {"engine_load_avg_before": engine["load_avg_before"]}
     result |= {"prompt_len": PROMPT_LEN, "output_len": OUTPUT_LEN, "rows": rows}
     print()
     print_table(rows)
