@@ -27,7 +27,7 @@ from tests.reference import metric_samples
 KINDS = ["process", "fake"]
 TOKENIZER = ByteTokenizer(320)
 TOKENS_GENERATED = "pdserve_tokens_generated_total{}"
-STEP_S = 0.01  # what slow_decode_steps adds to each decode step
+STEP_S = 0.05  # what slow_decode_steps adds to each decode step
 
 
 class FakeClusterView:

@@ -5,7 +5,7 @@ bearer token, invalid requests.
 The tests that wait for a slot to be freed use requests that cannot finish on their own
 within the wait, and count the tokens the decode workers generated: in process, a cluster
 of long sequences (LONG_TOKENS a request); in the fake kind, every decode step slowed by
-e2e_support.STEP_S (SHORT_TOKENS take over a second)."""
+e2e_support.STEP_S (SHORT_TOKENS take about three seconds)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,10 @@ LONG_MAX_SEQ_LEN = 2048
 LONG_TOKENS = 2000  # >= 1.6 s of decode steps at 0.8 ms a step
 SHORT_TOKENS = 60  # the longest the session engine allows for these prompts (max_seq_len 64)
 # Slots must be freed within this; the requests above take longer to finish on their own.
-FREED_WITHIN_S = 0.5
-assert FREED_WITHIN_S < (SHORT_TOKENS - 2) * STEP_S
+# (A loaded machine slows the cancel path too: the wait is well above its usual
+# milliseconds, and well below what the rest of the request would take.)
+FREED_WITHIN_S = 1.0
+assert 2 * FREED_WITHIN_S < (SHORT_TOKENS - 2) * STEP_S
 
 
 @pytest.fixture
