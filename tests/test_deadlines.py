@@ -83,6 +83,8 @@ def test_short_call_deadlines_always_end_over_grpc(process_cluster):
 
     async def body() -> None:
         outcomes: dict[str, int] = {}
+        await _wait_free(process_cluster)
+        before = process_cluster.tokens_generated()
         async with AsyncGeneratorClient(process_cluster.orchestrator.address) as client:
             for _ in range(5):
                 for deadline in DEADLINES_S:
@@ -99,6 +101,10 @@ def test_short_call_deadlines_always_end_over_grpc(process_cluster):
         assert set(outcomes) <= {"DEADLINE_EXCEEDED", "CANCELLED", "length"}, outcomes
         assert outcomes.get("DEADLINE_EXCEEDED", 0) + outcomes.get("CANCELLED", 0) > 0
         await _wait_free(process_cluster)
+        # The calls cut short stopped generating too: the decode worker made fewer tokens
+        # than all calls run to their end would have (each one's first is the prefill's).
+        calls = sum(outcomes.values())
+        assert process_cluster.tokens_generated() - before < calls * (MAX_TOKENS - 1)
 
     asyncio.run(body())
 
@@ -120,6 +126,8 @@ def test_short_request_timeouts_always_end_over_grpc(process_cluster):
 
     async def body() -> None:
         outcomes: dict[str, int] = {}
+        await _wait_free(process_cluster)
+        before = process_cluster.tokens_generated()
         async with AsyncGeneratorClient(process_cluster.orchestrator.address) as client:
             for _ in range(5):
                 runs = [one(client, float(t)) for t in DEADLINES_S]
@@ -128,5 +136,9 @@ def test_short_request_timeouts_always_end_over_grpc(process_cluster):
         assert set(outcomes) <= {"deadline", "length"}, outcomes
         assert outcomes.get("deadline", 0) > 0
         await _wait_free(process_cluster)
+        # The streams that ended "deadline" stopped generating: fewer decode tokens than all
+        # streams run to their end would have made (each one's first is the prefill's).
+        calls = sum(outcomes.values())
+        assert process_cluster.tokens_generated() - before < calls * (MAX_TOKENS - 1)
 
     asyncio.run(body())
