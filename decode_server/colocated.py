@@ -68,4 +68,4 @@ async def serve(config: WorkerConfig, runtime: ModelRuntime) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    return run_worker(argv, Role.COLOCATED, serve, prefill=True, decode=True)
+    return run_worker(argv, Role.COLOCATED, serve)

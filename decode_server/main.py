@@ -24,4 +24,4 @@ async def serve(config: WorkerConfig, runtime: ModelRuntime) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    return run_worker(argv, Role.DECODE, serve, prefill=False, decode=True)
+    return run_worker(argv, Role.DECODE, serve)

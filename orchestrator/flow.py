@@ -348,7 +348,9 @@ class GenerateFlow:
             watch.cancel()
             if not call.done():  # the stream broke first (or we were cancelled)
                 call.cancel()
-                await asyncio.gather(call, return_exceptions=True)
+            # Always collect the call's outcome: when this task is cancelled just as the
+            # call ends with an error (the request's deadline), nobody else would read it.
+            await asyncio.gather(call, return_exceptions=True)
         if call.cancelled():
             self._registry.eject(decode, "token stream failed during the prefill")
             raise _DecodeLost(f"{decode.address}: the token stream failed during the prefill")

@@ -46,4 +46,4 @@ async def serve(config: WorkerConfig, runtime: ModelRuntime) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    return run_worker(argv, Role.PREFILL, serve, prefill=True, decode=False)
+    return run_worker(argv, Role.PREFILL, serve)

@@ -11,7 +11,6 @@ import json
 from typing import Any, Literal
 
 DType = Literal["float32", "bfloat16"]
-ModelMode = Literal["prefill", "autoregressive"]
 AttentionImpl = Literal["auto", "xla", "pallas"]
 
 

@@ -1,5 +1,5 @@
 """Chunked prefill: the scheduling policy, a 4k-token prompt that is exact and does not
-hold a short one back (Issue 14, test 5), packed calls equal to one-at-a-time ones."""
+hold a short one back, packed calls equal to one-at-a-time ones."""
 
 from __future__ import annotations
 
@@ -8,18 +8,16 @@ import time
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
 
-from prefill_server.loop import PrefillLoop
 from prefill_server.scheduler import ChunkScheduler, PrefillWork
 from shared.config import EngineConfig, ModelConfig, PrefillSettings
 from shared.engine.engine import Engine
 from shared.kv.prefix import Prefix
 from shared.kv.prefix_cache import PrefixPagePool
 from shared.kv.prefix_hash import namespace
-from shared.metrics import WorkerMetrics
 from shared.sampling_params import SamplingParams
 from shared.transport.types import PrefillRequest, StatusCode, TransportError
+from tests.worker_harness import start_prefill_loop
 
 
 class Clock:
@@ -156,17 +154,8 @@ def test_a_4k_prompt_is_exact_and_a_short_one_behind_it_finishes_first(long_engi
     settings = PrefillSettings(chunk=256, max_rows=1, prefix_cache_bytes=0)
 
     async def body() -> dict[str, object]:
-        loop = PrefillLoop(
-            engine,
-            params,
-            sink,
-            WorkerMetrics(CollectorRegistry(), "prefill"),
-            max_queue=8,
-            on_fatal=pytest.fail,
-            settings=settings,
-        )
+        loop = start_prefill_loop(engine, params, sink, pytest.fail, max_queue=8, settings=settings)
         loop.compile()
-        loop.start(asyncio.get_running_loop())
         try:
             greedy = SamplingParams()
             long = asyncio.create_task(
@@ -200,16 +189,10 @@ def test_a_prompt_with_no_room_to_generate_is_invalid_argument(long_engine):
     sink = OrderSink()
 
     async def body() -> None:
-        loop = PrefillLoop(
-            engine,
-            engine.init_params(seed=0),
-            sink,
-            WorkerMetrics(CollectorRegistry(), "p"),
-            max_queue=8,
-            on_fatal=pytest.fail,
-            settings=PrefillSettings(chunk=256, max_rows=1, prefix_cache_bytes=0),
+        settings = PrefillSettings(chunk=256, max_rows=1, prefix_cache_bytes=0)
+        loop = start_prefill_loop(
+            engine, engine.init_params(seed=0), sink, pytest.fail, max_queue=8, settings=settings
         )
-        loop.start(asyncio.get_running_loop())
         try:
             too_long = (1,) * engine.config.max_seq_len
             with pytest.raises(TransportError) as err:

@@ -266,14 +266,11 @@ def run_worker(
     argv: Sequence[str],
     role: Role,
     serve: Callable[[WorkerConfig, ModelRuntime], Awaitable[int]],
-    *,
-    prefill: bool,
-    decode: bool,
 ) -> int:
     """A worker's `main`: flags, model, warm-up, then `serve` until it drains.
     Bad flags or weights exit 2 with the reason, before anything reports healthy.
-    `prefill` / `decode`: what the role runs. The decode programs are compiled here; a
-    prefill role's chunk shapes by its loop, in `serve` (it knows its chunk and rows)."""
+    A role that decodes has its decode programs compiled here; a role that prefills has
+    its chunk shapes compiled by its loop, in `serve` (it knows its chunk and rows)."""
     configure_logging()
     try:
         config = parse_worker_args(argv, role)
@@ -283,7 +280,7 @@ def run_worker(
         print(f"pdserve {role.value}: error: {err}", file=sys.stderr)
         return 2
     # Prefill roles compile their chunked-prefill shapes in `serve` (compile_prefill_loop).
-    if decode:
+    if role is not Role.PREFILL:
         warm_up(runtime, hold=config.warm_up == "largest")
     stop_compiling = threading.Event()
     compiling = compile_held_buckets(runtime, stop=stop_compiling)

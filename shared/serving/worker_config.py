@@ -71,8 +71,8 @@ class WorkerConfig:
     # JAX's persistent compilation cache (None: off): a restart reads what the last start
     # compiled instead of compiling again (startup is mostly compiling).
     compilation_cache_dir: Path | None = None
-    # all: compile every bucket before serving; largest: the largest prefill bucket and
-    # decode batch before, the rest while serving (shared/serving/runtime.py warm_up).
+    # all: compile every decode batch bucket before serving; largest: the largest before,
+    # the rest while serving (shared/serving/runtime.py warm_up).
     warm_up: str = "largest"
     # Prefill and colocated workers: chunk size, prompts per call, the prefix cache.
     prefill: PrefillSettings = dataclasses.field(default_factory=PrefillSettings)
