@@ -88,6 +88,9 @@ def test_a_pdserve_process_the_harness_started_dies_with_a_sigtermed_pytest():
     _child_dies_with_parent(HARNESS_PARENT, signal.SIGTERM, start_timeout=90)
 
 
+# The test's own waits (start 20 s, the parent's exit 30 s, the child's 10 s) must fit in
+# its limit: the 30 s default cut one run under load inside the parent's wait.
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_a_child_dies_with_its_parent(sig: int):
     _child_dies_with_parent(PLAIN_PARENT, sig, start_timeout=20)
