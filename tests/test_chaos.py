@@ -64,7 +64,8 @@ def prompts(count: int, seed: int) -> list[tuple[int, ...]]:
 
 async def streams_with_one_kill(cluster: FaultCluster, tls: TlsSetup, work: list) -> dict:
     """Every prompt of `work` streamed at once; decode-0 SIGKILLed once KILL_AFTER_TOKENS
-    tokens have streamed. Each stream's tokens and finish (or error)."""
+    tokens have streamed and it holds live requests. Each stream's tokens and finish (or
+    error)."""
     tokens: list[list[int]] = [[] for _ in work]
     finish: list[str | None] = [None] * len(work)
     async with AsyncGeneratorClient(cluster.target, None, tls.client()) as client:
@@ -78,8 +79,16 @@ async def streams_with_one_kill(cluster: FaultCluster, tls: TlsSetup, work: list
                 finish[i] = chunk.finish_reason or finish[i]
 
         async def kill_when_flowing() -> int:
-            while sum(map(len, tokens)) < KILL_AFTER_TOKENS:
-                await asyncio.sleep(0.01)
+            # Once the streams flow, and while decode-0 holds some of them (under load the
+            # placement may have sent it none yet): its streams must resume elsewhere.
+            victim = GrpcDecodeClient(cluster.workers["decode-0"].address, TRANSPORT)
+            try:
+                while sum(map(len, tokens)) < KILL_AFTER_TOKENS or (
+                    (await victim.get_load()).live_requests == 0
+                ):
+                    await asyncio.sleep(0.01)
+            finally:
+                await victim.close()
             streamed = sum(map(len, tokens))
             await asyncio.to_thread(cluster.kill, "decode-0")
             return streamed

@@ -31,8 +31,10 @@ HARNESS_PARENT = textwrap.dedent(
 # The same mechanism with a child that only sleeps: cheap enough for every signal.
 PLAIN_PARENT = textwrap.dedent(
     """
-    import subprocess, sys, time
+    import signal, subprocess, sys, time
     from shared.serving.lifetime import child_environment
+    # A shell may start this one with SIGINT ignored (a background job); the test sends it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     code = "from shared.serving.lifetime import die_with_parent; die_with_parent(); " \\
            "import time; time.sleep(600)"
     child = subprocess.Popen([sys.executable, "-c", code], env=child_environment())
