@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from shared.cluster.ready import parse_ready_line
+
 REPO = Path(__file__).resolve().parent.parent
 SERVERS = ("prefill_server", "decode_server", "orchestrator")
 SUBPACKAGES = (
@@ -198,7 +200,7 @@ def test_orchestrator_starts_and_serves_without_jax(model: str) -> None:
     def pump() -> None:
         for line in proc.stdout:
             lines.append(line)
-            if "serving on" in line:
+            if parse_ready_line(line) is not None:
                 ready.set()
         ready.set()
 
