@@ -2,12 +2,15 @@
 
 Thin by design: proto -> domain, await the handler, domain -> proto; exceptions map to a
 status through `errors.to_transport_error` (a KV rejection also sets the
-`pdserve-kv-rejection` trailer). Cancellation is not caught: when the caller goes away,
-grpc.aio cancels the handler's task and the handler releases what it holds.
+`pdserve-kv-rejection` trailer; a rejected KV stream is read to its end first, see `_drain`).
+Cancellation is not caught: when the caller goes away, grpc.aio cancels the handler's task
+and the handler releases what it holds.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import NoReturn, TypeVar
@@ -22,6 +25,9 @@ from shared.transport.types import StatusCode, TransportError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# How long a rejected KV stream is read to its end before the rejection is sent; see `_drain`.
+REJECTED_STREAM_DRAIN_S = 5.0
 
 
 async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> NoReturn:
@@ -38,6 +44,26 @@ async def _answer(context: grpc.aio.ServicerContext, call: Awaitable[T]) -> T:
         return await call
     except Exception as error:  # every failure becomes a status; cancellation passes
         await abort(context, error)
+
+
+async def _drain(messages: AsyncIterator[kv_pb2.KvTransfer], limit_s: float) -> None:
+    """Reads and drops the rest of a rejected stream, until the sender half-closes or
+    `limit_s` passes.
+
+    grpc.aio clients lose the status of a client-streaming call that the server ends before
+    they half-close: a write still in flight fails and overwrites it with
+    `INTERNAL: Internal error from Core` (grpc/grpc#36066). Letting the sender finish first
+    means it sees why its KV was refused (FAILED_PRECONDITION for a wrong model, DATA_LOSS
+    for a corrupt chunk); the bytes are dropped unread, and rejections are rare.
+    """
+
+    async def read_to_end() -> None:
+        async for _ in messages:
+            pass
+
+    # If the sender keeps writing past the limit or goes away, answer now, as before.
+    with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError, grpc.aio.UsageError):
+        await asyncio.wait_for(read_to_end(), limit_s)
 
 
 class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
@@ -71,7 +97,11 @@ class DecodeServicer(worker_pb2_grpc.DecodeWorkerServicer):
         request_iterator: AsyncIterator[kv_pb2.KvTransfer],
         context: grpc.aio.ServicerContext,
     ) -> kv_pb2.KvReceipt:
-        receipt = await _answer(context, self._handler.transfer_kv(request_iterator))
+        try:
+            receipt = await self._handler.transfer_kv(request_iterator)
+        except Exception as error:
+            await _drain(request_iterator, REJECTED_STREAM_DRAIN_S)
+            await abort(context, error)
         return convert.receipt_to_proto(receipt)
 
     async def Cancel(
