@@ -9,7 +9,10 @@ it, in the same invocation.
 
 What runs:
 1. For each mode, a cluster started through shared/cluster, as `pdserve serve` would:
-   `colocated` (one colocated worker) or `disaggregated` (one prefill + one decode worker),
+   `colocated` (one colocated worker, mixed batches), `colocated-thread` (the same with
+   `--colocated-prefill thread`: two engine threads), `disaggregated` (one prefill + one
+   decode worker) or `disaggregated-pinned` (the same, the prefill worker on core 0, the
+   decode worker on core 1; these two run only when named),
    an orchestrator in front, every worker with `--model M` and the worker flags (default
    `--slots 32 --max-seq-len 512 --prefill-buckets 16,32,64,128`).
 2. Once the decode worker has compiled every batch bucket (with the default `--warm-up
@@ -60,16 +63,43 @@ PROMPT_LEN = 128
 OUTPUT_LEN = 128
 ENGINE_CONTEXT = PROMPT_LEN + OUTPUT_LEN // 2
 DEFAULT_WORKER_FLAGS = "--slots 32 --max-seq-len 512 --prefill-buckets 16,32,64,128"
-MODES = {"colocated": {"prefill": 0, "decode": 0, "colocated": 1}, "disaggregated": {}}
-DECODE_WORKER = {"colocated": "colocated-0", "disaggregated": "decode-0"}
+MODES = {
+    "colocated": {
+        "prefill": 0,
+        "decode": 0,
+        "colocated": 1,
+        "role_flags": {"colocated": ("--colocated-prefill", "mixed")},
+    },
+    # The colocated worker with a prefill engine thread of its own (not mixed batches).
+    "colocated-thread": {
+        "prefill": 0,
+        "decode": 0,
+        "colocated": 1,
+        "role_flags": {"colocated": ("--colocated-prefill", "thread")},
+    },
+    "disaggregated": {},
+    # The two workers on one core each (the orchestrator and this script unpinned): the
+    # alternative to sharing the cores, for the policy of two roles on one host.
+    "disaggregated-pinned": {"cpus": {"prefill-0": (0,), "decode-0": (1,)}},
+}
+DECODE_WORKER = {
+    "colocated": "colocated-0",
+    "colocated-thread": "colocated-0",
+    "disaggregated": "decode-0",
+    "disaggregated-pinned": "decode-0",
+}
 STEP = "pdserve_decode_step_seconds"
 OCCUPANCY = "pdserve_decode_batch_occupancy"
 # What a worker prints (shared/serving/runtime.py) when it serves before compiling every
 # decode batch bucket, and once it has compiled them all.
 HELD_BUCKETS = "while serving"
 ALL_COMPILED = "every bucket compiled"
+# ... and what a colocated worker prints (decode_server/colocated.py) once its mixed
+# prefill + decode programs are compiled (it serves meanwhile, the two run one by one).
+MIXED_WHILE_SERVING = "mixed batch shapes while serving"
+ALL_MIXED_COMPILED = "every mixed batch compiled"
 TABLE = (  # (key, header, format)
-    ("mode", "mode", "<14"),
+    ("mode", "mode", "<21"),
     ("concurrency", "c", ">4"),
     ("requests", "n", ">4"),
     ("load_avg_before", "load", ">6.2f"),
@@ -196,7 +226,13 @@ def wait_compiled(worker: Child, timeout: float) -> None:
     serves before the smaller ones are compiled, stepping them in a larger bucket until
     then, which would make the first measured runs slower than the steady state."""
     deadline = time.monotonic() + timeout
-    while HELD_BUCKETS in worker.text() and ALL_COMPILED not in worker.text():
+
+    def pending() -> bool:
+        text = worker.text()
+        held = HELD_BUCKETS in text and ALL_COMPILED not in text
+        return held or (MIXED_WHILE_SERVING in text and ALL_MIXED_COMPILED not in text)
+
+    while pending():
         if worker.proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"{worker.name} did not compile its buckets:\n{worker.text()}")
         time.sleep(1.0)

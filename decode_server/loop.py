@@ -35,9 +35,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
-from decode_server.scheduler import DecodeBatch
+from decode_server.scheduler import DecodeBatch, chunk_rows_beside
 from decode_server.slots import Lease, SlotState, SlotTable
+from shared.engine.chunked_prefill import ChunkedPrefill, ChunkOutput, PackedChunks
 from shared.engine.engine import Engine, Params
 from shared.kv.pages import PageAllocator, PagesExhaustedError
 from shared.kv.prefix import Prefix
@@ -52,6 +54,30 @@ IDLE_WAKEUP_S = 0.05  # how often an idle loop checks lease expiries
 
 # Called once per step (engine thread) with every lease's new tokens and finishes.
 Emit = Callable[[list[tuple[str, TokenBatch]]], None]
+
+
+class PlannedChunks(Protocol):
+    packed: PackedChunks
+
+
+class PrefillBeside(Protocol):
+    """Prefill work this loop's engine thread runs beside its decode steps: the colocated
+    worker's prefill loop (prefill_server/loop.py, `PrefillLoop.host`)."""
+
+    device: ChunkedPrefill
+
+    @property
+    def has_arrivals(self) -> bool: ...
+
+    def poll(self) -> bool: ...
+
+    def plan(self, max_rows: int) -> PlannedChunks | None: ...
+
+    def run_alone(self, planned: Any) -> None: ...
+
+    def complete(self, planned: Any, out: ChunkOutput) -> None: ...
+
+    def fail_all(self) -> None: ...
 
 
 class DecodeLoop:
@@ -83,8 +109,20 @@ class DecodeLoop:
         self._batch: DecodeBatch | None = None  # built by start(), on this thread's device
         self._thread = threading.Thread(target=self._run, name="decode-engine", daemon=True)
         self.steps = 0
+        self._beside: PrefillBeside | None = None  # see `host_prefill`
+        self.batch_tokens = 0
+        self.mixed_steps = 0  # steps that ran a prefill call beside them
+        self.prefill_calls_alone = 0  # prefill calls run with no slot decoding
 
     # Called from other threads ------------------------------------------------------------
+
+    def host_prefill(self, beside: PrefillBeside, batch_tokens: int) -> None:
+        """Before `start`: run `beside`'s prefill calls on this thread, each one mixed
+        into a decode step while any slot decodes (shared/engine/mixed.py), its rows
+        fitted to `batch_tokens` (0: the slots plus one chunk; `chunk_rows_beside`); alone
+        while none does."""
+        self._beside = beside
+        self.batch_tokens = batch_tokens or (self._engine.config.max_slots + beside.device.chunk)
 
     def start(self) -> None:
         self._batch = DecodeBatch(self._engine, self.pages)
@@ -152,24 +190,56 @@ class DecodeLoop:
                 self._expire(time.monotonic())
                 self._apply_finishes()
                 self._insert_arrivals()
+                planned = self._plan_prefill()
                 if self._live:
-                    self._step()
+                    self._step(planned)
+                elif planned is not None:
+                    self._beside.run_alone(planned)  # type: ignore[union-attr]
+                    self.prefill_calls_alone += 1
                 self._flush()
         except BaseException as err:  # any death must be loud and visible, never silent
             log.exception("decode engine thread died")
             self._fail_everything(f"decode engine thread died: {err!r}")
             self._on_fatal(err)
+        finally:
+            if self._beside is not None:
+                self._beside.fail_all()
+
+    def _plan_prefill(self) -> PlannedChunks | None:
+        """The prefill call this iteration runs (beside the step, or alone), if any."""
+        beside = self._beside
+        if beside is None or not beside.poll():
+            return None
+        device = beside.device
+        rows = (
+            chunk_rows_beside(self.batch_tokens, len(self._live), device.chunk, device.max_rows)
+            if self._live
+            else device.max_rows
+        )
+        return beside.plan(rows)
 
     def _wait_for_work(self) -> bool:
         """Block while idle; False once stopping."""
+        beside = self._beside
         with self._cond:
-            while not (self._stopping or self._live or self._arrivals or self._finishes):
+            while not (
+                self._stopping
+                or self._live
+                or self._arrivals
+                or self._finishes
+                or (beside is not None and (beside.has_arrivals or beside.poll()))
+            ):
                 if self._table.leases():
                     # Waiting leases may expire: wake up to check; `reserve` notifies.
                     self._cond.wait(IDLE_WAKEUP_S)
                     return True
                 self._cond.wait()
             return not self._stopping
+
+    def wake(self) -> None:
+        """Wake the engine thread (new prefill work beside it); any thread."""
+        with self._cond:
+            self._cond.notify()
 
     def _expire(self, now: float) -> None:
         for lease in self._table.expired(now):
@@ -226,11 +296,19 @@ class DecodeLoop:
             if reason is not None:
                 self._retire(lease, (), reason)
 
-    def _step(self) -> None:
+    def _step(self, planned: PlannedChunks | None = None) -> None:
         batch = self._batch
         assert batch is not None
         start = time.perf_counter()
-        tokens, preempted = batch.step(self._params)
+        if planned is None:
+            tokens, preempted = batch.step(self._params)
+        else:
+            assert self._beside is not None
+            tokens, preempted, out = batch.step_beside(
+                self._params, self._beside.device, planned.packed
+            )
+            self._beside.complete(planned, out)
+            self.mixed_steps += 1
         self._metrics.decode_step_seconds.observe(time.perf_counter() - start)
         self._metrics.batch_occupancy.observe(len(tokens) / self._table.total)
         self.steps += 1

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from shared.engine.chunked_prefill import ChunkedPrefill, ChunkOutput, PackedChunks
 from shared.engine.engine import DecodeState, Engine, Params
 from shared.engine.sampling import token_logprob
 from shared.kv.pages import PageAllocator, PagesExhaustedError
@@ -108,17 +109,51 @@ class DecodeBatch:
     def step(self, params: Params) -> tuple[dict[int, int], list[int]]:
         """One token for every live slot -> ({slot: token}, preempted slots); the tokens'
         logprobs, for the slots that asked, in `last_logprobs`."""
+        tokens, preempted, _ = self._step(params, None)
+        return tokens, preempted
+
+    def step_beside(
+        self, params: Params, prefill: ChunkedPrefill, chunks: PackedChunks
+    ) -> tuple[dict[int, int], list[int], ChunkOutput]:
+        """`step`, and a call of `prefill`'s chunks in the same engine call (a mixed
+        batch: shared/engine/mixed.py) -> (tokens, preempted, the chunks' output). With no
+        live slot left (all preempted), or no mixed program compiled for these shapes, the
+        chunks run by themselves."""
+        return self._step(params, (prefill, chunks))  # type: ignore[return-value]
+
+    def _step(
+        self, params: Params, beside: tuple[ChunkedPrefill, PackedChunks] | None
+    ) -> tuple[dict[int, int], list[int], ChunkOutput | None]:
         self.last_logprobs = {}
         preempted = self._grow_or_preempt()
         rows = self.live_slots
         if not rows:
-            return {}, preempted
+            alone = None if beside is None else beside[0].run_packed(params, beside[1])
+            return {}, preempted, alone
         new_pages = self._new_pages(rows)
         self._pending.clear()  # recorded in the device page table by this step
         wanted = [(i, slot) for i, slot in enumerate(rows) if slot in self._logprobs]
-        self.state, tokens, step_logprobs = self.engine.generate(
-            params, self.state, rows, new_pages, logprobs=bool(wanted)
-        )
+        chunk_output = None
+        if beside is not None and not self.engine.mixed.is_ready(len(rows), beside[1]):
+            # Not compiled (yet): the two programs one after the other, on this thread.
+            chunk_output = beside[0].run_packed(params, beside[1])
+            beside = None
+        if beside is None:
+            self.state, tokens, step_logprobs = self.engine.generate(
+                params, self.state, rows, new_pages, logprobs=bool(wanted)
+            )
+        else:
+            prefill, chunks = beside
+            out = self.engine.mixed.step(
+                params, self.state, rows, new_pages, bool(wanted), prefill.pool, chunks
+            )
+            self.state, tokens, step_logprobs, prefill.pool = (
+                out.state,
+                out.tokens,
+                out.logprobs,
+                out.pool,
+            )
+            chunk_output = chunks.output(out.first, out.chunk_logits, out.chunk_logprobs)
         if wanted:  # one transfer for the tokens and their logprobs
             tokens, (chosen, ids, values) = jax.device_get((tokens, step_logprobs))
             self.last_logprobs = {
@@ -128,7 +163,7 @@ class DecodeBatch:
         tokens = np.asarray(tokens)
         for slot in rows:
             self._lengths[slot] += 1
-        return {slot: int(tokens[i]) for i, slot in enumerate(rows)}, preempted
+        return {slot: int(tokens[i]) for i, slot in enumerate(rows)}, preempted, chunk_output
 
     def logits(self, params: Params, slots: Sequence[int]) -> np.ndarray:
         """The logits the next step samples from for `slots` [len(slots), V] (tests and
@@ -159,3 +194,12 @@ class DecodeBatch:
                     self._pending[slot] = page
                 break
         return preempted
+
+
+def chunk_rows_beside(batch_tokens: int, live: int, chunk: int, max_rows: int) -> int:
+    """How many prefill chunk rows a mixed call takes beside `live` decode rows: decode rows
+    first (one token each), then whole chunks of `chunk` tokens while the call stays within
+    `batch_tokens`, as a power of two (the compiled row buckets) of at most `max_rows`; at
+    least one, so prefill always progresses (0 budget: one)."""
+    fits = max(1, min(max_rows, (batch_tokens - live) // chunk))
+    return 1 << (fits.bit_length() - 1)

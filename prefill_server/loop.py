@@ -46,7 +46,7 @@ from prefill_server.scheduler import (
     ScheduledChunk,
 )
 from shared.config import PrefillSettings
-from shared.engine.chunked_prefill import ChunkedPrefill, ChunkRow
+from shared.engine.chunked_prefill import ChunkedPrefill, ChunkOutput, ChunkRow, PackedChunks
 from shared.engine.engine import Engine, EngineError, Params
 from shared.engine.sampling import token_logprob
 from shared.kv.prefix import Prefix
@@ -80,6 +80,15 @@ class _Done:
     queue_s: float
     prefill_s: float
     cached_tokens: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PlannedCall:
+    """One call's chunks, in policy order, and their packed inputs."""
+
+    chunks: list[ScheduledChunk]
+    packed: PackedChunks
+    wants: bool  # some row asked for logprobs
 
 
 @dataclasses.dataclass(slots=True)
@@ -131,6 +140,8 @@ class PrefillLoop:
         self._stopping = False
         self._published = PrefixCacheStats()
         self._publish_cache_metrics()
+        # Set when another engine thread runs this loop's calls (`host`): woken on submit.
+        self._wake: Callable[[], None] | None = None
 
     def compile(self) -> None:
         """Compile every call shape ahead (warm-up), before `start`."""
@@ -140,13 +151,24 @@ class PrefillLoop:
         self._loop = loop
         self._thread.start()
 
+    def host(self, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]) -> None:
+        """Serve without a thread of its own: another engine thread (the colocated
+        worker's decode loop) calls `poll`, `plan`, `complete` and `run_alone`, and is
+        woken through `wake` when a request arrives."""
+        self._loop, self._wake = loop, wake
+
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
+        if self._wake is not None:
+            self._wake()  # the host thread takes no more; it fails what is left when it ends
+            return
         self._queue.put(None)
         self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
+        if self._wake is not None:
+            return not self._stopping  # hosted: the host thread's own health is its role's
         return self._thread.is_alive()
 
     @property
@@ -176,6 +198,8 @@ class PrefillLoop:
         self._waiting += 1
         self._metrics.prefill_queue_depth.set(self._waiting)
         self._queue.put(job)
+        if self._wake is not None:
+            self._wake()
         try:
             try:
                 done = await job.future
@@ -226,19 +250,77 @@ class PrefillLoop:
         try:
             while self._take_arrivals():
                 self._drop_abandoned()
-                chunks = self.scheduler.next_chunks()
-                if chunks:
-                    self._call(chunks)
+                planned = self.plan(self.settings.max_rows)
+                if planned is not None:
+                    self.run_alone(planned)
         except BaseException as err:  # a dead engine thread must be loud, never silent
             log.exception("prefill engine thread died")
             self._on_fatal(err)
         finally:
-            self._fail_all(TransportError(StatusCode.UNAVAILABLE, "worker shutting down"))
+            self.fail_all()
 
-    def _take_arrivals(self) -> bool:
-        """Move queued requests into the scheduler; block while there is nothing to do.
-        False once stopped."""
-        block = len(self.scheduler) == 0
+    # The hosting engine thread's side (and this loop's own) ----------------------------------
+
+    def poll(self) -> bool:
+        """Take what arrived and drop what was abandoned, without blocking -> whether any
+        prompt waits to be computed."""
+        if not self._stopping:
+            self._take_arrivals(block=False)
+        self._drop_abandoned()
+        return len(self.scheduler) > 0
+
+    @property
+    def has_arrivals(self) -> bool:
+        """Whether a submitted request waits to be taken (any thread)."""
+        return not self._stopping and not self._queue.empty()
+
+    def plan(self, max_rows: int) -> PlannedCall | None:
+        """The next call's chunks (at most `max_rows` rows), packed; None: nothing can run."""
+        chunks = self.scheduler.next_chunks(max_rows)
+        if not chunks:
+            return None
+        rows, wants = [], False
+        for c in chunks:
+            job: _Job = c.work.payload
+            wants |= job.request.logprobs is not None
+            lookup = c.work.lookup
+            if c.start == c.work.cached:  # its first chunk
+                self._metrics.prefill_queue_seconds.observe(c.work.started - c.work.arrived)
+                if lookup.copy_from is not None:  # part of a cached block, then its own
+                    self.device.copy_page(lookup.copy_from, lookup.pages[lookup.hit_pages])
+            rows.append(
+                ChunkRow(
+                    c.work.tokens[c.start : c.start + c.count],
+                    c.start,
+                    lookup.pages,
+                    job.request.sampling,
+                )
+            )
+        return PlannedCall(chunks, self.device.pack(rows, wants), wants)
+
+    def run_alone(self, planned: PlannedCall) -> None:
+        """Run a planned call by itself (no decode step beside it)."""
+        self.complete(planned, self.device.run_packed(self._params, planned.packed))
+
+    def complete(self, planned: PlannedCall, out: ChunkOutput) -> None:
+        """After a planned call ran (alone or beside a decode step): advance its prompts;
+        each one it finished gets its first token and its KV read out, to be pushed."""
+        chunks, wants = planned.chunks, planned.wants
+        self._metrics.prefill_tokens_computed.inc(sum(c.count for c in chunks))
+        step_logprobs = None  # on the host, read once for every row that finishes
+        for i, c in enumerate(chunks):
+            c.work.done += c.count
+            self.pool.publish(c.work.tokens, c.work.lookup, c.work.done)
+            if c.work.finished:
+                if wants and step_logprobs is None:
+                    step_logprobs = jax.device_get(out.logprobs)
+                self._finish(c.work, int(out.tokens[i]), step_logprobs, i)
+        self._publish_cache_metrics()
+
+    def _take_arrivals(self, block: bool = True) -> bool:
+        """Move queued requests into the scheduler; block (if `block`) while there is
+        nothing to do. False once stopped."""
+        block = block and len(self.scheduler) == 0
         while True:
             try:
                 job = self._queue.get(block=block)
@@ -284,36 +366,6 @@ class PrefillLoop:
                     ),
                 )
 
-    def _call(self, chunks: list[ScheduledChunk]) -> None:
-        rows, wants = [], False
-        for c in chunks:
-            job: _Job = c.work.payload
-            wants |= job.request.logprobs is not None
-            lookup = c.work.lookup
-            if c.start == c.work.cached:  # its first chunk
-                self._metrics.prefill_queue_seconds.observe(c.work.started - c.work.arrived)
-                if lookup.copy_from is not None:  # part of a cached block, then its own
-                    self.device.copy_page(lookup.copy_from, lookup.pages[lookup.hit_pages])
-            rows.append(
-                ChunkRow(
-                    c.work.tokens[c.start : c.start + c.count],
-                    c.start,
-                    lookup.pages,
-                    job.request.sampling,
-                )
-            )
-        out = self.device.run(self._params, rows, wants)
-        self._metrics.prefill_tokens_computed.inc(sum(c.count for c in chunks))
-        step_logprobs = None  # on the host, read once for every row that finishes
-        for i, c in enumerate(chunks):
-            c.work.done += c.count
-            self.pool.publish(c.work.tokens, c.work.lookup, c.work.done)
-            if c.work.finished:
-                if wants and step_logprobs is None:
-                    step_logprobs = jax.device_get(out.logprobs)
-                self._finish(c.work, int(out.tokens[i]), step_logprobs, i)
-        self._publish_cache_metrics()
-
     def _finish(self, work: PrefillWork, first: int, step_logprobs: tuple | None, row: int) -> None:
         job: _Job = work.payload  # type: ignore[assignment]
         request = job.request
@@ -330,7 +382,9 @@ class PrefillLoop:
         self._metrics.prefill_seconds.observe(prefill_s)
         self._resolve(job, _Done(prefix, queue_s, prefill_s, work.cached))
 
-    def _fail_all(self, error: TransportError) -> None:
+    def fail_all(self) -> None:
+        """Fail every request still here (the engine thread is ending)."""
+        error = TransportError(StatusCode.UNAVAILABLE, "worker shutting down")
         for work in self.scheduler.works():
             self.scheduler.remove(work)
             self._resolve(work.payload, error)  # type: ignore[arg-type]

@@ -107,9 +107,12 @@ class ChunkScheduler:
     def works(self) -> list[PrefillWork]:
         return list(self._works)
 
-    def next_chunks(self) -> list[ScheduledChunk]:
-        """The rows of the next call, in policy order (empty: nothing can run now)."""
+    def next_chunks(self, max_rows: int | None = None) -> list[ScheduledChunk]:
+        """The rows of the next call, in policy order (empty: nothing can run now); at
+        most `max_rows` of them (default: the scheduler's own), a call beside a decode
+        step taking fewer."""
         now = self._clock()
+        max_rows = self.max_rows if max_rows is None else min(max_rows, self.max_rows)
 
         def priority(w: PrefillWork) -> tuple:
             if now - w.arrived >= self.aging_s:
@@ -122,7 +125,7 @@ class ChunkScheduler:
         # for the long row's whole context (unless the long one has aged).
         reach: int | None = None
         for work in sorted(self._works, key=priority):
-            if len(chunks) == self.max_rows:
+            if len(chunks) == max_rows:
                 break
             fresh = priority(work)[0] == 1
             if work.lookup is None and fresh and self._computing_its_prefix(work):

@@ -346,11 +346,15 @@ class PrefillSettings:
     max_rows: int = 4
     prefix_cache_bytes: int = 64 << 20
     aging_s: float = 2.0
+    batch_tokens: int = 0  # colocated: the mixed call's budget (decode_server/loop.py)
+    colocated: str = "auto"  # colocated: "mixed" into decode steps, its own "thread", "auto"
 
     def __post_init__(self) -> None:
         if self.chunk is not None and self.chunk <= 0:
             raise ValueError(f"prefill chunk={self.chunk} must be > 0")
         if self.max_rows <= 0:
             raise ValueError(f"prefill max_rows={self.max_rows} must be > 0")
-        if self.prefix_cache_bytes < 0 or self.aging_s < 0:
-            raise ValueError("prefix_cache_bytes and aging_s must be >= 0")
+        if self.colocated not in ("auto", "mixed", "thread"):
+            raise ValueError(f"colocated prefill {self.colocated!r}: auto, mixed or thread")
+        if self.prefix_cache_bytes < 0 or self.aging_s < 0 or self.batch_tokens < 0:
+            raise ValueError("prefix_cache_bytes, aging_s and batch_tokens must be >= 0")

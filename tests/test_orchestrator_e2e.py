@@ -6,6 +6,7 @@ failures tests/test_orchestrator_failures.py's."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import jax
 import numpy as np
@@ -217,11 +218,19 @@ def test_metrics_move_by_exactly_the_requests_sent(run, kind):
     run(kind, body)
 
 
-@pytest.mark.timeout(180)
-def test_colocated_worker_serves_exactly_like_a_pair(engine, params):
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("prefill", ["mixed", "thread"])
+def test_colocated_worker_serves_exactly_like_a_pair(engine, params, prefill):
     """`pdserve worker --role colocated` behind the orchestrator: the KV goes from its
-    prefill straight into its own decode slots; the tokens equal the reference."""
-    colocated = spawn_worker("colocated")
+    prefill straight into its own decode slots, its prefill calls mixed into the decode
+    steps (once they are compiled) or on a thread of their own; the tokens equal the
+    reference."""
+    colocated = spawn_worker("colocated", "--colocated-prefill", prefill)
+    if prefill == "mixed":
+        deadline = time.monotonic() + 120
+        while "every mixed batch compiled" not in colocated.text():
+            assert time.monotonic() < deadline, colocated.text()
+            time.sleep(0.2)
     orch = spawn_orchestrator("--colocated", colocated.address)
     prompt = [256, 2, 7, 1, 8]
     expected = reference_greedy(engine, params, prompt, 9)

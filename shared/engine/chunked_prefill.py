@@ -59,6 +59,19 @@ class ChunkOutput:
     logprobs: StepLogprobs
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class PackedChunks:
+    """A chunk call's inputs on the host: (tokens, starts, counts, tables, temperature,
+    top_k, top_p, seeds, wanted), padded to a rows bucket; `rows` of them are real."""
+
+    arrays: tuple[np.ndarray, ...]
+    rows: int
+
+    def output(self, first: jax.Array, logits: jax.Array, logprobs: StepLogprobs) -> ChunkOutput:
+        """The call's outputs, cut to the real rows where it matters (the tokens)."""
+        return ChunkOutput(np.asarray(first)[: self.rows], logits, logprobs)
+
+
 class ChunkPrograms:
     """One engine's jitted chunk calls, owned by the engine (`Engine.chunk_programs`) and
     shared by every `ChunkedPrefill` on it, whatever its pool size (a shape the programs
@@ -98,27 +111,51 @@ class ChunkPrograms:
     ) -> tuple[CacheDict, jax.Array, jax.Array, StepLogprobs]:
         r, t = tokens.shape
         self.engine.compile_counts[f"chunk[{r}x{t}]"] += 1
+        paged, last = self.chunk_inputs(tokens, starts, counts, tables)
+        logits, new_pool = self.engine.forward(params, pool, tokens, paged, logits_at=last)
+        first, step_logprobs = self.chunk_outputs(
+            logits, paged, temperature, top_k, top_p, seeds, wanted
+        )
+        return new_pool, first, logits, step_logprobs
+
+    def chunk_inputs(
+        self, tokens: jax.Array, starts: jax.Array, counts: jax.Array, tables: jax.Array
+    ) -> tuple[PagedInputs, jax.Array]:
+        """Inside a trace: where each row's chunk is written and read, and the position of
+        its last valid token (whose logits sample the next token)."""
+        t = tokens.shape[1]
         offsets = jnp.arange(t, dtype=jnp.int32)[None, :]
         positions = starts[:, None] + offsets  # [R, T]
         valid = offsets < counts[:, None]
         # Padding tokens (and padding rows) write to the scratch page, which no row reads.
         column = jnp.where(valid, positions // self.page_size, 0)
         write_pages = jnp.where(valid, jnp.take_along_axis(tables, column, axis=1), SCRATCH_PAGE)
-        kv_lengths = starts + counts
         paged = PagedInputs(
             page_table=tables,
             q_positions=positions,
             # A padding row reads the scratch page's first position rather than nothing:
             # a decode kernel (one-token chunks on TPU) wants every row to see something.
-            kv_lengths=jnp.maximum(kv_lengths, 1),
+            kv_lengths=jnp.maximum(starts + counts, 1),
             write_pages=write_pages,
             write_offsets=positions % self.page_size,
         )
-        last = jnp.maximum(counts - 1, 0)
-        logits, new_pool = self.engine.forward(params, pool, tokens, paged, logits_at=last)
-        # As a decode step: the sampled token lands at position kv_length.
-        first = sample(logits, temperature, top_k, top_p, seeds, kv_lengths)
-        return new_pool, first, logits, logprobs(logits, first, wanted)
+        return paged, jnp.maximum(counts - 1, 0)
+
+    @staticmethod
+    def chunk_outputs(
+        logits: jax.Array,
+        paged: PagedInputs,
+        temperature: jax.Array,
+        top_k: jax.Array,
+        top_p: jax.Array,
+        seeds: jax.Array,
+        wanted: jax.Array,
+    ) -> tuple[jax.Array, StepLogprobs]:
+        """Inside a trace: the token sampled after each row's chunk, and its logprobs."""
+        # As a decode step: the sampled token lands at position kv_length (a padding row's
+        # 1 instead of 0 changes nothing anyone reads).
+        first = sample(logits, temperature, top_k, top_p, seeds, paged.kv_lengths)
+        return first, logprobs(logits, first, wanted)
 
     def _gather_impl(self, pool: CacheDict, pages: jax.Array) -> CacheDict:
         self.engine.compile_counts[f"gather[{pages.shape[0]}]"] += 1
@@ -164,9 +201,27 @@ class ChunkedPrefill:
     def run(self, params: Params, rows: Sequence[ChunkRow], want_logprobs: bool) -> ChunkOutput:
         """One call: each row's chunk written into its pages, and the next token sampled
         after each row's last position. The pool is updated in place (donated)."""
-        if not 0 < len(rows) <= self.max_rows:
-            raise ValueError(f"{len(rows)} rows: a call takes 1 to {self.max_rows}")
-        bucket = self.rows_bucket(len(rows))
+        if not rows:
+            raise ValueError(f"0 rows: a call takes 1 to {self.max_rows}")
+        return self.run_packed(params, self.pack(rows, want_logprobs))
+
+    def run_packed(self, params: Params, packed: PackedChunks) -> ChunkOutput:
+        """`run` of rows already packed (`pack`)."""
+        with jax.set_mesh(self.engine.mesh):
+            self.pool, first, logits, step_logprobs = self.programs.chunk(
+                params, self.pool, *packed.arrays
+            )
+        return packed.output(first, logits, step_logprobs)
+
+    def pack(
+        self, rows: Sequence[ChunkRow], want_logprobs: bool, bucket: int | None = None
+    ) -> PackedChunks:
+        """The arrays of a call of these rows, padded to a rows bucket (by default the
+        smallest that holds them): what `run`, or a mixed call beside a decode step
+        (shared/engine/mixed.py), passes to the chunk program."""
+        if not 0 <= len(rows) <= self.max_rows:
+            raise ValueError(f"{len(rows)} rows: a call takes at most {self.max_rows}")
+        bucket = bucket or self.rows_bucket(max(len(rows), 1))
         tokens = np.zeros((bucket, self.chunk), np.int32)
         starts = np.zeros((bucket,), np.int32)
         counts = np.zeros((bucket,), np.int32)
@@ -186,18 +241,8 @@ class ChunkedPrefill:
             tables[i, : len(row.pages)] = row.pages
         filler = [SamplingParams()] * (bucket - len(rows))
         sampling = sampling_rows([r.sampling for r in rows] + filler)
-        with jax.set_mesh(self.engine.mesh):
-            self.pool, first, logits, step_logprobs = self.programs.chunk(
-                params,
-                self.pool,
-                tokens,
-                starts,
-                counts,
-                tables,
-                *sampling,
-                np.bool_(want_logprobs),
-            )
-        return ChunkOutput(np.asarray(first)[: len(rows)], logits, step_logprobs)
+        arrays = (tokens, starts, counts, tables, *sampling, np.bool_(want_logprobs))
+        return PackedChunks(arrays, len(rows))
 
     def copy_page(self, source: int, target: int) -> None:
         """Page `source`'s KV into page `target` (a prefix-cache hit of part of a block:
@@ -232,11 +277,6 @@ class ChunkedPrefill:
             self.gather([SCRATCH_PAGE] * bucket, bucket * self.page_size)
 
     def _compile_chunk(self, params: Params, bucket: int) -> None:
-        tokens = np.zeros((bucket, self.chunk), np.int32)
-        zeros = np.zeros((bucket,), np.int32)
-        tables = np.full((bucket, self.width), SCRATCH_PAGE, np.int32)
-        sampling = sampling_rows([SamplingParams()] * bucket)
+        packed = self.pack([], False, bucket)
         with jax.set_mesh(self.engine.mesh):
-            self.programs.chunk.lower(
-                params, self.pool, tokens, zeros, zeros, tables, *sampling, np.bool_(False)
-            ).compile()
+            self.programs.chunk.lower(params, self.pool, *packed.arrays).compile()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +55,21 @@ class DecodeState:
     top_k: jax.Array  # [B] int32
     top_p: jax.Array  # [B] float32
     seeds: jax.Array  # [B, 2] uint32
+
+
+class StepInputs(NamedTuple):
+    """Inside a trace: one decode step's rows as the model reads them."""
+
+    live: jax.Array  # [R] bool: a live slot's row (not padding, not idle)
+    table: jax.Array  # [R, W]: each row's page table, its new page included
+    tokens: jax.Array  # [R, 1]: each row's last token
+    paged: PagedInputs
+    logits_at: jax.Array  # [R]: zeros (the one position of each row)
+
+    @property
+    def model_inputs(self) -> tuple[jax.Array, PagedInputs, jax.Array]:
+        """(tokens, paged, logits_at), as `Engine.forward` takes them after the cache."""
+        return self.tokens, self.paged, self.logits_at
 
 
 # DecodeState's per-slot fields (everything but the cache), which an insert sets.
@@ -322,7 +337,45 @@ class DecodePrograms:
         wanted: jax.Array,
     ) -> tuple[DecodeState, jax.Array, StepLogprobs]:
         self.engine.compile_counts[f"generate[{len(rows)}]"] += 1
-        live, table, cache, logits = self._step(params, state, rows, new_pages)
+        step = self.step_inputs(state, rows, new_pages)
+        logits, cache = self.engine.forward(params, state.cache, *step.model_inputs)
+        return self.step_outputs(state, rows, step, cache, logits, wanted)
+
+    def step_inputs(self, state: DecodeState, rows: jax.Array, new_pages: jax.Array) -> StepInputs:
+        """Inside a trace: what the model reads for one step of `rows` (each row's last
+        token, where its K/V goes). Padding and idle rows write to the scratch page only."""
+        page = self.config.page_size
+        valid = rows < self.config.max_slots
+        r = jnp.minimum(rows, self.config.max_slots - 1)
+        live = valid & state.active[r]
+        lengths = jnp.where(live, state.lengths[r], 0)
+        col = lengths // page
+        table = state.page_table[r]  # [R, W]
+        starts_page = (new_pages >= 0)[:, None] & (jnp.arange(table.shape[1])[None] == col[:, None])
+        table = jnp.where(starts_page, new_pages[:, None], table)
+        table = jnp.where(live[:, None], table, SCRATCH_PAGE)
+        paged = PagedInputs(
+            page_table=table,
+            q_positions=lengths[:, None],
+            kv_lengths=lengths + 1,
+            write_pages=jnp.take_along_axis(table, col[:, None], axis=1),
+            write_offsets=(lengths % page)[:, None],
+        )
+        tokens = jnp.where(live, state.tokens[r], 0)
+        return StepInputs(live, table, tokens[:, None], paged, jnp.zeros_like(lengths))
+
+    def step_outputs(
+        self,
+        state: DecodeState,
+        rows: jax.Array,
+        step: StepInputs,
+        cache: CacheDict,
+        logits: jax.Array,
+        wanted: jax.Array,
+    ) -> tuple[DecodeState, jax.Array, StepLogprobs]:
+        """Inside a trace: sample each live row's next token from `logits` and record the
+        step in the state -> (new state, next tokens [R], their logprobs)."""
+        live = step.live
         r = jnp.minimum(rows, self.config.max_slots - 1)
         lengths, tokens = state.lengths[r], state.tokens[r]
         # The new token lands right after the one fed in.
@@ -342,39 +395,11 @@ class DecodePrograms:
         new_state = dataclasses.replace(
             state,
             cache=cache,
-            page_table=put(state.page_table, table),
+            page_table=put(state.page_table, step.table),
             lengths=put(state.lengths, lengths + live.astype(jnp.int32)),
             tokens=put(state.tokens, next_tokens),
         )
         return new_state, next_tokens, logprobs(logits, next_tokens, wanted)
-
-    def _step(
-        self, params: Params, state: DecodeState, rows: jax.Array, new_pages: jax.Array
-    ) -> tuple[jax.Array, jax.Array, CacheDict, jax.Array]:
-        """The model on each row's last token -> (live [R], page tables [R, W], updated
-        cache, logits [R, V]). Padding and idle rows write to the scratch page only."""
-        page = self.config.page_size
-        valid = rows < self.config.max_slots
-        r = jnp.minimum(rows, self.config.max_slots - 1)
-        live = valid & state.active[r]
-        lengths = jnp.where(live, state.lengths[r], 0)
-        col = lengths // page
-        table = state.page_table[r]  # [R, W]
-        starts_page = (new_pages >= 0)[:, None] & (jnp.arange(table.shape[1])[None] == col[:, None])
-        table = jnp.where(starts_page, new_pages[:, None], table)
-        table = jnp.where(live[:, None], table, SCRATCH_PAGE)
-        paged = PagedInputs(
-            page_table=table,
-            q_positions=lengths[:, None],
-            kv_lengths=lengths + 1,
-            write_pages=jnp.take_along_axis(table, col[:, None], axis=1),
-            write_offsets=(lengths % page)[:, None],
-        )
-        tokens = jnp.where(live, state.tokens[r], 0)
-        logits, cache = self.engine.forward(
-            params, state.cache, tokens[:, None], paged, logits_at=jnp.zeros_like(lengths)
-        )
-        return live, table, cache, logits
 
     def logits(
         self,
@@ -391,7 +416,8 @@ class DecodePrograms:
     def _logits_impl(
         self, params: Params, state: DecodeState, rows: jax.Array, new_pages: jax.Array
     ) -> jax.Array:
-        return self._step(params, state, rows, new_pages)[3]
+        step = self.step_inputs(state, rows, new_pages)
+        return self.engine.forward(params, state.cache, *step.model_inputs)[0]
 
     # Compiling ahead ------------------------------------------------------------------------
 
@@ -399,10 +425,15 @@ class DecodePrograms:
         """Lower and compile the step for batch `bucket` on an abstract state (nothing is
         allocated or donated)."""
         with jax.set_mesh(self.engine.mesh):
-            state = jax.tree.map(
-                lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                jax.eval_shape(self._init_impl),
-                self.state_sharding,
-            )
             rows = np.zeros((bucket,), np.int32)
-            self.generate_jit.lower(params, state, rows, rows, np.bool_(False)).compile()
+            self.generate_jit.lower(
+                params, self.abstract_state(), rows, rows, np.bool_(False)
+            ).compile()
+
+    def abstract_state(self) -> DecodeState:
+        """The decode state's shapes, dtypes and shardings (for compiling ahead)."""
+        return jax.tree.map(
+            lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+            jax.eval_shape(self._init_impl),
+            self.state_sharding,
+        )

@@ -11,7 +11,9 @@ Who calls what:
   slot that finished (shared/engine/decode.py). The decode state passed to `generate`,
   `bulk_insert`, `insert` and `release` is donated: the caller must use the returned state
   and drop the old one.
-* The colocated worker does both, handing `Prefix` objects over in memory.
+* The colocated worker does both on one thread, handing `Prefix` objects over in memory:
+  a decode step and the prefill chunks beside it run as one mixed call
+  (shared/engine/mixed.py, from `DecodeBatch.step`).
 * Tests compare all of it to `reference_logits` (shared/engine/reference.py).
 
 Both a decode step and a prefill chunk are `forward`: the model in its paged form, T
@@ -53,6 +55,7 @@ from shared.engine.base import (
 from shared.engine.chunked_prefill import ChunkPrograms
 from shared.engine.decode import DecodePrograms, DecodeState
 from shared.engine.mesh import Parallelism, make_mesh, replicated
+from shared.engine.mixed import MixedPrograms
 from shared.engine.model.attention import PagedInputs
 from shared.engine.model.llama import Transformer, abstract_model, kv_pool_shapes
 from shared.engine.params import init_params, param_shardings, with_shardings
@@ -108,6 +111,7 @@ class Engine:
         self.decode = DecodePrograms(self)
         self.state_sharding = self.decode.state_sharding
         self.chunk_programs = ChunkPrograms(self)
+        self.mixed = MixedPrograms(self)  # a decode step and a chunk call in one
         self.reference = ReferenceForward(self)
         self._prompt_prefill = PromptPrefill(self)
         # Batch buckets not compiled yet, which `generate` steps over (to the next larger

@@ -268,6 +268,27 @@ WORKER_FLAGS = (
         chart="<role>.chunkedPrefill.maxRows",
     ),
     Flag(
+        "--colocated-prefill",
+        "how a colocated worker runs its prefill: 'mixed', its chunks inside the decode "
+        "steps on one engine thread; 'thread', an engine thread of its own beside the decode "
+        "one (on CPU its programs fill the cores a decode step leaves idle: bench/README.md); "
+        "'auto': 'thread' on CPU, 'mixed' on accelerators",
+        default="auto",
+        choices=("auto", "mixed", "thread"),
+        roles=("colocated",),
+        chart="colocated.prefill",
+    ),
+    Flag(
+        "--batch-tokens",
+        "tokens per engine call when a colocated worker mixes prefill into its decode steps: "
+        "the decode rows first (one token each), then whole prefill chunks while the call "
+        "stays within this (at least one chunk; 0: the slots plus one chunk)",
+        type=int,
+        default=0,
+        roles=("colocated",),
+        chart="colocated.batchTokens",
+    ),
+    Flag(
         "--prefix-cache-mib",
         "memory for KV pages of recent prompts reused by later prompts that start the same "
         "way (least recently used evicted first; 0: no prefix cache)",

@@ -239,6 +239,8 @@ def _prefill_settings(args: argparse.Namespace) -> PrefillSettings:
             max_rows=args.prefill_max_rows,
             prefix_cache_bytes=int(args.prefix_cache_mib * 2**20),
             aging_s=args.prefill_aging_s,
+            batch_tokens=args.batch_tokens,
+            colocated=args.colocated_prefill,
         )
     except ValueError as err:
         raise ConfigError(f"--prefill-*/--prefix-cache-mib: {err}") from None

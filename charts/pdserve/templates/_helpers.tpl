@@ -236,6 +236,12 @@ prefill and colocated. */}}
 - {{ .agingS | quote }}
 {{- end }}
 {{- end }}
+{{- if and $decoding $prefilling }}
+- --colocated-prefill
+- {{ $cfg.prefill | quote }}
+- --batch-tokens
+- {{ $cfg.batchTokens | quote }}
+{{- end }}
 - --drain-grace-s
 - {{ $cfg.drainGraceS | quote }}
 {{- if $v.compilationCache.enabled }}

@@ -19,10 +19,12 @@ step for a cache-sized copy).
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from shared.config import ModelConfig
@@ -41,6 +43,19 @@ _MASKED = -1e30  # finite, so a fully masked row (an empty slot) gives no NaN
 
 # One layer's (K, V) page pools, each [C, P, page_size, H].
 LayerKV = tuple[jax.Array, jax.Array]
+# One batch of a forward: tokens [B, T], positions [B, T], its cache or None, where its rows
+# read and write that cache, and the position of each row whose logits are wanted (or None).
+SegmentInputs = tuple[jax.Array, jax.Array, CacheDict | None, PagedInputs | None, jax.Array | None]
+
+
+class Segment(NamedTuple):
+    """One batch inside a layer: its tokens [B, T] (for their shape), positions [B, T],
+    this layer's (K, V) pools or None, and where its rows read and write them."""
+
+    tokens: jax.Array
+    positions: jax.Array
+    kv: LayerKV | None
+    paged: PagedInputs | None
 
 
 class Attention(nnx.Module):
@@ -71,22 +86,36 @@ class Attention(nnx.Module):
         self.o_proj = Dense(q_out, c.d_model, axes=("q_heads", "embed"), **kw)
 
     def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        kv: LayerKV | None = None,
-        paged: PagedInputs | None = None,
-    ) -> tuple[jax.Array, LayerKV | None]:
-        """x [B, T, D]; positions [B, T] -> (out [B, T, D], the updated pools or None).
+        self, x: jax.Array, segments: Sequence[Segment]
+    ) -> tuple[jax.Array, list[LayerKV | None]]:
+        """x [N, D], every segment's tokens flattened in order -> (out [N, D], each
+        segment's updated pools or None).
 
-        With `kv`, the new K/V go where `paged` says and each row reads its own pages;
-        without, attention is causal over x's own tokens (positions 0..T-1)."""
-        b, t, _ = x.shape
+        The projections run once over all N tokens (one read of the weights for a decode
+        step and a prefill chunk alike); attention runs per segment: with `kv`, its new K/V
+        go where its `paged` says and each row reads its own pages; without, attention is
+        causal over the row's own tokens (positions 0..T-1)."""
         n, h = self.num_heads, self.head_dim
+        q_all, k_all, v_all = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        outs, kvs = [], []
+        for segment, (lo, hi) in zip(segments, _spans(segments), strict=True):
+            b, t = segment.tokens.shape
+            q = q_all[lo:hi].reshape(b, t, n, h)
+            k = k_all[lo:hi].reshape(b, t, self.num_kv_heads, h)
+            v = v_all[lo:hi].reshape(b, t, self.num_kv_heads, h)
+            out, kv = self._attend(q, k, v, segment)
+            outs.append(out.reshape(b * t, n * h))
+            kvs.append(kv)
+        return self.o_proj(_concat(outs)), kvs
+
+    def _attend(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, segment: Segment
+    ) -> tuple[jax.Array, LayerKV | None]:
+        """q [B, T, N, H], k, v [B, T, KV, H] of one segment -> ([B, T, N, H], its pools)."""
+        b, t, n, h = q.shape
         c, rules = self.parallelism.cache_heads, self.parallelism.rules()
-        q = apply_rope(self.q_proj(x).reshape(b, t, n, h), positions, self.inv_freq)
-        k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, h), positions, self.inv_freq)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, h)
+        q = apply_rope(q, segment.positions, self.inv_freq)
+        k = apply_rope(k, segment.positions, self.inv_freq)
         # Cache heads [C, B, T, H]: KV head j becomes heads j*r .. j*r + r - 1 when each is
         # replicated r times, so cache head e serves query heads e*n/C .. (e+1)*n/C - 1.
         r = self.parallelism.kv_replication
@@ -94,13 +123,13 @@ class Attention(nnx.Module):
         v = constrain(jnp.repeat(v, r, axis=2).transpose(2, 0, 1, 3), CACHE_AXES, rules)
         q = q.reshape(b, t, c, n // c, h).transpose(2, 0, 1, 3, 4)  # [C, B, T, G, H]
         q = constrain(q, (*CACHE_AXES[:3], None, "head_dim"), rules)
+        kv = segment.kv
         if kv is None:
             out = _causal_attention(q, k, v)
         else:
-            assert paged is not None, "a KV cache is read through its page tables"
-            out, kv = self._paged_attention(q, k, v, kv, paged)
-        out = out.transpose(1, 2, 0, 3, 4).reshape(b, t, n * h)  # heads back in q order
-        return self.o_proj(out), kv
+            assert segment.paged is not None, "a KV cache is read through its page tables"
+            out, kv = self._paged_attention(q, k, v, kv, segment.paged)
+        return out.transpose(1, 2, 0, 3, 4), kv  # heads back in q order
 
     def _paged_attention(
         self, q: jax.Array, k: jax.Array, v: jax.Array, kv: LayerKV, paged: PagedInputs
@@ -180,15 +209,12 @@ class Block(nnx.Module):
         )
 
     def __call__(
-        self,
-        x: jax.Array,
-        positions: jax.Array,
-        kv: LayerKV | None = None,
-        paged: PagedInputs | None = None,
-    ) -> tuple[jax.Array, LayerKV | None]:
-        out, kv = self.attn(self.input_norm(x), positions, kv, paged)
+        self, x: jax.Array, segments: Sequence[Segment]
+    ) -> tuple[jax.Array, list[LayerKV | None]]:
+        """x [N, D]: every segment's tokens, flattened -> (x [N, D], each one's pools)."""
+        out, kvs = self.attn(self.input_norm(x), segments)
         x = x + out
-        return x + self.mlp(self.post_attn_norm(x)), kv
+        return x + self.mlp(self.post_attn_norm(x)), kvs
 
 
 class Transformer(nnx.Module):
@@ -256,18 +282,65 @@ class Transformer(nnx.Module):
         `logits_at` [B] only those positions go through the LM head -> [B, V]; a chunk of
         512 prompt tokens does not pay for 512 vocabulary projections.
         """
-        x = self.embed(tokens)
-        new_cache: CacheDict = {"layers": {}}
+        ((logits, new_cache),) = self.segments([(tokens, positions, cache, paged, logits_at)])
+        return logits, new_cache
+
+    def segments(self, inputs: Sequence[SegmentInputs]) -> list[tuple[jax.Array, CacheDict | None]]:
+        """Several batches in one forward -> each one's (logits, updated cache), as
+        `__call__` gives them.
+
+        Each input is (tokens, positions, cache, paged, logits_at) as `__call__` takes
+        them; the caches are distinct pools (a decode pool and a prefill pool, say). Every
+        dense layer runs once over all their tokens, so a decode step and a prefill chunk
+        sharing a call read the weights once; attention stays within each batch."""
+        x = _concat([self.embed(tokens).reshape(-1, self.config.d_model) for tokens, *_ in inputs])
+        new_caches: list[CacheDict] = [{"layers": {}} for _ in inputs]
         for i, layer in enumerate(self.layers):
-            kv = None if cache is None else _layer_kv(cache, i)
-            x, kv = layer(x, positions, kv, paged)
-            if kv is not None:
-                new_cache["layers"][i] = {"attn": {"cache_k": kv[0], "cache_v": kv[1]}}
+            segments = [
+                Segment(tokens, positions, None if cache is None else _layer_kv(cache, i), paged)
+                for tokens, positions, cache, paged, _ in inputs
+            ]
+            x, kvs = layer(x, segments)
+            for new_cache, kv in zip(new_caches, kvs, strict=True):
+                if kv is not None:
+                    new_cache["layers"][i] = {"attn": {"cache_k": kv[0], "cache_v": kv[1]}}
         x = self.final_norm(x)
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]  # [B, D]
-        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits.astype(jnp.float32), None if cache is None else new_cache
+        picked = []
+        for (tokens, _, _, _, logits_at), (lo, hi) in zip(inputs, _spans(inputs), strict=True):
+            rows = x[lo:hi].reshape(*tokens.shape, -1)
+            if logits_at is not None:
+                rows = jnp.take_along_axis(rows, logits_at[:, None, None], axis=1)[:, 0]
+            picked.append(rows)
+        # One LM-head matmul for every segment's wanted positions.
+        flat = _concat([rows.reshape(-1, rows.shape[-1]) for rows in picked])
+        logits = (self.embed.attend(flat) if self.lm_head is None else self.lm_head(flat)).astype(
+            jnp.float32
+        )
+        out, lo = [], 0
+        for rows, (_, _, cache, _, _), new_cache in zip(picked, inputs, new_caches, strict=True):
+            n = int(np.prod(rows.shape[:-1]))
+            out.append(
+                (
+                    logits[lo : lo + n].reshape(*rows.shape[:-1], -1),
+                    None if cache is None else new_cache,
+                )
+            )
+            lo += n
+        return out
+
+
+def _spans(batches: Sequence[Segment] | Sequence[SegmentInputs]) -> list[tuple[int, int]]:
+    """Each batch's [lo, hi) in the flattened token axis (its tokens come first)."""
+    spans, lo = [], 0
+    for batch in batches:
+        hi = lo + batch[0].size
+        spans.append((lo, hi))
+        lo = hi
+    return spans
+
+
+def _concat(parts: list[jax.Array]) -> jax.Array:
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
 def _layer_kv(cache: CacheDict, layer: int) -> LayerKV:
