@@ -67,7 +67,7 @@ class PrefillBeside(Protocol):
     device: ChunkedPrefill
 
     @property
-    def has_arrivals(self) -> bool: ...
+    def has_work(self) -> bool: ...
 
     def poll(self) -> bool: ...
 
@@ -227,7 +227,7 @@ class DecodeLoop:
                 or self._live
                 or self._arrivals
                 or self._finishes
-                or (beside is not None and (beside.has_arrivals or beside.poll()))
+                or (beside is not None and beside.has_work)
             ):
                 if self._table.leases():
                     # Waiting leases may expire: wake up to check; `reserve` notifies.

@@ -270,9 +270,10 @@ class PrefillLoop:
         return len(self.scheduler) > 0
 
     @property
-    def has_arrivals(self) -> bool:
-        """Whether a submitted request waits to be taken (any thread)."""
-        return not self._stopping and not self._queue.empty()
+    def has_work(self) -> bool:
+        """Whether a request waits to be taken or a prompt to be computed (the engine
+        thread that hosts this loop; nothing is taken or dropped)."""
+        return (not self._stopping and not self._queue.empty()) or len(self.scheduler) > 0
 
     def plan(self, max_rows: int) -> PlannedCall | None:
         """The next call's chunks (at most `max_rows` rows), packed; None: nothing can run."""

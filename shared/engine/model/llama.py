@@ -19,6 +19,7 @@ step for a cache-sized copy).
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -98,7 +99,8 @@ class Attention(nnx.Module):
         n, h = self.num_heads, self.head_dim
         q_all, k_all, v_all = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         outs, kvs = [], []
-        for segment, (lo, hi) in zip(segments, _spans(segments), strict=True):
+        spans = _spans([segment.tokens.size for segment in segments])
+        for segment, (lo, hi) in zip(segments, spans, strict=True):
             b, t = segment.tokens.shape
             q = q_all[lo:hi].reshape(b, t, n, h)
             k = k_all[lo:hi].reshape(b, t, self.num_kv_heads, h)
@@ -306,7 +308,8 @@ class Transformer(nnx.Module):
                     new_cache["layers"][i] = {"attn": {"cache_k": kv[0], "cache_v": kv[1]}}
         x = self.final_norm(x)
         picked = []
-        for (tokens, _, _, _, logits_at), (lo, hi) in zip(inputs, _spans(inputs), strict=True):
+        spans = _spans([tokens.size for tokens, *_ in inputs])
+        for (tokens, _, _, _, logits_at), (lo, hi) in zip(inputs, spans, strict=True):
             rows = x[lo:hi].reshape(*tokens.shape, -1)
             if logits_at is not None:
                 rows = jnp.take_along_axis(rows, logits_at[:, None, None], axis=1)[:, 0]
@@ -316,27 +319,19 @@ class Transformer(nnx.Module):
         logits = (self.embed.attend(flat) if self.lm_head is None else self.lm_head(flat)).astype(
             jnp.float32
         )
-        out, lo = [], 0
-        for rows, (_, _, cache, _, _), new_cache in zip(picked, inputs, new_caches, strict=True):
-            n = int(np.prod(rows.shape[:-1]))
-            out.append(
-                (
-                    logits[lo : lo + n].reshape(*rows.shape[:-1], -1),
-                    None if cache is None else new_cache,
-                )
+        spans = _spans([rows.size // rows.shape[-1] for rows in picked])
+        return [
+            (logits[lo:hi].reshape(*rows.shape[:-1], -1), None if cache is None else new_cache)
+            for rows, (lo, hi), (_, _, cache, _, _), new_cache in zip(
+                picked, spans, inputs, new_caches, strict=True
             )
-            lo += n
-        return out
+        ]
 
 
-def _spans(batches: Sequence[Segment] | Sequence[SegmentInputs]) -> list[tuple[int, int]]:
-    """Each batch's [lo, hi) in the flattened token axis (its tokens come first)."""
-    spans, lo = [], 0
-    for batch in batches:
-        hi = lo + batch[0].size
-        spans.append((lo, hi))
-        lo = hi
-    return spans
+def _spans(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """Each batch's [lo, hi) in the flattened token axis, from the batches' token counts."""
+    ends = np.cumsum([0, *sizes]).tolist()
+    return list(itertools.pairwise(ends))
 
 
 def _concat(parts: list[jax.Array]) -> jax.Array:
