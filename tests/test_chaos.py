@@ -21,7 +21,7 @@ from shared.cluster.accounting import held, leaks
 from shared.cluster.cluster import ClusterSpec
 from shared.cluster.faults import FaultCluster, TlsSetup
 from shared.transport.grpc_transport import GrpcDecodeClient
-from shared.transport.types import GenerationLimits, ReserveRequest
+from shared.transport.types import GenerationLimits, LoadReport, ReserveRequest
 from tests.cluster_harness import ORCHESTRATOR_FLAGS
 from tests.reference import reference_greedy
 from tests.worker_harness import ENGINE_FLAGS, TRANSPORT, process_env
@@ -62,6 +62,12 @@ def prompts(count: int, seed: int) -> list[tuple[int, ...]]:
     ]
 
 
+def _decoding(load: LoadReport) -> int:
+    """Requests in the worker's decode batch: its leased slots less those still waiting
+    for (or inserting) their KV."""
+    return load.live_requests - load.queue_depth
+
+
 async def streams_with_one_kill(cluster: FaultCluster, tls: TlsSetup, work: list) -> dict:
     """Every prompt of `work` streamed at once; decode-0 SIGKILLed once KILL_AFTER_TOKENS
     tokens have streamed and it holds live requests. Each stream's tokens and finish (or
@@ -79,12 +85,14 @@ async def streams_with_one_kill(cluster: FaultCluster, tls: TlsSetup, work: list
                 finish[i] = chunk.finish_reason or finish[i]
 
         async def kill_when_flowing() -> int:
-            # Once the streams flow, and while decode-0 holds some of them (under load the
-            # placement may have sent it none yet): its streams must resume elsewhere.
+            # Once the streams flow, and while decode-0 is decoding some of them (under load
+            # the placement may have sent it none yet, or only leases still waiting for
+            # their KV, whose loss retries the prefill instead): its streams must resume
+            # elsewhere.
             victim = GrpcDecodeClient(cluster.workers["decode-0"].address, TRANSPORT)
             try:
-                while sum(map(len, tokens)) < KILL_AFTER_TOKENS or (
-                    (await victim.get_load()).live_requests == 0
+                while sum(map(len, tokens)) < KILL_AFTER_TOKENS or not _decoding(
+                    await victim.get_load()
                 ):
                     await asyncio.sleep(0.01)
             finally:
