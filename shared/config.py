@@ -300,8 +300,19 @@ class EngineConfig:
 
     @property
     def pages_per_block(self) -> int:
-        """Pages the XLA decode attention reads per loop iteration (about 128 positions)."""
+        """A page table's block (about 128 positions): the Pallas kernel's compute block;
+        a table row is a whole number of them."""
         return max(1, 128 // self.page_size)
+
+    def read_pages_per_block(self, platform: str) -> int:
+        """Pages the XLA attention reads per loop iteration on `platform`: a table block,
+        or on CPU about 64 positions (a divisor of the block: both are powers of two).
+        On XLA:CPU the smaller read keeps a step's gathered K/V nearer the cache (3 MiB
+        at 32 rows of SmolLM2): SmolLM2's step at 16-32 rows took 4-12% less, at 8 the
+        same (bench/probes/attention_block_probe.py)."""
+        if platform != "cpu":
+            return self.pages_per_block
+        return max(1, min(self.pages_per_block, 64 // self.page_size))
 
     @property
     def max_pages_per_slot(self) -> int:

@@ -97,7 +97,7 @@ class Engine:
             dtype=self.dtype,
             parallelism=self.parallelism,
             attention=self.attention,
-            pages_per_block=engine_config.pages_per_block,
+            pages_per_block=engine_config.read_pages_per_block(self.platform),
         )
         self.param_shardings = param_shardings(self._abstract_params, self.mesh, self.rules)
         # The decode pool; a prefill pool has the same leaves with its own page count.
@@ -122,11 +122,16 @@ class Engine:
         self._held: set[int] = set()
 
     @property
+    def platform(self) -> str:
+        """The devices' platform: cpu, tpu, gpu."""
+        return self.mesh.devices.flat[0].platform
+
+    @property
     def attention(self) -> str:
         """The decode attention kernel: Pallas on TPU unless configured otherwise."""
         if self.config.attention != "auto":
             return self.config.attention
-        return "pallas" if self.mesh.devices.flat[0].platform == "tpu" else "xla"
+        return "pallas" if self.platform == "tpu" else "xla"
 
     @property
     def tp(self) -> int:
