@@ -124,6 +124,20 @@ def test_engine_config_validation(kwargs: dict, message: str):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("page_size", [1, 8, 16, 32, 64, 128, 256])
+def test_the_attention_reads_whole_divisions_of_a_table_row(page_size: int):
+    """On CPU a read of about 64 positions, elsewhere the table's block (about 128): either
+    way a whole number of reads makes a table row, as the loop over it needs."""
+    config = EngineConfig(max_seq_len=1000, page_size=page_size)
+    block, cpu, tpu = (
+        config.pages_per_block,
+        config.read_pages_per_block("cpu"),
+        config.read_pages_per_block("tpu"),
+    )
+    assert tpu == block and block % cpu == 0 and config.max_pages_per_slot % cpu == 0
+    assert cpu * page_size == max(64, page_size) and block * page_size == max(128, page_size)
+
+
 def test_model_config_validation():
     with pytest.raises(ConfigError, match="num_heads=6 must be a multiple of num_kv_heads=4"):
         ModelConfig(
