@@ -150,11 +150,15 @@ def bench_decode(
 
 def bench_prefill(config_name: str, repeats: int) -> list[dict]:
     buckets = REAL_MODEL_BUCKETS.get(config_name.partition(":")[0], PREFILL_BUCKETS)
-    engine, params = engine_and_params(config_name, EngineConfig(1, buckets, PREFILL_MAX_SEQ_LEN))
     rows = []
     for bucket in buckets:
+        # One engine per length, its only prefill bucket that length: `Engine.prefill` runs
+        # a prompt in chunks of the largest bucket, so a shorter prompt in a shared engine
+        # would be timed padded to it (a prefill worker's chunk is its own setting).
+        config = EngineConfig(1, (bucket,), PREFILL_MAX_SEQ_LEN)
+        engine, params = engine_and_params(config_name, config)
         prompt = [1 + i % 250 for i in range(bucket)]
-        seconds = timed(lambda p=prompt: engine.prefill(params, p), repeats=repeats)
+        seconds = timed(lambda e=engine, w=params, p=prompt: e.prefill(w, p), repeats=repeats)
         rows.append({"config": config_name, "bucket": bucket, "ms": seconds * 1e3})
     return rows
 
