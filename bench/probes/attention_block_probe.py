@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax
 import jax.numpy as jnp
 import numpy as np
-from engine_bench import engine_and_params, synthetic_prefix
+from engine_bench import engine_and_params, synthetic_prefix, timed
 
 from decode_server.scheduler import DecodeBatch
 from shared.config import EngineConfig
@@ -71,13 +71,7 @@ def attention_ms(rows: int, context: int, positions: int, repeats: int) -> float
             x = q + 1e-3 * out  # each layer waits for the one before, as in the model
         return x
 
-    layers(q, pools).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        layers(q, pools).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return timed(lambda: layers(q, pools).block_until_ready(), repeats, warmup=1) * 1e3
 
 
 def step_ms(rows: int, context: int, reads: list[int], rounds: int) -> dict[int, float]:

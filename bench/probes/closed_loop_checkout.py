@@ -24,12 +24,14 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from closed_loop_bench import build_parser, requests_for, run_loadgen
+
 SERVE_FLAGS = ["--model", "smollm2", "--slots", "32", "--max-seq-len", "512"]
 SERVE_FLAGS += ["--prefill-buckets", "16,32,64,128"]
 READY = re.compile(r"ready on (\S+?):?(\s|$)")
@@ -74,36 +76,22 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def loadgen(target: str, concurrency: int, requests: int, seed: int) -> dict:
-    """This tree's `pdserve bench` in a closed loop; its report."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "bench.json"
-        command = [sys.executable, "-m", "pdserve_cli", "bench", "--target", target]
-        command += ["--concurrency", str(concurrency), "--num-requests", str(requests)]
-        command += ["--prompt-len", "128", "--output-len", "128", "--ignore-eos"]
-        command += ["--seed", str(seed), "--vocab-max", "255", "--no-progress", "--out", str(out)]
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"pdserve bench exited {done.returncode}: {done.stderr[-2000:]}")
-        return json.loads(out.read_text())["report"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkout", type=Path, required=True)
     parser.add_argument("--mode", choices=("disaggregated", "colocated"), required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--seed", type=int, default=0)  # closed_loop_bench's default
     args = parser.parse_args()
+    workload = build_parser().parse_args([])  # closed_loop_bench's defaults: seed, vocab
     proc, target = start(args.checkout.resolve(), args.mode)
     rows = []
     try:
-        loadgen(target, 32, 32, args.seed + 10**6)
+        run_loadgen(target, 32, 32, workload.seed + 10**6, workload)
         for concurrency in (1, 8, 32):
             load = os.getloadavg()[0]
-            requests = max(8, 3 * concurrency)
-            report = loadgen(target, concurrency, requests, args.seed + concurrency)
+            requests = requests_for(concurrency, workload.requests_scale)
+            seed = workload.seed + concurrency
+            report = run_loadgen(target, concurrency, requests, seed, workload)
             row = {"mode": args.mode, "concurrency": concurrency, "requests": requests}
             row |= {"load_avg_before": load, "output_tok_s": report["output_token_throughput"]}
             for metric in ("ttft", "tpot"):

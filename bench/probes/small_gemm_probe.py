@@ -15,28 +15,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
-from collections.abc import Callable
+import sys
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from engine_bench import timed
 
 LAYERS, D_MODEL, D_FF = 30, 576, 1536
-
-
-def median_s(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -61,7 +51,7 @@ def main() -> None:
 
     big = jnp.asarray(rng.random((2048, 2048), np.float32))
     square = jax.jit(lambda a: a @ a)
-    peak_s = median_s(lambda: square(big).block_until_ready(), 10)
+    peak_s = timed(lambda: square(big).block_until_ready(), 10)
     report: dict = {
         "load_avg_before": os.getloadavg()[0],
         "peak_gflops_2048": 2 * 2048**3 / peak_s / 1e9,
@@ -72,8 +62,8 @@ def main() -> None:
         x = rng.random((m, D_MODEL), np.float32)
         jx = jnp.asarray(x)
         flops = LAYERS * 2 * 2 * m * D_MODEL * D_FF
-        xla_s = median_s(lambda jx=jx: mlp(jx, jax_ups, jax_downs).block_until_ready(), 15)
-        numpy_s = median_s(lambda x=x: numpy_mlp(x), 15)
+        xla_s = timed(lambda jx=jx: mlp(jx, jax_ups, jax_downs).block_until_ready(), 15)
+        numpy_s = timed(lambda x=x: numpy_mlp(x), 15)
         row = {
             "rows": m,
             "xla_ms": xla_s * 1e3,
